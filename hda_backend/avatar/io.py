@@ -1,0 +1,135 @@
+"""The avatar file format, ``*.hda.safetensors``.
+
+Tensors: the UNet's state dict (conv kernels ``*.weight`` [Cout,Cin,k,k] and biases ``*.bias`` [Cout],
+float32). Metadata (safetensors' string map):
+
+=================  ==========================================================================
+format             "hda-avatar"
+format_version     "1"
+unet               JSON of UNetConfig (width, levels, in/out channels)
+gaussians          JSON of GaussianConfig (decoder constants the weights were trained with)
+uv_res             UV resolution the avatar was made at
+body_id            identifier of the body model (e.g. "hda-open-body-v1", "SMPLX_NEUTRAL")
+body_sha256        fingerprint of the body's template, faces, UVs, weights and joint regressor
+origin             how it was made: "init:<seed>", "fit:<subject>", "sample:<seed>", ...
+=================  ==========================================================================
+
+Loading checks every field and refuses a mismatch with one line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..body import BodyModel
+from ..errors import HDAError
+from ..uvmap import UV_RESOLUTIONS
+from .gaussians import GaussianConfig
+from .model import Avatar
+from .unet import UNetConfig
+
+FORMAT = "hda-avatar"
+FORMAT_VERSION = "1"
+SUFFIX = ".hda.safetensors"
+
+
+def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
+    """Write a safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_avatar(avatar: Avatar, path: str | os.PathLike, origin: str = "") -> Path:
+    path = Path(path)
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "unet": json.dumps(avatar.unet.config.to_dict(), sort_keys=True),
+        "gaussians": json.dumps(avatar.gaussian_config.to_dict(), sort_keys=True),
+        "uv_res": str(avatar.uv_res), "body_id": avatar.body.body_id, "body_sha256": avatar.body.sha256,
+        "origin": origin,
+    }
+    atomic_save_safetensors(avatar.unet.state_dict(), path, metadata)
+    return path
+
+
+def read_avatar_file(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(metadata, tensors) of an avatar file, with the format fields checked; no body needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise HDAError(f"avatar file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise HDAError(f"avatar {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if metadata.get("format") != FORMAT:
+        raise HDAError(f"avatar {path}: field 'format' is {metadata.get('format')!r}, expected '{FORMAT}'")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise HDAError(f"avatar {path}: field 'format_version' is {metadata.get('format_version')!r}, "
+                       f"expected '{FORMAT_VERSION}'")
+    return metadata, tensors
+
+
+def _config_field(path, metadata, name, cls):
+    try:
+        data = json.loads(metadata[name])
+        return cls(**data)
+    except KeyError:
+        raise HDAError(f"avatar {path}: field '{name}' is missing") from None
+    except (json.JSONDecodeError, TypeError) as exc:
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise HDAError(f"avatar {path}: field '{name}' is not valid ({exc}), expected JSON with {names}") from None
+
+
+def load_avatar(path: str | os.PathLike, body: BodyModel) -> Avatar:
+    """Load an avatar and check it against ``body`` (the body it was made for)."""
+    path = Path(path)
+    metadata, tensors = read_avatar_file(path)
+    unet_config = _config_field(path, metadata, "unet", UNetConfig)
+    gaussian_config = _config_field(path, metadata, "gaussians", GaussianConfig)
+    try:
+        uv_res = int(metadata.get("uv_res", ""))
+    except ValueError:
+        uv_res = -1
+    if uv_res not in UV_RESOLUTIONS or uv_res % (2 ** unet_config.levels):
+        raise HDAError(f"avatar {path}: field 'uv_res' is {metadata.get('uv_res')!r}, expected one of "
+                       f"{UV_RESOLUTIONS} divisible by 2**levels")
+    if metadata.get("body_sha256") != body.sha256:
+        raise HDAError(f"avatar {path}: field 'body_sha256' says it was made for body "
+                       f"'{metadata.get('body_id')}' ({str(metadata.get('body_sha256'))[:12]}), but the loaded body is "
+                       f"'{body.body_id}' ({body.sha256[:12]}); point body.path / HDA_SMPLX_PATH at that body")
+    if (unet_config.in_channels, unet_config.out_channels) != (6, 59) or not 1 <= unet_config.width <= 1024:
+        raise HDAError(f"avatar {path}: field 'unet' is {metadata['unet']}, expected 6 in / 59 out channels")
+    avatar = Avatar(body, uv_res, unet_config, gaussian_config)
+    expected = avatar.unet.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        name = (missing or extra)[0]
+        raise HDAError(f"avatar {path}: tensor '{name}' is {'missing' if missing else 'unexpected'} "
+                       f"for a UNet of width {unet_config.width} and {unet_config.levels} levels")
+    for key, ref in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise HDAError(f"avatar {path}: tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise HDAError(f"avatar {path}: tensor '{key}' contains NaN/inf or is not floating point")
+    avatar.unet.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return avatar

@@ -1,0 +1,54 @@
+"""The stateful avatar: a UNet bound to a body's UV layout (like smplx's nn.Module over lbs.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..body import BodyModel, check_pose
+from ..uvmap import global_transform, pose_maps, uv_layout
+from .gaussians import GaussianConfig, Gaussians, bind_texels, decode, gather_texels
+from .unet import AvatarUNet, UNetConfig, init_unet
+
+
+class Avatar(nn.Module):
+    """pose θ -> UV pose maps -> UNet -> skinned 3D Gaussians.
+
+    Only the UNet holds learnable weights; the body, the UV layout and the texel binding are fixed
+    buffers shared by every avatar of the same body and UV resolution.
+    """
+
+    def __init__(self, body: BodyModel, uv_res: int, unet_config: UNetConfig = UNetConfig(),
+                 gaussian_config: GaussianConfig = GaussianConfig()):
+        super().__init__()
+        self.body = body
+        self.uv_res = uv_res
+        self.gaussian_config = gaussian_config
+        self.layout = uv_layout(body, uv_res)
+        self.binding = bind_texels(body, self.layout, gaussian_config)
+        self.unet = AvatarUNet(unet_config)
+
+    @classmethod
+    def from_init(cls, body: BodyModel, uv_res: int, unet_config: UNetConfig, gaussian_config: GaussianConfig,
+                  seed: int = 0) -> "Avatar":
+        """A consistently initialised avatar: the same seed gives the same weights for every subject."""
+        avatar = cls(body, uv_res, unet_config, gaussian_config)
+        init_unet(avatar.unet, seed)
+        return avatar
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.layout.num_texels
+
+    def pose_inputs(self, pose: torch.Tensor):
+        """pose [B,55,3] -> (maps [B,6,R,R], template posed without global orientation)."""
+        return pose_maps(self.body, self.layout, pose)
+
+    def forward(self, pose, transl=None) -> Gaussians:
+        """pose: [B,55,3] axis-angle (or [B,165]); transl: [B,3] or None -> Gaussians with batch B."""
+        device = next(self.unet.parameters()).device
+        pose = check_pose(pose).to(device)
+        maps, posed = self.pose_inputs(pose)
+        raw = gather_texels(self.unet(maps), self.binding)
+        transforms = global_transform(self.body, pose, transl)[:, None] @ posed.transforms
+        return decode(raw, self.binding, posed.rest_vertices, transforms, self.gaussian_config)

@@ -1,0 +1,161 @@
+"""Configuration: YAML files mapped onto dataclasses, with presets.
+
+Presets live in ``hda_backend/presets/<name>.yaml``: ``tiny`` (tests), ``cpu`` (default without CUDA)
+and ``paper`` (the paper's sizes). A user config file may name a preset to start from
+(``preset: cpu``) and override any field. Unknown fields and wrong types are refused with the file and
+the dotted field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .avatar.gaussians import GaussianConfig
+from .avatar.unet import UNetConfig
+from .errors import HDAError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = ("tiny", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class BodyConfig:
+    path: typing.Optional[str] = None  # SMPL-X-format .npz; None: $HDA_SMPLX_PATH, else the bundled open body
+    num_betas: int = 10
+
+
+@dataclass(frozen=True)
+class UVConfig:
+    res: int = 128
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    size: int = 256
+    backend: str = "auto"  # auto | cpu | cuda
+    fov_deg: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "cpu"
+    body: BodyConfig = field(default_factory=BodyConfig)
+    uv: UVConfig = field(default_factory=UVConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_preset() -> str:
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
+def load_config(source: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """A preset name or a YAML file path (None: the default preset), then ``overrides`` (nested dict)."""
+    source = source or default_preset()
+    if str(source) in PRESETS:
+        name, data = str(source), _read_yaml(PRESET_DIR / f"{source}.yaml")
+    else:
+        path = Path(source)
+        if path.suffix not in (".yaml", ".yml") and not path.exists():
+            raise HDAError(f"preset '{source}': unknown, expected one of {', '.join(PRESETS)} or a .yaml file")
+        data = _read_yaml(path)
+        name = data.pop("preset", None) or default_preset()
+        if name not in PRESETS:
+            raise HDAError(f"config {path}: field 'preset' is '{name}', expected one of {', '.join(PRESETS)}")
+        data = _merge(_read_yaml(PRESET_DIR / f"{name}.yaml"), data)
+    data = _merge(data, overrides or {})
+    data["preset"] = name
+    config = _build(Config, data, str(source), "")
+    _check(config, str(source))
+    return config
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise HDAError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise HDAError(f"config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise HDAError(f"config {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _build(cls, data, source: str, prefix: str):
+    if not isinstance(data, dict):
+        raise HDAError(f"config {source}: field '{prefix.rstrip('.')}' should be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise HDAError(f"config {source}: unknown field '{prefix}{key}', expected one of {', '.join(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(hint, value, source, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, source: str, name: str):
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        raise HDAError(f"config {source}: field '{name}' is {value!r}, expected a {hint.__name__}")
+    return float(value) if hint is float else value
+
+
+def _check(config: Config, source: str) -> None:
+    def bad(name, value, expected):
+        raise HDAError(f"config {source}: field '{name}' is {value!r}, expected {expected}")
+
+    from .uvmap import UV_RESOLUTIONS
+
+    if config.uv.res not in UV_RESOLUTIONS:
+        bad("uv.res", config.uv.res, f"one of {UV_RESOLUTIONS}")
+    if (config.unet.in_channels, config.unet.out_channels) != (6, 59):
+        bad("unet.in_channels/out_channels", (config.unet.in_channels, config.unet.out_channels), "(6, 59)")
+    if not 1 <= config.unet.width <= 1024:
+        bad("unet.width", config.unet.width, "1..1024")
+    if not 1 <= config.unet.levels <= 6 or config.uv.res % (2 ** config.unet.levels):
+        bad("unet.levels", config.unet.levels, "1..6 with uv.res divisible by 2**levels")
+    if not 1 <= config.render.size <= 8192:
+        bad("render.size", config.render.size, "1..8192")
+    if config.render.backend not in ("auto", "cpu", "cuda"):
+        bad("render.backend", config.render.backend, "auto, cpu or cuda")
+    if not 0.0 < config.gaussians.init_opacity < 1.0:
+        bad("gaussians.init_opacity", config.gaussians.init_opacity, "in (0, 1)")
+    if not 0.0 < config.render.fov_deg < 170.0:
+        bad("render.fov_deg", config.render.fov_deg, "in (0, 170)")
+    if not 1 <= config.body.num_betas <= 300:
+        bad("body.num_betas", config.body.num_betas, "1..300")
