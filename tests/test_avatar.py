@@ -1,0 +1,184 @@
+"""Avatar UNet, Gaussian decoding and the avatar file format."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hda_backend.avatar.gaussians import GaussianConfig, gather_texels
+from hda_backend.avatar.io import load_avatar, read_avatar_file, save_avatar
+from hda_backend.avatar.model import Avatar
+from hda_backend.avatar.unet import AvatarUNet, UNetConfig, init_unet, num_parameters
+from hda_backend.body import load_body, pose_body
+from hda_backend.errors import HDAError
+from hda_backend.rotations import quat_to_matrix
+from tests.conftest import write_smplx_like
+
+TINY = UNetConfig(width=16, levels=2)
+
+
+@pytest.fixture
+def body(smplx_like_path):
+    return load_body(smplx_like_path)
+
+
+def test_paper_unet_size():
+    unet = AvatarUNet(UNetConfig(width=64, levels=3))
+    layers = unet.conv_layers()
+    assert num_parameters(unet) == 598_011
+    assert len(layers) == 15
+    assert max(c.weight.numel() + c.bias.numel() for _, c in layers) == 73_792
+    assert unet(torch.zeros(1, 6, 32, 32)).shape == (1, 59, 32, 32)
+
+
+def test_consistent_initialisation():
+    a, b, c = (init_unet(AvatarUNet(TINY), seed) for seed in (7, 7, 8))
+    torch.manual_seed(123)  # global RNG state must not matter
+    d = init_unet(AvatarUNet(TINY), 7)
+    for (ka, va), (_, vb), (_, vc), (_, vd) in zip(*(m.state_dict().items() for m in (a, b, c, d))):
+        assert torch.equal(va, vb) and torch.equal(va, vd)
+        if ka.endswith("weight"):
+            assert not torch.equal(va, vc)
+
+
+def _zero_avatar(body, config=GaussianConfig()):
+    avatar = Avatar(body, 32, TINY, config)
+    for p in avatar.unet.parameters():
+        torch.nn.init.zeros_(p)
+    return avatar
+
+
+@pytest.mark.parametrize("skin_rotations", [True, False])
+def test_zero_output_gaussians_sit_on_the_skinned_template(body, skin_rotations):
+    """With a zero UNet, each Gaussian is the LBS of its texel's template point, with texel-blended
+    weights (paper Eq. 7), checked against a per-texel loop; its third axis is the face normal carried
+    by the skinning rotation (or by the global orientation only)."""
+    avatar = _zero_avatar(body, GaussianConfig(skin_rotations=skin_rotations))
+    pose = torch.randn(1, 55, 3, generator=torch.Generator().manual_seed(4)) * 0.05
+    pose[0, 0] = torch.tensor([0.2, 1.0, -0.3])
+    transl = torch.tensor([[0.5, 0.1, -2.0]])
+    g = avatar(pose, transl)
+    full = pose_body(body, pose, transl=transl)
+    faces, bary = body.faces[avatar.layout.texel_faces()], avatar.layout.texel_bary()
+    checked = 0
+    for m in range(0, avatar.num_gaussians, 23):
+        point = sum(bary[m, k] * full.rest_vertices[0, faces[m, k]] for k in range(3))
+        weights = sum(bary[m, k] * body.weights[faces[m, k]] for k in range(3))
+        skin = sum(weights[j] * full.transforms[0, j] for j in range(55))
+        assert torch.allclose(g.means[0, m], skin[:3, :3] @ point + skin[:3, 3], atol=1e-5)
+        rot = skin[:3, :3] if skin_rotations else full.transforms[0, 0, :3, :3]
+        # A blend of different joint rotations is not a rotation; compare where it nearly is one.
+        if (rot.T @ rot - torch.eye(3)).abs().max() > 0.05:
+            continue
+        v0, v1, v2 = (body.v_template[faces[m, k]] for k in range(3))
+        normal = torch.nn.functional.normalize(torch.cross(v1 - v0, v2 - v0, dim=0), dim=0)
+        want = torch.nn.functional.normalize(rot @ normal, dim=0)
+        assert torch.allclose(quat_to_matrix(g.quats[0, m])[:, 2], want, atol=5e-2)
+        checked += 1
+    assert checked >= 3
+    assert torch.allclose(g.opacities, torch.full_like(g.opacities, 0.9))
+    assert (g.scales[..., 2] < g.scales[..., 0]).all()
+    assert torch.equal(g.sh, torch.zeros_like(g.sh))
+
+
+def test_global_rotation_turns_gaussians_rigidly(body):
+    avatar = _zero_avatar(body)
+    pose = torch.zeros(1, 55, 3)
+    turned = pose.clone()
+    turned[0, 0] = torch.tensor([0.0, 1.2, 0.3])
+    a, b = avatar(pose), avatar(turned, torch.tensor([[0.0, 0.0, 1.0]]))
+    g = pose_body(body, turned, transl=torch.tensor([[0.0, 0.0, 1.0]])).transforms[0, 0]
+    assert torch.allclose(b.means[0], a.means[0] @ g[:3, :3].T + g[:3, 3], atol=1e-5)
+    ra, rb = quat_to_matrix(a.quats[0]), quat_to_matrix(b.quats[0])
+    assert torch.allclose(rb, g[:3, :3] @ ra, atol=1e-4)
+
+
+def test_outputs_map_to_documented_channels(body):
+    avatar = _zero_avatar(body)
+    with torch.no_grad():
+        avatar.unet.outc.bias[0:3] = torch.tensor([1.0, 0.0, 0.0])  # offset x
+        avatar.unet.outc.bias[3:6] = 0.5  # log-scale
+        avatar.unet.outc.bias[10] = 100.0  # opacity logit
+        avatar.unet.outc.bias[11:14] = torch.tensor([0.1, 0.2, 0.3])  # SH DC RGB
+    base = _zero_avatar(body)(torch.zeros(1, 55, 3))
+    g = avatar(torch.zeros(1, 55, 3))
+    assert torch.allclose(g.means - base.means, torch.tensor([0.05, 0.0, 0.0]).expand_as(g.means), atol=1e-6)
+    assert torch.allclose(g.scales / base.scales, torch.full_like(g.scales, torch.e ** 0.5), rtol=1e-5)
+    assert torch.allclose(g.opacities, torch.ones_like(g.opacities))
+    assert torch.allclose(g.sh[..., 0, :], torch.tensor([0.1, 0.2, 0.3]).expand(*g.sh.shape[:2], 3))
+
+
+def test_gradients_reach_every_conv(body):
+    avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=0)
+    g = avatar(torch.randn(1, 55, 3) * 0.2)
+    (g.means.square().sum() + g.sh.square().sum() + g.scales.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in avatar.unet.parameters())
+
+
+def test_file_round_trip(body, tmp_path):
+    avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(offset_scale=0.02), seed=3)
+    path = save_avatar(avatar, tmp_path / "a.hda.safetensors", origin="init:3")
+    loaded = load_avatar(path, body)
+    pose = torch.randn(1, 55, 3) * 0.3
+    assert torch.equal(avatar(pose).means, loaded(pose).means)
+    assert loaded.gaussian_config.offset_scale == 0.02
+    meta, _ = read_avatar_file(path)
+    assert meta["origin"] == "init:3" and meta["body_sha256"] == body.sha256
+
+
+def _write_variant(path, body, meta_change=None, tensor_change=None):
+    avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=0)
+    save_avatar(avatar, path)
+    meta, tensors = read_avatar_file(path)
+    meta.update(meta_change or {})
+    if tensor_change:
+        tensor_change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("meta_change, tensor_change, message", [
+    ({"format": "something"}, None, "field 'format' is 'something'"),
+    ({"format_version": "9"}, None, "field 'format_version'"),
+    ({"uv_res": "33"}, None, "field 'uv_res'"),
+    ({"unet": "{not json"}, None, "field 'unet' is not valid"),
+    ({"unet": json.dumps({"width": 32, "levels": 2})}, None, "tensor 'inc.0.weight' has shape"),
+    ({"body_sha256": "0" * 64}, None, "field 'body_sha256'"),
+    (None, lambda t: t.__setitem__("outc.bias", torch.full_like(t["outc.bias"], float("nan"))), "'outc.bias' contains NaN"),
+    (None, lambda t: t.pop("outc.bias"), "'outc.bias' is missing"),
+    (None, lambda t: t.__setitem__("outc.weight", torch.zeros(3, 3)), "'outc.weight' has shape"),
+])
+def test_bad_avatar_files(body, tmp_path, meta_change, tensor_change, message):
+    path = _write_variant(tmp_path / "bad.hda.safetensors", body, meta_change, tensor_change)
+    with pytest.raises(HDAError, match=message) as err:
+        load_avatar(path, body)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_and_missing_files(body, tmp_path):
+    path = save_avatar(Avatar.from_init(body, 32, TINY, GaussianConfig()), tmp_path / "t.hda.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HDAError, match="not a readable safetensors file"):
+        load_avatar(path, body)
+    path.write_bytes(b"\x00" * 4)
+    with pytest.raises(HDAError, match="not a readable safetensors file"):
+        load_avatar(path, body)
+    with pytest.raises(HDAError, match="avatar file not found"):
+        load_avatar(tmp_path / "none.hda.safetensors", body)
+
+
+def test_avatar_of_another_body_is_refused(body, tmp_path):
+    path = save_avatar(Avatar.from_init(body, 32, TINY, GaussianConfig()), tmp_path / "a.hda.safetensors")
+    other = load_body(write_smplx_like(tmp_path / "other.npz", seed=5))
+    with pytest.raises(HDAError, match="made for body"):
+        load_avatar(path, other)
+
+
+def test_gather_picks_covered_texels(body):
+    avatar = _zero_avatar(body)
+    raw = torch.arange(59 * 32 * 32, dtype=torch.float32).reshape(1, 59, 32, 32)
+    rows = gather_texels(raw, avatar.binding)
+    r, c = divmod(int(avatar.layout.texels[5]), 32)
+    assert torch.equal(rows[0, 5], raw[0, :, r, c])
