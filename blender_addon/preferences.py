@@ -1,0 +1,137 @@
+"""Add-on preferences: body model path, backend status, dependency install, existing environment."""
+
+import importlib
+import os
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+
+from . import addon_id, deps, state
+
+# The extension's root folder (holds hda_backend/, blender_addon/, operators/).
+EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_added_paths: list = []  # entries this add-on appended to sys.path (removed again by unregister)
+
+
+def get_prefs(context=None):
+    addon = (context or bpy.context).preferences.addons.get(addon_id())
+    return addon.preferences if addon is not None else None
+
+
+def deps_dir() -> str:
+    """The extension's user folder for installed backend packages (kept across upgrades)."""
+    return bpy.utils.extension_path_user(addon_id(), path="deps", create=True)
+
+
+def body_path(context=None):
+    """The body model file from the preferences (absolute), or None: then the backend falls back to
+    $HDA_SMPLX_PATH, then the bundled open body (hda_backend.body.resolve_body_path)."""
+    prefs = get_prefs(context)
+    if prefs is None or not prefs.body_path.strip():
+        return None
+    return os.path.abspath(os.path.expanduser(bpy.path.abspath(prefs.body_path.strip())))
+
+
+def environment_path(prefs):
+    if prefs is None or not prefs.python_path.strip():
+        return None
+    found = deps.resolve_site_packages(bpy.path.abspath(prefs.python_path.strip()))
+    return str(found) if found else None
+
+
+def sync_sys_path(prefs=None) -> None:
+    """Append the deps folder and the chosen environment to sys.path (after Blender's own entries, so
+    Blender's numpy wins); drop entries this add-on added earlier and no longer wants."""
+    prefs = prefs or get_prefs()
+    wanted = [deps_dir()] + [p for p in (environment_path(prefs),) if p]
+    stale = [p for p in _added_paths if p not in wanted]
+    deps.remove_paths(stale)
+    _added_paths[:] = [p for p in _added_paths if p not in stale]
+    _added_paths.extend(deps.append_paths(wanted))
+    importlib.invalidate_caches()
+
+
+def forget_sys_path() -> None:
+    deps.remove_paths(_added_paths)
+    _added_paths.clear()
+
+
+def _paths_changed(self, context):
+    sync_sys_path(self)
+
+
+class HDA_AddonPreferences(bpy.types.AddonPreferences):
+    bl_idname = addon_id()
+
+    body_path: StringProperty(
+        name="Body Model", subtype='FILE_PATH',
+        description="SMPL-X-format body file (SMPLX_NEUTRAL.npz) or the folder holding it. Empty: "
+                    "$HDA_SMPLX_PATH if set, else the bundled open body")
+    python_path: StringProperty(
+        name="Existing Environment", subtype='DIR_PATH', update=_paths_changed,
+        description="site-packages folder (or venv/conda root) of a Python matching Blender's, with the "
+                    "backend packages installed; appended to Blender's module path")
+    torch_variant: EnumProperty(
+        name="PyTorch Build", default='CPU',
+        items=(('CPU', "CPU", "PyTorch CPU build (smaller download, works everywhere)"),
+               ('CUDA', "CUDA", "PyTorch CUDA build for NVIDIA GPUs (large download)")))
+    wheel_dir: StringProperty(
+        name="Local Wheel Folder", subtype='DIR_PATH',
+        description="Install offline from wheels in this folder (pip --no-index --find-links) "
+                    "instead of downloading")
+
+    def draw(self, context):
+        layout = self.layout
+
+        box = layout.box()
+        box.label(text="Body Model", icon='ARMATURE_DATA')
+        box.prop(self, "body_path")
+        check = state.last_check
+        if check is None:
+            box.label(text="Status: press Check Backend")
+        else:
+            box.label(text=f"Status: {check['body']}", icon='CHECKMARK' if check["body_ok"] else 'ERROR')
+
+        box = layout.box()
+        row = box.row()
+        row.label(text="Backend", icon='SYSTEM')
+        row.operator("hda.check_backend", icon='FILE_REFRESH')
+        job = state.check_job
+        if job is not None and job.running:
+            box.label(text="Checking...", icon='SORTTIME')
+        elif check is not None:
+            if check["torch"]:
+                box.label(text=f"torch {check['torch']} on {check['device']}", icon='CHECKMARK')
+                box.label(text=f"from {os.path.dirname(check['torch_file'] or '')}")
+            else:
+                box.label(text=f"torch does not import: {check['torch_error']}", icon='ERROR')
+        elif state.check_line:
+            box.label(text=state.check_line, icon='ERROR')
+
+        box = layout.box()
+        box.label(text="Backend Packages", icon='PACKAGE')
+        job = state.install_job
+        if job is not None and job.running:
+            row = box.row()
+            row.label(text=job.status or "installing...", icon='SORTTIME')
+            row.operator("hda.cancel_install", icon='CANCEL')
+        else:
+            col = box.column()
+            if check is not None and check["torch"]:
+                col.label(text="torch imports: no install needed")
+            col.prop(self, "torch_variant")
+            col.prop(self, "wheel_dir")
+            if not self.wheel_dir and not bpy.app.online_access:
+                col.label(text="Online access is off (Preferences > System > Network)", icon='INFO')
+            col.operator("hda.install_backend", icon='IMPORT')
+            if state.install_line:
+                ok = job is not None and job.state == deps.DONE
+                col.label(text=state.install_line, icon='CHECKMARK' if ok else 'ERROR')
+        box.label(text=f"Install folder: {deps_dir()}")
+        box.prop(self, "python_path")
+        if self.python_path.strip() and environment_path(self) is None:
+            box.label(text="Folder not found", icon='ERROR')
+
+
+CLASSES = (HDA_AddonPreferences,)
