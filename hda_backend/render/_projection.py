@@ -70,10 +70,12 @@ def project_gaussians(
         depths: [C,N] camera-space z.
         conics: [C,N,3] upper triangle (a, b, c) of the inverse 2D covariance.
     """
+    C, N = viewmats.shape[0], means.shape[0]
     Rv = viewmats[:, :3, :3]  # [C,3,3]
-    tv = viewmats[:, :3, 3]  # [C,3]
-    means_c = torch.einsum("cij,nj->cni", Rv, means) + tv[:, None, :]  # [C,N,3]
-    M_c = torch.einsum("cij,njk->cnik", Rv, quat_scale_to_rs(quats, scales))  # [C,N,3,3]
+    means_c = torch.matmul(means, Rv.transpose(1, 2)) + viewmats[:, None, :3, 3]  # [C,N,3]
+    # Rv·M for all cameras as one matmul; batched 3×3 products (einsum/bmm over N) are slow and erratic on CPU.
+    M = quat_scale_to_rs(quats, scales)  # [N,3(j),3(k)]
+    rows_c = torch.matmul(Rv, M.transpose(0, 1).reshape(3, N * 3)).reshape(C, 3, N, 3)  # [C,i,N,k]
 
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C,1]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
@@ -86,15 +88,12 @@ def project_gaussians(
     lim_y_neg = cy / fy + 0.3 * (0.5 * height / fy)
     txc = tz * torch.maximum(torch.minimum(tx / tz, lim_x_pos), -lim_x_neg)
     tyc = tz * torch.maximum(torch.minimum(ty / tz, lim_y_pos), -lim_y_neg)
-    zero = torch.zeros_like(tz)
-    J = torch.stack(
-        [fx / tz, zero, -fx * txc / (tz * tz), zero, fy / tz, -fy * tyc / (tz * tz)], dim=-1
-    ).reshape(tz.shape + (2, 3))
-    JM = J @ M_c  # [C,N,2,3]
-    cov2d = JM @ JM.transpose(-1, -2)  # [C,N,2,2]
-    a = cov2d[..., 0, 0] + eps2d
-    b = 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0])
-    c = cov2d[..., 1, 1] + eps2d
+    # J = [[fx/z, 0, -fx·x/z²], [0, fy/z, -fy·y/z²]]; its zeros are skipped in J·Rv·M.
+    JM0 = (fx / tz)[..., None] * rows_c[:, 0] - (fx * txc / (tz * tz))[..., None] * rows_c[:, 2]  # [C,N,3]
+    JM1 = (fy / tz)[..., None] * rows_c[:, 1] - (fy * tyc / (tz * tz))[..., None] * rows_c[:, 2]
+    a = (JM0 * JM0).sum(-1) + eps2d  # blurred 2D covariance [[a, b], [b, c]]
+    b = (JM0 * JM1).sum(-1)
+    c = (JM1 * JM1).sum(-1) + eps2d
     det = (a * c - b * b).clamp(min=1e-10)
     conics = torch.stack([c / det, -b / det, a / det], dim=-1)
     means2d = torch.stack([fx * tx / tz + cx, fy * ty / tz + cy], dim=-1)
@@ -163,4 +162,5 @@ def spherical_harmonics(degree: int, dirs: torch.Tensor, coeffs: torch.Tensor) -
     """
     nb = (degree + 1) ** 2
     bases = _sh_bases(degree, F.normalize(dirs, p=2, dim=-1))  # [C,N,nb]
-    return torch.einsum("cnb,nbd->cnd", bases, coeffs[:, :nb, :])
+    # Elementwise rather than einsum, which becomes N tiny batched matmuls on CPU.
+    return (bases[..., None] * coeffs[None, :, :nb, :]).sum(dim=-2)

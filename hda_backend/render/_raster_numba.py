@@ -7,9 +7,8 @@ Gaussians back to front, recovering the transmittance from the final one saved b
 gsplat's `rasterize_to_pixels_3dgs_bwd_kernel`.
 
 Unlike gsplat, which lets every pixel of a tile test every Gaussian binned to the tile, a tile here visits
-each of its Gaussians only over the pixels of the Gaussian's bounding box: on a CPU that is the difference
-between evaluating the whole tile and a few dozen pixels per splat. The box is the opacity-aware radius
-from the projection, which already encloses every pixel with alpha ≥ 1/255, so the image is unchanged.
+each of its Gaussians only over the tile rows of the Gaussian's radius box. The box is the opacity-aware
+radius from the projection, which encloses every pixel with alpha ≥ 1/255, so the image is unchanged.
 
 Importing this module needs numba; `rasterize` falls back to the PyTorch twin when it is missing.
 """
@@ -24,11 +23,20 @@ import torch
 from numba import njit, prange
 
 TILE_SIZE = 16
-_ALPHA_THRESHOLD = 1.0 / 255.0
-_T_STOP = 1e-4
-_ALPHA_MAX = 0.999
-# Everything of fastmath except nnan/ninf: the kernels compare σ and alpha against thresholds and must keep
-# IEEE semantics there.
+_TILES_PER_CHUNK = 4
+# The kernels compute in float32 (like gsplat): twice the SIMD lanes of float64. Every constant is a
+# float32 global, since a Python float literal would promote the arithmetic to float64.
+_F32 = np.float32
+_ZERO = _F32(0.0)
+_HALF = _F32(0.5)
+_ONE = _F32(1.0)
+_ALPHA_THRESHOLD = _F32(1.0 / 255.0)
+_T_STOP = _F32(1e-4)
+_ALPHA_MAX = _F32(0.999)
+# exp(-σ) below 1/255 is rejected, so σ can be clamped a little past gsplat's 3.33-standard-deviation bound.
+_SIGMA_CLAMP = _F32(0.5 * 3.33 * 3.33 + 1.0)
+_EXP_COEFFS = tuple(_F32(1.0 / math.factorial(i)) for i in range(9))
+_EIGHTH = _F32(-0.125)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
@@ -78,34 +86,73 @@ def _bin_tiles(means2d, radii, depths, n_cams, n_gauss, width, height, tile):
 
 
 @njit(inline="always")
-def _pixel_box(mx, my, rx, ry, x0, y0, x1, y1):
-    """Pixels (inclusive bounds) of tile [x0,x1)×[y0,y1) whose centre lies within the radius box."""
-    j0 = max(x0, int(math.floor(mx - rx - 0.5)))
-    j1 = min(x1 - 1, int(math.ceil(mx + rx - 0.5)))
-    i0 = max(y0, int(math.floor(my - ry - 0.5)))
-    i1 = min(y1 - 1, int(math.ceil(my + ry - 0.5)))
-    return j0, j1, i0, i1
+def _exp_neg(s):
+    """exp(-s) to 2e-6 relative for 0 <= s <= 6.6: Taylor series of exp(-s/8), raised to the 8th power.
+
+    Plain arithmetic, so LLVM vectorises the pixel loops that use it; numba's math.exp is a scalar libm call
+    (no SVML) and would cost most of the kernel.
+    """
+    c0, c1, c2, c3, c4, c5, c6, c7, c8 = _EXP_COEFFS
+    x = _EIGHTH * s
+    p = c0 + x * (c1 + x * (c2 + x * (c3 + x * (c4 + x * (c5 + x * (c6 + x * (c7 + x * c8)))))))
+    p = p * p
+    p = p * p
+    return p * p
+
+
+@njit(inline="always")
+def _tile_rows(my, ry, y0, y1):
+    """Rows (inclusive) of tile rows [y0,y1) whose pixel centres lie within the radius box."""
+    return max(y0, int(math.floor(my - ry - 0.5))), min(y1 - 1, int(math.ceil(my + ry - 0.5)))
+
+
+@njit(inline="always")
+def _alpha(mx, my, ca, cb, cc, op, px, py):
+    """(alpha, exp(-σ), dx, dy, valid) of one Gaussian at one pixel centre, branch-free for vectorising."""
+    dx = mx - px
+    dy = my - py
+    sigma = _HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+    vis = _exp_neg(min(max(sigma, _ZERO), _SIGMA_CLAMP))  # clamped to the polynomial's accurate range
+    alpha = min(_ALPHA_MAX, op * vis)
+    return alpha, vis, dx, dy, (sigma >= _ZERO) & (alpha >= _ALPHA_THRESHOLD)
+
+
+@njit(inline="always")
+def _tile_geometry(t, n_tiles, tw, tile, width, height):
+    c = t // n_tiles
+    x0 = (t % n_tiles % tw) * tile
+    y0 = (t % n_tiles // tw) * tile
+    bw = min(x0 + tile, width) - x0
+    bh = min(y0 + tile, height) - y0
+    px = np.empty(bw * bh, dtype=np.float32)
+    py = np.empty(bw * bh, dtype=np.float32)
+    for p in range(bw * bh):
+        px[p] = x0 + p % bw + 0.5
+        py[p] = y0 + p // bw + 0.5
+    return c, x0, y0, bw, bh, px, py
+
+
+# The kernels below work on whole tile rows: every loop over pixels runs over a slice starting at index 0
+# with selects instead of branches, which is the shape LLVM vectorises (a loop over range(a, b) or with
+# `continue` stays scalar and is ~5× slower). The rows are those of the Gaussian's radius box.
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, n_cams, width, height, tile,
-             out_colors, t_final, last_ids):
+def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order, n_cams, width, height,
+             tile, out_colors, t_final, last_ids):
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
     n_tiles = tw * th
     n_ch = colors.shape[1]
-    for t in prange(n_cams * n_tiles):
-        c = t // n_tiles
-        x0 = (t % n_tiles % tw) * tile
-        y0 = (t % n_tiles // tw) * tile
-        x1 = min(x0 + tile, width)
-        y1 = min(y0 + tile, height)
-        bw = x1 - x0
-        n_pix = bw * (y1 - y0)
-        T = np.ones(n_pix)
-        acc = np.zeros((n_pix, n_ch))
-        last = np.full(n_pix, -1, dtype=np.int32)
-        done = np.zeros(n_pix, dtype=np.bool_)
+    for i in prange(order.shape[0]):
+        t = order[i]
+        c, x0, y0, bw, bh, px_all, py_all = _tile_geometry(t, n_tiles, tw, tile, width, height)
+        n_pix = bw * bh
+        T_all = np.ones(n_pix, dtype=np.float32)
+        T_stop_all = np.zeros(n_pix, dtype=np.float32)  # T of stopped pixels, whose T is set to 0
+        last_all = np.full(n_pix, -1, dtype=np.int32)
+        w_all = np.empty(n_pix, dtype=np.float32)
+        acc = np.zeros((n_ch, n_pix), dtype=np.float32)
         n_done = 0
         for k in range(offsets[t], offsets[t + 1]):
             if n_done == n_pix:
@@ -117,76 +164,75 @@ def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, n_cam
             cb = conics[g, 1]
             cc = conics[g, 2]
             op = opacities[g]
-            j0, j1, i0, i1 = _pixel_box(mx, my, radii[g, 0], radii[g, 1], x0, y0, x1, y1)
-            for i in range(i0, i1 + 1):
-                dy = my - (i + 0.5)
-                for j in range(j0, j1 + 1):
-                    p = (i - y0) * bw + (j - x0)
-                    if done[p]:
-                        continue
-                    dx = mx - (j + 0.5)
-                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0.0:
-                        continue
-                    alpha = min(_ALPHA_MAX, op * math.exp(-sigma))
-                    if alpha < _ALPHA_THRESHOLD:
-                        continue
-                    next_T = T[p] * (1.0 - alpha)
-                    if next_T <= _T_STOP:
-                        done[p] = True
-                        n_done += 1
-                        continue
-                    w = alpha * T[p]
-                    for d in range(n_ch):
-                        acc[p, d] += w * colors[g, d]
-                    T[p] = next_T
-                    last[p] = k
+            k32 = np.int32(k)
+            i0, i1 = _tile_rows(my, radii[g, 1], y0, y0 + bh)
+            a = (i0 - y0) * bw
+            b = (i1 - y0 + 1) * bw
+            if b <= a:
+                continue
+            px = px_all[a:b]
+            py = py_all[a:b]
+            T = T_all[a:b]
+            T_stop = T_stop_all[a:b]
+            last = last_all[a:b]
+            w = w_all[a:b]
+            for q in range(b - a):
+                alpha, vis, dx, dy, valid = _alpha(mx, my, ca, cb, cc, op, px[q], py[q])
+                tq = T[q]
+                next_T = tq * (_ONE - alpha)
+                contrib = valid & (next_T > _T_STOP)
+                stop = valid & (next_T <= _T_STOP) & (tq > _ZERO)
+                w[q] = alpha * tq if contrib else _ZERO
+                T_stop[q] = tq if stop else T_stop[q]
+                last[q] = k32 if contrib else last[q]
+                T[q] = next_T if contrib else (_ZERO if stop else tq)
+                n_done += stop
+            for d in range(n_ch):
+                col = colors[g, d]
+                acc_d = acc[d, a:b]
+                for q in range(b - a):
+                    acc_d[q] += w[q] * col
         base = c * width * height
-        for i in range(y0, y1):
-            for j in range(x0, x1):
-                p = (i - y0) * bw + (j - x0)
-                q = base + i * width + j
-                for d in range(n_ch):
-                    out_colors[q, d] = acc[p, d]
-                t_final[q] = T[p]
-                last_ids[q] = last[p]
+        for p in range(n_pix):
+            q = base + (y0 + p // bw) * width + x0 + p % bw
+            for d in range(n_ch):
+                out_colors[q, d] = acc[d, p]
+            t_final[q] = T_all[p] if T_all[p] > _ZERO else T_stop_all[p]
+            last_ids[q] = last_all[p]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward(means2d, conics, colors, opacities, radii, offsets, flat_ids, n_cams, width, height, tile,
-              t_final, last_ids, v_out_colors, v_out_alphas, v_means2d, v_conics, v_colors, v_opacities):
+def _backward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order, n_cams, width, height,
+              tile, t_final, last_ids, v_out_colors, v_out_alphas, v_means2d, v_conics, v_colors, v_opacities):
     """Writes each intersection's gradient to its own row k (no two tiles share a row, so no races)."""
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
     n_tiles = tw * th
     n_ch = colors.shape[1]
-    for t in prange(n_cams * n_tiles):
-        c = t // n_tiles
-        x0 = (t % n_tiles % tw) * tile
-        y0 = (t % n_tiles // tw) * tile
-        x1 = min(x0 + tile, width)
-        y1 = min(y0 + tile, height)
-        bw = x1 - x0
-        n_pix = bw * (y1 - y0)
-        T = np.empty(n_pix)
-        T_fin = np.empty(n_pix)
-        last = np.empty(n_pix, dtype=np.int32)
-        v_c = np.empty((n_pix, n_ch))
-        v_a = np.empty(n_pix)
-        buf = np.zeros((n_pix, n_ch))
+    for i in prange(order.shape[0]):
+        t = order[i]
+        c, x0, y0, bw, bh, px_all, py_all = _tile_geometry(t, n_tiles, tw, tile, width, height)
+        n_pix = bw * bh
+        T_all = np.empty(n_pix, dtype=np.float32)
+        T_fin_all = np.empty(n_pix, dtype=np.float32)
+        last_all = np.empty(n_pix, dtype=np.int32)
+        v_a_all = np.empty(n_pix, dtype=np.float32)
+        v_c = np.empty((n_ch, n_pix), dtype=np.float32)
+        buf = np.zeros((n_ch, n_pix), dtype=np.float32)  # Σ colour·weight of the Gaussians behind
+        fac_all = np.empty(n_pix, dtype=np.float32)
+        ra_all = np.empty(n_pix, dtype=np.float32)
+        v_alpha_all = np.empty(n_pix, dtype=np.float32)
         k_max = -1
         base = c * width * height
-        for i in range(y0, y1):
-            for j in range(x0, x1):
-                p = (i - y0) * bw + (j - x0)
-                q = base + i * width + j
-                T[p] = t_final[q]
-                T_fin[p] = t_final[q]
-                last[p] = last_ids[q]
-                k_max = max(k_max, last_ids[q])
-                v_a[p] = v_out_alphas[q]
-                for d in range(n_ch):
-                    v_c[p, d] = v_out_colors[q, d]
+        for p in range(n_pix):
+            q = base + (y0 + p // bw) * width + x0 + p % bw
+            T_all[p] = t_final[q]
+            T_fin_all[p] = t_final[q]
+            last_all[p] = last_ids[q]
+            k_max = max(k_max, last_ids[q])
+            v_a_all[p] = v_out_alphas[q]
+            for d in range(n_ch):
+                v_c[d, p] = v_out_colors[q, d]
         for k in range(k_max, offsets[t] - 1, -1):
             g = flat_ids[k]
             mx = means2d[g, 0]
@@ -195,44 +241,56 @@ def _backward(means2d, conics, colors, opacities, radii, offsets, flat_ids, n_ca
             cb = conics[g, 1]
             cc = conics[g, 2]
             op = opacities[g]
-            g_x = 0.0
-            g_y = 0.0
-            g_a = 0.0
-            g_b = 0.0
-            g_c = 0.0
-            g_o = 0.0
-            j0, j1, i0, i1 = _pixel_box(mx, my, radii[g, 0], radii[g, 1], x0, y0, x1, y1)
-            for i in range(i0, i1 + 1):
-                dy = my - (i + 0.5)
-                for j in range(j0, j1 + 1):
-                    p = (i - y0) * bw + (j - x0)
-                    if k > last[p]:
-                        continue
-                    dx = mx - (j + 0.5)
-                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0.0:
-                        continue
-                    vis = math.exp(-sigma)
-                    alpha = min(_ALPHA_MAX, op * vis)
-                    if alpha < _ALPHA_THRESHOLD:
-                        continue
-                    ra = 1.0 / (1.0 - alpha)
-                    T[p] *= ra
-                    fac = alpha * T[p]
-                    v_alpha = T_fin[p] * ra * v_a[p]
-                    for d in range(n_ch):
-                        v_colors[k, d] += fac * v_c[p, d]
-                        v_alpha += (colors[g, d] * T[p] - buf[p, d] * ra) * v_c[p, d]
-                        buf[p, d] += colors[g, d] * fac
-                    # Where alpha is clamped at 0.999 it no longer depends on σ or opacity.
-                    if op * vis <= _ALPHA_MAX:
-                        v_sigma = -op * vis * v_alpha
-                        g_a += 0.5 * v_sigma * dx * dx
-                        g_b += v_sigma * dx * dy
-                        g_c += 0.5 * v_sigma * dy * dy
-                        g_x += v_sigma * (ca * dx + cb * dy)
-                        g_y += v_sigma * (cb * dx + cc * dy)
-                        g_o += vis * v_alpha
+            i0, i1 = _tile_rows(my, radii[g, 1], y0, y0 + bh)
+            a = (i0 - y0) * bw
+            b = (i1 - y0 + 1) * bw
+            if b <= a:
+                continue
+            px = px_all[a:b]
+            py = py_all[a:b]
+            T = T_all[a:b]
+            T_fin = T_fin_all[a:b]
+            last = last_all[a:b]
+            v_a = v_a_all[a:b]
+            fac = fac_all[a:b]
+            ra = ra_all[a:b]
+            v_alpha = v_alpha_all[a:b]
+            for q in range(b - a):
+                alpha, vis, dx, dy, valid = _alpha(mx, my, ca, cb, cc, op, px[q], py[q])
+                used = valid & (k <= last[q])
+                r = _ONE / (_ONE - alpha) if used else _ZERO
+                T[q] = T[q] * r if used else T[q]
+                fac[q] = alpha * T[q] if used else _ZERO
+                ra[q] = r
+                v_alpha[q] = T_fin[q] * r * v_a[q]
+            for d in range(n_ch):
+                col = colors[g, d]
+                v_c_d = v_c[d, a:b]
+                buf_d = buf[d, a:b]
+                v_col = _ZERO
+                for q in range(b - a):
+                    v_col += fac[q] * v_c_d[q]
+                    # Where the Gaussian is unused ra is 0 and v_alpha is masked out below.
+                    v_alpha[q] += (col * T[q] - buf_d[q] * ra[q]) * v_c_d[q]
+                    buf_d[q] += col * fac[q]
+                v_colors[k, d] = v_col
+            g_x = _ZERO
+            g_y = _ZERO
+            g_a = _ZERO
+            g_b = _ZERO
+            g_c = _ZERO
+            g_o = _ZERO
+            for q in range(b - a):
+                alpha, vis, dx, dy, valid = _alpha(mx, my, ca, cb, cc, op, px[q], py[q])
+                # Where alpha is clamped at 0.999 it no longer depends on σ or opacity.
+                live = (ra[q] != _ZERO) & (op * vis <= _ALPHA_MAX)
+                v_sigma = -op * vis * v_alpha[q] if live else _ZERO
+                g_a += _HALF * v_sigma * dx * dx
+                g_b += v_sigma * dx * dy
+                g_c += _HALF * v_sigma * dy * dy
+                g_x += v_sigma * (ca * dx + cb * dy)
+                g_y += v_sigma * (cb * dx + cc * dy)
+                g_o += vis * v_alpha[q] if live else _ZERO
             v_means2d[k, 0] = g_x
             v_means2d[k, 1] = g_y
             v_conics[k, 0] = g_a
@@ -251,11 +309,6 @@ def _scatter_add(flat_ids, src, dst):
 
 def _f32(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().to(torch.float32).numpy())
-
-
-def _use_torch_threads() -> None:
-    # Follow torch's thread count so that one knob (torch.set_num_threads, OMP_NUM_THREADS) limits both.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
 def bin_tiles(means2d: torch.Tensor, radii: torch.Tensor, depths: torch.Tensor, width: int, height: int):
@@ -290,13 +343,12 @@ class NumbaRasterize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids, width, height):
-        _use_torch_threads()
         C, N, D = colors.shape
         t_final = np.empty(C * height * width, dtype=np.float32)
         last_ids = np.empty(C * height * width, dtype=np.int32)
         out_colors = np.empty((C * height * width, D), dtype=np.float32)
         arrays = _kernel_inputs(means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids)
-        _forward(*arrays, C, width, height, TILE_SIZE, out_colors, t_final, last_ids)
+        _run_parallel(_forward, *arrays, C, width, height, TILE_SIZE, out_colors, t_final, last_ids)
         t_final_t, last_ids_t = torch.from_numpy(t_final), torch.from_numpy(last_ids)
         ctx.save_for_backward(
             means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids, t_final_t, last_ids_t
@@ -308,7 +360,6 @@ class NumbaRasterize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v_render_colors, v_render_alphas):
-        _use_torch_threads()
         means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids, t_final, last_ids = ctx.saved_tensors
         width, height = ctx.size
         C, N, D = colors.shape
@@ -316,27 +367,41 @@ class NumbaRasterize(torch.autograd.Function):
         n_isects = flatten_ids.shape[0]
         per_isect = [np.zeros((n_isects, n), dtype=np.float32) for n in (2, 3, D, 1)]
         v_m, v_con, v_col, v_op = per_isect
-        _backward(
-            *arrays, C, width, height, TILE_SIZE, t_final.numpy(), last_ids.numpy(),
+        _run_parallel(
+            _backward, *arrays, C, width, height, TILE_SIZE, t_final.numpy(), last_ids.numpy(),
             _f32(v_render_colors).reshape(-1, D), _f32(v_render_alphas).reshape(-1),
             v_m, v_con, v_col, v_op.reshape(-1),
         )
         grads = []
         for src, like in zip(per_isect, (means2d, conics, colors, opacities)):
             dst = np.zeros((C * N, src.shape[1]), dtype=np.float32)
-            _scatter_add(arrays[-1], src, dst)
+            _scatter_add(arrays[6], src, dst)
             grads.append(torch.from_numpy(dst).reshape(like.shape).to(like.dtype))
         return (*grads, None, None, None, None, None)
 
 
 def _kernel_inputs(means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids):
     C, N, D = colors.shape
+    offsets = np.append(isect_offsets.numpy().reshape(-1), np.int32(flatten_ids.shape[0])).astype(np.int32)
+    # Busiest tiles first, handed out in small chunks: the figure fills the middle of the frame, and the
+    # default static split into one contiguous block per thread leaves a thread idle.
+    order = np.argsort(-np.diff(offsets), kind="stable")
     return (
         _f32(means2d).reshape(C * N, 2),
         _f32(conics).reshape(C * N, 3),
         _f32(colors).reshape(C * N, D),
         _f32(opacities).reshape(C * N),
         np.ascontiguousarray(radii.to(torch.int32).numpy()).reshape(C * N, 2),
-        np.append(isect_offsets.numpy().reshape(-1), np.int32(flatten_ids.shape[0])).astype(np.int32),
+        offsets,
         np.ascontiguousarray(flatten_ids.numpy()),
+        order,
     )
+
+
+def _run_parallel(kernel, *args) -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    previous = numba.set_parallel_chunksize(_TILES_PER_CHUNK)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_parallel_chunksize(previous)

@@ -1,0 +1,144 @@
+"""`hda bench raster`: time `rasterize` on avatar-like scenes.
+
+A scene is N Gaussians scattered on the surface of a 1.7 m tall stick figure (torso, head, arms, legs made
+of cylinders and a sphere), scales 5–15 mm, opacities 0.5–1, SH degree 3, seen from 3 m by a camera whose
+frame is 2 m tall, so the figure's bounding box covers about a third of the image.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+from .rasterize import rasterize
+
+# (centre x, y, z), radius, half length along the vertical axis; a radius with zero length is a sphere.
+_BODY_PARTS = (
+    ((0.0, 1.15, 0.0), 0.16, 0.30),  # torso
+    ((0.0, 1.58, 0.0), 0.11, 0.0),  # head
+    ((-0.09, 0.43, 0.0), 0.08, 0.43),  # legs
+    ((0.09, 0.43, 0.0), 0.08, 0.43),
+    ((-0.30, 1.12, 0.0), 0.05, 0.30),  # arms, slightly away from the torso
+    ((0.30, 1.12, 0.0), 0.05, 0.30),
+)
+
+
+def avatar_scene(n: int, size: int, seed: int = 0, sh_degree: int = 3) -> dict:
+    """Keyword arguments of `rasterize` for an avatar-like scene of n Gaussians in one size×size camera."""
+    gen = torch.Generator().manual_seed(seed)
+    areas = torch.tensor([
+        4 * math.pi * r * r if h == 0 else 2 * math.pi * r * 2 * h for _, r, h in _BODY_PARTS
+    ])
+    part = torch.multinomial(areas / areas.sum(), n, replacement=True, generator=gen)
+    centre = torch.tensor([c for c, _, _ in _BODY_PARTS])[part]
+    radius = torch.tensor([r for _, r, _ in _BODY_PARTS])[part]
+    half = torch.tensor([h for _, _, h in _BODY_PARTS])[part]
+    direction = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1)
+    # Cylinders: a point on the side at a uniform height; spheres: the point on the sphere itself.
+    on_cylinder = half > 0
+    direction[on_cylinder, 1] = 0
+    direction = torch.nn.functional.normalize(direction, dim=-1)
+    height = (torch.rand(n, generator=gen) * 2 - 1) * half
+    means = centre + radius[:, None] * direction + torch.stack([0 * height, height, 0 * height], dim=-1)
+
+    n_coeffs = (sh_degree + 1) ** 2
+    sh = torch.randn(n, n_coeffs, 3, generator=gen) * 0.05
+    sh[:, 0] = (torch.tensor([0.8, 0.6, 0.5]) - 0.5) / 0.2820947917738781 + 0.3 * torch.randn(n, 3, generator=gen)
+
+    # Camera 3 m in front of the figure (on +z, looking at -z), centred on its middle; OpenCV axes.
+    viewmat = torch.tensor([
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, -1.0, 0.0, 0.85],
+        [0.0, 0.0, -1.0, 3.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ])
+    focal = size * 3.0 / 2.0  # the frame spans 2 m at the figure's distance
+    K = torch.tensor([[focal, 0.0, size / 2], [0.0, focal, size / 2], [0.0, 0.0, 1.0]])
+    return {
+        "means": means,
+        "quats": torch.randn(n, 4, generator=gen),
+        "scales": torch.exp(torch.empty(n, 3).uniform_(math.log(0.005), math.log(0.015), generator=gen)),
+        "opacities": torch.empty(n).uniform_(0.5, 1.0, generator=gen),
+        "colors": sh,
+        "viewmats": viewmat[None],
+        "Ks": K[None],
+        "width": size,
+        "height": size,
+        "sh_degree": sh_degree,
+    }
+
+
+def _render_ms(scene: dict, backend: str, backward: bool) -> float:
+    params = ("means", "quats", "scales", "opacities", "colors")
+    kwargs = dict(scene)
+    if backward:
+        for name in params:
+            kwargs[name] = scene[name].clone().requires_grad_(True)
+    start = time.perf_counter()
+    if backward:
+        colors, alphas, _ = rasterize(**kwargs, backend=backend)
+        (colors.sum() + alphas.sum()).backward()
+    else:
+        with torch.no_grad():
+            rasterize(**kwargs, backend=backend)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _first_call_s(backend: str) -> float:
+    """Seconds of a first tiny forward+backward: numba's JIT compile, or loading its on-disk cache."""
+    start = time.perf_counter()
+    _render_ms(avatar_scene(64, 32), backend, backward=True)
+    return time.perf_counter() - start
+
+
+def bench_raster(
+    counts=(10_000, 60_000), sizes=(256, 512), repeats: int = 7, backend: str = "cpu"
+) -> list[dict]:
+    """Median forward and forward+backward times of `rasterize` on avatar scenes (one camera, SH degree 3).
+
+    The forward runs under torch.no_grad() (a viewport render); the forward+backward renders with every
+    Gaussian parameter requiring grad and backpropagates colors.sum() + alphas.sum(). Each configuration
+    gets one untimed warm-up. The first call in the process, which compiles the numba kernels (or loads
+    them from numba's cache), is timed once and reported in every row as "first_call_s".
+
+    Returns:
+        One dict per (count, size): n, size, backend, forward_ms, forward_backward_ms, first_call_s,
+        repeats, threads (torch's intra-op thread count, which the numba kernels follow).
+    """
+    first_call = _first_call_s(backend)
+    rows = []
+    for n in counts:
+        for size in sizes:
+            scene = avatar_scene(n, size)
+            timings = {}
+            for backward in (False, True):
+                _render_ms(scene, backend, backward)
+                timings[backward] = statistics.median(_render_ms(scene, backend, backward) for _ in range(repeats))
+            rows.append({
+                "n": n, "size": size, "backend": backend, "forward_ms": timings[False],
+                "forward_backward_ms": timings[True], "first_call_s": first_call, "repeats": repeats,
+                "threads": torch.get_num_threads(),
+            })
+    return rows
+
+
+def print_bench_raster(rows: list[dict]) -> None:
+    """Print `bench_raster` rows as a table, then the one-off first-call (JIT) time."""
+    print(f"{'N':>8} {'size':>9} {'backend':>8} {'forward ms':>11} {'fwd+bwd ms':>11}")
+    for r in rows:
+        print(f"{r['n']:>8} {r['size']:>4}x{r['size']:<4} {r['backend']:>8} "
+              f"{r['forward_ms']:>11.1f} {r['forward_backward_ms']:>11.1f}")
+    if rows:
+        print(f"median of {rows[0]['repeats']} after a warm-up, {rows[0]['threads']} threads; "
+              f"first call (numba JIT compile or cache load): {rows[0]['first_call_s']:.2f} s")
+
+
+def main() -> None:
+    print_bench_raster(bench_raster())
+
+
+if __name__ == "__main__":
+    main()
