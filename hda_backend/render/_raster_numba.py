@@ -7,8 +7,9 @@ Gaussians back to front, recovering the transmittance from the final one saved b
 gsplat's `rasterize_to_pixels_3dgs_bwd_kernel`.
 
 Unlike gsplat, which lets every pixel of a tile test every Gaussian binned to the tile, a tile here visits
-each of its Gaussians only over the tile rows of the Gaussian's radius box. The box is the opacity-aware
-radius from the projection, which encloses every pixel with alpha ≥ 1/255, so the image is unchanged.
+each of its Gaussians only over the rows its alpha ≥ 1/255 ellipse reaches, and binning drops the tiles of
+the radius box that the ellipse misses; the pixels skipped are exactly those gsplat would reject, so the
+image is unchanged.
 
 Importing this module needs numba; `rasterize` falls back to the PyTorch twin when it is missing.
 """
@@ -41,8 +42,13 @@ _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(cache=True)
-def _bin_tiles(means2d, radii, depths, n_cams, n_gauss, width, height, tile):
-    """Counting sort of (camera, tile, depth) → (offsets [C*TH*TW+1], flat_ids [n_isects])."""
+def _bin_tiles(means2d, conics, opacities, radii, depths, n_cams, n_gauss, width, height, tile):
+    """Counting sort of (camera, tile, depth) → (offsets [C*TH*TW+1], flat_ids [n_isects]).
+
+    Candidate tiles are those of the radius box, as in gsplat; of those, a tile is kept only if the
+    Gaussian's alpha ≥ 1/255 ellipse reaches one of its pixel centres (about a fifth of the box's tiles
+    are corners the ellipse misses).
+    """
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
     n_tiles = tw * th
@@ -60,17 +66,14 @@ def _bin_tiles(means2d, radii, depths, n_cams, n_gauss, width, height, tile):
             my = means2d[f, 1] / tile
             rx = radii[f, 0] / tile
             ry = radii[f, 1] / tile
-            x0 = min(max(0, int(math.floor(mx - rx))), tw)
-            y0 = min(max(0, int(math.floor(my - ry))), th)
-            x1 = min(max(0, int(math.ceil(mx + rx))), tw)
-            y1 = min(max(0, int(math.ceil(my + ry))), th)
-            rect[f, 0] = x0
-            rect[f, 1] = y0
-            rect[f, 2] = x1
-            rect[f, 3] = y1
-            for ty in range(y0, y1):
-                for tx in range(x0, x1):
-                    counts[c * n_tiles + ty * tw + tx + 1] += 1
+            rect[f, 0] = min(max(0, int(math.floor(mx - rx))), tw)
+            rect[f, 1] = min(max(0, int(math.floor(my - ry))), th)
+            rect[f, 2] = min(max(0, int(math.ceil(mx + rx))), tw)
+            rect[f, 3] = min(max(0, int(math.ceil(my + ry))), th)
+            for ty in range(rect[f, 1], rect[f, 3]):
+                for tx in range(rect[f, 0], rect[f, 2]):
+                    if _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height):
+                        counts[c * n_tiles + ty * tw + tx + 1] += 1
     offsets = np.cumsum(counts).astype(np.int32)
     flat_ids = np.empty(offsets[-1], dtype=np.int32)
     fill = offsets[:-1].copy()
@@ -79,10 +82,51 @@ def _bin_tiles(means2d, radii, depths, n_cams, n_gauss, width, height, tile):
             f = c * n_gauss + orders[c, i]
             for ty in range(rect[f, 1], rect[f, 3]):
                 for tx in range(rect[f, 0], rect[f, 2]):
-                    t = c * n_tiles + ty * tw + tx
-                    flat_ids[fill[t]] = f
-                    fill[t] += 1
+                    if _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height):
+                        t = c * n_tiles + ty * tw + tx
+                        flat_ids[fill[t]] = f
+                        fill[t] += 1
     return offsets, flat_ids
+
+
+@njit(inline="always")
+def _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height):
+    x0 = tx * tile
+    y0 = ty * tile
+    i0, i1 = _ellipse_rows(means2d[f, 0], means2d[f, 1], conics[f, 0], conics[f, 1], conics[f, 2],
+                           _sigma_max(opacities[f]), x0, y0, min(tile, width - x0), min(tile, height - y0))
+    return i0 <= i1
+
+
+@njit(inline="always")
+def _sigma_max(op):
+    """σ beyond which alpha = opacity·exp(-σ) < 1/255, plus slack for float32 and the exp polynomial."""
+    return math.log(op / _ALPHA_THRESHOLD) + 1e-3
+
+
+@njit(inline="always")
+def _ellipse_rows(mx, my, ca, cb, cc, sigma_max, x0, y0, bw, bh):
+    """Rows (absolute, inclusive; empty if i1 < i0) of the bw×bh pixel block at (x0, y0) that have a pixel
+    centre with σ <= sigma_max: the vertical extent of that ellipse over the block's columns.
+
+    On the vertical line dx = X the ellipse spans dy = (-b·X ± sqrt(b²X² - c·(a·X² - 2σmax))) / c. Its top
+    and bottom are reached at X = ∓(b/a)·extent; over a strip of columns, at that X clamped to the strip.
+    """
+    det = ca * cc - cb * cb
+    x_lo = x0 + 0.5 - mx
+    x_hi = x0 + bw - 0.5 - mx
+    x_top = -cb / ca * math.sqrt(2.0 * sigma_max * ca / det)
+    X = min(max(x_top, x_lo), x_hi)
+    disc = cb * cb * X * X - cc * (ca * X * X - 2.0 * sigma_max)
+    X2 = min(max(-x_top, x_lo), x_hi)
+    disc2 = cb * cb * X2 * X2 - cc * (ca * X2 * X2 - 2.0 * sigma_max)
+    if disc < 0.0 or disc2 < 0.0:
+        return y0, y0 - 1
+    dy_hi = (-cb * X + math.sqrt(disc)) / cc
+    dy_lo = (-cb * X2 - math.sqrt(disc2)) / cc
+    i0 = max(y0, int(math.ceil(my + dy_lo - 0.5 - 1e-3)))
+    i1 = min(y0 + bh - 1, int(math.floor(my + dy_hi - 0.5 + 1e-3)))
+    return i0, i1
 
 
 @njit(inline="always")
@@ -98,12 +142,6 @@ def _exp_neg(s):
     p = p * p
     p = p * p
     return p * p
-
-
-@njit(inline="always")
-def _tile_rows(my, ry, y0, y1):
-    """Rows (inclusive) of tile rows [y0,y1) whose pixel centres lie within the radius box."""
-    return max(y0, int(math.floor(my - ry - 0.5))), min(y1 - 1, int(math.ceil(my + ry - 0.5)))
 
 
 @njit(inline="always")
@@ -133,13 +171,13 @@ def _tile_geometry(t, n_tiles, tw, tile, width, height):
 
 
 # The kernels below work on whole tile rows: every loop over pixels runs over a slice starting at index 0
-# with selects instead of branches, which is the shape LLVM vectorises (a loop over range(a, b) or with
-# `continue` stays scalar and is ~5× slower). The rows are those of the Gaussian's radius box.
+# with selects instead of branches and touches few arrays, which is the shape LLVM vectorises (a loop over
+# range(a, b), with `continue`, or writing many arrays stays scalar and is ~5× slower).
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order, n_cams, width, height,
-             tile, out_colors, t_final, last_ids):
+def _forward(means2d, conics, colors, opacities, offsets, flat_ids, order, n_cams, width, height, tile,
+             out_colors, t_final, last_ids):
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
     n_tiles = tw * th
@@ -148,8 +186,8 @@ def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order
         t = order[i]
         c, x0, y0, bw, bh, px_all, py_all = _tile_geometry(t, n_tiles, tw, tile, width, height)
         n_pix = bw * bh
+        # A pixel that stops keeps its final T negated: T > 0 means still compositing.
         T_all = np.ones(n_pix, dtype=np.float32)
-        T_stop_all = np.zeros(n_pix, dtype=np.float32)  # T of stopped pixels, whose T is set to 0
         last_all = np.full(n_pix, -1, dtype=np.int32)
         w_all = np.empty(n_pix, dtype=np.float32)
         acc = np.zeros((n_ch, n_pix), dtype=np.float32)
@@ -165,7 +203,7 @@ def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order
             cc = conics[g, 2]
             op = opacities[g]
             k32 = np.int32(k)
-            i0, i1 = _tile_rows(my, radii[g, 1], y0, y0 + bh)
+            i0, i1 = _ellipse_rows(mx, my, ca, cb, cc, _sigma_max(op), x0, y0, bw, bh)
             a = (i0 - y0) * bw
             b = (i1 - y0 + 1) * bw
             if b <= a:
@@ -173,19 +211,18 @@ def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order
             px = px_all[a:b]
             py = py_all[a:b]
             T = T_all[a:b]
-            T_stop = T_stop_all[a:b]
             last = last_all[a:b]
             w = w_all[a:b]
             for q in range(b - a):
                 alpha, vis, dx, dy, valid = _alpha(mx, my, ca, cb, cc, op, px[q], py[q])
                 tq = T[q]
                 next_T = tq * (_ONE - alpha)
-                contrib = valid & (next_T > _T_STOP)
-                stop = valid & (next_T <= _T_STOP) & (tq > _ZERO)
+                live = valid & (tq > _ZERO)
+                contrib = live & (next_T > _T_STOP)
+                stop = live & (next_T <= _T_STOP)
                 w[q] = alpha * tq if contrib else _ZERO
-                T_stop[q] = tq if stop else T_stop[q]
                 last[q] = k32 if contrib else last[q]
-                T[q] = next_T if contrib else (_ZERO if stop else tq)
+                T[q] = next_T if contrib else (-tq if stop else tq)
                 n_done += stop
             for d in range(n_ch):
                 col = colors[g, d]
@@ -197,13 +234,13 @@ def _forward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order
             q = base + (y0 + p // bw) * width + x0 + p % bw
             for d in range(n_ch):
                 out_colors[q, d] = acc[d, p]
-            t_final[q] = T_all[p] if T_all[p] > _ZERO else T_stop_all[p]
+            t_final[q] = abs(T_all[p])
             last_ids[q] = last_all[p]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward(means2d, conics, colors, opacities, radii, offsets, flat_ids, order, n_cams, width, height,
-              tile, t_final, last_ids, v_out_colors, v_out_alphas, v_means2d, v_conics, v_colors, v_opacities):
+def _backward(means2d, conics, colors, opacities, offsets, flat_ids, order, n_cams, width, height, tile,
+              t_final, last_ids, v_out_colors, v_out_alphas, v_means2d, v_conics, v_colors, v_opacities):
     """Writes each intersection's gradient to its own row k (no two tiles share a row, so no races)."""
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
@@ -241,7 +278,7 @@ def _backward(means2d, conics, colors, opacities, radii, offsets, flat_ids, orde
             cb = conics[g, 1]
             cc = conics[g, 2]
             op = opacities[g]
-            i0, i1 = _tile_rows(my, radii[g, 1], y0, y0 + bh)
+            i0, i1 = _ellipse_rows(mx, my, ca, cb, cc, _sigma_max(op), x0, y0, bw, bh)
             a = (i0 - y0) * bw
             b = (i1 - y0 + 1) * bw
             if b <= a:
@@ -311,11 +348,11 @@ def _f32(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().to(torch.float32).numpy())
 
 
-def bin_tiles(means2d: torch.Tensor, radii: torch.Tensor, depths: torch.Tensor, width: int, height: int):
+def bin_tiles(means2d, conics, opacities, radii, depths, width: int, height: int):
     """Depth-sorted per-tile lists of the visible Gaussians (16×16 tiles).
 
     Args:
-        means2d: [C,N,2]; radii: [C,N,2] int; depths: [C,N].
+        means2d: [C,N,2]; conics: [C,N,3]; opacities: [C,N]; radii: [C,N,2] int; depths: [C,N].
 
     Returns:
         isect_offsets: [C,TH,TW] int32 start of each tile's run in flatten_ids (gsplat's layout).
@@ -324,6 +361,8 @@ def bin_tiles(means2d: torch.Tensor, radii: torch.Tensor, depths: torch.Tensor, 
     C, N = depths.shape
     offsets, flat_ids = _bin_tiles(
         _f32(means2d).reshape(C * N, 2),
+        _f32(conics).reshape(C * N, 3),
+        _f32(opacities).reshape(C * N),
         np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(C * N, 2),
         _f32(depths).reshape(C * N),
         C, N, width, height, TILE_SIZE,
@@ -335,23 +374,23 @@ def bin_tiles(means2d: torch.Tensor, radii: torch.Tensor, depths: torch.Tensor, 
 class NumbaRasterize(torch.autograd.Function):
     """(means2d, conics, colors, opacities) → (render colors, render alphas), composited without background.
 
-    Inputs: means2d [C,N,2], conics [C,N,3], colors [C,N,D], opacities [C,N], radii [C,N,2] int32,
-    isect_offsets [C,TH,TW], flatten_ids [n_isects] (from `bin_tiles`), width, height.
+    Inputs: means2d [C,N,2], conics [C,N,3], colors [C,N,D], opacities [C,N], isect_offsets [C,TH,TW] and
+    flatten_ids [n_isects] (from `bin_tiles`), width, height.
     Outputs: colors [C,H,W,D], alphas [C,H,W,1]. Computed in float32; gradients come back in the
     inputs' dtype.
     """
 
     @staticmethod
-    def forward(ctx, means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids, width, height):
+    def forward(ctx, means2d, conics, colors, opacities, isect_offsets, flatten_ids, width, height):
         C, N, D = colors.shape
         t_final = np.empty(C * height * width, dtype=np.float32)
         last_ids = np.empty(C * height * width, dtype=np.int32)
         out_colors = np.empty((C * height * width, D), dtype=np.float32)
-        arrays = _kernel_inputs(means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids)
+        arrays = _kernel_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_ids)
         _run_parallel(_forward, *arrays, C, width, height, TILE_SIZE, out_colors, t_final, last_ids)
         t_final_t, last_ids_t = torch.from_numpy(t_final), torch.from_numpy(last_ids)
         ctx.save_for_backward(
-            means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids, t_final_t, last_ids_t
+            means2d, conics, colors, opacities, isect_offsets, flatten_ids, t_final_t, last_ids_t
         )
         ctx.size = (width, height)
         render_colors = torch.from_numpy(out_colors).reshape(C, height, width, D).to(colors.dtype)
@@ -360,10 +399,10 @@ class NumbaRasterize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v_render_colors, v_render_alphas):
-        means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids, t_final, last_ids = ctx.saved_tensors
+        means2d, conics, colors, opacities, isect_offsets, flatten_ids, t_final, last_ids = ctx.saved_tensors
         width, height = ctx.size
         C, N, D = colors.shape
-        arrays = _kernel_inputs(means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids)
+        arrays = _kernel_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_ids)
         n_isects = flatten_ids.shape[0]
         per_isect = [np.zeros((n_isects, n), dtype=np.float32) for n in (2, 3, D, 1)]
         v_m, v_con, v_col, v_op = per_isect
@@ -375,12 +414,12 @@ class NumbaRasterize(torch.autograd.Function):
         grads = []
         for src, like in zip(per_isect, (means2d, conics, colors, opacities)):
             dst = np.zeros((C * N, src.shape[1]), dtype=np.float32)
-            _scatter_add(arrays[6], src, dst)
+            _scatter_add(arrays[5], src, dst)
             grads.append(torch.from_numpy(dst).reshape(like.shape).to(like.dtype))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def _kernel_inputs(means2d, conics, colors, opacities, radii, isect_offsets, flatten_ids):
+def _kernel_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_ids):
     C, N, D = colors.shape
     offsets = np.append(isect_offsets.numpy().reshape(-1), np.int32(flatten_ids.shape[0])).astype(np.int32)
     # Busiest tiles first, handed out in small chunks: the figure fills the middle of the frame, and the
@@ -391,7 +430,6 @@ def _kernel_inputs(means2d, conics, colors, opacities, radii, isect_offsets, fla
         _f32(conics).reshape(C * N, 3),
         _f32(colors).reshape(C * N, D),
         _f32(opacities).reshape(C * N),
-        np.ascontiguousarray(radii.to(torch.int32).numpy()).reshape(C * N, 2),
         offsets,
         np.ascontiguousarray(flatten_ids.numpy()),
         order,

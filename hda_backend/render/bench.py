@@ -8,12 +8,13 @@ frame is 2 m tall, so the figure's bounding box covers about a third of the imag
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
 import torch
 
-from .rasterize import rasterize
+from .rasterize import _numba_raster, rasterize
 
 # (centre x, y, z), radius, half length along the vertical axis; a radius with zero length is a sphere.
 _BODY_PARTS = (
@@ -87,53 +88,74 @@ def _render_ms(scene: dict, backend: str, backward: bool) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def _first_call_s(backend: str) -> float:
-    """Seconds of a first tiny forward+backward: numba's JIT compile, or loading its on-disk cache."""
+def _first_call(backend: str) -> tuple[float, str]:
+    """Seconds of a first tiny forward+backward, and what numba did in it: "compiled" the kernels,
+    loaded them from its on-disk "cache", or found them "warm" in this process (or "no numba")."""
+    raster = _numba_raster() if backend == "cpu" else None
+    kernels = (raster._bin_tiles, raster._forward, raster._backward, raster._scatter_add) if raster else ()
+    before = [k.signatures for k in kernels]
     start = time.perf_counter()
     _render_ms(avatar_scene(64, 32), backend, backward=True)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if raster is None:
+        return seconds, "no numba"
+    if all(before):
+        return seconds, "warm"
+    misses = sum(sum(k.stats.cache_misses.values()) for k in kernels)
+    return seconds, "compiled" if misses else "cache"
 
 
 def bench_raster(
     counts=(10_000, 60_000), sizes=(256, 512), repeats: int = 7, backend: str = "cpu"
 ) -> list[dict]:
-    """Median forward and forward+backward times of `rasterize` on avatar scenes (one camera, SH degree 3).
+    """Forward and forward+backward times of `rasterize` on avatar scenes (one camera, SH degree 3).
 
     The forward runs under torch.no_grad() (a viewport render); the forward+backward renders with every
     Gaussian parameter requiring grad and backpropagates colors.sum() + alphas.sum(). Each configuration
-    gets one untimed warm-up. The first call in the process, which compiles the numba kernels (or loads
-    them from numba's cache), is timed once and reported in every row as "first_call_s".
+    gets one untimed warm-up, then `repeats` timed runs. The first call in the process, which compiles
+    the numba kernels (or loads them from numba's cache), is timed once and reported in every row.
 
     Returns:
-        One dict per (count, size): n, size, backend, forward_ms, forward_backward_ms, first_call_s,
-        repeats, threads (torch's intra-op thread count, which the numba kernels follow).
+        One dict per (count, size): n, size, backend, forward_ms and forward_backward_ms (medians),
+        forward_min_ms and forward_backward_min_ms, first_call_s, first_call ("compiled", "cache", "warm"
+        or "no numba"), repeats, threads (torch's intra-op thread count, which the numba kernels follow),
+        load (the 1-minute load average before the row, None where the OS has none: other processes
+        on the same cores inflate the medians far more than the minima).
     """
-    first_call = _first_call_s(backend)
+    first_call_s, first_call = _first_call(backend)
     rows = []
     for n in counts:
         for size in sizes:
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             scene = avatar_scene(n, size)
-            timings = {}
+            times = {}
             for backward in (False, True):
                 _render_ms(scene, backend, backward)
-                timings[backward] = statistics.median(_render_ms(scene, backend, backward) for _ in range(repeats))
+                times[backward] = [_render_ms(scene, backend, backward) for _ in range(repeats)]
             rows.append({
-                "n": n, "size": size, "backend": backend, "forward_ms": timings[False],
-                "forward_backward_ms": timings[True], "first_call_s": first_call, "repeats": repeats,
-                "threads": torch.get_num_threads(),
+                "n": n, "size": size, "backend": backend,
+                "forward_ms": statistics.median(times[False]),
+                "forward_backward_ms": statistics.median(times[True]),
+                "forward_min_ms": min(times[False]), "forward_backward_min_ms": min(times[True]),
+                "first_call_s": first_call_s, "first_call": first_call, "repeats": repeats,
+                "threads": torch.get_num_threads(), "load": load,
             })
     return rows
 
 
 def print_bench_raster(rows: list[dict]) -> None:
     """Print `bench_raster` rows as a table, then the one-off first-call (JIT) time."""
-    print(f"{'N':>8} {'size':>9} {'backend':>8} {'forward ms':>11} {'fwd+bwd ms':>11}")
+    print(f"{'N':>7} {'size':>9} {'backend':>7}  {'forward ms':>16}  {'fwd+bwd ms':>16}  {'load':>5}")
+    print(f"{'':>7} {'':>9} {'':>7}  {'median':>8}{'min':>8}  {'median':>8}{'min':>8}")
     for r in rows:
-        print(f"{r['n']:>8} {r['size']:>4}x{r['size']:<4} {r['backend']:>8} "
-              f"{r['forward_ms']:>11.1f} {r['forward_backward_ms']:>11.1f}")
+        load = "-" if r["load"] is None else f"{r['load']:.1f}"
+        print(f"{r['n']:>7} {r['size']:>4}x{r['size']:<4} {r['backend']:>7}  {r['forward_ms']:>8.1f}"
+              f"{r['forward_min_ms']:>8.1f}  {r['forward_backward_ms']:>8.1f}{r['forward_backward_min_ms']:>8.1f}"
+              f"  {load:>5}")
     if rows:
-        print(f"median of {rows[0]['repeats']} after a warm-up, {rows[0]['threads']} threads; "
-              f"first call (numba JIT compile or cache load): {rows[0]['first_call_s']:.2f} s")
+        r = rows[0]
+        print(f"{r['repeats']} runs after a warm-up, {r['threads']} threads; first call: {r['first_call_s']:.2f} s "
+              f"(numba {r['first_call']})")
 
 
 def main() -> None:

@@ -130,10 +130,10 @@ def rasterize(
     }
     raster = _numba_raster() if backend == "cpu" else None
     if raster is not None:
-        isect_offsets, flatten_ids = raster.bin_tiles(means2d, radii, depths, width, height)
+        opac = opac.contiguous()
+        isect_offsets, flatten_ids = raster.bin_tiles(means2d, conics, opac, radii, depths, width, height)
         render, alphas = raster.NumbaRasterize.apply(
-            means2d, conics, feats.contiguous(), opac.contiguous(), radii, isect_offsets, flatten_ids,
-            width, height,
+            means2d, conics, feats.contiguous(), opac, isect_offsets, flatten_ids, width, height
         )
         meta.update(
             backend="cpu", tile_size=raster.TILE_SIZE, tile_width=isect_offsets.shape[2],
@@ -231,9 +231,9 @@ def _validate(
         if tuple(tensors[name].shape) != shape:
             raise HDAError(f"rasterize: {name} has shape {_shape_str(tensors[name])}; "
                            f"expected [{','.join(str(s) for s in shape)}]")
-    # One reduction over all inputs so that a CUDA caller pays a single sync; the per-tensor search
-    # only runs once something is known to be wrong.
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+    # NaN and ±inf survive a float64 sum, so one cheap reduction per input (and a single sync for a CUDA
+    # caller) screens them all; the element-wise search only runs once a sum is not finite.
+    if not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in tensors.values()])).all()):
         for name, t in tensors.items():
             bad = ~torch.isfinite(t)
             if bad.any():
