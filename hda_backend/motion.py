@@ -18,7 +18,7 @@ import torch
 from .body import JOINT_INDEX, NUM_JOINTS
 from .errors import HDAError
 
-BUILTIN = ("walk", "wave", "squat", "turn")
+BUILTIN = ("walk", "wave", "squat", "turn", "arm_raise", "kick", "jumping_jack", "bow", "lunge")
 MAX_FRAMES = 100_000
 
 
@@ -177,4 +177,64 @@ def procedural(name: str, frames: int = 30, fps: float = 30.0) -> Motion:
         poses[:, j["head"], 1] = 0.3 * s
         poses[:, j["left_elbow"], 1] = -0.5
         poses[:, j["right_elbow"], 1] = 0.5
+    elif name == "arm_raise":
+        # Lateral raises, the arms half a cycle apart: hanging (-Z left / +Z right) to overhead.
+        left = 0.5 - 0.5 * torch.cos(phase)
+        right = 0.5 - 0.5 * torch.cos(phase + math.pi)
+        poses[:, j["left_shoulder"], 2] = -arms_down + 2.5 * left
+        poses[:, j["right_shoulder"], 2] = arms_down - 2.5 * right
+        poses[:, j["left_elbow"], 1] = -0.25 - 0.5 * left
+        poses[:, j["right_elbow"], 1] = 0.25 + 0.5 * right
+        poses[:, j["spine3"], 2] = 0.08 * (left - right)
+    elif name == "kick":
+        # Right front kick: chamber (hip and knee flex), extend at the top, return; arms guard.
+        lift = 0.5 - 0.5 * torch.cos(phase)
+        poses[:, j["right_hip"], 0] = -1.4 * lift
+        poses[:, j["right_knee"], 0] = 1.3 * torch.sin(phase) ** 2 * (1 - lift) + 0.08
+        poses[:, j["right_ankle"], 0] = 0.3 * lift
+        poses[:, j["left_knee"], 0] = 0.15 * lift
+        poses[:, j["left_hip"], 0] = -0.1 * lift
+        poses[:, j["spine1"], 0] = -0.15 * lift
+        poses[:, j["left_elbow"], 1] = -1.6
+        poses[:, j["right_elbow"], 1] = 1.6
+        poses[:, j["left_shoulder"], 0] = -0.5
+        poses[:, j["right_shoulder"], 0] = -0.5
+        transl[:, 1] = -0.02 * lift
+    elif name == "jumping_jack":
+        # Arms from hanging to overhead while the legs spread (left hip +Z, right hip -Z), with a hop.
+        open_ = 0.5 - 0.5 * torch.cos(phase)
+        poses[:, j["left_shoulder"], 2] = -arms_down + 2.6 * open_
+        poses[:, j["right_shoulder"], 2] = arms_down - 2.6 * open_
+        poses[:, j["left_hip"], 2] = 0.35 * open_
+        poses[:, j["right_hip"], 2] = -0.35 * open_
+        poses[:, j["left_ankle"], 2] = -0.3 * open_
+        poses[:, j["right_ankle"], 2] = 0.3 * open_
+        poses[:, j["left_knee"], 0] = 0.25 * torch.sin(2 * phase) ** 2
+        poses[:, j["right_knee"], 0] = 0.25 * torch.sin(2 * phase) ** 2
+        transl[:, 1] = 0.06 * torch.sin(2 * phase).abs()
+    elif name == "bow":
+        # Tip the pelvis forward (+X on the root) with the hips flexing back (-X) so the legs stay
+        # upright, bend the spine forward (+X), arms hanging, then straighten.
+        depth = 0.5 - 0.5 * torch.cos(phase)
+        poses[:, 0, 0] = 0.6 * depth
+        for spine in ("spine1", "spine2", "spine3"):
+            poses[:, j[spine], 0] = 0.25 * depth
+        poses[:, j["left_hip"], 0] = -0.6 * depth
+        poses[:, j["right_hip"], 0] = -0.6 * depth
+        poses[:, j["head"], 0] = 0.2 * depth
+        poses[:, j["left_elbow"], 1] = -0.2 * depth
+        poses[:, j["right_elbow"], 1] = 0.2 * depth
+    elif name == "lunge":
+        # Alternating forward lunges: front hip flexes (-X) and knee bends, the back knee drops.
+        for side, sign, offset in (("left", 1.0, 0.0), ("right", -1.0, math.pi)):
+            step = torch.clamp(torch.sin(phase + offset), min=0)
+            other = "right" if side == "left" else "left"
+            poses[:, j[f"{side}_hip"], 0] += -1.1 * step
+            poses[:, j[f"{side}_knee"], 0] += 1.3 * step
+            poses[:, j[f"{other}_hip"], 0] += 0.35 * step
+            poses[:, j[f"{other}_knee"], 0] += 1.1 * step
+            poses[:, j["spine2"], 1] += 0.15 * sign * step
+        poses[:, j["left_elbow"], 1] = -0.4
+        poses[:, j["right_elbow"], 1] = 0.4
+        transl[:, 1] = -0.21 * torch.sin(phase).abs()
     return Motion(name, poses.float(), transl.float(), fps)

@@ -1,0 +1,294 @@
+"""The Blender side of the capture studio, run as its own process:
+
+    python -m hda_backend.studio.blender_render WORK_DIR
+
+WORK_DIR holds ``scene.json`` (render settings, cameras, lights, materials, which images to render
+and where) and ``scene.npz`` (faces, rest coordinates and per-frame vertices of every mesh), written by
+:mod:`hda_backend.studio.synth`. This process imports only bpy, numpy and Pillow (never torch). For
+each frame it moves the meshes, then renders every camera that still lacks its image with Cycles on the
+CPU, and writes ``images/<cam>/<frame>.png`` (RGB over the background colour) and
+``masks/<cam>/<frame>.png`` (the render's alpha) atomically, mask first. After each pair it prints
+``HDA-DONE <cam> <frame>`` so the parent can drive a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def srgb_to_linear(c):
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def save_png_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- materials -----------------------------------------------------------------------------------------
+
+class _Nodes:
+    def __init__(self, material):
+        self.tree = material.node_tree
+        self.nodes, self.links = self.tree.nodes, self.tree.links
+
+    def new(self, kind, **props):
+        node = self.nodes.new(kind)
+        for key, value in props.items():
+            setattr(node, key, value)
+        return node
+
+    def link(self, a, b):
+        self.links.new(a, b)
+
+    def math(self, op, a, b=None):
+        node = self.new("ShaderNodeMath", operation=op)
+        for i, value in enumerate((a, b)):
+            if value is None:
+                continue
+            if isinstance(value, (int, float)):
+                node.inputs[i].default_value = float(value)
+            else:
+                self.link(value, node.inputs[i])
+        return node.outputs[0]
+
+    def mix(self, factor, a, b):
+        node = self.new("ShaderNodeMix", data_type="RGBA")
+        ins = {s.identifier: s for s in node.inputs}
+        for key, value in (("Factor_Float", factor), ("A_Color", a), ("B_Color", b)):
+            if isinstance(value, (tuple, list)):
+                ins[key].default_value = tuple(value) + ((1.0,) if len(value) == 3 else ())
+            elif isinstance(value, (int, float)):
+                ins[key].default_value = float(value)
+            else:
+                self.link(value, ins[key])
+        return {s.identifier: s for s in node.outputs}["Result_Color"]
+
+
+def _logo_image(name, pattern, colour_res=128):
+    """A star/polygon badge with a ring, as an RGBA image (alpha = the logo)."""
+    import bpy
+
+    n = colour_res
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / n * 2 - 1
+    r, a = np.hypot(xx, yy), np.arctan2(yy, xx) + pattern["rotation"]
+    k = pattern["points"]
+    star_r = 0.55 + 0.35 * (pattern["inner"] + (1 - pattern["inner"]) * (0.5 + 0.5 * np.cos(k * a)))
+    inside = (r < star_r * 0.8) | ((r > 0.86) & (r < 0.98))
+    rgba = np.zeros((n, n, 4), np.float32)
+    rgba[..., :3] = 1.0
+    rgba[..., 3] = inside
+    image = bpy.data.images.new(name, n, n, alpha=True)
+    image.pixels.foreach_set(rgba.reshape(-1))
+    image.pack()
+    return image
+
+
+def make_material(name: str, spec: dict):
+    import bpy
+
+    material = bpy.data.materials.new(name)
+    material.use_nodes = True
+    g = _Nodes(material)
+    bsdf = g.nodes.get("Principled BSDF")
+    base = tuple(float(x) for x in srgb_to_linear(spec["colour"]))
+    bsdf.inputs["Roughness"].default_value = spec.get("roughness", 0.8)
+    rest = g.new("ShaderNodeAttribute", attribute_name="rest", attribute_type="GEOMETRY").outputs["Vector"]
+    xyz = g.new("ShaderNodeSeparateXYZ")
+    g.link(rest, xyz.inputs[0])
+    colour = base
+    pattern = spec.get("pattern") or {"kind": "solid"}
+    second = tuple(float(x) for x in srgb_to_linear(pattern.get("colour2", spec["colour"])))
+    kind = pattern["kind"]
+    if kind == "stripes":
+        coord = xyz.outputs["Y" if pattern["axis"] == "horizontal" else "X"]
+        fract = g.math("FRACT", g.math("MULTIPLY", coord, 1.0 / pattern["period"]))
+        colour = g.mix(g.math("LESS_THAN", fract, pattern["duty"]), base, second)
+    elif kind == "checks":
+        checker = g.new("ShaderNodeTexChecker")
+        g.link(rest, checker.inputs["Vector"])
+        checker.inputs["Scale"].default_value = 1.0 / pattern["period"]
+        checker.inputs["Color1"].default_value = base + (1.0,)
+        checker.inputs["Color2"].default_value = second + (1.0,)
+        colour = checker.outputs["Color"]
+    elif kind == "logo":
+        centre = spec["logo_centre"]
+        size = pattern["size"]
+        u = g.math("ADD", g.math("MULTIPLY", g.math("SUBTRACT", xyz.outputs["X"], centre[0]), 1.0 / size), 0.5)
+        v = g.math("ADD", g.math("MULTIPLY", g.math("SUBTRACT", xyz.outputs["Y"], centre[1]), 1.0 / size), 0.5)
+        combine = g.new("ShaderNodeCombineXYZ")
+        g.link(u, combine.inputs[0])
+        g.link(v, combine.inputs[1])
+        tex = g.new("ShaderNodeTexImage", interpolation="Linear", extension="CLIP")
+        tex.image = _logo_image(name + "_logo", pattern)
+        g.link(combine.outputs[0], tex.inputs["Vector"])
+        front = g.math("GREATER_THAN", xyz.outputs["Z"], centre[2])
+        colour = g.mix(g.math("MULTIPLY", tex.outputs["Alpha"], front), base, second)
+    if spec.get("strands"):  # hair: streaks along the strands (stretched noise in rest space)
+        mapping = g.new("ShaderNodeMapping")
+        mapping.inputs["Scale"].default_value = (90.0, 6.0, 90.0)
+        g.link(rest, mapping.inputs["Vector"])
+        noise = g.new("ShaderNodeTexNoise")
+        noise.inputs["Scale"].default_value = 1.0
+        noise.inputs["Detail"].default_value = 3.0
+        g.link(mapping.outputs[0], noise.inputs["Vector"])
+        dark = tuple(0.45 * c for c in base)
+        colour = g.mix(g.math("POWER", noise.outputs["Fac"], 1.5), dark, colour)
+    if spec.get("sole") is not None:
+        sole = tuple(float(x) for x in srgb_to_linear(spec["sole"]))
+        colour = g.mix(g.math("LESS_THAN", xyz.outputs["Y"], spec["sole_y"]), colour, sole)
+    if isinstance(colour, tuple):
+        bsdf.inputs["Base Color"].default_value = colour + (1.0,)
+    else:
+        g.link(colour, bsdf.inputs["Base Color"])
+    return material
+
+
+# --- scene ---------------------------------------------------------------------------------------------
+
+def build_scene(spec: dict, arrays):
+    import bpy
+    from mathutils import Matrix, Vector
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    render = scene.render
+    render.engine = "CYCLES"
+    render.resolution_x, render.resolution_y = spec["width"], spec["height"]
+    render.resolution_percentage = 100
+    render.film_transparent = True
+    render.use_persistent_data = False
+    render.image_settings.file_format = "PNG"
+    render.image_settings.color_mode = "RGBA"
+    render.image_settings.color_depth = "8"
+    scene.view_settings.view_transform = "Standard"
+    scene.view_settings.look = "None"
+    scene.view_settings.exposure = 0.0
+    scene.view_settings.gamma = 1.0
+    cycles = scene.cycles
+    cycles.device = "CPU"
+    cycles.samples = spec["samples"]
+    cycles.use_adaptive_sampling = False
+    cycles.seed = spec["seed"] % (2 ** 31)
+    cycles.use_animated_seed = False
+    cycles.use_denoising = True
+    cycles.denoiser = "OPENIMAGEDENOISE"
+    cycles.denoising_prefilter = "FAST"
+    cycles.denoising_quality = "FAST"
+    cycles.pixel_filter_type = "BOX"
+    cycles.filter_width = 1.0
+    cycles.max_bounces, cycles.diffuse_bounces, cycles.glossy_bounces = 4, 2, 1
+    cycles.transmission_bounces, cycles.transparent_max_bounces = 0, 2
+    cycles.caustics_reflective = cycles.caustics_refractive = False
+
+    world = bpy.data.worlds.new("studio")
+    world.use_nodes = True
+    world.node_tree.nodes["Background"].inputs["Color"].default_value = (*srgb_to_linear(spec["ambient"]), 1.0)
+    world.node_tree.nodes["Background"].inputs["Strength"].default_value = 1.0
+    scene.world = world
+
+    for i, light in enumerate(spec["lights"]):
+        data = bpy.data.lights.new(f"light{i}", "SUN")
+        data.energy = light["strength"]
+        data.angle = light["angle"]
+        obj = bpy.data.objects.new(f"light{i}", data)
+        travel = -Vector(light["towards"]).normalized()
+        obj.rotation_euler = travel.to_track_quat("-Z", "Y").to_euler()
+        scene.collection.objects.link(obj)
+
+    materials = {name: make_material(name, m) for name, m in spec["materials"].items()}
+    meshes = []
+    for item in spec["objects"]:
+        faces = arrays[item["name"] + "/faces"]
+        rest = arrays[item["name"] + "/rest"].astype(np.float32)
+        mesh = bpy.data.meshes.new(item["name"])
+        mesh.vertices.add(len(rest))
+        mesh.vertices.foreach_set("co", rest.reshape(-1))
+        mesh.loops.add(faces.size)
+        mesh.loops.foreach_set("vertex_index", faces.reshape(-1).astype(np.int32))
+        mesh.polygons.add(len(faces))
+        mesh.polygons.foreach_set("loop_start", np.arange(0, faces.size, 3, dtype=np.int32))
+        mesh.polygons.foreach_set("loop_total", np.full(len(faces), 3, np.int32))
+        mesh.update()
+        mesh.validate()
+        attribute = mesh.attributes.new("rest", "FLOAT_VECTOR", "POINT")
+        attribute.data.foreach_set("vector", rest.reshape(-1))
+        mesh.shade_smooth()
+        mesh.materials.append(materials[item["material"]])
+        obj = bpy.data.objects.new(item["name"], mesh)
+        scene.collection.objects.link(obj)
+        meshes.append((mesh, arrays[item["name"] + "/frames"]))
+
+    cameras = []
+    flip = Matrix(((1, 0, 0, 0), (0, -1, 0, 0), (0, 0, -1, 0), (0, 0, 0, 1)))
+    for cam in spec["cameras"]:
+        data = bpy.data.cameras.new(cam["name"])
+        data.sensor_fit = "HORIZONTAL"
+        data.sensor_width = 36.0
+        k = cam["K"]
+        if abs(k[0][0] - k[1][1]) > 1e-6 * k[0][0]:
+            raise ValueError(f"camera {cam['name']}: fx != fy is not supported")
+        data.lens = k[0][0] / spec["width"] * 36.0
+        data.shift_x = (spec["width"] / 2 - k[0][2]) / max(spec["width"], spec["height"])
+        data.shift_y = (k[1][2] - spec["height"] / 2) / max(spec["width"], spec["height"])
+        data.clip_start, data.clip_end = 0.05, 100.0
+        obj = bpy.data.objects.new(cam["name"], data)
+        view = np.eye(4)
+        view[:3, :3], view[:3, 3] = np.array(cam["R"]), np.array(cam["t"])
+        obj.matrix_world = Matrix(np.linalg.inv(view).tolist()) @ flip  # OpenCV camera -> Blender camera
+        scene.collection.objects.link(obj)
+        cameras.append(obj)
+    return scene, meshes, cameras
+
+
+def main(work_dir: str) -> int:
+    import bpy
+
+    work = Path(work_dir)
+    spec = json.loads((work / "scene.json").read_text())
+    arrays = dict(np.load(work / "scene.npz", allow_pickle=False))
+    scene, meshes, cameras = build_scene(spec, arrays)
+    out = Path(spec["out_dir"])
+    background = np.array(spec["background"], np.float64) * 255.0
+    todo: dict[int, list[int]] = {}
+    for c, f in spec["todo"]:
+        todo.setdefault(f, []).append(c)
+    tmp_png = work / "render.png"
+    scene.render.filepath = str(tmp_png)
+    for f in sorted(todo):
+        for mesh, frames in meshes:
+            mesh.vertices.foreach_set("co", frames[f].astype(np.float32).reshape(-1))
+            mesh.update()
+        for c in todo[f]:
+            scene.camera = cameras[c]
+            bpy.ops.render.render(write_still=True)
+            with Image.open(tmp_png) as im:
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+            alpha = rgba[..., 3:4] / 255.0
+            rgb = rgba[..., :3] * alpha + background * (1.0 - alpha)
+            cam, frame = spec["cameras"][c]["name"], spec["frames"][f]
+            save_png_atomic(out / "masks" / cam / f"{frame}.png", rgba[..., 3].astype(np.uint8))
+            save_png_atomic(out / "images" / cam / f"{frame}.png", np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+            print(f"HDA-DONE {c} {f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

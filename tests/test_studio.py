@@ -1,0 +1,190 @@
+"""The capture studio: a tiny dataset rendered through real Blender (Cycles) inside the test, read back
+by the loader; camera convention, determinism, resume, the new motion clips and the fold field."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hda_backend.body import JOINT_INDEX as J
+from hda_backend.body import load_body, pose_body, skin_points
+from hda_backend.dataset import list_subjects, load_subject, project
+from hda_backend.errors import HDAError
+from hda_backend.motion import procedural
+from hda_backend.studio.cli import main as studio_main
+from hda_backend.studio.person import Deformer, build_parts, sample_attributes
+from hda_backend.studio.synth import SynthOptions, camera_rig, synth
+
+pytest.importorskip("bpy")  # the renderer runs in a subprocess, but needs the module installed
+
+OPTS = dict(subjects=2, cameras=3, frames=3, size=64, seed=0, samples=4)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    synth(SynthOptions(out=out, **OPTS), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def body():
+    return load_body(None, 16)
+
+
+def test_loader_round_trips_the_rendered_dataset(dataset):
+    paths = list_subjects(dataset)
+    assert [p.name for p in paths] == ["subject_000", "subject_001"]
+    for path in paths:
+        s = load_subject(path)
+        assert (s.width, s.height) == (64, 64) and s.camera_names == ["cam00", "cam01", "cam02"]
+        assert s.frame_names == ["0000", "0001", "0002"]
+        assert s.train_frames == [0, 1] and s.test_frames == [2] and s.test_cameras == [2]
+        assert s.poses.shape == (3, 55, 3) and s.betas.shape == (16,) and s.transl.shape == (3, 3)
+        with np.load(path / "smplx" / "0001.npz") as z:
+            assert z["body_pose"].shape == (63,) and z["left_hand_pose"].shape == (45,)
+            assert np.array_equal(s.poses[1, 25:40].numpy().reshape(-1), z["left_hand_pose"])
+            assert np.array_equal(s.betas.numpy(), z["betas"])
+        cams = json.loads((path / "cameras.json").read_text())
+        assert np.allclose(s.Ks[1].numpy(), cams["cam01"]["K"]) and np.allclose(s.viewmats[2, :3, 3].numpy(), cams["cam02"]["t"])
+        image = np.asarray(Image.open(path / "images/cam01/0002.png"), np.float32) / 255
+        assert torch.equal(s.image(1, 2), torch.from_numpy(image))
+        mask = s.mask(1, 2)
+        assert 0.02 < mask.mean() < 0.5  # a person, not an empty or full frame
+        # outside the mask the image is exactly the background colour
+        outside = s.image(1, 2)[mask == 0]
+        assert torch.allclose(outside, torch.tensor(s.background).expand_as(outside))
+        # two camera heights (a ring at two elevations)
+        centres = -torch.einsum("cji,cj->ci", s.viewmats[:, :3, :3], s.viewmats[:, :3, 3])
+        assert centres[:, 1].max() - centres[:, 1].min() > 1.0
+        assert (path / "subject.png").is_file() and not (path / "_work").exists()
+
+
+def test_smplx_joints_project_inside_the_masks(dataset, body):
+    for path in list_subjects(dataset):
+        s = load_subject(path)
+        posed = pose_body(body, s.poses, s.betas.expand(3, -1), s.transl)
+        torso = [J[n] for n in ("pelvis", "spine1", "spine2", "spine3", "neck", "left_hip", "right_hip",
+                                "left_knee", "right_knee", "head")]
+        for f in range(3):
+            uv = project(posed.joints[f], s.viewmats, s.Ks)  # [C,55,2]
+            for c in range(3):
+                mask = s.mask(c, f)
+                px = uv[c].floor().long()
+                assert ((px >= 0) & (px < 64)).all()
+                values = mask[px[:, 1], px[:, 0]]
+                assert (values[torso] > 0.5).all(), (path.name, c, f, values[torso])
+                assert (values[:22] > 0).float().mean() > 0.85
+                # a point 60 cm to the side of the pelvis, as this camera sees it, is background
+                right = s.viewmats[c, 0, :3]  # the camera's x axis in world coordinates
+                for sign in (1.0, -1.0):
+                    side = project((posed.joints[f, 0] + sign * 0.6 * right)[None], s.viewmats[c:c + 1], s.Ks[c:c + 1])[0, 0]
+                    assert 0 <= side[0] < 64 and mask[int(side[1]), int(side[0])] == 0
+                # the mask's centre of mass is near the projected body's
+                ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+                com = torch.stack([(xs * mask).sum(), (ys * mask).sum()]) / mask.sum()
+                verts = project(posed.vertices[f], s.viewmats[c:c + 1], s.Ks[c:c + 1])[0]
+                assert (com - verts.mean(0)).norm() < 6
+
+
+def test_two_seeds_give_different_subjects(dataset):
+    a, b = (load_subject(p) for p in list_subjects(dataset))
+    assert a.seed != b.seed and not torch.allclose(a.betas, b.betas)
+    assert a.attributes != b.attributes
+    assert (a.image(0, 0) - b.image(0, 0)).abs().mean() > 0.01
+    attrs = [sample_attributes(s) for s in range(12)]
+    assert len({a["top"]["kind"] for a in attrs}) >= 3 and len({a["skin"]["tone_index"] for a in attrs}) >= 5
+    assert len({a["top"]["pattern"]["kind"] for a in attrs}) >= 3 and len({a["hair"]["style"] for a in attrs}) >= 3
+    assert all(a["motions"]["train"]["clip"] != a["motions"]["test"]["clip"] for a in attrs)
+
+
+def test_same_seed_identical_images_and_resume(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset / "subject_000", copy / "subject_000")
+    sub = copy / "subject_000"
+    (sub / "images/cam01/0002.png").unlink()
+    data = (sub / "masks/cam00/0001.png").read_bytes()
+    (sub / "masks/cam00/0001.png").write_bytes(data[: len(data) // 3])  # half-written
+    (sub / "images/cam02/0000.png.tmp").write_bytes(b"partial")
+    untouched = sub / "images/cam02/0002.png"
+    stamp = untouched.stat().st_mtime_ns
+    synth(SynthOptions(out=copy, **{**OPTS, "subjects": 1}), quiet=True)
+    for kind in ("images", "masks"):
+        for cam in ("cam00", "cam01", "cam02"):
+            for frame in ("0000", "0001", "0002"):
+                new = np.asarray(Image.open(sub / kind / cam / f"{frame}.png"))
+                old = np.asarray(Image.open(dataset / "subject_000" / kind / cam / f"{frame}.png"))
+                assert np.array_equal(new, old), (kind, cam, frame)
+    assert untouched.stat().st_mtime_ns == stamp  # finished frames were skipped
+    assert not list(sub.glob("*/*/*.tmp"))
+    assert (sub / "subject.json").read_text() == (dataset / "subject_000/subject.json").read_text()
+
+
+def test_folds_follow_the_joint_angles(body):
+    attrs = sample_attributes(4)
+    attrs["top"].update(kind="longsleeve", sleeve=0.93, looseness=1.0)
+    _, parts = build_parts(body, attrs)
+    deformer = Deformer(body, attrs, parts)
+    top = [i for i, p in enumerate(parts) if p.name == "top"][0]
+    poses = torch.zeros(2, 55, 3)
+    poses[1, J["left_elbow"], 1] = -1.5  # bend the left elbow
+    _, _, outs = deformer.pose(poses, torch.zeros(2, 3))
+    betas = torch.tensor(attrs["betas"])[None]
+    transforms = pose_body(body, poses, betas.expand(2, -1)).transforms
+    part = parts[top]
+    rest = torch.tensor(part.rest + part.thickness[:, None] * part.normals, dtype=torch.float32)
+    lbs = skin_points(rest[None].expand(2, -1, -1), torch.tensor(part.weights, dtype=torch.float32), transforms)
+    residual = (torch.tensor(outs[top]) - lbs).norm(dim=-1)  # what plain LBS of the garment cannot explain
+    jr = deformer.rest_joints
+    near = torch.tensor(np.linalg.norm(part.rest - jr[J["left_elbow"]], axis=1) < 0.08)
+    far = torch.tensor(np.linalg.norm(part.rest - jr[J["right_elbow"]], axis=1) < 0.08)
+    assert residual[0].max() < 1e-4  # straight arms: pure LBS
+    assert residual[1][near].max() > 0.006  # bent elbow: folds of several millimetres
+    assert residual[1][far].max() < 1e-4  # the other, straight elbow stays smooth
+
+
+def test_camera_rig_frames_the_points():
+    rng = np.random.default_rng(0)
+    points = rng.normal(0, 0.3, (500, 3)) + [0, -0.3, 0]
+    views, Ks = camera_rig(8, 100, points, -1.2, 0.3)
+    assert np.allclose(views[:, :3, :3] @ views[:, :3, :3].transpose(0, 2, 1), np.eye(3), atol=1e-6)
+    uv = project(torch.tensor(points, dtype=torch.float32), torch.tensor(views, dtype=torch.float32),
+                 torch.tensor(Ks, dtype=torch.float32))
+    assert uv.min() >= 0 and uv.max() <= 100 and (uv.amax((1, 2)) > 90).any()
+    heights = -np.einsum("cji,cj->ci", views[:, :3, :3], views[:, :3, 3])[:, 1]
+    assert len(np.unique(heights.round(3))) == 2
+
+
+def test_new_clips_move_as_named(body):
+    def joints(name, n=8):
+        m = procedural(name, n)
+        return pose_body(body, m.poses, transl=m.transl).joints
+
+    up = joints("arm_raise")
+    assert up[:, J["left_wrist"], 1].max() > up[0, J["head"], 1] + 0.1  # an arm goes overhead
+    assert up[0, J["left_wrist"], 1] < up[0, J["left_shoulder"], 1] - 0.3  # and starts down
+    kick = joints("kick")
+    assert kick[4, J["right_ankle"], 2] > 0.5 and kick[4, J["left_ankle"], 2].abs() < 0.1
+    jack = joints("jumping_jack")
+    assert (jack[4, J["left_ankle"], 0] - jack[4, J["right_ankle"], 0]) > (jack[0, J["left_ankle"], 0] - jack[0, J["right_ankle"], 0]) + 0.3
+    bow = joints("bow")
+    assert bow[4, J["head"], 2] > 0.3 and bow[4, J["right_ankle"], 2].abs() < 0.05
+    lunge = joints("lunge")
+    assert lunge[2, 0, 1] < lunge[0, 0, 1] - 0.15
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--size", "0", "--out", "x"], "--size 0: expected 16..8192"),
+    (["synth", "--cameras", "many", "--out", "x"], "--cameras 'many': expected a whole number"),
+    (["synth", "--frames", "-3", "--out", "x"], "--frames -3: expected 1..100000"),
+    (["synth", "--background", "1,1", "--out", "x"], "--background '1,1': expected three numbers"),
+    (["convert", "/nonexistent/capture", "--out", "x"], "/nonexistent/capture: capture folder not found"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    assert studio_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hda: error:") and message in err and "\n" not in err
