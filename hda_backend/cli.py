@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from .errors import HDAError
+from .studio.cli import STUDIO_COMMANDS
+from .studio.cli import add_parsers as add_studio_parsers
 
 MAX_SIZE = 8192
 
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--counts", default="10000,60000", help="comma-separated Gaussian counts")
     b.add_argument("--sizes", default="256,512", help="comma-separated image sizes")
     b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    add_studio_parsers(sub)
     return parser
 
 
@@ -137,7 +140,7 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"render": cmd_render, "info": cmd_info, "bench": cmd_bench, **STUDIO_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,24 @@ class RenderConfig:
 
 
 @dataclass(frozen=True)
+class FitConfig:
+    steps: int = 2000  # optimisation steps from a fresh (seeded) initialisation
+    init_steps: int = 800  # steps when starting from another subject's weights (--init-from)
+    lr: float = 1e-4
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    weight_decay: float = 0.01
+    lambda_l1: float = 1.0  # paper Eq. 9 weights
+    lambda_ssim: float = 0.1
+    lambda_lpips: float = 0.01
+    lambda_mask: float = 0.1
+    crop_margin: float = 0.1  # crop around the mask's bounding box, as a fraction of its size
+    checkpoint_every: int = 100
+    log_every: int = 10
+    lpips_alexnet: typing.Optional[str] = None  # torchvision-format AlexNet weights on disk
+    seed: int = 0  # initialisation and view sampling
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = "cpu"
     body: BodyConfig = field(default_factory=BodyConfig)
@@ -49,6 +67,7 @@ class Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,5 +176,14 @@ def _check(config: Config, source: str) -> None:
         bad("gaussians.init_opacity", config.gaussians.init_opacity, "in (0, 1)")
     if not 0.0 < config.render.fov_deg < 170.0:
         bad("render.fov_deg", config.render.fov_deg, "in (0, 170)")
+    for name in ("steps", "init_steps", "checkpoint_every", "log_every"):
+        if not 1 <= getattr(config.fit, name) <= 10_000_000:
+            bad(f"fit.{name}", getattr(config.fit, name), "1..10000000")
+    if not 0.0 < config.fit.lr < 1.0:
+        bad("fit.lr", config.fit.lr, "in (0, 1)")
+    if not 0 <= config.fit.warmup_steps <= 10_000_000:
+        bad("fit.warmup_steps", config.fit.warmup_steps, "0..10000000")
+    if not 0.0 <= config.fit.crop_margin <= 2.0:
+        bad("fit.crop_margin", config.fit.crop_margin, "0..2")
     if not 1 <= config.body.num_betas <= 300:
         bad("body.num_betas", config.body.num_betas, "1..300")

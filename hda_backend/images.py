@@ -26,6 +26,7 @@ def save_png(path: str | os.PathLike, image) -> Path:
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; frames are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

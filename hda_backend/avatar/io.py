@@ -12,6 +12,7 @@ uv_res             UV resolution the avatar was made at
 body_id            identifier of the body model (e.g. "hda-open-body-v1", "SMPLX_NEUTRAL")
 body_sha256        fingerprint of the body's template, faces, UVs, weights and joint regressor
 origin             how it was made: "init:<seed>", "fit:<subject>", "sample:<seed>", ...
+pose_input         "posed" (the UNet sees the pose) or "rest" (static baseline: plain LBS of one map)
 =================  ==========================================================================
 
 Loading checks every field and refuses a mismatch with one line naming the file and the field.
@@ -62,7 +63,7 @@ def save_avatar(avatar: Avatar, path: str | os.PathLike, origin: str = "") -> Pa
         "unet": json.dumps(avatar.unet.config.to_dict(), sort_keys=True),
         "gaussians": json.dumps(avatar.gaussian_config.to_dict(), sort_keys=True),
         "uv_res": str(avatar.uv_res), "body_id": avatar.body.body_id, "body_sha256": avatar.body.sha256,
-        "origin": origin,
+        "origin": origin, "pose_input": "rest" if avatar.static else "posed",
     }
     atomic_save_safetensors(avatar.unet.state_dict(), path, metadata)
     return path
@@ -117,7 +118,10 @@ def load_avatar(path: str | os.PathLike, body: BodyModel) -> Avatar:
                        f"'{body.body_id}' ({body.sha256[:12]}); point body.path / HDA_SMPLX_PATH at that body")
     if (unet_config.in_channels, unet_config.out_channels) != (6, 59) or not 1 <= unet_config.width <= 1024:
         raise HDAError(f"avatar {path}: field 'unet' is {metadata['unet']}, expected 6 in / 59 out channels")
-    avatar = Avatar(body, uv_res, unet_config, gaussian_config)
+    pose_input = metadata.get("pose_input", "posed")
+    if pose_input not in ("posed", "rest"):
+        raise HDAError(f"avatar {path}: field 'pose_input' is {pose_input!r}, expected 'posed' or 'rest'")
+    avatar = Avatar(body, uv_res, unet_config, gaussian_config, static=pose_input == "rest")
     expected = avatar.unet.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

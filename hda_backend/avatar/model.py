@@ -19,10 +19,13 @@ class Avatar(nn.Module):
     """
 
     def __init__(self, body: BodyModel, uv_res: int, unet_config: UNetConfig = UNetConfig(),
-                 gaussian_config: GaussianConfig = GaussianConfig()):
+                 gaussian_config: GaussianConfig = GaussianConfig(), static: bool = False):
         super().__init__()
         self.body = body
         self.uv_res = uv_res
+        # A static avatar sees the rest pose whatever the pose: plain LBS of one fixed Gaussian map,
+        # the baseline the pose-dependent model is measured against.
+        self.static = static
         self.gaussian_config = gaussian_config
         self.layout = uv_layout(body, uv_res)
         self.binding = bind_texels(body, self.layout, gaussian_config)
@@ -30,15 +33,19 @@ class Avatar(nn.Module):
 
     @classmethod
     def from_init(cls, body: BodyModel, uv_res: int, unet_config: UNetConfig, gaussian_config: GaussianConfig,
-                  seed: int = 0) -> "Avatar":
+                  seed: int = 0, static: bool = False) -> "Avatar":
         """A consistently initialised avatar: the same seed gives the same weights for every subject."""
-        avatar = cls(body, uv_res, unet_config, gaussian_config)
+        avatar = cls(body, uv_res, unet_config, gaussian_config, static)
         init_unet(avatar.unet, seed)
         return avatar
 
     @property
     def num_gaussians(self) -> int:
         return self.layout.num_texels
+
+    def _rest_maps(self, like: torch.Tensor) -> torch.Tensor:
+        rest, _ = self.pose_inputs(torch.zeros(1, 55, 3, device=like.device))
+        return rest.expand_as(like)
 
     def pose_inputs(self, pose: torch.Tensor):
         """pose [B,55,3] -> (maps [B,6,R,R], template posed without global orientation)."""
@@ -49,6 +56,8 @@ class Avatar(nn.Module):
         device = next(self.unet.parameters()).device
         pose = check_pose(pose).to(device)
         maps, posed = self.pose_inputs(pose)
+        if self.static:
+            maps = self._rest_maps(maps)
         raw = gather_texels(self.unet(maps), self.binding)
         transforms = global_transform(self.body, pose, transl)[:, None] @ posed.transforms
         return decode(raw, self.binding, posed.rest_vertices, transforms, self.gaussian_config)
