@@ -65,6 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)
 
+    p = sub.add_parser("fit", help="fit one avatar UNet to a subject's multi-view video")
+    p.add_argument("subject", help="a subject folder of a capture dataset")
+    p.add_argument("--out", required=True, help="the avatar file to write (*.hda.safetensors)")
+    p.add_argument("--init-from", help="start from this avatar's weights (same architecture)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors")
+    p.add_argument("--static", action="store_true", help="baseline: UNet input frozen at the rest pose")
+    p.add_argument("--steps", type=_positive("--steps", 10_000_000), help="override fit.steps / fit.init_steps")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    _add_config_args(p)
+
+    p = sub.add_parser("eval-fit", help="held-out PSNR/SSIM(/LPIPS) of fitted avatars on a subject")
+    p.add_argument("subject")
+    p.add_argument("avatars", nargs="+", help="avatar files to compare (e.g. an avatar and its --static baseline)")
+    p.add_argument("--frames", type=_positive("--frames", 10_000), default=8, help="frames per split")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    _add_config_args(p)
+
+    p = sub.add_parser("fit-all", help="fit every subject of a dataset (shards over torchrun ranks)")
+    p.add_argument("dataset")
+    p.add_argument("--out", required=True, help="folder for <subject>.hda.safetensors")
+    p.add_argument("--init-from", help="start every subject from this avatar (default: the first subject's fit)")
+    p.add_argument("--steps", type=_positive("--steps", 10_000_000))
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    _add_config_args(p)
+
     p = sub.add_parser("info", help="describe an avatar, body, or motion file")
     p.add_argument("file")
 
@@ -115,6 +141,50 @@ def cmd_render(args) -> None:
           f"to {args.out} in {elapsed:.1f} s")
 
 
+def cmd_fit(args) -> None:
+    from .fit.trainer import fit_subject
+
+    result = fit_subject(args.subject, args.out, _config(args), init_from=args.init_from, resume=args.resume,
+                         static=args.static, steps=args.steps, backend=args.backend)
+    print(f"wrote {result.paths.avatar} after {result.steps} steps in {result.seconds / 60:.1f} min "
+          f"(training-view PSNR {result.final_psnr:.2f} dB); curve: {result.paths.curve}, views: {result.paths.views}")
+
+
+def cmd_eval_fit(args) -> None:
+    import json
+
+    from .avatar.io import load_avatar
+    from .body import load_body
+    from .dataset import load_subject
+    from .fit.evaluate import evaluate, format_table
+    from .fit.losses import load_lpips
+
+    config = _config(args)
+    subject = load_subject(args.subject)
+    body = load_body(config.body.path, config.body.num_betas)
+    perceptual, status = load_lpips(config.fit.lpips_alexnet)
+    if perceptual is None:
+        print(status)
+    rows = []
+    for path in args.avatars:
+        avatar = load_avatar(path, body)
+        name = Path(path).name + (" (static)" if avatar.static else "")
+        rows.append((name, evaluate(subject, avatar, config.fit.crop_margin, args.frames,
+                                    args.backend or config.render.backend, perceptual, progress=True)))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({n: r for n, r in rows}, indent=2))
+
+
+def cmd_fit_all(args) -> None:
+    from .fit.fit_all import fit_all
+
+    log = fit_all(args.dataset, args.out, _config(args), init_from=args.init_from, steps=args.steps,
+                  backend=args.backend)
+    fitted = sum(row["status"] == "fitted" for row in log)
+    print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
+
+
 def cmd_info(args) -> None:
     from .describe import describe
 
@@ -140,7 +210,7 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "info": cmd_info, "bench": cmd_bench, **STUDIO_COMMANDS}
+COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "bench": cmd_bench, **STUDIO_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

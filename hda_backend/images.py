@@ -54,3 +54,32 @@ def contact_sheet(images: list, columns: int, labels: list[str] | None = None,
         if labels:
             draw.text((x + 3, y + 1), labels[i], fill=(0, 0, 0))
     return sheet
+
+
+def line_plot(panels: list[tuple[str, list, list]], size=(480, 200), log_y: tuple[bool, ...] = ()) -> Image.Image:
+    """Stacked line charts, one panel per (title, xs, ys), drawn with Pillow alone."""
+    width, height = size
+    sheet = Image.new("RGB", (width, height * len(panels)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for p, (title, xs, ys) in enumerate(panels):
+        top = p * height
+        left, right, low, high = 48, width - 10, top + height - 24, top + 18
+        draw.rectangle([left, high, right, low], outline=(160, 160, 160))
+        draw.text((left, top + 3), title, fill=(0, 0, 0))
+        pts = [(float(x), float(y)) for x, y in zip(xs, ys) if np.isfinite(y) and (not (p < len(log_y) and log_y[p]) or y > 0)]
+        if len(pts) < 2:
+            continue
+        use_log = p < len(log_y) and log_y[p]
+        vals = [np.log10(y) if use_log else y for _, y in pts]
+        x0, x1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1e-9)
+        y0, y1 = min(vals), max(vals)
+        y1 = y1 if y1 > y0 else y0 + 1e-9
+        line = [(left + (x - x0) / (x1 - x0) * (right - left), low - (v - y0) / (y1 - y0) * (low - high))
+                for (x, _), v in zip(pts, vals)]
+        draw.line(line, fill=(200, 40, 40), width=2)
+        fmt = (lambda v: f"{10 ** v:.3g}") if use_log else (lambda v: f"{v:.3g}")
+        draw.text((2, high), fmt(y1), fill=(0, 0, 0))
+        draw.text((2, low - 10), fmt(y0), fill=(0, 0, 0))
+        draw.text((left, low + 4), f"{x0:g}", fill=(0, 0, 0))
+        draw.text((right - 40, low + 4), f"{x1:g}", fill=(0, 0, 0))
+    return sheet

@@ -1,0 +1,301 @@
+"""``hda fit``: optimise one avatar UNet on one subject's multi-view video (paper §4.1, Eq. 9).
+
+Each step renders one random (training camera, training frame) view, cropped around the person's mask,
+over the subject's known background colour, and takes one AdamW step on L1 + SSIM + LPIPS + mask L1.
+
+Nothing is lost: every ``fit.checkpoint_every`` steps the UNet, the optimiser state, the step and the
+view sampler's RNG state are written atomically to ``<out>.ckpt.safetensors``; ``--resume`` continues
+the exact schedule from there. Beside the avatar file go ``<out>.metrics.jsonl`` (one line per
+``fit.log_every`` steps), ``<out>.curve.png`` (loss and PSNR) and ``<out>.views.png`` (ground truth,
+render and error for held-out views).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from ..avatar.io import SUFFIX, atomic_save_safetensors, load_avatar, save_avatar
+from ..avatar.model import Avatar
+from ..body import load_body
+from ..config import Config
+from ..dataset import Subject, load_subject
+from ..errors import HDAError
+from ..images import contact_sheet, line_plot, to_uint8
+from ..render.frames import render_gaussians
+from .losses import load_lpips, photometric_loss, psnr
+
+CHECKPOINT_FORMAT = "hda-fit-checkpoint"
+
+
+@dataclass(frozen=True)
+class FitPaths:
+    avatar: Path
+    checkpoint: Path
+    metrics: Path
+    curve: Path
+    views: Path
+
+    @classmethod
+    def for_output(cls, out: str | os.PathLike) -> "FitPaths":
+        out = Path(out)
+        if not out.name.endswith(SUFFIX):
+            raise HDAError(f"--out {out}: expected a file name ending in {SUFFIX}")
+        stem = out.parent / out.name[: -len(SUFFIX)]
+        return cls(out, Path(f"{stem}.ckpt.safetensors"), Path(f"{stem}.metrics.jsonl"),
+                   Path(f"{stem}.curve.png"), Path(f"{stem}.views.png"))
+
+
+@dataclass
+class FitResult:
+    avatar: Avatar
+    steps: int
+    seconds: float
+    final_psnr: float
+    paths: FitPaths
+
+
+def crop_box(mask: torch.Tensor, margin: float, minimum: int = 16) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around mask > 0.5, grown by ``margin`` of its size; the whole image if empty."""
+    height, width = mask.shape
+    rows = torch.nonzero(mask.amax(1) > 0.5)
+    cols = torch.nonzero(mask.amax(0) > 0.5)
+    if rows.numel() == 0:
+        return 0, 0, width, height
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    grow_y = max(int(margin * (y1 - y0)), (minimum - (y1 - y0) + 1) // 2, 0)
+    grow_x = max(int(margin * (x1 - x0)), (minimum - (x1 - x0) + 1) // 2, 0)
+    return max(0, x0 - grow_x), max(0, y0 - grow_y), min(width, x1 + grow_x), min(height, y1 + grow_y)
+
+
+def render_view(avatar: Avatar, subject: Subject, cam: int, frame: int, box=None, backend: str = "auto"):
+    """Render the avatar as camera ``cam`` sees frame ``frame``: (rgb [h,w,3], alpha [h,w]) for the crop box."""
+    x0, y0, x1, y1 = box or (0, 0, subject.width, subject.height)
+    K = subject.Ks[cam].clone()
+    K[0, 2] -= x0
+    K[1, 2] -= y0
+    g = avatar(subject.poses[frame:frame + 1], subject.transl[frame:frame + 1]).index(0)
+    rgb, alpha = render_gaussians(g, subject.viewmats[cam], K, x1 - x0, y1 - y0,
+                                  background=subject.background, backend=backend)
+    return rgb, alpha[..., 0]
+
+
+class _Views:
+    """Images and masks of a subject, decoded once and kept while they fit in memory."""
+
+    def __init__(self, subject: Subject, budget_bytes: int = 2 << 30):
+        self.subject = subject
+        self.cache: dict = {}
+        self.keep = subject.width * subject.height * 16 * subject.num_cameras * subject.num_frames <= budget_bytes
+
+    def __call__(self, cam: int, frame: int):
+        key = (cam, frame)
+        if key in self.cache:
+            return self.cache[key]
+        value = (self.subject.image(cam, frame), self.subject.mask(cam, frame))
+        if self.keep:
+            self.cache[key] = value
+        return value
+
+
+def _fingerprint(config: Config, subject: Subject, init_from, static: bool, total: int) -> str:
+    data = {"fit": dataclasses.asdict(config.fit), "unet": config.unet.to_dict(), "uv": config.uv.res,
+            "gaussians": config.gaussians.to_dict(), "subject": subject.name,
+            "init_from": str(init_from) if init_from else None, "static": static, "steps": total}
+    return json.dumps(data, sort_keys=True)
+
+
+def save_checkpoint(path: Path, avatar: Avatar, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                    step: int, seconds: float, fingerprint: str) -> None:
+    state = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in avatar.unet.state_dict().items()}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng"] = generator.get_state()
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "seconds": f"{seconds:.3f}",
+                "param_groups": json.dumps(state["param_groups"]), "fingerprint": fingerprint}
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+def load_checkpoint(path: Path, avatar: Avatar, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                    fingerprint: str) -> tuple[int, float]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise HDAError(f"checkpoint {path}: not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                       "delete it to start over") from None
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise HDAError(f"checkpoint {path}: field 'format' is {metadata.get('format')!r}, expected '{CHECKPOINT_FORMAT}'")
+    if metadata.get("fingerprint") != fingerprint:
+        raise HDAError(f"checkpoint {path}: field 'fingerprint' differs from this run's config, subject or "
+                       "--init-from; resume with the same arguments, or delete the checkpoint to start over")
+    avatar.unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    generator.set_state(tensors["rng"])
+    return int(metadata["step"]), float(metadata["seconds"])
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill; everything after it is newer than the checkpoint anyway
+        if row.get("step", math.inf) <= upto:
+            rows.append(row)
+    return rows
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def initial_avatar(config: Config, body, init_from=None, static: bool = False) -> Avatar:
+    """The consistently initialised avatar, or a copy of ``init_from``'s weights (same architecture only)."""
+    if init_from is None:
+        return Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, config.fit.seed, static)
+    source = load_avatar(init_from, body)
+    if source.unet.config != config.unet:
+        raise HDAError(f"--init-from {init_from}: field 'unet' is {source.unet.config.to_dict()}, expected "
+                       f"{config.unet.to_dict()} (the preset's architecture)")
+    if source.uv_res != config.uv.res:
+        raise HDAError(f"--init-from {init_from}: field 'uv_res' is {source.uv_res}, expected {config.uv.res}")
+    avatar = Avatar(body, config.uv.res, config.unet, config.gaussians, static)
+    avatar.unet.load_state_dict(source.unet.state_dict())
+    return avatar
+
+
+def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool = False, static: bool = False,
+                steps: int | None = None, backend: str | None = None, progress: bool = True,
+                log: Callable[[str], None] = print, stop_after: int | None = None) -> FitResult:
+    """Fit one subject; see the module docstring for the files written. ``stop_after`` ends the run
+    early (after a checkpoint), as an interruption would."""
+    subject = load_subject(subject_dir)
+    if not subject.train_frames or not subject.train_cameras:
+        raise HDAError(f"{subject.root}/subject.json: no training frames or cameras, expected at least one of each")
+    paths = FitPaths.for_output(out)
+    body = load_body(config.body.path, config.body.num_betas)
+    fit = config.fit
+    total = steps or (fit.init_steps if init_from else fit.steps)
+    if paths.checkpoint.exists() and not resume:
+        raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
+    avatar = initial_avatar(config, body, init_from, static)
+    optimizer = torch.optim.AdamW(avatar.unet.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
+    generator = torch.Generator().manual_seed(fit.seed)
+    fingerprint = _fingerprint(config, subject, init_from, static, total)
+    start, seconds = 0, 0.0
+    if resume and paths.checkpoint.exists():
+        start, seconds = load_checkpoint(paths.checkpoint, avatar, optimizer, generator, fingerprint)
+        log(f"resuming {subject.name} at step {start}/{total}")
+    paths.avatar.parent.mkdir(parents=True, exist_ok=True)
+    history = _read_metrics(paths.metrics, start)
+    _write_metrics(paths.metrics, history)
+    perceptual, status = load_lpips(fit.lpips_alexnet) if fit.lambda_lpips > 0 else (None, "LPIPS off: weight 0")
+    if perceptual is None:
+        log(status)
+    weights = {"l1": fit.lambda_l1, "ssim": fit.lambda_ssim, "lpips": fit.lambda_lpips, "mask": fit.lambda_mask}
+    views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
+    data = _Views(subject)
+    backend = backend or config.render.backend
+    running: dict = {}
+    clock = time.perf_counter()
+    bar = tqdm(total=total, initial=start, desc=f"fit {subject.name}", unit="step", disable=not progress)
+    step = start
+    for step in range(start, total):
+        lr = fit.lr * min(1.0, (step + 1) / max(1, fit.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        cam, frame = views[int(torch.randint(len(views), (1,), generator=generator))]
+        image, mask = data(cam, frame)
+        x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
+        rgb, alpha = render_view(avatar, subject, cam, frame, box, backend)
+        gt = image[y0:y1, x0:x1]
+        loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
+        if not torch.isfinite(loss):
+            raise HDAError(f"fit {subject.name}: loss became {loss.item()} at step {step}; lower fit.lr "
+                           f"(now {fit.lr}) and --resume from the last checkpoint {paths.checkpoint}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            terms["loss"] = loss
+            terms["psnr"] = psnr(rgb, gt)
+        for key, value in terms.items():
+            running.setdefault(key, []).append(float(value.detach()))
+        done = step + 1
+        bar.update(1)
+        if done % fit.log_every == 0 or done == total:
+            row = {"step": done, "lr": lr, **{k: sum(v) / len(v) for k, v in running.items()},
+                   "seconds": round(seconds + time.perf_counter() - clock, 3)}
+            running = {}
+            history.append(row)
+            with paths.metrics.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.2f}")
+        if done % fit.checkpoint_every == 0 or done == total:
+            save_checkpoint(paths.checkpoint, avatar, optimizer, generator, done,
+                            seconds + time.perf_counter() - clock, fingerprint)
+            if stop_after is not None and done >= stop_after and done < total:
+                bar.close()
+                return FitResult(avatar, done, seconds + time.perf_counter() - clock, _last_psnr(history), paths)
+    bar.close()
+    seconds += time.perf_counter() - clock
+    origin = f"fit:{subject.name}" + (f" init:{Path(init_from).name}" if init_from else "")
+    save_avatar(avatar, paths.avatar, origin=origin)
+    line_plot([("loss (L1 + SSIM + mask)", [r["step"] for r in history], [r["loss"] for r in history]),
+               ("training-view PSNR (dB)", [r["step"] for r in history], [r["psnr"] for r in history])],
+              log_y=(True, False)).save(paths.curve)
+    side_by_side(avatar, subject, backend).save(paths.views)
+    return FitResult(avatar, total, seconds, _last_psnr(history), paths)
+
+
+def _last_psnr(history: list[dict]) -> float:
+    return history[-1]["psnr"] if history else float("nan")
+
+
+@torch.no_grad()
+def side_by_side(avatar: Avatar, subject: Subject, backend: str = "auto", count: int = 4):
+    """Rows of ground truth | render | 4x absolute error for held-out views (held-out cameras on the
+    training motion, then the held-out motion)."""
+    cams = subject.test_cameras or subject.train_cameras
+    picks = [(cams[i % len(cams)], subject.train_frames[(i * 7) % len(subject.train_frames)])
+             for i in range(count // 2)]
+    if subject.test_frames:
+        picks += [(c, subject.test_frames[(i * 3) % len(subject.test_frames)]) for i, c in enumerate(
+            (cams + subject.train_cameras)[: count - len(picks)])]
+    tiles, labels = [], []
+    for cam, frame in picks:
+        rgb, _ = render_view(avatar, subject, cam, frame, backend=backend)
+        gt = subject.image(cam, frame)
+        err = ((rgb - gt).abs().mean(-1, keepdim=True) * 4).clamp(0, 1)
+        heat = torch.cat([err, err * 0.3, 1 - err], -1) * (err > 0.01) + (err <= 0.01) * 1.0
+        split = "novel pose" if frame in subject.test_frames else "novel view"
+        tiles += [to_uint8(gt), to_uint8(rgb), to_uint8(heat)]
+        labels += [f"{split} cam {subject.camera_names[cam]} f{subject.frame_names[frame]}: ground truth",
+                   f"render {psnr(rgb, gt):.1f} dB", "error x4"]
+    return contact_sheet(tiles, columns=3, labels=labels)
