@@ -41,27 +41,22 @@ _EIGHTH = _F32(-0.125)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _bin_tiles(means2d, conics, opacities, radii, depths, n_cams, n_gauss, width, height, tile):
     """Counting sort of (camera, tile, depth) → (offsets [C*TH*TW+1], flat_ids [n_isects]).
 
     Candidate tiles are those of the radius box, as in gsplat; of those, a tile is kept only if the
     Gaussian's alpha ≥ 1/255 ellipse reaches one of its pixel centres (about a fifth of the box's tiles
-    are corners the ellipse misses).
+    are corners the ellipse misses). The ellipse tests run in parallel; the sort itself is sequential.
     """
     tw = (width + tile - 1) // tile
     th = (height + tile - 1) // tile
     n_tiles = tw * th
-    rect = np.zeros((n_cams * n_gauss, 4), dtype=np.int32)
-    counts = np.zeros(n_cams * n_tiles + 1, dtype=np.int64)
-    orders = np.empty((n_cams, n_gauss), dtype=np.int64)
-    for c in range(n_cams):
-        # A stable sort breaks depth ties by Gaussian index, like gsplat's radix sort and the torch twin.
-        orders[c] = np.argsort(depths[c * n_gauss : (c + 1) * n_gauss], kind="mergesort")
-        for i in range(n_gauss):
-            f = c * n_gauss + orders[c, i]
-            if radii[f, 0] <= 0 or radii[f, 1] <= 0:
-                continue
+    n_all = n_cams * n_gauss
+    rect = np.zeros((n_all, 4), dtype=np.int64)
+    n_cand = np.zeros(n_all + 1, dtype=np.int64)
+    for f in prange(n_all):
+        if radii[f, 0] > 0 and radii[f, 1] > 0:
             mx = means2d[f, 0] / tile
             my = means2d[f, 1] / tile
             rx = radii[f, 0] / tile
@@ -70,22 +65,39 @@ def _bin_tiles(means2d, conics, opacities, radii, depths, n_cams, n_gauss, width
             rect[f, 1] = min(max(0, int(math.floor(my - ry))), th)
             rect[f, 2] = min(max(0, int(math.ceil(mx + rx))), tw)
             rect[f, 3] = min(max(0, int(math.ceil(my + ry))), th)
+            n_cand[f + 1] = (rect[f, 2] - rect[f, 0]) * (rect[f, 3] - rect[f, 1])
+    cand_start = np.cumsum(n_cand)
+    hits = np.zeros(cand_start[-1], dtype=np.bool_)
+    for f in prange(n_all):
+        j = cand_start[f]
+        for ty in range(rect[f, 1], rect[f, 3]):
+            for tx in range(rect[f, 0], rect[f, 2]):
+                hits[j] = _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height)
+                j += 1
+    orders = np.empty((n_cams, n_gauss), dtype=np.int64)
+    counts = np.zeros(n_cams * n_tiles + 1, dtype=np.int64)
+    for c in range(n_cams):
+        # A stable sort breaks depth ties by Gaussian index, like gsplat's radix sort and the torch twin.
+        orders[c] = c * n_gauss + np.argsort(depths[c * n_gauss : (c + 1) * n_gauss], kind="mergesort")
+        for f in orders[c]:
+            j = cand_start[f]
             for ty in range(rect[f, 1], rect[f, 3]):
                 for tx in range(rect[f, 0], rect[f, 2]):
-                    if _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height):
-                        counts[c * n_tiles + ty * tw + tx + 1] += 1
+                    counts[c * n_tiles + ty * tw + tx + 1] += hits[j]
+                    j += 1
     offsets = np.cumsum(counts).astype(np.int32)
     flat_ids = np.empty(offsets[-1], dtype=np.int32)
     fill = offsets[:-1].copy()
     for c in range(n_cams):
-        for i in range(n_gauss):
-            f = c * n_gauss + orders[c, i]
+        for f in orders[c]:
+            j = cand_start[f]
             for ty in range(rect[f, 1], rect[f, 3]):
                 for tx in range(rect[f, 0], rect[f, 2]):
-                    if _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height):
+                    if hits[j]:
                         t = c * n_tiles + ty * tw + tx
                         flat_ids[fill[t]] = f
                         fill[t] += 1
+                    j += 1
     return offsets, flat_ids
 
 
@@ -156,12 +168,18 @@ def _alpha(mx, my, ca, cb, cc, op, px, py):
 
 
 @njit(inline="always")
-def _tile_geometry(t, n_tiles, tw, tile, width, height):
+def _tile_origin(t, n_tiles, tw, tile, width, height):
+    """(camera, x0, y0, width, height) of tile t; tiles at the right and bottom edges may be partial."""
     c = t // n_tiles
     x0 = (t % n_tiles % tw) * tile
     y0 = (t % n_tiles // tw) * tile
-    bw = min(x0 + tile, width) - x0
-    bh = min(y0 + tile, height) - y0
+    return c, x0, y0, min(x0 + tile, width) - x0, min(y0 + tile, height) - y0
+
+
+@njit(inline="always")
+def _tile_geometry(t, n_tiles, tw, tile, width, height):
+    """_tile_origin plus the pixel centres px, py [bw*bh] of the tile, row-major."""
+    c, x0, y0, bw, bh = _tile_origin(t, n_tiles, tw, tile, width, height)
     px = np.empty(bw * bh, dtype=np.float32)
     py = np.empty(bw * bh, dtype=np.float32)
     for p in range(bw * bh):
@@ -184,6 +202,16 @@ def _forward(means2d, conics, colors, opacities, offsets, flat_ids, order, n_cam
     n_ch = colors.shape[1]
     for i in prange(order.shape[0]):
         t = order[i]
+        if offsets[t] == offsets[t + 1]:
+            # Most tiles of an avatar frame are empty: write them without setting up any tile state.
+            c, x0, y0, bw, bh = _tile_origin(t, n_tiles, tw, tile, width, height)
+            for p in range(bw * bh):
+                q = c * width * height + (y0 + p // bw) * width + x0 + p % bw
+                for d in range(n_ch):
+                    out_colors[q, d] = _ZERO
+                t_final[q] = _ONE
+                last_ids[q] = -1
+            continue
         c, x0, y0, bw, bh, px_all, py_all = _tile_geometry(t, n_tiles, tw, tile, width, height)
         n_pix = bw * bh
         # A pixel that stops keeps its final T negated: T > 0 means still compositing.
@@ -248,6 +276,13 @@ def _backward(means2d, conics, colors, opacities, offsets, flat_ids, order, n_ca
     n_ch = colors.shape[1]
     for i in prange(order.shape[0]):
         t = order[i]
+        c, x0, y0, bw, bh = _tile_origin(t, n_tiles, tw, tile, width, height)
+        base = c * width * height
+        k_max = -1
+        for p in range(bw * bh):
+            k_max = max(k_max, last_ids[base + (y0 + p // bw) * width + x0 + p % bw])
+        if k_max < offsets[t]:
+            continue  # no pixel of the tile composited anything
         c, x0, y0, bw, bh, px_all, py_all = _tile_geometry(t, n_tiles, tw, tile, width, height)
         n_pix = bw * bh
         T_all = np.empty(n_pix, dtype=np.float32)
@@ -259,14 +294,11 @@ def _backward(means2d, conics, colors, opacities, offsets, flat_ids, order, n_ca
         fac_all = np.empty(n_pix, dtype=np.float32)
         ra_all = np.empty(n_pix, dtype=np.float32)
         v_alpha_all = np.empty(n_pix, dtype=np.float32)
-        k_max = -1
-        base = c * width * height
         for p in range(n_pix):
             q = base + (y0 + p // bw) * width + x0 + p % bw
             T_all[p] = t_final[q]
             T_fin_all[p] = t_final[q]
             last_all[p] = last_ids[q]
-            k_max = max(k_max, last_ids[q])
             v_a_all[p] = v_out_alphas[q]
             for d in range(n_ch):
                 v_c[d, p] = v_out_colors[q, d]
@@ -359,13 +391,15 @@ def bin_tiles(means2d, conics, opacities, radii, depths, width: int, height: int
         flatten_ids: [n_isects] int32 indices into the flattened [C*N] Gaussians, per tile front to back.
     """
     C, N = depths.shape
-    offsets, flat_ids = _bin_tiles(
+    offsets, flat_ids = _run_parallel(
+        _bin_tiles,
         _f32(means2d).reshape(C * N, 2),
         _f32(conics).reshape(C * N, 3),
         _f32(opacities).reshape(C * N),
         np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(C * N, 2),
         _f32(depths).reshape(C * N),
         C, N, width, height, TILE_SIZE,
+        tiles_per_chunk=0,
     )
     th, tw = -(-height // TILE_SIZE), -(-width // TILE_SIZE)
     return torch.from_numpy(offsets[:-1]).reshape(C, th, tw), torch.from_numpy(flat_ids)
@@ -436,10 +470,12 @@ def _kernel_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_id
     )
 
 
-def _run_parallel(kernel, *args) -> None:
+def _run_parallel(kernel, *args, tiles_per_chunk: int = _TILES_PER_CHUNK):
+    """Call a parallel kernel with torch's thread count (one knob, torch.set_num_threads or
+    OMP_NUM_THREADS, limits both) and dynamic scheduling in chunks of tiles_per_chunk (0: static)."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    previous = numba.set_parallel_chunksize(_TILES_PER_CHUNK)
+    previous = numba.set_parallel_chunksize(tiles_per_chunk)
     try:
-        kernel(*args)
+        return kernel(*args)
     finally:
         numba.set_parallel_chunksize(previous)

@@ -120,7 +120,8 @@ def bench_raster(
         forward_min_ms and forward_backward_min_ms, first_call_s, first_call ("compiled", "cache", "warm"
         or "no numba"), repeats, threads (torch's intra-op thread count, which the numba kernels follow),
         load (the 1-minute load average before the row, None where the OS has none: other processes
-        on the same cores inflate the medians far more than the minima).
+        on the same cores inflate the medians far more than the minima), omp_wait_policy (the
+        OMP_WAIT_POLICY the process started with; see `print_bench_raster`).
     """
     first_call_s, first_call = _first_call(backend)
     rows = []
@@ -139,6 +140,7 @@ def bench_raster(
                 "forward_min_ms": min(times[False]), "forward_backward_min_ms": min(times[True]),
                 "first_call_s": first_call_s, "first_call": first_call, "repeats": repeats,
                 "threads": torch.get_num_threads(), "load": load,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             })
     return rows
 
@@ -154,8 +156,13 @@ def print_bench_raster(rows: list[dict]) -> None:
               f"  {load:>5}")
     if rows:
         r = rows[0]
-        print(f"{r['repeats']} runs after a warm-up, {r['threads']} threads; first call: {r['first_call_s']:.2f} s "
-              f"(numba {r['first_call']})")
+        print(f"{r['repeats']} runs after a warm-up, {r['threads']} threads, OMP_WAIT_POLICY {r['omp_wait_policy']}; "
+              f"first call: {r['first_call_s']:.2f} s (numba {r['first_call']})")
+        if r["omp_wait_policy"].upper() != "PASSIVE":
+            # torch's and numba's OpenMP runtimes are separate; their idle threads spin and, when other
+            # work shares the cores, starve each other (frames 10x slower). The policy is read when torch
+            # loads, so it must be in the environment before the process starts.
+            print("note: with other load on these cores, start the process with OMP_WAIT_POLICY=PASSIVE")
 
 
 def main() -> None:
