@@ -69,16 +69,20 @@ def _bin_tiles(means2d, conics, opacities, radii, depths, n_cams, n_gauss, width
     cand_start = np.cumsum(n_cand)
     hits = np.zeros(cand_start[-1], dtype=np.bool_)
     for f in prange(n_all):
-        j = cand_start[f]
-        for ty in range(rect[f, 1], rect[f, 3]):
-            for tx in range(rect[f, 0], rect[f, 2]):
-                hits[j] = _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height)
-                j += 1
+        n_cols = rect[f, 2] - rect[f, 0]
+        sigma_max = _sigma_max(opacities[f])
+        for tx in range(rect[f, 0], rect[f, 2]):
+            # The rows the ellipse reaches in this column of tiles, over the whole image height.
+            x0 = tx * tile
+            i0, i1 = _ellipse_rows(means2d[f, 0], means2d[f, 1], conics[f, 0], conics[f, 1], conics[f, 2],
+                                   sigma_max, x0, 0, min(tile, width - x0), height)
+            for ty in range(rect[f, 1], rect[f, 3]):
+                j = cand_start[f] + (ty - rect[f, 1]) * n_cols + tx - rect[f, 0]
+                hits[j] = i0 <= min(ty * tile + tile, height) - 1 and i1 >= ty * tile
     orders = np.empty((n_cams, n_gauss), dtype=np.int64)
     counts = np.zeros(n_cams * n_tiles + 1, dtype=np.int64)
     for c in range(n_cams):
-        # A stable sort breaks depth ties by Gaussian index, like gsplat's radix sort and the torch twin.
-        orders[c] = c * n_gauss + np.argsort(depths[c * n_gauss : (c + 1) * n_gauss], kind="mergesort")
+        orders[c] = c * n_gauss + _argsort_depths(depths[c * n_gauss : (c + 1) * n_gauss])
         for f in orders[c]:
             j = cand_start[f]
             for ty in range(rect[f, 1], rect[f, 3]):
@@ -101,13 +105,31 @@ def _bin_tiles(means2d, conics, opacities, radii, depths, n_cams, n_gauss, width
     return offsets, flat_ids
 
 
-@njit(inline="always")
-def _hits_tile(means2d, conics, opacities, f, tx, ty, tile, width, height):
-    x0 = tx * tile
-    y0 = ty * tile
-    i0, i1 = _ellipse_rows(means2d[f, 0], means2d[f, 1], conics[f, 0], conics[f, 1], conics[f, 2],
-                           _sigma_max(opacities[f]), x0, y0, min(tile, width - x0), min(tile, height - y0))
-    return i0 <= i1
+@njit(cache=True)
+def _argsort_depths(depths):
+    """Stable argsort of float32 depths, by LSD radix sort on their bit patterns (three 11-bit passes).
+
+    Non-negative floats order like their bits, and every visible Gaussian is in front of the near plane;
+    the culled ones behind the camera sort last and are skipped. Stable, so depth ties keep Gaussian
+    order, like gsplat's radix sort and the torch twin. Several times faster than np.argsort here.
+    """
+    keys = depths.view(np.uint32)
+    n = keys.shape[0]
+    idx = np.arange(n)
+    tmp = np.empty(n, dtype=np.int64)
+    for shift in range(0, 33, 11):
+        start = np.zeros(2049, dtype=np.int64)
+        for i in range(n):
+            start[((keys[i] >> shift) & 2047) + 1] += 1
+        for b in range(2048):
+            start[b + 1] += start[b]
+        for i in range(n):
+            j = idx[i]
+            bucket = (keys[j] >> shift) & 2047
+            tmp[start[bucket]] = j
+            start[bucket] += 1
+        idx, tmp = tmp, idx
+    return idx
 
 
 @njit(inline="always")
