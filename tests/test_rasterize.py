@@ -272,6 +272,17 @@ def test_twin_in_float64_matches_reference_tightly():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nothing_visible_gives_background_and_zero_grads(backend):
+    scene = make_scene(seed=14, n=20, n_cams=1)
+    scene["means"] = scene["means"] * 0.1 + torch.tensor([0.0, 0.0, -5.0])  # all behind the camera
+    out, alpha, grads = render_with_grads(rasterize, scene, backend=backend)
+    assert (alpha == 0).all()
+    assert torch.equal(out, scene["backgrounds"].double()[:, None, None, :].expand_as(out))
+    for name in PARAMS:
+        assert grads[name] is not None and (grads[name] == 0).all(), name
+
+
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
 def test_meta_shapes_and_tiles():
     scene = make_scene(seed=9, width=40, height=36, n_cams=2)

@@ -50,7 +50,9 @@ def rasterize_torch(
         T = torch.ones(width * height, device=device, dtype=dtype)
         done = torch.zeros(width * height, device=device, dtype=torch.bool)
         acc = torch.zeros(width * height, colors.shape[-1], device=device, dtype=colors.dtype)
-        for start in range(0, ids.shape[0], chunk):
+        # At least one (possibly empty) chunk, so the outputs stay in the autograd graph of the inputs
+        # even when no Gaussian is visible, as with the numba and gsplat backends.
+        for start in range(0, max(ids.shape[0], 1), chunk):
             g = ids[start : start + chunk]
             dx = means2d[c, g, 0] - px  # [P,G]
             dy = means2d[c, g, 1] - py
@@ -66,10 +68,10 @@ def rasterize_torch(
                 keep = (T_after > _T_STOP) & ~done[:, None]
                 done = done | (valid & ~keep).any(dim=1)
             alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-            trans = torch.cumprod(1.0 - alpha, dim=1)
-            T_before = T[:, None] * torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], dim=1)
+            one = torch.ones_like(T[:, None])
+            T_before = T[:, None] * torch.cumprod(torch.cat([one, 1.0 - alpha[:, :-1]], dim=1), dim=1)
             acc = acc + (alpha * T_before) @ colors[c, g]
-            T = T * trans[:, -1]
+            T = T * torch.prod(1.0 - alpha, dim=1)
         out_colors.append(acc.reshape(height, width, -1))
         out_alphas.append((1.0 - T).reshape(height, width, 1))
     return torch.stack(out_colors), torch.stack(out_alphas)
