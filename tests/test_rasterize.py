@@ -16,6 +16,16 @@ from hda_backend.errors import HDAError
 from hda_backend.render import rasterize
 
 raster_module = importlib.import_module("hda_backend.render.rasterize")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The scenes are tiny: one thread is as fast, and spares the run from OpenMP threads spinning
+    against other load on small machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 projection = importlib.import_module("hda_backend.render._projection")
 HAS_NUMBA = raster_module.numba_available()
 
@@ -254,7 +264,9 @@ def test_depth_only_mode(backend):
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
 def test_numba_kernels_match_torch_twin():
     scene = make_scene(seed=7, sh_degree=2, n=300, width=64, height=48, n_cams=3)
+    torch.set_num_threads(2)  # the kernels split tiles over threads: exercise that here
     fast, fast_alpha, fast_grads = render_with_grads(rasterize, scene, backend="cpu", render_mode="RGB+ED")
+    torch.set_num_threads(1)
     slow, slow_alpha, slow_grads = render_with_grads(rasterize, scene, backend="torch", render_mode="RGB+ED")
     assert psnr(fast[..., :3], slow[..., :3]) >= 60
     assert (fast_alpha - slow_alpha).abs().max() <= 1e-4
