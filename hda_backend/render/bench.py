@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..errors import HDAError
 from .rasterize import _numba_raster, rasterize
 
 # (centre x, y, z), radius, half length along the vertical axis; a radius with zero length is a sphere.
@@ -72,12 +73,25 @@ def avatar_scene(n: int, size: int, seed: int = 0, sh_degree: int = 3) -> dict:
     }
 
 
+def _on_device(scene: dict, backend: str) -> dict:
+    """The scene on the GPU for backend "cuda" (gsplat renders CUDA tensors only), else as is."""
+    if backend != "cuda":
+        return scene
+    if not torch.cuda.is_available():
+        raise HDAError("bench raster: backend 'cuda' needs a CUDA device and torch built with CUDA; "
+                       "expected backend 'cpu' on this machine")
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in scene.items()}
+
+
 def _render_ms(scene: dict, backend: str, backward: bool) -> float:
     params = ("means", "quats", "scales", "opacities", "colors")
     kwargs = dict(scene)
     if backward:
         for name in params:
             kwargs[name] = scene[name].clone().requires_grad_(True)
+    cuda = scene["means"].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     if backward:
         colors, alphas, _ = rasterize(**kwargs, backend=backend)
@@ -85,20 +99,23 @@ def _render_ms(scene: dict, backend: str, backward: bool) -> float:
     else:
         with torch.no_grad():
             rasterize(**kwargs, backend=backend)
+    if cuda:
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously; time their completion
     return (time.perf_counter() - start) * 1000.0
 
 
 def _first_call(backend: str) -> tuple[float, str]:
     """Seconds of a first tiny forward+backward, and what numba did in it: "compiled" the kernels,
-    loaded them from its on-disk "cache", or found them "warm" in this process (or "no numba")."""
+    loaded them from its on-disk "cache", found them "warm" in this process, or was "not used" (backend
+    "cuda", or numba missing)."""
     raster = _numba_raster() if backend == "cpu" else None
     kernels = (raster._bin_tiles, raster._forward, raster._backward, raster._scatter_add) if raster else ()
     before = [k.signatures for k in kernels]
     start = time.perf_counter()
-    _render_ms(avatar_scene(64, 32), backend, backward=True)
+    _render_ms(_on_device(avatar_scene(64, 32), backend), backend, backward=True)
     seconds = time.perf_counter() - start
     if raster is None:
-        return seconds, "no numba"
+        return seconds, "not used"
     if all(before):
         return seconds, "warm"
     misses = sum(sum(k.stats.cache_misses.values()) for k in kernels)
@@ -118,7 +135,7 @@ def bench_raster(
     Returns:
         One dict per (count, size): n, size, backend, forward_ms and forward_backward_ms (medians),
         forward_min_ms and forward_backward_min_ms, first_call_s, first_call ("compiled", "cache", "warm"
-        or "no numba"), repeats, threads (torch's intra-op thread count, which the numba kernels follow),
+        or "not used"), repeats, threads (torch's intra-op thread count, which the numba kernels follow),
         load (the 1-minute load average before the row, None where the OS has none: other processes
         on the same cores inflate the medians far more than the minima), omp_wait_policy (the
         OMP_WAIT_POLICY the process started with; see `print_bench_raster`).
@@ -128,7 +145,7 @@ def bench_raster(
     for n in counts:
         for size in sizes:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            scene = avatar_scene(n, size)
+            scene = _on_device(avatar_scene(n, size), backend)
             times = {}
             for backward in (False, True):
                 _render_ms(scene, backend, backward)
