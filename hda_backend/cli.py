@@ -6,15 +6,20 @@ to see the traceback of an unexpected failure.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
-from pathlib import Path
 
-from .errors import HDAError
-from .studio.cli import STUDIO_COMMANDS
-from .studio.cli import add_parsers as add_studio_parsers
+# torch and numba each bring an OpenMP runtime whose idle threads spin; on a small shared machine they
+# starve each other (10-30x slower renders). Passive waiting must be chosen before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import HDAError  # noqa: E402
+from .studio.cli import STUDIO_COMMANDS  # noqa: E402
+from .studio.cli import add_parsers as add_studio_parsers  # noqa: E402
 
 MAX_SIZE = 8192
 
@@ -22,16 +27,6 @@ MAX_SIZE = 8192
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints usage over two lines and exits
         raise HDAError(f"{self.prog}: {message} (see --help)")
-
-
-def _size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise HDAError(f"--size {text!r}: expected a whole number of pixels") from None
-    if not 1 <= value <= MAX_SIZE:
-        raise HDAError(f"--size {value}: expected 1..{MAX_SIZE} pixels")
-    return value
 
 
 def _positive(name: str, limit: int):
@@ -44,6 +39,9 @@ def _positive(name: str, limit: int):
             raise HDAError(f"{name} {value}: expected 1..{limit}")
         return value
     return parse
+
+
+_size = _positive("--size", MAX_SIZE)
 
 
 def build_parser() -> argparse.ArgumentParser:

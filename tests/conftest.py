@@ -1,9 +1,13 @@
 """Shared fixtures: a synthetic body file in the SMPL-X layout, made in the test (no licensed data)."""
 
-import numpy as np
-import pytest
+import os
 
-from hda_backend.body.skeleton import NUM_JOINTS, PARENTS
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see hda_backend/cli.py
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from hda_backend.body.skeleton import NUM_JOINTS, PARENTS  # noqa: E402
 
 
 def write_smplx_like(path, rows=24, cols=32, seed=0, root_parent=np.uint32(2**32 - 1).astype(np.int64)):

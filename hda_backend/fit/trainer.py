@@ -172,6 +172,7 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

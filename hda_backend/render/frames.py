@@ -41,8 +41,6 @@ def render_gaussians(g: Gaussians, viewmat: torch.Tensor, K: torch.Tensor, width
     else:
         colors, sh_degree = g.sh, SH_DEGREE
     bg = None if background is None else torch.as_tensor(background, dtype=torch.float32)[None]
-    if bg is not None and render_mode == "RGB+ED":
-        bg = torch.cat([bg, bg.new_zeros(1, 1)], dim=-1)
     out, alpha, _ = rasterize(g.means, g.quats, g.scales, g.opacities, colors, viewmat[None], K[None],
                               width, height, sh_degree=sh_degree, backgrounds=bg, render_mode=render_mode,
                               backend=backend)
