@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test bench body extension clean
+.PHONY: demo test test-blender42 bench body extension clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The extension's install test on Blender 4.2 LTS too (bpy 4.2 in its own environment, about 1 GB).
+test-blender42: $(STAMP)
+	test -x .venv-bpy42/bin/python || $(PY) -m venv .venv-bpy42
+	.venv-bpy42/bin/pip install -q "bpy==4.2.*"
+	$(BIN)/python -m pytest -q tests/test_blender_extension.py
 
 bench: $(STAMP)
 	$(BIN)/hda bench raster
