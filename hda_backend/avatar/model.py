@@ -26,6 +26,7 @@ class Avatar(nn.Module):
         # A static avatar sees the rest pose whatever the pose: plain LBS of one fixed Gaussian map,
         # the baseline the pose-dependent model is measured against.
         self.static = static
+        self._rest = None  # rest-pose maps, computed once for a static avatar
         self.gaussian_config = gaussian_config
         self.layout = uv_layout(body, uv_res)
         self.binding = bind_texels(body, self.layout, gaussian_config)
@@ -44,8 +45,9 @@ class Avatar(nn.Module):
         return self.layout.num_texels
 
     def _rest_maps(self, like: torch.Tensor) -> torch.Tensor:
-        rest, _ = self.pose_inputs(torch.zeros(1, 55, 3, device=like.device))
-        return rest.expand_as(like)
+        if self._rest is None or self._rest.device != like.device:
+            self._rest, _ = self.pose_inputs(torch.zeros(1, 55, 3, device=like.device))
+        return self._rest.expand_as(like)
 
     def pose_inputs(self, pose: torch.Tensor):
         """pose [B,55,3] -> (maps [B,6,R,R], template posed without global orientation)."""
