@@ -182,3 +182,17 @@ def test_gather_picks_covered_texels(body):
     rows = gather_texels(raw, avatar.binding)
     r, c = divmod(int(avatar.layout.texels[5]), 32)
     assert torch.equal(rows[0, 5], raw[0, :, r, c])
+
+
+def test_static_avatar_sees_the_rest_pose_but_is_skinned_into_the_pose(body, tmp_path):
+    """The static baseline: UNet outputs frozen at the rest pose, positions still follow LBS."""
+    static = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=2, static=True)
+    dynamic = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=2)
+    pose = torch.randn(1, 55, 3, generator=torch.Generator().manual_seed(9)) * 0.3
+    at_rest, posed = dynamic(torch.zeros(1, 55, 3)), static(pose)
+    assert torch.equal(posed.sh, at_rest.sh) and torch.equal(posed.opacities, at_rest.opacities)
+    assert not torch.equal(dynamic(pose).sh, at_rest.sh)
+    assert (posed.means - at_rest.means).abs().max() > 0.01
+    loaded = load_avatar(save_avatar(static, tmp_path / "s.hda.safetensors"), body)
+    assert loaded.static and read_avatar_file(tmp_path / "s.hda.safetensors")[0]["pose_input"] == "rest"
+    assert torch.equal(loaded(pose).means, posed.means)
