@@ -122,9 +122,10 @@ def _read_png(path: Path, size: tuple[int, int]) -> np.ndarray:
     return a
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path, layout: str = "") -> object:
+    """A JSON file, or a one-line HDAError naming it (``layout`` says which layout expects it)."""
     if not path.is_file():
-        raise HDAError(f"{path}: file is missing")
+        raise HDAError(f"{path}: file is missing" + (f" ({layout})" if layout else ""))
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -174,7 +175,7 @@ def _index_list(source: Path, data: dict, key: str, count: int, what: str) -> li
 
 def load_cameras(path: Path, names: list, width: int, height: int):
     """viewmats [C,4,4] and Ks [C,3,3] of the named cameras from cameras.json."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise HDAError(f"{path}: expected an object of cameras by name")
     views, Ks = [], []
@@ -240,7 +241,7 @@ def load_subject(path) -> Subject:
     if not root.is_dir():
         raise HDAError(f"{root}: subject folder not found")
     meta_path = root / "subject.json"
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise HDAError(f"{meta_path}: expected a JSON object")
     fmt = _field(meta_path, meta, "format", str, lambda v: v == FORMAT, repr(FORMAT))

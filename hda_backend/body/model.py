@@ -7,6 +7,7 @@ SMPL-X neutral model share this format, so everything downstream works with eith
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import zipfile
@@ -60,7 +61,12 @@ class BodyModel:
         return self.shapedirs.shape[-1]
 
     def rest_joints(self) -> torch.Tensor:
-        """[55,3] joint positions of the mean shape in the rest pose."""
+        """[55,3] joint positions of the mean shape in the rest pose (computed once: the per-frame
+        global transform needs the rest pelvis)."""
+        return self._rest_joints
+
+    @functools.cached_property
+    def _rest_joints(self) -> torch.Tensor:
         return self.J_regressor @ self.v_template
 
 

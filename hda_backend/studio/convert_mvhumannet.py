@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..body.skeleton import POSE_PARTS
+from ..dataset import read_json
 from ..errors import HDAError
 from ..images import save_png
 from .synth import FORMAT, FORMAT_VERSION, _write_npz, _write_text
@@ -42,15 +43,6 @@ def _frame_key(stem: str) -> str:
 def _camera_key(name: str) -> str:
     name = Path(name).stem if Path(name).suffix.lower() in IMAGE_EXT else name
     return re.sub(r"^\d+_", "", name)
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise HDAError(f"{path}: file is missing (MVHumanNet layout)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HDAError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _array(path, where, value, shape):
@@ -88,7 +80,7 @@ def _fits(source: Path) -> dict:
 
 
 def _read_fit(path: Path):
-    data = _read_json(path)
+    data = read_json(path, "MVHumanNet layout")
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = data[0]
     if not isinstance(data, dict):
@@ -128,9 +120,9 @@ def convert_mvhumannet(source, out, frames=None, cameras=None, test_every: int =
     images = _files(source / "images", "colour images")
     masks = _files(source / "fmask", "masks")
     intr_path, extr_path = source / "camera_intrinsics.json", source / "camera_extrinsics.json"
-    intr = _read_json(intr_path)
+    intr = read_json(intr_path, "MVHumanNet layout")
     intr = intr.get("intrinsics", intr) if isinstance(intr, dict) else intr
-    extr = _read_json(extr_path)
+    extr = read_json(extr_path, "MVHumanNet layout")
     if not isinstance(intr, dict) or not isinstance(extr, dict):
         raise HDAError(f"{source}: camera files must hold objects keyed by camera name")
     intr = {_camera_key(k): v for k, v in intr.items()}
