@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     _add_config_args(p)
 
+    p = sub.add_parser("export-ply", help="write an avatar's Gaussians as standard 3DGS .ply files, one per frame")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--avatar", help="an avatar file (*.hda.safetensors)")
+    src.add_argument("--init", type=int, metavar="SEED", help="a consistently initialised (untrained) avatar")
+    p.add_argument("--motion", help="walk, wave, ... or an SMPL-X/AMASS .npz (default: the rest pose)")
+    p.add_argument("--frames", help="N or A:B, 0-based, B excluded (default: every frame of the motion)")
+    p.add_argument("--coords", choices=("body", "zup"), default="body",
+                   help="body: the backend's coordinates; zup: +Y up turned to +Z up (Blender)")
+    p.add_argument("--out", required=True, help="a folder (frame_NNNN.ply) or a .ply file name")
+    _add_config_args(p)
+
     p = sub.add_parser("info", help="describe an avatar, body, or motion file")
     p.add_argument("file")
 
@@ -183,6 +194,35 @@ def cmd_fit_all(args) -> None:
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
 
 
+def cmd_export_ply(args) -> None:
+    import torch
+
+    from .avatar.io import load_avatar
+    from .avatar.model import Avatar
+    from .body import NUM_JOINTS, load_body
+    from .export_ply import coords_matrix, export_frames, output_paths, parse_frames
+    from .motion import get_motion
+
+    config = _config(args)
+    matrix = coords_matrix(args.coords)
+    body = load_body(config.body.path, config.body.num_betas)
+    if args.avatar:
+        avatar = load_avatar(args.avatar, body)
+    else:
+        avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
+    if args.motion:
+        motion = get_motion(args.motion)
+        poses, transl = motion.poses, motion.transl
+    else:
+        poses, transl = torch.zeros(1, NUM_JOINTS, 3), torch.zeros(1, 3)
+    frames = parse_frames(args.frames, poses.shape[0])
+    paths = output_paths(args.out, frames)
+    start = time.perf_counter()
+    export_frames(avatar, poses[frames], transl[frames], paths, matrix, progress=True)
+    print(f"wrote {len(paths)} .ply files ({avatar.num_gaussians} Gaussians each, {args.coords} coordinates): "
+          f"{paths[0]}{' ... ' + str(paths[-1]) if len(paths) > 1 else ''} in {time.perf_counter() - start:.1f} s")
+
+
 def cmd_info(args) -> None:
     from .describe import describe
 
@@ -208,7 +248,7 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "bench": cmd_bench, **STUDIO_COMMANDS}
+COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "export-ply": cmd_export_ply, "bench": cmd_bench, **STUDIO_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
