@@ -1,0 +1,233 @@
+"""Generation metrics (paper §5.1): MMD, COV, 1-NNA on distance matrices; FID, KID on features; novelty.
+
+Pure functions on numpy arrays. Distances follow one convention: smaller = closer. A similarity such as
+PSNR is negated before it comes here (see :mod:`.gallery`), as HyperDiffusion's evaluation code does, so
+MMD on D = -PSNR is minus the paper's MMD_PSNR (which is reported as a PSNR, higher = better).
+
+Notation: S_g the generated set (|S_g| = G), S_r the reference set (|S_r| = R). A matrix ``d_gr`` [G,R]
+holds D(X, Y) for X in S_g, Y in S_r; ``d_gg`` [G,G] and ``d_rr`` [R,R] are the within-set distances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import HDAError
+
+
+def _matrix(name: str, d, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    d = np.asarray(d, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 1:
+        raise HDAError(f"{name}: shape {d.shape}, expected a non-empty 2D distance matrix")
+    if (rows is not None and d.shape[0] != rows) or (cols is not None and d.shape[1] != cols):
+        raise HDAError(f"{name}: shape {d.shape}, expected ({rows}, {cols})")
+    if not np.isfinite(d).all():
+        raise HDAError(f"{name}: contains NaN or inf, expected finite distances")
+    return d
+
+
+def mmd(d_gr: np.ndarray) -> float:
+    """Minimum matching distance: MMD(S_g, S_r) = 1/R · Σ_{Y∈S_r} min_{X∈S_g} D(X, Y).
+
+    d_gr: [G,R]. How close the generated set comes to every reference sample (fidelity).
+    """
+    d = _matrix("d_gr", d_gr)
+    return float(d.min(axis=0).mean())
+
+
+def coverage(d_gr: np.ndarray) -> float:
+    """Coverage: COV(S_g, S_r) = |{argmin_{Y∈S_r} D(X, Y) : X ∈ S_g}| / R.
+
+    d_gr: [G,R]. The fraction of reference samples that are the nearest reference of at least one
+    generated sample (diversity). A tie picks the lowest reference index (numpy's argmin).
+    """
+    d = _matrix("d_gr", d_gr)
+    return float(np.unique(d.argmin(axis=1)).size / d.shape[1])
+
+
+def one_nna(d_gg: np.ndarray, d_gr: np.ndarray, d_rr: np.ndarray) -> float:
+    """Leave-one-out 1-nearest-neighbour accuracy over S_g ∪ S_r (the paper's 1-NNA; 0.5 is ideal).
+
+    d_gg: [G,G], d_gr: [G,R], d_rr: [R,R].
+
+    Protocol: every sample Z of the union is classified by its nearest neighbour N_Z among all other
+    samples of the union (Z itself excluded, so its zero self-distance never counts; other samples at
+    distance 0, e.g. exact copies, do count). The prediction is correct when N_Z comes from Z's own set.
+    1-NNA = (Σ_{X∈S_g} 1[N_X ∈ S_g] + Σ_{Y∈S_r} 1[N_Y ∈ S_r]) / (G + R).
+
+    Ties: when several samples share the minimum distance exactly, the classifier picks one of them
+    uniformly at random, and Z contributes its expected correctness (the fraction of the tied
+    neighbours that share Z's set) instead of an arbitrary index-order choice.
+
+    Reading it: 0.5 means the sets are indistinguishable; 1.0 means they are separated (mode collapse
+    or poor samples); far below 0.5 means each sample's nearest neighbour lies in the other set, e.g.
+    generated samples that copy reference samples one to one (exact copies give 0).
+    """
+    g = _matrix("d_gg", d_gg).shape[0]
+    r = _matrix("d_rr", d_rr).shape[0]
+    _matrix("d_gg", d_gg, g, g)
+    _matrix("d_rr", d_rr, r, r)
+    _matrix("d_gr", d_gr, g, r)
+    if g + r < 2:
+        raise HDAError("1-NNA: needs at least two samples in S_g ∪ S_r")
+    full = np.block([[np.asarray(d_gg, np.float64), np.asarray(d_gr, np.float64)],
+                     [np.asarray(d_gr, np.float64).T, np.asarray(d_rr, np.float64)]])
+    np.fill_diagonal(full, np.inf)
+    labels = np.concatenate([np.zeros(g, bool), np.ones(r, bool)])
+    nearest = full.min(axis=1, keepdims=True)
+    tied = full == nearest  # [G+R, G+R]: the neighbours at the minimum distance
+    same = (tied & (labels[None, :] == labels[:, None])).sum(axis=1)
+    return float((same / tied.sum(axis=1)).mean())
+
+
+# ---------------------------------------------------------------------------------------------------
+# FID and KID on features
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians: |mu1 - mu2|² + Tr(S1 + S2 - 2 (S1 S2)^½).
+
+    mu1, mu2: [F]; sigma1, sigma2: [F,F] symmetric positive semi-definite. Tr((S1 S2)^½) is computed as
+    Σ sqrt(eig(S1^½ S2 S1^½)), the same spectrum as S1 S2 but of a symmetric matrix, so it stays real and
+    stable when the covariances are rank deficient (fewer samples than features).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    middle = root1 @ s2 @ root1
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross)
+
+
+def _features(name: str, f, min_rows: int = 2) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < min_rows or f.shape[1] < 1:
+        raise HDAError(f"{name}: shape {f.shape}, expected [N >= {min_rows}, F >= 1] features")
+    if not np.isfinite(f).all():
+        raise HDAError(f"{name}: contains NaN or inf, expected finite features")
+    return f
+
+
+def fid(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
+    """Fréchet Inception Distance between feature sets feat_a [Na,F] and feat_b [Nb,F] (Heusel et al.).
+
+    Each set is summarised by its mean and unbiased covariance (N-1 denominator), then
+    :func:`frechet_distance`. With fewer samples than features the covariances are rank deficient and
+    FID is biased upwards; compare FIDs only at equal sample counts.
+    """
+    a, b = _features("FID features a", feat_a), _features("FID features b", feat_b)
+    if a.shape[1] != b.shape[1]:
+        raise HDAError(f"FID: feature widths differ ({a.shape[1]} vs {b.shape[1]}), expected equal")
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1]),
+                            b.mean(0), np.cov(b, rowvar=False).reshape(b.shape[1], b.shape[1]))
+
+
+@dataclass(frozen=True)
+class KIDConfig:
+    subsets: int = 100  # random subsets averaged (stylegan2-ada / torchmetrics default)
+    subset_size: int = 1000  # clipped to the smaller set, see :func:`kid`
+    degree: int = 3  # polynomial kernel k(x, y) = (x·y / F + coef)^degree
+    coef: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, coef: float = 1.0) -> float:
+    """Unbiased MMD² estimate with the kernel k(a, b) = (a·b / F + coef)^degree.
+
+    x: [m,F], y: [n,F] (m, n >= 2). MMD²_u = Σ_{i≠j} k(x_i,x_j)/(m(m-1)) + Σ_{i≠j} k(y_i,y_j)/(n(n-1))
+    - 2 Σ_{i,j} k(x_i,y_j)/(m n).
+    """
+    f = x.shape[1]
+    kxx = (x @ x.T / f + coef) ** degree
+    kyy = (y @ y.T / f + coef) ** degree
+    kxy = (x @ y.T / f + coef) ** degree
+    m, n = x.shape[0], y.shape[0]
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2.0 * kxy.mean())
+
+
+def kid(feat_a: np.ndarray, feat_b: np.ndarray, config: KIDConfig = KIDConfig()) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al.): (mean, std) of the unbiased polynomial-kernel MMD²
+    over ``config.subsets`` random subsets.
+
+    feat_a: [Na,F], feat_b: [Nb,F]. Each subset draws s = min(subset_size, Na, Nb) rows of each set
+    without replacement from a generator seeded with ``config.seed``, so the subset size never exceeds
+    the number of samples (torchmetrics' default of 1000 would fail on the paper's 500). When s equals
+    both set sizes every subset is the full set and the result is the plain unbiased estimate.
+    """
+    a, b = _features("KID features a", feat_a), _features("KID features b", feat_b)
+    if a.shape[1] != b.shape[1]:
+        raise HDAError(f"KID: feature widths differ ({a.shape[1]} vs {b.shape[1]}), expected equal")
+    if config.subsets < 1 or config.subset_size < 2 or config.degree < 1:
+        raise HDAError(f"KID config {config}: expected subsets >= 1, subset_size >= 2, degree >= 1")
+    size = min(config.subset_size, a.shape[0], b.shape[0])
+    rng = np.random.default_rng(config.seed)
+    values = []
+    for _ in range(config.subsets):
+        ia = rng.choice(a.shape[0], size, replace=False)
+        ib = rng.choice(b.shape[0], size, replace=False)
+        values.append(polynomial_mmd2_unbiased(a[ia], b[ib], config.degree, config.coef))
+    return float(np.mean(values)), float(np.std(values))
+
+
+FeatureExtractor = Callable[[np.ndarray], np.ndarray]
+"""images [N,H,W,3] float in [0,1] -> features [N,F]; e.g. :func:`.gallery.load_inception`."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Novelty
+
+
+@dataclass(frozen=True)
+class Novelty:
+    """How far generated samples are from their nearest training sample, on the training set's own scale.
+
+    ratios: [G] per-sample nearest-training distance / median train-train nearest-neighbour distance;
+    median_ratio: median of ratios (≈0 for copies, ≈1 for samples as far from the training set as
+    training subjects are from each other); copy_fraction: fraction of samples closer to some training
+    sample than the closest pair of distinct training samples are to each other; train_nn_median and
+    train_nn_min: the training set's own scale.
+    """
+
+    ratios: np.ndarray
+    median_ratio: float
+    copy_fraction: float
+    train_nn_median: float
+    train_nn_min: float
+
+    def summary(self) -> dict:
+        return {"median_ratio": self.median_ratio, "copy_fraction": self.copy_fraction,
+                "train_nn_median": self.train_nn_median, "train_nn_min": self.train_nn_min}
+
+
+def novelty(d_gt: np.ndarray, d_tt: np.ndarray) -> Novelty:
+    """Novelty of generated samples against the training set.
+
+    d_gt: [G,T] non-negative distances from each generated sample to each training sample; d_tt: [T,T]
+    training-training distances (T >= 2; the diagonal is ignored). Let n(X) = min_t d_gt[X,t] and
+    m(t) = min_{t'≠t} d_tt[t,t']. ratio(X) = n(X) / median_t m(t); a sample is a "copy" when
+    n(X) < min_t m(t), i.e. it is nearer a training subject than any two training subjects are.
+    The distance must be non-negative with 0 for identical inputs (an L2 or RMS distance, not -PSNR).
+    """
+    t = _matrix("d_tt", d_tt).shape[0]
+    if t < 2:
+        raise HDAError("novelty: the training set has one sample, expected at least 2")
+    _matrix("d_tt", d_tt, t, t)
+    d_gt = _matrix("d_gt", d_gt, None, t)
+    d_tt = np.asarray(d_tt, np.float64).copy()
+    if (d_gt < 0).any() or (d_tt < 0).any():
+        raise HDAError("novelty: negative distances, expected a non-negative distance (L2 or RMS)")
+    np.fill_diagonal(d_tt, np.inf)
+    train_nn = d_tt.min(axis=1)
+    scale = float(np.median(train_nn))
+    nearest = d_gt.min(axis=1)
+    ratios = nearest / scale if scale > 0 else np.where(nearest > 0, np.inf, 0.0)
+    return Novelty(ratios, float(np.median(ratios)), float((nearest < train_nn.min()).mean()), scale,
+                   float(train_nn.min()))
