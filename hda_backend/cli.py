@@ -109,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--counts", default="10000,60000", help="comma-separated Gaussian counts")
     b.add_argument("--sizes", default="256,512", help="comma-separated image sizes")
     b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    p = sub.add_parser("eval-gen", help="generation metrics (MMD/COV/1-NNA, FID/KID, novelty, plausibility) "
+                                        "of diffusion models and baselines against reference avatars")
+    p.add_argument("--reference", required=True, help="folder of reference avatars (*.hda.safetensors)")
+    p.add_argument("--train", help="folder of the training avatars, if not the reference set (novelty, baselines)")
+    p.add_argument("--model", action="append", metavar="NAME=DIFF.safetensors", help="a diffusion model row (repeatable)")
+    p.add_argument("--samples", action="append", metavar="NAME=DIR", help="a row of already generated avatars (repeatable)")
+    p.add_argument("--baselines", default="copy,pca", help="comma-separated baselines (copy, pca) or 'none'")
+    p.add_argument("--n", type=int, help="samples per generated row (default: as many as reference avatars)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="DDIM steps for model rows (default: the model's)")
+    p.add_argument("--poses", help="gallery poses, comma-separated clip@phase (default walk@0.25,wave@0.25,squat@0.5)")
+    p.add_argument("--cameras", type=_positive("--cameras", 16), default=4, help="gallery cameras around the body")
+    p.add_argument("--size", type=_positive("--size", 1024), default=128, help="gallery image size")
+    p.add_argument("--inception", help="TorchScript Inception-V3 features file for FID/KID (or $HDA_INCEPTION)")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--out", required=True, help="output folder")
+    _add_config_args(p)
+
     add_studio_parsers(sub)
     return parser
 
@@ -223,6 +241,31 @@ def cmd_export_ply(args) -> None:
           f"{paths[0]}{' ... ' + str(paths[-1]) if len(paths) > 1 else ''} in {time.perf_counter() - start:.1f} s")
 
 
+def cmd_eval_gen(args) -> None:
+    from .body import load_body
+    from .diffusion.eval_gen import EvalGenConfig, evaluate_generation, format_table, parse_named
+    from .diffusion.gallery import GalleryConfig, load_inception
+    from .fit.losses import load_lpips
+
+    config = _config(args)
+    baselines = () if args.baselines.strip() == "none" else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    gallery = GalleryConfig(
+        poses=tuple(x.strip() for x in args.poses.split(",")) if args.poses else GalleryConfig.poses,
+        azimuths_deg=tuple(360.0 * c / args.cameras for c in range(args.cameras)), size=args.size,
+        fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend)
+    eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, baselines=baselines, gallery=gallery)
+    perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
+    inception, inception_status = load_inception(args.inception)
+    for status in (lpips_status, inception_status):
+        print(status)
+    report = evaluate_generation(args.reference, args.out, load_body(config.body.path, config.body.num_betas),
+                                 models=parse_named(args.model, "--model"), samples=parse_named(args.samples, "--samples"),
+                                 train=args.train, config=eval_config, lpips=perceptual, inception=inception,
+                                 notes=(lpips_status, inception_status))
+    print(format_table(report))
+    print(f"wrote {Path(args.out) / 'eval_gen.md'}, eval_gen.json, samples_vs_nearest.png and samples/")
+
+
 def cmd_info(args) -> None:
     from .describe import describe
 
@@ -248,7 +291,7 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "export-ply": cmd_export_ply, "bench": cmd_bench, **STUDIO_COMMANDS}
+COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, **STUDIO_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,10 +149,10 @@ def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") ->
 
 
 def render_gallery(avatars: Iterable[Avatar], views: GalleryViews, backend: str = "auto",
-                   progress: bool = False, desc: str = "gallery") -> Gallery:
-    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]."""
+                   progress: bool = False, desc: str = "gallery", total: int | None = None) -> Gallery:
+    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]. ``total``: N for the progress bar."""
     images, alphas = [], []
-    for avatar in tqdm(avatars, desc=desc, unit="avatar", disable=not progress):
+    for avatar in tqdm(avatars, desc=desc, unit="avatar", disable=not progress, total=total):
         rgb, alpha = render_avatar(avatar, views, backend)
         images.append(rgb)
         alphas.append(alpha)

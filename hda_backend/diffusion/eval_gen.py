@@ -1,0 +1,378 @@
+"""`hda eval-gen`: unconditional-generation metrics of weight-space diffusion models (paper §5.1, Tables 1-2).
+
+Rows: each diffusion model (sampled through :func:`hda_backend.diffusion.sample.sample_avatars`), each
+folder of already generated avatars, and the baselines ``copy`` and ``pca`` fitted on the training set.
+Columns: MMD, COV and 1-NNA with the PSNR distance of :mod:`.gallery` (and LPIPS where it is available),
+FID/KID on Inception features (where local weights are given), novelty in weight and image space, the
+fraction of plausible samples (:mod:`.plausibility`) and the sampling time per identity.
+
+Outputs in the output folder: ``eval_gen.md`` (table and protocol), ``eval_gen.json`` (every number,
+per-sample plausibility and nearest references), ``samples_vs_nearest.png`` (each sample beside its
+nearest reference subject, same pose and camera) and ``samples/<row>/sample_NNN.hda.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..avatar.io import SUFFIX, load_avatar
+from ..body import BodyModel
+from ..errors import HDAError
+from ..images import contact_sheet, save_png, to_uint8
+from .baselines import BASELINES, baseline_samples
+from .gallery import (Gallery, GalleryConfig, gallery_views, lpips_matrix, mse_matrix, psnr_distance,
+                      render_avatar, render_gallery, weight_distance_matrix)
+from .metrics import KIDConfig, coverage, fid, kid, mmd, novelty, one_nna
+from .plausibility import PlausibilityConfig, body_silhouettes, check_plausible
+from .weights import WeightSet, load_weight_set, write_avatar
+
+MAX_SAMPLES = 1000
+ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SAMPLE_PREFIX = "sample_"
+SHEET_TILE = 128  # minimum tile size on samples_vs_nearest.png
+
+
+@dataclass(frozen=True)
+class EvalGenConfig:
+    n: int | None = None  # samples per generated row; None: as many as reference avatars
+    seed: int = 0  # seeds every generated row (diffusion noise, baseline draws)
+    steps: int | None = None  # DDIM steps for diffusion rows; None: the model's own default
+    baselines: tuple = BASELINES
+    contact_pairs: int = 6  # samples per row on samples_vs_nearest.png
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)
+    kid: KIDConfig = field(default_factory=KIDConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Side:
+    """A set of avatars with everything the metrics need: weights [N,D], gallery, names."""
+
+    weights: WeightSet
+    gallery: Gallery
+    names: list[str]
+    features: np.ndarray | None = None
+
+
+PROTOCOL = """\
+- **Reference set**: {reference_note}
+- **Gallery**: every avatar rendered in {poses} from {cameras} cameras (azimuths {azimuths}°, around
+  the posed body) at {size}×{size} px over background {background}, with the project's rasterizer
+  ({views} views per avatar).
+- **Distance**: D(X, Y) = −PSNR(X, Y), PSNR from the MSE pooled over all views, pixels and channels
+  (MSE floored at 1e−10). MMD-PSNR is reported as a PSNR (mean over reference avatars of the best
+  PSNR of any sample, higher = better){lpips_note}.
+- **COV**: fraction of reference avatars that are the nearest reference of at least one sample.
+- **1-NNA**: leave-one-out 1-NN classifier over samples ∪ references with D; an avatar's own
+  zero distance is excluded, other exact duplicates count; ties score the fraction of tied
+  neighbours from the same set. 50% = indistinguishable; ≪50% = samples sit on top of references
+  (copies give 0%); 100% = separable.
+- **FID / KID**: {fid_note}
+- **Novelty**: each sample's distance to its nearest training avatar divided by the median
+  nearest-neighbour distance among training avatars (median over samples; 0 = copies, ~1 = as new as
+  a training subject is to the others), in weight space (L2 between weight vectors) and image space
+  (RMS over the gallery). "copies" = fraction of samples nearer a training avatar than the closest
+  pair of training avatars.
+- **Plausible**: fraction of samples passing all checks of `hda_backend/diffusion/plausibility.py`
+  (finite weights and Gaussians, no exploded scales, centres inside the posed body's box + margin,
+  silhouette coverage and area vs the body mesh's silhouette).
+- **s / identity**: wall time to produce one sample avatar file (diffusion: DDIM sampling with
+  {steps} steps, model loading included; baselines: drawing the vector and writing the file).
+- **Samples per row**: {n} (seed {seed}); a `--samples` row uses all files of its folder.
+"""
+
+
+def parse_named(values: list[str] | None, flag: str) -> dict[str, Path]:
+    """["NAME=PATH", ...] -> {NAME: PATH}; names are unique, short and file-system safe."""
+    out: dict[str, Path] = {}
+    for text in values or []:
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise HDAError(f"{flag} {text!r}: expected NAME=PATH")
+        if not ROW_NAME.match(name):
+            raise HDAError(f"{flag} {text!r}: row name {name!r}, expected letters, digits, '_', '-', '.' (max 64)")
+        if name in out:
+            raise HDAError(f"{flag} {text!r}: row name {name!r} given twice, expected unique names")
+        out[name] = Path(path)
+    return out
+
+
+def _check_rows(models: dict, samples: dict, baselines: tuple) -> list[tuple[str, str, Path | None]]:
+    rows = []
+    for name in baselines:
+        if name not in BASELINES:
+            raise HDAError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")
+        rows.append((name, "baseline", None))
+    for kind, named in (("model", models), ("samples", samples)):
+        for name, path in named.items():
+            if any(name == r[0] for r in rows):
+                raise HDAError(f"row name {name!r}: used twice (baselines are named {', '.join(BASELINES)}), "
+                               "expected unique names")
+            if kind == "model" and not path.is_file():
+                raise HDAError(f"--model {name}={path}: diffusion model file not found")
+            if kind == "samples" and not path.is_dir():
+                raise HDAError(f"--samples {name}={path}: folder not found")
+            rows.append((name, kind, path))
+    return rows
+
+
+def _same_architecture(ref: WeightSet, other: WeightSet, source: str) -> None:
+    for name in ("unet", "gaussians", "uv_res", "body_sha256", "pose_input"):
+        mine, theirs = getattr(other.meta, name), getattr(ref.meta, name)
+        if mine != theirs:
+            raise HDAError(f"{source} {other.paths[0]}: field '{name}' is {mine!r}, expected {theirs!r} as in the "
+                           "reference set (one architecture per evaluation)")
+
+
+def _render_side(weights: WeightSet, body: BodyModel, views, backend: str, progress: bool, desc: str) -> Gallery:
+    avatars = (load_avatar(p, body) for p in weights.paths)  # one at a time: avatars hold their UV buffers
+    return render_gallery(avatars, views, backend, progress, desc, total=len(weights.paths))
+
+
+def _write_row(vectors: torch.Tensor, origins: list[str], ref: WeightSet, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{SAMPLE_PREFIX}*{SUFFIX}"):
+        stale.unlink()
+    return [write_avatar(vectors[i], ref.spec, ref.meta, folder / f"{SAMPLE_PREFIX}{i:03d}{SUFFIX}", origins[i])
+            for i in range(vectors.shape[0])]
+
+
+def _sample_model(path: Path, n: int, seed: int, steps: int | None, folder: Path) -> list[Path]:
+    from .sample import sample_avatars
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"*{SUFFIX}"):
+        stale.unlink()
+    sample_avatars(path, seed=seed, n=n, steps=steps, out_dir=folder)
+    return sorted(folder.glob(f"*{SUFFIX}"))
+
+
+def _nearest(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d [G,R] distances -> (index [G] of each row's nearest column, its distance [G])."""
+    index = d.argmin(axis=1)
+    return index, d[np.arange(d.shape[0]), index]
+
+
+def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike, body: BodyModel,
+                        models: dict[str, Path] | None = None, samples: dict[str, Path] | None = None,
+                        train: str | os.PathLike | None = None, config: EvalGenConfig = EvalGenConfig(),
+                        lpips: Callable | None = None, inception: Callable | None = None,
+                        notes: tuple[str, ...] = (), progress: bool = True) -> dict:
+    """Evaluate every row against the reference avatars; write the report files; return the JSON dict.
+
+    reference / train: folders (or files) of ``*.hda.safetensors``; ``train`` (what the models and the
+    baselines were fitted on, the novelty reference) defaults to the reference set. models: row name ->
+    diffusion model file; samples: row name -> folder of generated avatar files. lpips(x [V,3,H,W],
+    y [V,3,H,W]) -> mean LPIPS; inception(images [N,H,W,3]) -> features [N,F] (see
+    :func:`.gallery.load_inception`); either may be None (that column is left out). notes: one-line
+    notes (e.g. why LPIPS is off) copied into the report.
+    """
+    out_dir = Path(out_dir)
+    rows = _check_rows(models or {}, samples or {}, tuple(config.baselines))
+    if not rows:
+        raise HDAError("eval-gen: nothing to evaluate, expected --model, --samples or a baseline")
+    ref = load_weight_set(reference)
+    if ref.vectors.shape[0] < 2:
+        raise HDAError(f"--reference {reference}: {ref.vectors.shape[0]} avatar, expected at least 2")
+    train_set = ref if train is None else load_weight_set(train)
+    if train is not None:
+        _same_architecture(ref, train_set, "--train")
+        if train_set.vectors.shape[0] < 2:
+            raise HDAError(f"--train {train}: {train_set.vectors.shape[0]} avatar, expected at least 2")
+    n = ref.vectors.shape[0] if config.n is None else config.n
+    if not 1 <= n <= MAX_SAMPLES:
+        raise HDAError(f"--n {n}: expected 1..{MAX_SAMPLES} samples per row")
+    if config.steps is not None and config.steps < 1:
+        raise HDAError(f"--steps {config.steps}: expected at least 1")
+
+    views = gallery_views(body, config.gallery)
+    backend = config.gallery.backend
+    masks = body_silhouettes(body, views)
+    ref_side = _Side(ref, _render_side(ref, body, views, backend, progress, "reference"),
+                     [p.name.removesuffix(SUFFIX) for p in ref.paths])
+    train_side = ref_side if train is None else _Side(
+        train_set, _render_side(train_set, body, views, backend, progress, "train"),
+        [p.name.removesuffix(SUFFIX) for p in train_set.paths])
+    if inception is not None:
+        ref_side.features = inception(ref_side.gallery.images.flatten(0, 1).numpy())
+    mse_rr = mse_matrix(ref_side.gallery.images, ref_side.gallery.images)
+    lpips_rr = lpips_matrix(ref_side.gallery.images, ref_side.gallery.images, lpips) if lpips else None
+    mse_tt = mse_rr if train is None else mse_matrix(train_side.gallery.images, train_side.gallery.images)
+    w_tt = weight_distance_matrix(train_set.vectors, train_set.vectors)
+
+    results, sheet_tiles, sheet_labels = [], [], []
+    for name, kind, source in rows:
+        folder = out_dir / "samples" / name
+        start = time.perf_counter()
+        if kind == "baseline":
+            vectors, origins = baseline_samples(name, train_set.vectors, n, config.seed)
+            files = _write_row(vectors, origins, ref, folder)
+        elif kind == "model":
+            files = _sample_model(source, n, config.seed, config.steps, folder)
+        else:
+            files = sorted(source.glob(f"*{SUFFIX}"))
+            if not files:
+                raise HDAError(f"--samples {name}={source}: no avatar files (*{SUFFIX}) in the folder")
+            if len(files) > MAX_SAMPLES:
+                raise HDAError(f"--samples {name}={source}: {len(files)} avatar files, expected at most {MAX_SAMPLES}")
+        seconds = (time.perf_counter() - start) / len(files) if kind != "samples" else None
+        gen = load_weight_set(files)
+        _same_architecture(ref, gen, f"row {name}:")
+
+        images, alphas, verdicts = [], [], []
+        for path in tqdm(gen.paths, desc=name, unit="avatar", disable=not progress):
+            avatar = load_avatar(path, body)
+            rgb, alpha = render_avatar(avatar, views, backend)
+            verdicts.append(check_plausible(avatar, views, config.plausibility, alpha=alpha, body_masks=masks,
+                                            backend=backend))
+            images.append(rgb)
+            alphas.append(alpha)
+        gallery = Gallery(torch.stack(images), torch.stack(alphas))
+        del images, alphas
+
+        mse_gr = mse_matrix(gallery.images, ref_side.gallery.images)
+        mse_gg = mse_matrix(gallery.images, gallery.images)
+        d_gr, d_gg, d_rr = psnr_distance(mse_gr), psnr_distance(mse_gg), psnr_distance(mse_rr)
+        row = {"name": name, "kind": kind, "source": None if source is None else str(source),
+               "count": len(files), "files": [str(p) for p in files],
+               "mmd_psnr_db": -mmd(d_gr), "cov_psnr": coverage(d_gr), "one_nna_psnr": one_nna(d_gg, d_gr, d_rr)}
+        if lpips is not None:
+            l_gr = lpips_matrix(gallery.images, ref_side.gallery.images, lpips)
+            l_gg = lpips_matrix(gallery.images, gallery.images, lpips)
+            row.update(mmd_lpips=mmd(l_gr), cov_lpips=coverage(l_gr), one_nna_lpips=one_nna(l_gg, l_gr, lpips_rr))
+        if inception is not None:
+            feats = inception(gallery.images.flatten(0, 1).numpy())
+            kid_mean, kid_std = kid(feats, ref_side.features, config.kid)
+            row.update(fid=fid(feats, ref_side.features), kid=kid_mean, kid_std=kid_std)
+        mse_gt = mse_gr if train is None else mse_matrix(gallery.images, train_side.gallery.images)
+        nov_w = novelty(weight_distance_matrix(gen.vectors, train_set.vectors), w_tt)
+        nov_i = novelty(np.sqrt(mse_gt), np.sqrt(mse_tt))
+        nearest, nearest_d = _nearest(d_gr)
+        row.update(
+            novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(),
+            plausible_fraction=float(np.mean([v.ok for v in verdicts])),
+            seconds_per_identity=seconds,
+            samples=[{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
+                      "nearest_reference": ref_side.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
+                      "novelty_weight_ratio": float(nov_w.ratios[i]), "novelty_image_ratio": float(nov_i.ratios[i])}
+                     for i in range(len(files))])
+        results.append(row)
+
+        for i in range(min(config.contact_pairs, len(files))):
+            sheet_tiles += [gallery.images[i, 0], ref_side.gallery.images[int(nearest[i]), 0]]
+            sheet_labels += [f"{name} {i}" + ("" if verdicts[i].ok else " (!)"),
+                             f"{ref_side.names[int(nearest[i])][:12]} {-nearest_d[i]:.1f}dB"]
+        del gallery
+
+    report = {
+        "format": "hda-eval-gen", "format_version": 1,
+        "reference": {"source": str(reference), "count": ref.vectors.shape[0], "files": [str(p) for p in ref.paths]},
+        "train": {"source": str(train if train is not None else reference), "count": train_set.vectors.shape[0],
+                  "same_as_reference": train is None},
+        "n": n, "config": config.to_dict(), "notes": list(notes),
+        "columns": {"lpips": lpips is not None, "fid_kid": inception is not None},
+        "rows": results,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "eval_gen.json", json.dumps(report, indent=2))
+    _write_text(out_dir / "eval_gen.md", format_report(report))
+    columns = 2 * min(config.contact_pairs, max(len(r["files"]) for r in results))
+    # Small galleries are enlarged (nearest neighbour) so that the labels fit above each tile.
+    zoom = -(-SHEET_TILE // config.gallery.size)
+    tiles = [np.repeat(np.repeat(to_uint8(t), zoom, axis=0), zoom, axis=1) for t in sheet_tiles]
+    sheet = contact_sheet(tiles, columns=max(columns, 2), labels=sheet_labels)
+    save_png(out_dir / "samples_vs_nearest.png", np.asarray(sheet))
+    return report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def format_table(report: dict) -> str:
+    """The markdown table of a report: one line per row."""
+    lp, fk = report["columns"]["lpips"], report["columns"]["fid_kid"]
+    head = ["row", "MMD-PSNR ↑ (dB)", "COV-PSNR ↑ (%)", "1-NNA-PSNR (%, 50 ideal)"]
+    if lp:
+        head += ["MMD-LPIPS ↓", "COV-LPIPS (%)", "1-NNA-LPIPS (%)"]
+    if fk:
+        head += ["FID ↓", "KID×1000 ↓"]
+    head += ["novelty w (median / copies %)", "novelty img (median / copies %)", "plausible (%)", "s / identity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        cells = [f"{r['name']} ({r['kind']}, {r['count']})", f"{r['mmd_psnr_db']:.2f}", _pct(r["cov_psnr"]),
+                 _pct(r["one_nna_psnr"])]
+        if lp:
+            cells += [f"{r['mmd_lpips']:.2f}", _pct(r["cov_lpips"]), _pct(r["one_nna_lpips"])]
+        if fk:
+            cells += [f"{r['fid']:.2f}", f"{1000 * r['kid']:.2f}"]
+        for key in ("novelty_weight", "novelty_image"):
+            cells.append(f"{r[key]['median_ratio']:.3f} / {_pct(r[key]['copy_fraction'])}")
+        cells.append(_pct(r["plausible_fraction"]))
+        cells.append("—" if r["seconds_per_identity"] is None else f"{r['seconds_per_identity']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """eval_gen.md: the table, the notes and the protocol."""
+    cfg = report["config"]
+    g = cfg["gallery"]
+    ref, train = report["reference"], report["train"]
+    if train["same_as_reference"]:
+        reference_note = (f"the training set itself ({ref['count']} avatars from `{ref['source']}`). With a few "
+                          "dozen subjects a held-out split would leave too few references for MMD/COV to mean "
+                          "much, and the models are trained on every subject; so fidelity (MMD, COV) is measured "
+                          "against the training avatars and memorisation is exposed by 1-NNA (copies → 0%), the "
+                          "novelty columns and the `copy` baseline.")
+    else:
+        reference_note = (f"{ref['count']} held-out avatars from `{ref['source']}`; models and baselines were "
+                          f"fitted on {train['count']} training avatars from `{train['source']}` (the novelty "
+                          "reference).")
+    lpips_note = ("; LPIPS columns: D = 1000 × mean LPIPS-AlexNet over views, same definitions"
+                  if report["columns"]["lpips"] else "")
+    fid_note = ("Inception-V3 pool features of every gallery image of a row against every reference gallery "
+                f"image; KID: unbiased polynomial-kernel MMD² (degree {cfg['kid']['degree']}), mean over "
+                f"{cfg['kid']['subsets']} subsets of min({cfg['kid']['subset_size']}, #images) images, ×1000 in "
+                "the table. With a few hundred images FID is biased upwards: compare rows, not papers."
+                if report["columns"]["fid_kid"] else "not computed (no local Inception weights).")
+    protocol = PROTOCOL.format(
+        reference_note=reference_note, poses=", ".join(g["poses"]), cameras=len(g["azimuths_deg"]),
+        azimuths=", ".join(f"{a:g}" for a in g["azimuths_deg"]), size=g["size"],
+        background=tuple(g["background"]), views=len(g["poses"]) * len(g["azimuths_deg"]), lpips_note=lpips_note,
+        fid_note=fid_note, steps=cfg["steps"] if cfg["steps"] is not None else "the model's default",
+        n=report["n"], seed=cfg["seed"])
+    parts = ["# Unconditional generation (hda eval-gen)", "", format_table(report), ""]
+    if report["notes"]:
+        parts += ["Notes:", ""] + [f"- {note}" for note in report["notes"]] + [""]
+    parts += ["## Protocol", "", protocol,
+              "`samples_vs_nearest.png`: each sample (front camera, first pose) beside its nearest reference "
+              "avatar by PSNR; '(!)' marks a sample that failed a plausibility check.", ""]
+    return "\n".join(parts)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
