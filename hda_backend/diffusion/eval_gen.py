@@ -199,6 +199,15 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     if config.steps is not None and config.steps < 1:
         raise HDAError(f"--steps {config.steps}: expected at least 1")
 
+    given = {}  # --samples rows, read and checked before any rendering
+    for name, kind, source in rows:
+        if kind == "samples":
+            given[name] = load_weight_set(source)
+            if len(given[name].paths) > MAX_SAMPLES:
+                raise HDAError(f"--samples {name}={source}: {len(given[name].paths)} avatar files, expected at most "
+                               f"{MAX_SAMPLES}")
+            _same_architecture(ref, given[name], f"--samples {name}:")
+
     views = gallery_views(body, config.gallery)
     backend = config.gallery.backend
     masks = body_silhouettes(body, views)
@@ -224,13 +233,9 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         elif kind == "model":
             files = _sample_model(source, n, config.seed, config.steps, folder)
         else:
-            files = sorted(source.glob(f"*{SUFFIX}"))
-            if not files:
-                raise HDAError(f"--samples {name}={source}: no avatar files (*{SUFFIX}) in the folder")
-            if len(files) > MAX_SAMPLES:
-                raise HDAError(f"--samples {name}={source}: {len(files)} avatar files, expected at most {MAX_SAMPLES}")
+            files = given[name].paths
         seconds = (time.perf_counter() - start) / len(files) if kind != "samples" else None
-        gen = load_weight_set(files)
+        gen = given[name] if kind == "samples" else load_weight_set(files)
         _same_architecture(ref, gen, f"row {name}:")
 
         images, alphas, verdicts = [], [], []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
@@ -215,7 +216,9 @@ def load_inception(path: str | os.PathLike | None = None) -> tuple[Callable[[np.
     if not file.is_file():
         raise HDAError(f"inception weights {file}: file not found")
     try:
-        net = torch.jit.load(str(file), map_location="cpu").eval()
+        with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; these files are TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(str(file), map_location="cpu").eval()
     except Exception as exc:  # a corrupt or non-TorchScript file: torch raises several types
         raise HDAError(f"inception weights {file}: not a TorchScript model ({str(exc).splitlines()[0][:100]})") from None
 

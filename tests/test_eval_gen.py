@@ -1,0 +1,461 @@
+"""Stage-2 evaluation: metrics against brute force and closed forms, plausibility, baselines, `hda eval-gen`."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from hda_backend.avatar.io import read_avatar_file, save_avatar
+from hda_backend.avatar.model import Avatar
+from hda_backend.avatar.unet import UNetConfig
+from hda_backend.body import load_body, pose_body
+from hda_backend.cli import main
+from hda_backend.config import load_config
+from hda_backend.diffusion import baselines, metrics
+from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, parse_pose,
+                                           psnr_distance, render_avatar, weight_distance_matrix)
+from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible, mesh_silhouette
+from hda_backend.diffusion.weights import load_weight_set
+from hda_backend.errors import HDAError
+from hda_backend.fit.losses import psnr
+
+rng = np.random.default_rng(0)
+
+# ------------------------------------------------------------------------------------------------
+# MMD, COV, 1-NNA
+
+
+def brute_mmd_cov(d):
+    g, r = d.shape
+    mins = []
+    for j in range(r):
+        best = math.inf
+        for i in range(g):
+            best = min(best, d[i, j])
+        mins.append(best)
+    matched = set()
+    for i in range(g):
+        best_j = 0
+        for j in range(r):
+            if d[i, j] < d[i, best_j]:
+                best_j = j
+        matched.add(best_j)
+    return sum(mins) / r, len(matched) / r
+
+
+def brute_one_nna(points_g, points_r):
+    """Leave-one-out 1-NN over the union with Euclidean distances (no ties among random points)."""
+    union = [(p, 0) for p in points_g] + [(p, 1) for p in points_r]
+    correct = 0
+    for a, (pa, la) in enumerate(union):
+        best, label = math.inf, None
+        for b, (pb, lb) in enumerate(union):
+            if a != b and np.linalg.norm(pa - pb) < best:
+                best, label = np.linalg.norm(pa - pb), lb
+        correct += label == la
+    return correct / len(union)
+
+
+def dist(a, b):
+    return np.linalg.norm(a[:, None] - b[None], axis=-1)
+
+
+def test_mmd_and_coverage_match_brute_force():
+    for g, r in ((7, 5), (3, 9), (6, 6)):
+        d = rng.random((g, r))
+        d[0, 1] = d[0, 0]  # a tie: COV takes the lowest reference index
+        want_mmd, want_cov = brute_mmd_cov(d)
+        assert metrics.mmd(d) == pytest.approx(want_mmd, abs=1e-12)
+        assert metrics.coverage(d) == pytest.approx(want_cov, abs=1e-12)
+
+
+def test_one_nna_matches_brute_force_on_random_points():
+    for g, r in ((8, 8), (5, 11)):
+        pg, pr = rng.normal(size=(g, 3)), rng.normal(0.3, 1.0, size=(r, 3))
+        value = metrics.one_nna(dist(pg, pg), dist(pg, pr), dist(pr, pr))
+        assert value == pytest.approx(brute_one_nna(pg, pr), abs=1e-12)
+
+
+def test_one_nna_analytic_cases():
+    pr = rng.normal(size=(6, 4))
+    # Exact copies: every sample's nearest neighbour is its twin in the other set.
+    assert metrics.one_nna(dist(pr, pr), dist(pr, pr), dist(pr, pr)) == 0.0
+    # Two clusters far apart: every nearest neighbour is in the own set.
+    pg = pr + 1000.0
+    assert metrics.one_nna(dist(pg, pg), dist(pg, pr), dist(pr, pr)) == 1.0
+    # Ties, by hand on a line: S_g = {0, 0}, S_r = {0, 5}. The gen points each tie with one gen and one
+    # ref (1/2 each), the ref at 0 ties with two gens (0), the ref at 5 ties with all three (1/3).
+    pg, pr = np.array([[0.0], [0.0]]), np.array([[0.0], [5.0]])
+    assert metrics.one_nna(dist(pg, pg), dist(pg, pr), dist(pr, pr)) == pytest.approx((0.5 + 0.5 + 0 + 1 / 3) / 4)
+
+
+def test_metrics_refuse_bad_matrices():
+    with pytest.raises(HDAError, match="NaN"):
+        metrics.mmd(np.array([[0.0, np.nan]]))
+    with pytest.raises(HDAError, match="expected"):
+        metrics.one_nna(np.zeros((2, 2)), np.zeros((3, 2)), np.zeros((2, 2)))
+    with pytest.raises(HDAError, match="2D"):
+        metrics.coverage(np.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# FID, KID
+
+
+def whitened(n, f, seed):
+    """n points in R^f with sample mean 0 and unbiased sample covariance exactly I."""
+    z = np.random.default_rng(seed).normal(size=(n, f))
+    z -= z.mean(0)
+    q, _ = np.linalg.qr(z)  # orthonormal columns, still zero mean
+    return q * math.sqrt(n - 1)
+
+
+def test_frechet_distance_closed_forms():
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    a, b = rng.random(4) + 0.1, rng.random(4) + 0.1
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # commuting (diagonal) case
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
+    # Non-commuting: Tr((S1 S2)^1/2) from the eigenvalues of the (non-symmetric) product itself.
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    m1, m2 = rng.normal(size=(5, 5)), rng.normal(size=(5, 3))
+    s1, s2 = m1 @ m1.T + 0.1 * np.eye(5), m2 @ m2.T  # s2 of rank 3, like features of few samples
+    cross = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-8)
+
+
+def test_fid_from_features_equals_gaussian_closed_form():
+    f = 3
+    l1, l2 = np.tril(rng.normal(size=(f, f))), np.tril(rng.normal(size=(f, f)))
+    mu1, mu2 = rng.normal(size=f), rng.normal(size=f)
+    feat1 = whitened(40, f, 1) @ l1.T + mu1  # sample mean mu1, sample covariance l1 l1ᵀ exactly
+    feat2 = whitened(30, f, 2) @ l2.T + mu2
+    s1, s2 = l1 @ l1.T, l2 @ l2.T
+    cross = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * cross
+    assert metrics.fid(feat1, feat2) == pytest.approx(want, rel=1e-8)
+    assert metrics.fid(feat1, feat1) == pytest.approx(0.0, abs=1e-8)
+
+
+def brute_kid(x, y, degree=3, coef=1.0):
+    f = x.shape[1]
+
+    def k(a, b):
+        return (sum(a[i] * b[i] for i in range(f)) / f + coef) ** degree
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_brute_force_unbiased_mmd():
+    x, y = rng.normal(size=(9, 5)), rng.normal(0.5, 1.0, size=(9, 5))
+    want = brute_kid(x, y)
+    # Subsets as large as the sets: every subset is the whole set (the subset size is clipped to 9).
+    mean, std = metrics.kid(x, y, metrics.KIDConfig(subsets=5, subset_size=1000))
+    assert mean == pytest.approx(want, rel=1e-10)
+    assert std == pytest.approx(0.0, abs=1e-12)
+    # Smaller subsets: the mean of brute-force estimates over the same seeded draws.
+    cfg = metrics.KIDConfig(subsets=4, subset_size=5, seed=3)
+    draws = np.random.default_rng(3)
+    values = []
+    for _ in range(4):
+        ia, ib = draws.choice(9, 5, replace=False), draws.choice(9, 5, replace=False)
+        values.append(brute_kid(x[ia], y[ib]))
+    assert metrics.kid(x, y, cfg)[0] == pytest.approx(np.mean(values), rel=1e-10)
+
+
+def test_inception_loader_refuses_missing_and_corrupt_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("HDA_INCEPTION", raising=False)
+    extractor, status = load_inception(None)
+    assert extractor is None and "FID/KID off" in status
+    with pytest.raises(HDAError, match="not found"):
+        load_inception(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(HDAError, match="not a TorchScript model"):
+        load_inception(bad)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/save make the stand-in file
+def test_inception_loader_uses_the_torchscript_convention(tmp_path):
+    class Net(torch.nn.Module):  # stands in for inception-2015-12-05.pt: uint8 NCHW -> features
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = x.to(torch.float32)
+            return torch.stack([x.mean(dim=(1, 2, 3)), x[:, 0].amax(dim=(1, 2))], dim=1)
+
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(Net()), str(path))
+    extractor, status = load_inception(path)
+    images = rng.random((3, 8, 8, 3))
+    pixels = np.round(images * 255)
+    want = np.stack([pixels.mean(axis=(1, 2, 3)), pixels[..., 0].max(axis=(1, 2))], axis=1)
+    np.testing.assert_allclose(extractor(images), want, rtol=1e-6)
+    assert "FID/KID on" in status
+
+
+# ------------------------------------------------------------------------------------------------
+# Novelty
+
+
+def test_novelty_by_hand():
+    train = np.array([[0.0], [1.0], [3.0]])  # nearest-neighbour distances 1, 1, 2: median 1, min 1
+    gen = np.array([[0.0], [0.5], [6.0]])  # nearest training distances 0, 0.5, 3
+    result = metrics.novelty(dist(gen, train), dist(train, train))
+    np.testing.assert_allclose(result.ratios, [0.0, 0.5, 3.0])
+    assert result.median_ratio == 0.5
+    assert result.copy_fraction == pytest.approx(2 / 3)
+    assert (result.train_nn_median, result.train_nn_min) == (1.0, 1.0)
+    with pytest.raises(HDAError, match="non-negative"):
+        metrics.novelty(-dist(gen, train), dist(train, train))
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines
+
+
+def test_copy_baseline_draws_training_rows_without_repeats():
+    train = torch.randn(5, 7)
+    samples, index = baselines.copy_samples(train, 12, seed=4)
+    assert torch.equal(samples, train[index])
+    assert sorted(index[:5].tolist()) == list(range(5)) and sorted(index[5:10].tolist()) == list(range(5))
+    again, _ = baselines.copy_samples(train, 12, seed=4)
+    assert torch.equal(samples, again)
+
+
+def test_pca_baseline_spans_the_training_set_with_its_variances():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(6, 40, generator=gen) * torch.linspace(0.1, 2.0, 40)
+    mean, components, variances = baselines.fit_pca(train)
+    assert components.shape[0] == 5  # rank N-1
+    torch.testing.assert_close(components @ components.T, torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    centred = train.double() - train.double().mean(0)
+    # The coefficients of the training vectors have exactly the stated variances.
+    coeff = centred @ components.T
+    torch.testing.assert_close(coeff.var(0), variances, rtol=1e-8, atol=0)
+    samples = baselines.pca_samples(train, 4000, seed=1).double()
+    # Samples stay in the affine span of the training vectors ...
+    residual = (samples - mean) - ((samples - mean) @ components.T) @ components
+    assert residual.abs().max() < 1e-4
+    # ... with the training set's covariance along each component (4000 draws: within ~10%).
+    sample_var = ((samples - mean) @ components.T).var(0)
+    assert ((sample_var / variances - 1).abs() < 0.12).all()
+    assert torch.equal(baselines.pca_samples(train, 3, seed=1), baselines.pca_samples(train, 3, seed=1))
+    with pytest.raises(HDAError, match="N >= 2"):
+        baselines.pca_samples(train[:1], 3, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gallery and plausibility
+
+GALLERY = GalleryConfig(poses=("walk@0.25", "squat@0.5"), azimuths_deg=(0.0, 180.0), size=48)
+
+
+def tiny_avatar(seed=0, colour_seed=None):
+    config = load_config("tiny")
+    avatar = Avatar.from_init(load_body(), config.uv.res, config.unet, config.gaussians, seed=seed)
+    if colour_seed is not None:
+        gen = torch.Generator().manual_seed(colour_seed)
+        with torch.no_grad():  # a trained-looking avatar: colour structure and small offsets
+            avatar.unet.outc.weight[11:14].normal_(0, 0.5, generator=gen)
+            avatar.unet.outc.bias[11:14] = torch.randn(3, generator=gen) * 0.5
+            avatar.unet.outc.bias[0:3] = torch.randn(3, generator=gen) * 0.3
+    return avatar
+
+
+def brute_silhouette(pix, faces, width, height):
+    mask = np.zeros((height, width), bool)
+    for y, x in itertools.product(range(height), range(width)):
+        p = np.array([x + 0.5, y + 0.5])
+        for f in faces:
+            a, b, c = pix[f[0]], pix[f[1]], pix[f[2]]
+            m = np.array([b - a, c - a]).T
+            if abs(np.linalg.det(m)) < 1e-12:
+                continue
+            u, v = np.linalg.solve(m, p - a)
+            if u >= -1e-9 and v >= -1e-9 and u + v <= 1 + 1e-9:
+                mask[y, x] = True
+                break
+    return mask
+
+
+def test_mesh_silhouette_matches_point_in_triangle_loops():
+    gen = np.random.default_rng(5)
+    verts = np.c_[gen.uniform(-1, 1, (12, 2)), gen.uniform(2, 4, 12)]
+    faces = np.array([gen.choice(12, 3, replace=False) for _ in range(8)])
+    view = torch.eye(4)
+    K = torch.tensor([[20.0, 0, 12], [0, 20.0, 10], [0, 0, 1]])
+    mask = mesh_silhouette(torch.tensor(verts), torch.tensor(faces), view, K, 24, 20)
+    pix = (verts @ K.double().numpy().T)[:, :2] / verts[:, 2:]
+    want = brute_silhouette(pix, faces, 24, 20)
+    assert mask.sum() > 20 and np.array_equal(mask.numpy(), want)
+
+
+def test_gallery_frames_every_pose_and_psnr_distance_is_pooled_mse():
+    body = load_body()
+    views = gallery_views(body, GALLERY)
+    verts = pose_body(body, views.poses).vertices
+    for p, c in itertools.product(range(2), range(2)):
+        cam = verts[p] @ views.viewmats[c, :3, :3].T + views.viewmats[c, :3, 3]
+        pix = (cam @ views.Ks[c].T)[:, :2] / cam[:, 2:]
+        assert (pix > 0).all() and (pix < GALLERY.size).all()
+    masks = body_silhouettes(body, views)
+    assert masks.shape == (4, 48, 48) and 0.02 < masks.float().mean() < 0.5
+    torch.testing.assert_close(parse_pose("walk@0.25"), views.poses[0])
+    with pytest.raises(HDAError, match="clip@phase"):
+        parse_pose("moonwalk@0.5")
+    a, b = torch.rand(2, 4, 6, 6, 3), torch.rand(3, 4, 6, 6, 3)
+    d = psnr_distance(mse_matrix(a, b))
+    assert d[1, 2] == pytest.approx(-float(psnr(a[1], b[2])), abs=1e-4)
+    assert psnr_distance(mse_matrix(a, a))[0, 0] == -100.0  # identical galleries: the MSE floor
+    w = weight_distance_matrix(a.flatten(1), b.flatten(1))
+    assert w[0, 1] == pytest.approx(float((a[0] - b[1]).norm()), rel=1e-6)
+
+
+def test_plausibility_passes_a_trained_like_avatar_and_names_each_failure():
+    body = load_body()
+    views = gallery_views(body, GALLERY)
+    masks = body_silhouettes(body, views)
+
+    def verdict(edit=None):
+        avatar = tiny_avatar(0, colour_seed=3)
+        if edit:
+            with torch.no_grad():
+                edit(avatar.unet.outc)
+        return check_plausible(avatar, views, body_masks=masks)
+
+    good = verdict()
+    assert good.ok and good.failed == [] and good.stats["body_coverage"] > 0.9
+    cases = {
+        "finite": lambda conv: conv.weight.view(-1)[7].fill_(float("nan")),
+        "scale": lambda conv: conv.bias[3:6].add_(10.0),  # log-scale channels
+        "bbox": lambda conv: conv.bias[0:3].add_(100.0),  # offsets of 5 m
+        "silhouette": lambda conv: conv.bias[10].fill_(-30.0),  # opacity ~ 0
+    }
+    words = {"finite": "NaN", "scale": "exploded", "bbox": "outside the body", "silhouette": "silhouette"}
+    for check, edit in cases.items():
+        result = verdict(edit)
+        assert not result.ok and result.failed == [check], (check, result)
+        assert words[check] in result.reasons[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# hda eval-gen end to end
+
+ARGS = ["--preset", "tiny", "--size", "48", "--cameras", "2", "--poses", "walk@0.25,squat@0.5"]
+
+
+def write_reference(folder, count=6):
+    """Tiny subjects from one consistent initialisation, differing in colour and offsets like fits do."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        save_avatar(tiny_avatar(0, colour_seed=100 + i), folder / f"subj_{i}.hda.safetensors", origin=f"test:{i}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalgen")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HDA_CACHE_DIR", str(root / "cache"))
+        mp.delenv("HDA_INCEPTION", raising=False)
+        ref = write_reference(root / "ref")
+        out = root / "out"
+        code = main(["eval-gen", "--reference", str(ref), "--samples", f"given={ref}", "--out", str(out), *ARGS])
+    assert code == 0
+    return ref, out, json.loads((out / "eval_gen.json").read_text())
+
+
+def test_eval_gen_copy_row_is_memorisation(evaluated):
+    _, _, report = evaluated
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["copy", "pca", "given"]
+    for name in ("copy", "given"):  # the reference files themselves, drawn or given
+        row = rows[name]
+        assert row["one_nna_psnr"] == 0.0 and row["cov_psnr"] == 1.0 and row["mmd_psnr_db"] == 100.0
+        assert row["novelty_weight"]["median_ratio"] == 0.0 and row["novelty_weight"]["copy_fraction"] == 1.0
+        assert row["novelty_image"]["median_ratio"] == 0.0
+        assert row["plausible_fraction"] == 1.0
+    assert rows["given"]["seconds_per_identity"] is None and rows["copy"]["seconds_per_identity"] > 0
+
+
+def test_eval_gen_pca_row_is_new_and_in_the_training_span(evaluated):
+    ref, out, report = evaluated
+    row = next(r for r in report["rows"] if r["name"] == "pca")
+    assert row["count"] == 6 and row["novelty_weight"]["median_ratio"] > 0.1
+    assert 0.0 < row["one_nna_psnr"] <= 1.0 and 0.0 < row["cov_psnr"] <= 1.0
+    train = load_weight_set(ref).vectors.double()
+    samples = load_weight_set(out / "samples" / "pca").vectors.double()
+    basis = torch.linalg.qr((train - train.mean(0)).T).Q  # [D, 6] spans the centred training set
+    residual = (samples - train.mean(0)) - ((samples - train.mean(0)) @ basis) @ basis.T
+    assert residual.abs().max() < 1e-4
+    # Nearest references as reported are the argmax-PSNR over independently re-rendered galleries.
+    body, views = load_body(), gallery_views(load_body(), GALLERY)
+    from hda_backend.avatar.io import load_avatar
+
+    first = render_avatar(load_avatar(row["files"][0], body), views)[0]
+    refs = [render_avatar(load_avatar(p, body), views)[0] for p in sorted(ref.glob("*.hda.safetensors"))]
+    scores = [float(psnr(first, r)) for r in refs]
+    assert row["samples"][0]["nearest_reference"] == f"subj_{int(np.argmax(scores))}"
+    assert row["samples"][0]["nearest_psnr_db"] == pytest.approx(max(scores), abs=1e-3)
+
+
+def test_eval_gen_writes_table_sheet_and_sample_files(evaluated):
+    _, out, report = evaluated
+    table = (out / "eval_gen.md").read_text()
+    assert "| copy (baseline, 6) | 100.00 | 100.0 | 0.0 |" in table
+    assert "FID/KID off" in table and "## Protocol" in table
+    sheet = Image.open(out / "samples_vs_nearest.png")
+    assert sheet.size[0] == 12 * 144 and sheet.size[1] == 3 * (144 + 14)  # 6 pairs per row, tiles zoomed 3x
+    files = sorted((out / "samples" / "copy").glob("*.hda.safetensors"))
+    assert len(files) == 6
+    meta, _ = read_avatar_file(files[0])
+    assert meta["origin"].startswith("baseline:copy:")
+
+
+def run_error(args, capsys):
+    code = main(["eval-gen", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("hda: error:") and "\n" not in err, err
+    return err
+
+
+def test_eval_gen_bad_inputs(tmp_path, capsys):
+    ref = write_reference(tmp_path / "ref", count=3)
+    out = ["--out", str(tmp_path / "out")]
+    (tmp_path / "empty").mkdir()
+    assert "no avatar files" in run_error(["--reference", str(tmp_path / "empty"), *out, *ARGS], capsys)
+    assert "--n 0" in run_error(["--reference", str(ref), "--n", "0", *out, *ARGS], capsys)
+    assert "--n 5000" in run_error(["--reference", str(ref), "--n", "5000", *out, *ARGS], capsys)
+    err = run_error(["--reference", str(ref), "--model", f"m={tmp_path / 'nope.safetensors'}", *out, *ARGS], capsys)
+    assert "diffusion model file not found" in err
+    assert "NAME=PATH" in run_error(["--reference", str(ref), "--samples", "nodir", *out, *ARGS], capsys)
+    assert "given twice" in run_error(["--reference", str(ref), "--samples", f"a={ref}", "--samples", f"a={ref}",
+                                       *out, *ARGS], capsys)
+    assert "clip@phase" in run_error(["--reference", str(ref), *out, "--preset", "tiny", "--poses", "fly@2"], capsys)
+    # Another architecture in the reference folder, and as a samples row.
+    other = tmp_path / "other"
+    other.mkdir()
+    config = load_config("tiny")
+    wide = Avatar.from_init(load_body(), config.uv.res, UNetConfig(width=8, levels=2), config.gaussians, seed=0)
+    save_avatar(wide, other / "wide.hda.safetensors")
+    err = run_error(["--reference", str(ref), "--samples", f"w={other}", *out, *ARGS], capsys)
+    assert "field 'unet'" in err and "wide.hda.safetensors" in err
+    save_avatar(wide, ref / "zz_wide.hda.safetensors")
+    assert "field 'unet'" in run_error(["--reference", str(ref), *out, *ARGS], capsys)
+    (ref / "zz_wide.hda.safetensors").unlink()
+    # A NaN weight in an avatar file.
+    meta, tensors = read_avatar_file(ref / "subj_0.hda.safetensors")
+    tensors["outc.bias"][0] = float("nan")
+    save_file(tensors, str(ref / "subj_0.hda.safetensors"), metadata=meta)
+    assert "NaN" in run_error(["--reference", str(ref), *out, *ARGS], capsys)
+    # A truncated file.
+    (ref / "subj_0.hda.safetensors").write_bytes(b"\x00" * 7)
+    assert "subj_0" in run_error(["--reference", str(ref), *out, *ARGS], capsys)
