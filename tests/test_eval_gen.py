@@ -17,8 +17,8 @@ from hda_backend.body import load_body, pose_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
 from hda_backend.diffusion import baselines, metrics
-from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, parse_pose,
-                                           psnr_distance, render_avatar, weight_distance_matrix)
+from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, pairwise,
+                                           parse_pose, psnr_distance, render_avatar, weight_distance_matrix)
 from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible, mesh_silhouette
 from hda_backend.diffusion.weights import load_weight_set
 from hda_backend.errors import HDAError
@@ -317,6 +317,10 @@ def test_gallery_frames_every_pose_and_psnr_distance_is_pooled_mse():
     assert psnr_distance(mse_matrix(a, a))[0, 0] == -100.0  # identical galleries: the MSE floor
     w = weight_distance_matrix(a.flatten(1), b.flatten(1))
     assert w[0, 1] == pytest.approx(float((a[0] - b[1]).norm()), rel=1e-6)
+    # Chunked visits of b (one gallery per chunk here) give the same matrix as a plain double loop.
+    chunked = pairwise(a, b, lambda x, ys: ((ys - x[None]) ** 2).flatten(1).mean(1), chunk_elements=1)
+    loops = [[float(((a[i] - b[j]) ** 2).mean()) for j in range(3)] for i in range(2)]
+    np.testing.assert_allclose(chunked, loops, rtol=1e-6)
 
 
 def test_plausibility_passes_a_trained_like_avatar_and_names_each_failure():

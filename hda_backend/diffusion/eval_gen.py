@@ -80,13 +80,17 @@ PROTOCOL = """\
 - **1-NNA**: leave-one-out 1-NN classifier over samples ∪ references with D; an avatar's own
   zero distance is excluded, other exact duplicates count; ties score the fraction of tied
   neighbours from the same set. 50% = indistinguishable; ≪50% = samples sit on top of references
-  (copies give 0%); 100% = separable.
+  (copies give 0%); 100% = separable. (The paper reads its 1-NNA of 15.7% as "lower is better"; by
+  the standard definition used here 50% is ideal, so read it together with the novelty columns.)
 - **FID / KID**: {fid_note}
 - **Novelty**: each sample's distance to its nearest training avatar divided by the median
   nearest-neighbour distance among training avatars (median over samples; 0 = copies, ~1 = as new as
   a training subject is to the others), in weight space (L2 between weight vectors) and image space
   (RMS over the gallery). "copies" = fraction of samples nearer a training avatar than the closest
-  pair of training avatars.
+  pair of training avatars. In weight space, with few training avatars in hundreds of thousands of
+  dimensions, a blend of several subjects (e.g. a `pca` sample) is also nearer each of them than they
+  are to each other, so weight-space "copies" flags interpolations too; the image columns and the
+  median ratio tell the two apart.
 - **Plausible**: fraction of samples passing all checks of `hda_backend/diffusion/plausibility.py`
   (finite weights and Gaussians, no exploded scales, centres inside the posed body's box + margin,
   silhouette coverage and area vs the body mesh's silhouette).

@@ -166,9 +166,16 @@ def render_gallery(avatars: Iterable[Avatar], views: GalleryViews, backend: str 
 # Distances
 
 
-def pairwise(a: torch.Tensor, b: torch.Tensor, pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """[Na,Nb] matrix of ``pair(a[i], b)``; a: [Na,...], b: [Nb,...]; pair(x [...], b [Nb,...]) -> [Nb]."""
-    return np.stack([pair(a[i], b).double().cpu().numpy() for i in range(a.shape[0])])
+def pairwise(a: torch.Tensor, b: torch.Tensor, pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             chunk_elements: int = 1 << 24) -> np.ndarray:
+    """[Na,Nb] matrix of ``pair(a[i], b)``; a: [Na,...], b: [Nb,...]; pair(x [...], ys [M,...]) -> [M].
+
+    ``b`` is visited in chunks of about ``chunk_elements`` values, so the temporaries of ``pair`` stay
+    bounded (hundreds of galleries of ~600k values each would otherwise need gigabytes).
+    """
+    step = max(1, chunk_elements // max(1, b[0].numel()))
+    return np.stack([np.concatenate([pair(a[i], b[j:j + step]).double().cpu().numpy()
+                                     for j in range(0, b.shape[0], step)]) for i in range(a.shape[0])])
 
 
 def mse_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
