@@ -443,6 +443,9 @@ def test_eval_gen_bad_inputs(tmp_path, capsys):
     assert "NAME=PATH" in run_error(["--reference", str(ref), "--samples", "nodir", *out, *ARGS], capsys)
     assert "given twice" in run_error(["--reference", str(ref), "--samples", f"a={ref}", "--samples", f"a={ref}",
                                        *out, *ARGS], capsys)
+    assert "--steps 0" in run_error(["--reference", str(ref), "--steps", "0", *out, *ARGS], capsys)
+    assert "nothing to evaluate" in run_error(["--reference", str(ref), "--baselines", "none", *out, *ARGS], capsys)
+    assert "baseline 'gan'" in run_error(["--reference", str(ref), "--baselines", "copy,gan", *out, *ARGS], capsys)
     assert "clip@phase" in run_error(["--reference", str(ref), *out, "--preset", "tiny", "--poses", "fly@2"], capsys)
     # Another architecture in the reference folder, and as a samples row.
     other = tmp_path / "other"
