@@ -11,7 +11,7 @@ outputs zeros gives Gaussians tiling the template:
   blended skinning rotation (``skin_rotations``) or the global orientation only (the UNet then
   predicts pose-dependent orientation itself, as in ASH);
 - opacity = sigmoid(raw + logit(init_opacity));
-- SH      = raw (a zero DC term renders as 0.5 grey after gsplat's +0.5 offset).
+- SH      = raw (a zero DC term renders as 0.5 grey after gsplat's +0.5 offset), zero above ``sh_degree``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class GaussianConfig:
     tangent_scale: float = 0.6  # base in-surface scale, in texel spacings
     normal_scale: float = 0.15  # base scale along the normal, in texel spacings
     skin_rotations: bool = True
+    # Highest SH degree rendered. Coefficients above it are zeroed, so a ring of a few cameras cannot
+    # overfit view-dependent colour that no held-out camera would agree with.
+    sh_degree: int = SH_DEGREE
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,4 +134,7 @@ def decode(raw: torch.Tensor, binding: TexelBinding, rest_vertices: torch.Tensor
     logit = math.log(config.init_opacity / (1.0 - config.init_opacity))
     opacities = torch.sigmoid(raw[..., CHANNELS["opacity"]][..., 0] + logit)
     sh = raw[..., CHANNELS["sh"]].reshape(*raw.shape[:2], SH_COEFFS, 3)
+    if config.sh_degree < SH_DEGREE:
+        sh = torch.cat([sh[:, :, :(config.sh_degree + 1) ** 2],
+                        sh.new_zeros(*sh.shape[:2], SH_COEFFS - (config.sh_degree + 1) ** 2, 3)], 2)
     return Gaussians(means, quats, scales, opacities, sh)

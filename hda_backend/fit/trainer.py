@@ -79,15 +79,19 @@ def crop_box(mask: torch.Tensor, margin: float, minimum: int = 16) -> tuple[int,
     return max(0, x0 - grow_x), max(0, y0 - grow_y), min(width, x1 + grow_x), min(height, y1 + grow_y)
 
 
-def render_view(avatar: Avatar, subject: Subject, cam: int, frame: int, box=None, backend: str = "auto"):
-    """Render the avatar as camera ``cam`` sees frame ``frame``: (rgb [h,w,3], alpha [h,w]) for the crop box."""
+def render_view(avatar: Avatar, subject: Subject, cam: int, frame: int, box=None, backend: str = "auto",
+                sh_degree: int | None = None):
+    """Render the avatar as camera ``cam`` sees frame ``frame``: (rgb [h,w,3], alpha [h,w]) for the crop box.
+
+    ``sh_degree``: the SH bands to evaluate (default: the avatar's ``gaussians.sh_degree``)."""
     x0, y0, x1, y1 = box or (0, 0, subject.width, subject.height)
     K = subject.Ks[cam].clone()
     K[0, 2] -= x0
     K[1, 2] -= y0
     g = avatar(subject.poses[frame:frame + 1], subject.transl[frame:frame + 1]).index(0)
+    degree = avatar.gaussian_config.sh_degree if sh_degree is None else sh_degree
     rgb, alpha = render_gaussians(g, subject.viewmats[cam], K, x1 - x0, y1 - y0,
-                                  background=subject.background, backend=backend)
+                                  background=subject.background, backend=backend, sh_degree=degree)
     return rgb, alpha[..., 0]
 
 
@@ -234,7 +238,7 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         cam, frame = views[int(torch.randint(len(views), (1,), generator=generator))]
         image, mask = data(cam, frame)
         x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
-        rgb, alpha = render_view(avatar, subject, cam, frame, box, backend)
+        rgb, alpha = render_view(avatar, subject, cam, frame, box, backend, sh_degree(fit, config, step))
         gt = image[y0:y1, x0:x1]
         loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
         if not torch.isfinite(loss):
@@ -273,6 +277,13 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
               log_y=(True, False)).save(paths.curve)
     side_by_side(avatar, subject, backend).save(paths.views)
     return FitResult(avatar, total, seconds, _last_psnr(history), paths)
+
+
+def sh_degree(fit, config: Config, step: int) -> int:
+    """SH bands rendered at ``step``: 3DGS's warm-up, one band more every ``fit.sh_degree_every`` steps."""
+    if fit.sh_degree_every == 0:
+        return config.gaussians.sh_degree
+    return min(config.gaussians.sh_degree, step // fit.sh_degree_every)
 
 
 def _last_psnr(history: list[dict]) -> float:

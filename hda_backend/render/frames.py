@@ -34,12 +34,14 @@ def clay_colors(g: Gaussians, viewmat: torch.Tensor) -> torch.Tensor:
 
 def render_gaussians(g: Gaussians, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
                      background=None, shading: str = "flat", backend: str = "auto",
-                     render_mode: str = "RGB") -> tuple[torch.Tensor, torch.Tensor]:
-    """One camera: Gaussians of one avatar (no batch dim) -> (colors [H,W,3(+1)], alpha [H,W,1])."""
+                     render_mode: str = "RGB", sh_degree: int = SH_DEGREE) -> tuple[torch.Tensor, torch.Tensor]:
+    """One camera: Gaussians of one avatar (no batch dim) -> (colors [H,W,3(+1)], alpha [H,W,1]).
+
+    ``sh_degree`` limits the SH bands evaluated (a fit's warm-up renders low degrees first)."""
     if shading == "clay":
         colors, sh_degree = clay_colors(g, viewmat), None
     else:
-        colors, sh_degree = g.sh, SH_DEGREE
+        colors = g.sh
     bg = None if background is None else torch.as_tensor(background, dtype=torch.float32)[None]
     out, alpha, _ = rasterize(g.means, g.quats, g.scales, g.opacities, colors, viewmat[None], K[None],
                               width, height, sh_degree=sh_degree, backgrounds=bg, render_mode=render_mode,
