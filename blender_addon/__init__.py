@@ -19,15 +19,15 @@ def addon_id() -> str:
 
 def _classes():
     from .. import operators
-    from . import preferences, ui
+    from . import preferences, props, ui
 
-    return (*preferences.CLASSES, *operators.CLASSES, *ui.CLASSES)
+    return (*preferences.CLASSES, *props.CLASSES, *operators.CLASSES, *ui.CLASSES)
 
 
 def register():
     import bpy
 
-    from . import preferences
+    from . import handlers, preferences, props
 
     if _registered:  # enabled twice without a disable in between: start from a clean slate
         unregister()
@@ -35,6 +35,8 @@ def register():
         for cls in _classes():
             bpy.utils.register_class(cls)
             _registered.append(cls)
+        props.register_properties()
+        handlers.register()
         preferences.sync_sys_path()
     except Exception:
         unregister()
@@ -45,9 +47,12 @@ def unregister():
     import bpy
 
     from .. import operators
-    from . import preferences
+    from . import handlers, preferences, props, runtime
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
+    handlers.unregister()
+    runtime.clear()
+    props.unregister_properties()
     preferences.forget_sys_path()
     while _registered:
         bpy.utils.unregister_class(_registered.pop())

@@ -1,0 +1,303 @@
+"""Session caches of the avatars in the open file: loaded UNets and rendered frames. Never saved.
+
+Keys are :func:`props.object_key` strings (object name + saved uid), never references to Blender
+data: after undo or File > Open every ``bpy.types.ID`` may be a new Python object, while the key
+still finds the right entry. A cache entry also remembers the *signature* of the properties it
+was built from (avatar file and its modification time, seeds, body, preset, device), so editing a
+property or replacing the avatar file is picked up without any update callback.
+
+Everything here runs on the main thread, synchronously: handlers call it while Blender renders
+(``blender -b -a`` runs no timers), so there is no worker thread to hand bpy data to.
+
+Images are what Blender's compositor expects: linear (scene-referred) RGB premultiplied by alpha,
+rows top to bottom. The avatar's own colours are display (sRGB-encoded) values, the space its
+training images were in, so they are linearised here; Blender's view transform (Standard) turns
+them back into the colours the backend renders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from ..hda_backend.errors import HDAError
+from .props import object_key
+
+FRAME_CACHE_BYTES = 512 * 2**20   # rendered frames kept for scrubbing back
+DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Blender's background depth)
+ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
+
+_avatars: dict = {}      # key -> (signature, Avatar)
+_bodies: dict = {}       # resolved body path -> BodyModel
+_layouts: dict = {}      # body sha256 -> rig.BoneLayout
+_frames: OrderedDict = OrderedDict()   # frame key -> (rgba, depth), least recently used first
+_frame_bytes = 0
+errors: dict = {}        # object key -> last error line, for the sidebar
+timings: dict = {}       # object key -> {stage: milliseconds} of the last frame actually rendered
+stats = {"hits": 0, "misses": 0}
+
+
+# ------------------------------------------------------------------------------------------ avatars
+def _abspath(path: str) -> str:
+    import bpy
+
+    return os.path.abspath(os.path.expanduser(bpy.path.abspath(path))) if path else ""
+
+
+def body_file(obj) -> str | None:
+    """The body file this avatar uses (absolute), or None for $HDA_SMPLX_PATH / the bundled body."""
+    from .preferences import body_path as prefs_body_path
+
+    return _abspath(obj.hda.body_path.strip()) or prefs_body_path()
+
+
+def signature(obj) -> tuple:
+    """What the avatar's UNet is built from; a change means a new avatar."""
+    h = obj.hda
+    path = _abspath(h.avatar_path.strip())
+    stamp = None
+    if path:
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = "missing"
+    identity = (path, stamp) if path else (h.seed, h.seed_b if h.identity_mix > 0 else None,
+                                           round(h.identity_mix, 6) if h.seed_b != h.seed else 0.0, h.uv_preset)
+    return identity + (body_file(obj), h.device)
+
+
+def get_body(path: str | None):
+    """A body model, loaded once per session and file (path None: $HDA_SMPLX_PATH or the bundled body)."""
+    from ..hda_backend.body import load_body, resolve_body_path
+
+    resolved = str(resolve_body_path(path))
+    if resolved not in _bodies:
+        _bodies[resolved] = load_body(resolved)
+    return _bodies[resolved]
+
+
+def get_layout(body):
+    """The armature layout (rig.BoneLayout) of ``body``."""
+    from ..hda_backend import rig
+
+    if body.sha256 not in _layouts:
+        _layouts[body.sha256] = rig.bone_layout(body)
+    return _layouts[body.sha256]
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HDAError("avatar device 'cuda': this torch has no CUDA device, expected device 'cpu'")
+    return torch.device(name)
+
+
+def _seed_avatar(obj, body):
+    """A consistently initialised avatar for the object's seed, blended in weight space towards the
+    second seed by ``identity_mix`` (consistent initialisation keeps the weights aligned)."""
+    import torch
+
+    from ..hda_backend.avatar.model import Avatar
+    from ..hda_backend.avatar.unet import AvatarUNet, init_unet
+    from ..hda_backend.config import load_config
+
+    h = obj.hda
+    config = load_config(h.uv_preset)
+    avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=h.seed)
+    if h.identity_mix > 0 and h.seed_b != h.seed:
+        other = init_unet(AvatarUNet(config.unet), h.seed_b).state_dict()
+        with torch.no_grad():
+            for name, tensor in avatar.unet.state_dict().items():
+                tensor.lerp_(other[name], float(h.identity_mix))
+    return avatar
+
+
+def get_avatar(obj):
+    """The avatar of ``obj`` (an avatar armature): its file when ``avatar_path`` is set, else the
+    embedded default model when the extension ships one, else the consistent-init identity of its
+    seed. Raises HDAError (one line) for a missing or corrupt file, a wrong body, a bad device."""
+    from ..hda_backend.avatar.io import load_avatar
+
+    key, sig = object_key(obj), signature(obj)
+    cached = _avatars.get(key)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    _drop(key)
+    device = _device(obj.hda.device)
+    body = get_body(body_file(obj))
+    path = _abspath(obj.hda.avatar_path.strip())
+    avatar = load_avatar(path, body) if path else _seed_avatar(obj, body)
+    avatar = avatar.to(device).eval()
+    _avatars[key] = (sig, avatar)
+    errors.pop(key, None)
+    return avatar
+
+
+def invalidate(obj) -> None:
+    """Forget the avatar and frames of ``obj`` (its file changed in place, or it was removed)."""
+    _drop(object_key(obj))
+
+
+def _drop(key: str) -> None:
+    global _frame_bytes
+    _avatars.pop(key, None)
+    timings.pop(key, None)
+    for fk in [k for k in _frames if k[0] == key]:
+        rgba, depth = _frames.pop(fk)
+        _frame_bytes -= rgba.nbytes + depth.nbytes
+
+
+def clear() -> None:
+    """Forget everything (unregister, File > Open, undo)."""
+    global _frame_bytes
+    _avatars.clear()
+    _bodies.clear()
+    _layouts.clear()
+    _frames.clear()
+    _frame_bytes = 0
+    errors.clear()
+    timings.clear()
+    stats.update(hits=0, misses=0)
+
+
+# ------------------------------------------------------------------------------------------- frames
+def read_pose(obj, depsgraph, layout) -> tuple[np.ndarray, np.ndarray]:
+    """SMPL-X (pose [165], transl [3]) of the *evaluated* armature (actions, drivers, constraints, IK)."""
+    from ..hda_backend import rig
+
+    evaluated = obj.evaluated_get(depsgraph)
+    bones = evaluated.pose.bones
+    flat = np.empty(len(bones) * 16, dtype=np.float32)
+    bones.foreach_get("matrix", flat)
+    index = {b.name: i for i, b in enumerate(bones)}
+    missing = [n for n in layout.names if n not in index]
+    if missing:
+        raise HDAError(f"armature '{obj.name}': bone '{missing[0]}' is missing, expected the 55 SMPL-X bones")
+    # foreach_get gives each 4x4 column by column.
+    matrices = flat.reshape(-1, 4, 4).transpose(0, 2, 1)[[index[n] for n in layout.names]]
+    return rig.pose_from_bone_matrices(matrices.astype(np.float64), layout)
+
+
+def camera_matrices(obj, depsgraph, camera, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(viewmat [4,4], K [3,3]) of ``camera`` for the avatar ``obj`` (its body frame), at the render's
+    pixel aspect; see rig.camera_from_blender."""
+    from ..hda_backend import rig
+
+    if camera is None or camera.type != 'CAMERA':
+        raise HDAError("scene camera: none is set, expected a camera object (Scene > Camera)")
+    if camera.data.type != 'PERSP':
+        raise HDAError(f"camera '{camera.name}': type {camera.data.type}, expected a perspective camera")
+    cam = camera.evaluated_get(depsgraph)
+    render = depsgraph.scene_eval.render
+    proj = cam.calc_matrix_camera(depsgraph, x=int(width), y=int(height),
+                                  scale_x=render.pixel_aspect_x, scale_y=render.pixel_aspect_y)
+    return rig.camera_from_blender(np.array(cam.matrix_world), np.array(proj), width, height,
+                                   np.array(obj.evaluated_get(depsgraph).matrix_world))
+
+
+def shading(obj) -> str:
+    mode = obj.hda.shading
+    if mode == "AUTO":
+        return "flat" if obj.hda.avatar_path.strip() else "clay"
+    return mode.lower()
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        # Rounded so that float noise from re-evaluating the same keyframes hits the cache.
+        h.update(np.round(np.asarray(a, dtype=np.float64), 6).astype(np.float32).tobytes())
+    return h.hexdigest()
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0,1] -> linear (the IEC 61966-2-1 curve)."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
+    """Render the avatar of ``obj`` at an SMPL-X pose through an OpenCV camera (no bpy evaluation).
+
+    pose [165], transl [3] (body frame); viewmat [4,4] (body frame -> camera), K [3,3]. Returns
+    (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32 camera z, DEPTH_FAR where empty);
+    both read-only and shared with the frame cache.
+    """
+    global _frame_bytes
+    import torch
+
+    from ..hda_backend.render.frames import render_gaussians
+
+    key = object_key(obj)
+    avatar = get_avatar(obj)
+    mode = shading(obj)
+    frame_key = (key, _avatars[key][0], _digest(pose, transl), _digest(viewmat, K), int(width), int(height), mode)
+    hit = _frames.get(frame_key)
+    if hit is not None:
+        _frames.move_to_end(frame_key)
+        stats["hits"] += 1
+        return hit
+    stats["misses"] += 1
+    device = next(avatar.parameters()).device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        g = avatar(torch.as_tensor(pose, dtype=torch.float32, device=device).reshape(1, -1),
+                   torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(1, 3)).index(0)
+        t1 = time.perf_counter()
+        out, alpha = render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32, device=device),
+                                      torch.as_tensor(K, dtype=torch.float32, device=device),
+                                      int(width), int(height), shading=mode, render_mode="RGB+ED")
+        out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
+    t2 = time.perf_counter()
+    rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])
+    t3 = time.perf_counter()
+    timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
+    _frames[frame_key] = (rgba, depth)
+    _frame_bytes += rgba.nbytes + depth.nbytes
+    while _frame_bytes > FRAME_CACHE_BYTES and len(_frames) > 1:
+        old_rgba, old_depth = _frames.popitem(last=False)[1]
+        _frame_bytes -= old_rgba.nbytes + old_depth.nbytes
+    return rgba, depth
+
+
+def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rasterizer output -> compositing layer.
+
+    rgb [H,W,3] premultiplied display colours, alpha [H,W], depth [H,W] expected depth (0 where
+    empty). Returns (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32, DEPTH_FAR where
+    the avatar does not cover the pixel); both read-only.
+    """
+    a = np.clip(alpha, 0.0, 1.0)
+    straight = np.clip(rgb / np.maximum(a, 1e-6)[..., None], 0.0, 1.0)
+    rgba = np.empty(rgb.shape[:2] + (4,), dtype=np.float32)
+    rgba[..., :3] = srgb_to_linear(straight) * a[..., None]
+    rgba[..., 3] = a
+    z = np.where(a > ALPHA_EMPTY, depth, DEPTH_FAR).astype(np.float32)
+    rgba.flags.writeable = False
+    z.flags.writeable = False
+    return rgba, z
+
+
+def render_avatar(obj, depsgraph, camera, width: int, height: int):
+    """Render the avatar ``obj`` as posed in ``depsgraph`` through ``camera`` at width x height pixels.
+
+    Returns (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32 camera z in scene units,
+    DEPTH_FAR where empty), read-only and cached by (avatar, pose, camera, resolution). Raises
+    HDAError for bad input (missing file, no camera, a broken rig).
+    """
+    key = object_key(obj)
+    t0 = time.perf_counter()
+    layout = get_layout(get_avatar(obj).body)
+    pose, transl = read_pose(obj, depsgraph, layout)
+    viewmat, K = camera_matrices(obj, depsgraph, camera, width, height)
+    t1 = time.perf_counter()
+    misses = stats["misses"]
+    result = render_pose(obj, pose, transl, viewmat, K, width, height)
+    if stats["misses"] != misses:
+        timings[key]["pose"] = 1e3 * (t1 - t0)
+    return result

@@ -1,0 +1,115 @@
+"""Writing OpenEXR images (multi-layer channel names, float32, ZIP compression), numpy only.
+
+Blender's compositor reads an avatar's per-frame layer from EXR files: linear float RGBA plus a
+depth pass, the data a render farm needs without the add-on. This writes them without Blender or
+an OpenEXR binding: a single-part scanline file whose channels are named ``<layer>.<pass>.<channel>``
+(``HDA.Combined.R`` ... ``HDA.Depth.Z``), the naming Blender's own multi-layer EXRs use, so its
+Image node offers one output per pass.
+
+Layout (OpenEXR 2 file format): magic and version, header attributes, a table of chunk offsets,
+then chunks of 16 scanlines, each ``int32 y, int32 size, data`` with the block's lines one after the
+other and, within a line, each channel's values in channel-name order. ZIP compression (type 3)
+reorders the block's bytes into even/odd halves, stores byte differences (+128) and deflates them;
+a block that does not shrink is stored raw, as the format allows.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HDAError
+
+MAGIC = 20000630
+FLOAT = 2                  # OpenEXR pixel type FLOAT (32-bit)
+ZIP_COMPRESSION = 3
+LINES_PER_BLOCK = 16       # ZIP compresses 16 scanlines per chunk
+MAX_SIZE = 65536
+
+
+def _attribute(name: str, kind: str, value: bytes) -> bytes:
+    return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
+
+
+def _zip_block(raw: bytes) -> bytes:
+    data = np.frombuffer(raw, dtype=np.uint8)
+    reordered = np.concatenate([data[0::2], data[1::2]])
+    predicted = reordered.copy()
+    predicted[1:] = (reordered[1:].astype(np.int16) - reordered[:-1].astype(np.int16) + 128) & 0xFF
+    packed = zlib.compress(predicted.tobytes(), 6)
+    return packed if len(packed) < len(raw) else raw
+
+
+def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
+    """EXR file bytes of float32 channels {name: [H,W] array, row 0 at the top}."""
+    if not channels:
+        raise HDAError("EXR: no channels given, expected at least one [H,W] array")
+    names = sorted(channels)  # the format stores channels in name order
+    planes = [np.asarray(channels[n], dtype=np.float32) for n in names]
+    height, width = planes[0].shape if planes[0].ndim == 2 else (0, 0)
+    for name, plane in zip(names, planes):
+        if plane.ndim != 2 or plane.shape != (height, width):
+            raise HDAError(f"EXR channel '{name}': shape {plane.shape}, expected ({height}, {width}) like the others")
+        if not name or len(name) > 255 or "\0" in name:
+            raise HDAError(f"EXR channel name {name!r}: expected 1..255 characters without NUL")
+    if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
+        raise HDAError(f"EXR size {width}x{height}: expected 1..{MAX_SIZE} pixels per side")
+    chlist = b"".join(n.encode() + b"\0" + struct.pack("<iB3xii", FLOAT, 0, 1, 1) for n in names) + b"\0"
+    box = struct.pack("<iiii", 0, 0, width - 1, height - 1)
+    header = b"".join([
+        _attribute("channels", "chlist", chlist),
+        _attribute("compression", "compression", bytes([ZIP_COMPRESSION])),
+        _attribute("dataWindow", "box2i", box),
+        _attribute("displayWindow", "box2i", box),
+        _attribute("lineOrder", "lineOrder", b"\0"),
+        _attribute("pixelAspectRatio", "float", struct.pack("<f", 1.0)),
+        _attribute("screenWindowCenter", "v2f", struct.pack("<ff", 0.0, 0.0)),
+        _attribute("screenWindowWidth", "float", struct.pack("<f", 1.0)),
+    ]) + b"\0"
+    version = 2 | (0x400 if max(len(n) for n in names) > 31 else 0)  # long-names flag
+    prefix = struct.pack("<ii", MAGIC, version) + header
+    # [H, C, W]: within a scanline, channel after channel.
+    interleaved = np.ascontiguousarray(np.stack(planes, axis=1)).astype("<f4")
+    chunks = []
+    for y in range(0, height, LINES_PER_BLOCK):
+        block = _zip_block(interleaved[y:y + LINES_PER_BLOCK].tobytes())
+        chunks.append(struct.pack("<ii", y, len(block)) + block)
+    offset = len(prefix) + 8 * len(chunks)
+    table = bytearray()
+    for chunk in chunks:
+        table += struct.pack("<Q", offset)
+        offset += len(chunk)
+    return prefix + bytes(table) + b"".join(chunks)
+
+
+def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray]) -> Path:
+    """Write an EXR atomically (temporary file + rename): a reader never sees half a frame."""
+    path = Path(path)
+    data = encode_exr(channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> dict[str, np.ndarray]:
+    """Channels of a compositing layer: rgba [H,W,4] linear premultiplied, depth [H,W] -> EXR channels
+    ``<layer>.Combined.R/G/B/A`` and ``<layer>.Depth.Z``."""
+    rgba = np.asarray(rgba)
+    if rgba.ndim != 3 or rgba.shape[2] != 4 or np.shape(depth) != rgba.shape[:2]:
+        raise HDAError(f"layer: rgba {rgba.shape} and depth {np.shape(depth)}, expected [H,W,4] and [H,W]")
+    out = {f"{layer}.Combined.{c}": rgba[..., i] for i, c in enumerate("RGBA")}
+    out[f"{layer}.Depth.Z"] = np.asarray(depth)
+    return out

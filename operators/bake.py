@@ -1,0 +1,59 @@
+"""hda.bake_layer: pre-render the avatars' compositing layers of a frame range, for render farms.
+
+A farm renders the saved .blend with ``blender -b file.blend -a`` and may not have this add-on (or
+torch): the compositor then reads the layer files baked here. Synchronous on purpose: it is also
+what a render script calls in ``blender -b``, where no timer or modal operator runs.
+"""
+
+import bpy
+from bpy.props import IntProperty
+
+from ..blender_addon import compositor, layers
+from ..blender_addon.props import scene_avatars
+
+
+class HDA_OT_bake_layer(bpy.types.Operator):
+    """Render every enabled avatar's compositing layer for a frame range into //hda_layers (for farms)"""
+
+    bl_idname = "hda.bake_layer"
+    bl_label = "Bake Avatar Layer"
+    bl_options = {'REGISTER'}  # writes files, not Blender data: no undo step
+
+    frame_start: IntProperty(name="Start", default=-1, description="First frame (-1: the scene's start)")
+    frame_end: IntProperty(name="End", default=-1, description="Last frame (-1: the scene's end)")
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None and bool(scene_avatars(context.scene))
+
+    def execute(self, context):
+        scene = context.scene
+        start = scene.frame_start if self.frame_start < 0 else self.frame_start
+        end = scene.frame_end if self.frame_end < 0 else self.frame_end
+        if end < start:
+            self.report({'ERROR'}, f"frame range {start}..{end}: expected start <= end")
+            return {'CANCELLED'}
+        if not bpy.data.filepath:
+            self.report({'WARNING'}, "The file is not saved: layers go to a temporary folder a farm cannot see")
+        compositor.sync(scene)
+        current = scene.frame_current
+        wm = context.window_manager
+        wm.progress_begin(start, end)
+        failures = []
+        try:
+            for frame in range(start, end + 1):
+                scene.frame_set(frame)
+                failures += layers.update_scene(scene, context.evaluated_depsgraph_get(), frame)
+                wm.progress_update(frame)
+        finally:
+            wm.progress_end()
+            scene.frame_set(current)
+        if failures:
+            self.report({'ERROR'}, failures[0])
+            return {'CANCELLED'}
+        count = len(scene_avatars(scene))
+        self.report({'INFO'}, f"Baked frames {start}-{end} of {count} avatar(s) into {layers.layer_dir()}")
+        return {'FINISHED'}
+
+
+CLASSES = (HDA_OT_bake_layer,)
