@@ -117,13 +117,9 @@ def parse_named(values: list[str] | None, flag: str) -> dict[str, Path]:
 
 def _check_rows(models: dict, samples: dict, baselines: tuple) -> list[tuple[str, str, Path | None]]:
     rows = []
-    for name in baselines:
-        if name not in BASELINES:
-            raise HDAError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")
-        rows.append((name, "baseline", None))
     for kind, named in (("model", models), ("samples", samples)):
         for name, path in named.items():
-            if any(name == r[0] for r in rows):
+            if any(name == r[0] for r in rows) or name in baselines:
                 raise HDAError(f"row name {name!r}: used twice (baselines are named {', '.join(BASELINES)}), "
                                "expected unique names")
             if kind == "model" and not path.is_file():
@@ -131,6 +127,10 @@ def _check_rows(models: dict, samples: dict, baselines: tuple) -> list[tuple[str
             if kind == "samples" and not path.is_dir():
                 raise HDAError(f"--samples {name}={path}: folder not found")
             rows.append((name, kind, path))
+    for name in baselines:
+        if name not in BASELINES:
+            raise HDAError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")
+        rows.append((name, "baseline", None))
     return rows
 
 
@@ -155,14 +155,13 @@ def _write_row(vectors: torch.Tensor, origins: list[str], ref: WeightSet, folder
             for i in range(vectors.shape[0])]
 
 
-def _sample_model(path: Path, n: int, seed: int, steps: int | None, folder: Path) -> list[Path]:
+def _sample_model(path: Path, n: int, seed: int, steps: int | None, folder: Path, progress: bool) -> list[Path]:
     from .sample import sample_avatars
 
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"*{SUFFIX}"):
+    for stale in folder.glob(f"{SAMPLE_PREFIX}*{SUFFIX}"):
         stale.unlink()
-    sample_avatars(path, seed=seed, n=n, steps=steps, out_dir=folder)
-    return sorted(folder.glob(f"*{SUFFIX}"))
+    return sample_avatars(path, seed=seed, n=n, steps=steps, out_dir=folder, progress=progress)
 
 
 def _nearest(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +234,7 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
             vectors, origins = baseline_samples(name, train_set.vectors, n, config.seed)
             files = _write_row(vectors, origins, ref, folder)
         elif kind == "model":
-            files = _sample_model(source, n, config.seed, config.steps, folder)
+            files = _sample_model(source, n, config.seed, config.steps, folder, progress)
         else:
             files = given[name].paths
         seconds = (time.perf_counter() - start) / len(files) if kind != "samples" else None
