@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from hda_backend.avatar.io import load_avatar, save_avatar
+from hda_backend.avatar.gaussians import GaussianConfig
 from hda_backend.avatar.model import Avatar
 from hda_backend.avatar.unet import UNetConfig
 from hda_backend.body import load_body
@@ -23,7 +24,7 @@ from hda_backend.dataset import load_subject
 from hda_backend.errors import HDAError
 from hda_backend.fit.evaluate import evaluate
 from hda_backend.fit.losses import ssim
-from hda_backend.fit.trainer import crop_box, fit_subject
+from hda_backend.fit.trainer import crop_box, fit_subject, render_view
 from tests.teacher import teacher_avatar, write_teacher_subject
 
 
@@ -73,6 +74,21 @@ def test_teacher_scores_itself_perfectly(subject_dir):
     result = evaluate(load_subject(subject_dir), teacher_avatar())
     assert result["novel view"]["psnr"] > 45 and result["novel pose"]["psnr"] > 45
     assert result["novel view"]["views"] == 4 and result["novel pose"]["views"] == 8
+
+
+def test_full_image_psnr_counts_the_background(subject_dir):
+    """psnr_full is over the whole frame, psnr over the mask's crop; the background lifts the former."""
+    subject = load_subject(subject_dir)
+    fresh = Avatar.from_init(load_body(), 32, UNetConfig(width=16, levels=2), GaussianConfig(), seed=0)
+    result = evaluate(subject, fresh, max_frames=1)["novel view"]
+    cam, frame = subject.test_cameras[0], subject.train_frames[0]
+    x0, y0, x1, y1 = crop_box(subject.mask(cam, frame), 0.1)
+    rgb, _ = render_view(fresh, subject, cam, frame)
+    gt = subject.image(cam, frame)
+    err = (rgb - gt).detach().numpy().astype(np.float64) ** 2
+    assert result["psnr_full"] == pytest.approx(-10 * np.log10(err.mean()), abs=1e-3)
+    assert result["psnr"] == pytest.approx(-10 * np.log10(err[y0:y1, x0:x1].mean()), abs=1e-3)
+    assert result["psnr_full"] > result["psnr"] + 3
 
 
 def test_fit_learns_and_writes_its_outputs(subject_dir, tmp_path, capsys):
