@@ -19,6 +19,9 @@ from pathlib import Path  # noqa: E402
 
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
+from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
+from .diffusion.cli import add_bench_parser as add_diffusion_bench_parser  # noqa: E402
+from .diffusion.cli import add_parsers as add_diffusion_parsers  # noqa: E402
 from .studio.cli import add_parsers as add_studio_parsers  # noqa: E402
 
 MAX_SIZE = 8192
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--counts", default="10000,60000", help="comma-separated Gaussian counts")
     b.add_argument("--sizes", default="256,512", help="comma-separated image sizes")
     b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    add_diffusion_bench_parser(bench)
     p = sub.add_parser("eval-gen", help="generation metrics (MMD/COV/1-NNA, FID/KID, novelty, plausibility) "
                                         "of diffusion models and baselines against reference avatars")
     p.add_argument("--reference", required=True, help="folder of reference avatars (*.hda.safetensors)")
@@ -128,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     add_studio_parsers(sub)
+    add_diffusion_parsers(sub)
     return parser
 
 
@@ -273,6 +278,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench == "sample":
+        return cmd_bench_sample(args)
     from .render.bench import bench_raster, print_bench_raster
 
     def ints(text, name):
@@ -291,7 +298,7 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, **STUDIO_COMMANDS}
+COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, **STUDIO_COMMANDS, **DIFFUSION_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

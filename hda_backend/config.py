@@ -60,6 +60,35 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class DiffusionConfig:
+    """Stage 2, the weight-space diffusion model (paper §4.2-4.3; HyperDiffusion's recipe fills the gaps)."""
+
+    tokenizer: str = "layer"  # layer (one token per conv layer, paper) | flat1d (ablation) | layer_chunked
+    chunk_size: int = 4096  # values per token for flat1d / layer_chunked
+    width: int = 512  # token width; not stated in the paper
+    blocks: int = 12
+    heads: int = 16
+    ffn: int = 2048
+    dropout: float = 0.0
+    timesteps: int = 500  # T
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    batch: int = 16  # global batch (split over torchrun ranks); drawn with replacement when fewer avatars
+    lr_decay: float = 0.9  # lr x lr_decay every lr_decay_every epochs
+    lr_decay_every: int = 200
+    epochs: int = 6000  # an epoch is ceil(N / batch) steps
+    ema_decay: float = 0.999
+    checkpoint_every: int = 1000  # steps
+    log_every: int = 10  # steps
+    normalization: str = "coordinate"  # coordinate | layer: what mean/std are taken over
+    norm_eps: float = 1e-3  # std floor, relative to the layer's pooled std
+    sample_steps: int = 500  # DDIM steps K
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = "cpu"
     body: BodyConfig = field(default_factory=BodyConfig)
@@ -68,6 +97,7 @@ class Config:
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,3 +217,31 @@ def _check(config: Config, source: str) -> None:
         bad("fit.crop_margin", config.fit.crop_margin, "0..2")
     if not 1 <= config.body.num_betas <= 300:
         bad("body.num_betas", config.body.num_betas, "1..300")
+    _check_diffusion(config.diffusion, bad)
+
+
+def _check_diffusion(d: DiffusionConfig, bad) -> None:
+    if d.tokenizer not in ("layer", "flat1d", "layer_chunked"):
+        bad("diffusion.tokenizer", d.tokenizer, "layer, flat1d or layer_chunked")
+    if d.normalization not in ("coordinate", "layer"):
+        bad("diffusion.normalization", d.normalization, "coordinate or layer")
+    for name, low, high in (("chunk_size", 1, 10_000_000), ("width", 1, 65536), ("blocks", 0, 1000),
+                            ("heads", 1, 1024), ("ffn", 1, 1_000_000), ("timesteps", 1, 100_000),
+                            ("batch", 1, 1_000_000), ("lr_decay_every", 1, 10_000_000), ("epochs", 1, 10_000_000),
+                            ("checkpoint_every", 1, 10_000_000), ("log_every", 1, 10_000_000)):
+        if not low <= getattr(d, name) <= high:
+            bad(f"diffusion.{name}", getattr(d, name), f"{low}..{high}")
+    if d.width % d.heads:
+        bad("diffusion.heads", d.heads, f"a divisor of diffusion.width ({d.width})")
+    if not 1 <= d.sample_steps <= d.timesteps:
+        bad("diffusion.sample_steps", d.sample_steps, f"1..{d.timesteps} (diffusion.timesteps)")
+    if not 0.0 < d.beta_start <= d.beta_end < 1.0:
+        bad("diffusion.beta_start/beta_end", (d.beta_start, d.beta_end), "0 < beta_start <= beta_end < 1")
+    for name, low, high in (("dropout", 0.0, 0.99), ("lr_decay", 0.0, 1.0), ("ema_decay", 0.0, 1.0),
+                            ("weight_decay", 0.0, 10.0)):
+        if not low <= getattr(d, name) <= high:
+            bad(f"diffusion.{name}", getattr(d, name), f"{low}..{high}")
+    if not 0.0 < d.lr < 1.0:
+        bad("diffusion.lr", d.lr, "in (0, 1)")
+    if not 0.0 < d.norm_eps <= 1.0:
+        bad("diffusion.norm_eps", d.norm_eps, "in (0, 1]")

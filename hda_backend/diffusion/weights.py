@@ -21,6 +21,7 @@ from ..avatar.io import FORMAT, FORMAT_VERSION, SUFFIX, atomic_save_safetensors,
 from ..avatar.unet import AvatarUNet, UNetConfig
 from ..errors import HDAError
 from ..uvmap import UV_RESOLUTIONS
+from . import NORMALIZATIONS
 
 MAX_AVATARS = 100_000
 
@@ -264,7 +265,6 @@ def write_avatar(vec: torch.Tensor, spec: LayerSpec, meta: AvatarMeta, path, ori
     return path
 
 
-NORMALIZATIONS = ("coordinate", "layer")
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""Sampling avatars from a trained diffusion model: seeded noise -> DDIM (eta 0) -> weights -> avatar files.
+
+Each identity is denoised on its own (batch 1) from the noise of ``torch.Generator().manual_seed(seed)``,
+so a seed always gives the same avatar bit for bit, whatever else is sampled with it. The identity slider
+interpolates either in noise space (slerp of two seeds' noises, then DDIM) or, between two avatar files,
+linearly in weight space (meaningful because all fits share one consistent initialisation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..avatar.io import SUFFIX as AVATAR_SUFFIX
+from ..config import DiffusionConfig
+from ..errors import HDAError
+from . import MAX_SAMPLES, MAX_SEED
+from .schedule import ScheduleConfig, ddim_sample
+from .train import MODEL_FORMAT, MODEL_FORMAT_VERSION, read_tensors, denoiser_config, schedule_config
+from .transformer import WeightDenoiser
+from .weights import AvatarMeta, LayerSpec, Normalizer, load_weight_set, write_avatar
+
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded model: the denoiser (EMA weights, eval mode) and what is needed to turn samples into avatars."""
+
+    denoiser: WeightDenoiser
+    normalizer: Normalizer
+    spec: LayerSpec
+    meta: AvatarMeta
+    config: DiffusionConfig
+    path: Path
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return schedule_config(self.config)
+
+
+def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
+    """Read and check a ``DIFF.safetensors`` written by ``hda train-diffusion``; nothing is cached."""
+    path = Path(path)
+    if not path.is_file():
+        raise HDAError(f"diffusion model file not found: {path}")
+    metadata, tensors = read_tensors(path, "diffusion model")
+    if metadata.get("format") != MODEL_FORMAT:
+        raise HDAError(f"diffusion model {path}: field 'format' is {metadata.get('format')!r}, expected "
+                       f"'{MODEL_FORMAT}'")
+    if metadata.get("format_version") != MODEL_FORMAT_VERSION:
+        raise HDAError(f"diffusion model {path}: field 'format_version' is {metadata.get('format_version')!r}, "
+                       f"expected '{MODEL_FORMAT_VERSION}'")
+    source = f"diffusion model {path}"
+    for name in ("diffusion", "layer_spec", "avatar_meta", "normalization"):
+        if name not in metadata:
+            raise HDAError(f"{source}: field '{name}' is missing")
+    try:
+        config = DiffusionConfig(**json.loads(metadata["diffusion"]))
+    except (json.JSONDecodeError, TypeError):
+        raise HDAError(f"{source}: field 'diffusion' is not valid JSON of a diffusion config") from None
+    spec = LayerSpec.from_json(metadata["layer_spec"], source)
+    meta = AvatarMeta.from_json(metadata["avatar_meta"], source)
+    try:
+        expected = LayerSpec.for_unet(meta.unet_config)
+    except TypeError:
+        raise HDAError(f"{source}: field 'avatar_meta' has unet {meta.unet}, expected width, levels, "
+                       "in_channels, out_channels") from None
+    if spec != expected:
+        raise HDAError(f"{source}: field 'layer_spec' ({len(spec.layers)} layers, {spec.dim} values) does not match "
+                       f"the avatar UNet {meta.unet} ({len(expected.layers)} layers, {expected.dim} values); the "
+                       "model was trained for a different avatar architecture")
+    normalizer = Normalizer.from_tensors(tensors, metadata["normalization"], spec.dim, source)
+    denoiser = WeightDenoiser(spec, denoiser_config(config))
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected_state = denoiser.state_dict()
+    for key, ref in expected_state.items():
+        if key not in state:
+            raise HDAError(f"{source}: tensor 'model.{key}' is missing for a {config.tokenizer} denoiser of width "
+                           f"{config.width} and {config.blocks} blocks")
+        if state[key].shape != ref.shape:
+            raise HDAError(f"{source}: tensor 'model.{key}' has shape {tuple(state[key].shape)}, expected "
+                           f"{tuple(ref.shape)}")
+        if not torch.isfinite(state[key]).all():
+            raise HDAError(f"{source}: tensor 'model.{key}' contains NaN/inf")
+    extra = sorted(set(state) - set(expected_state))
+    if extra:
+        raise HDAError(f"{source}: tensor 'model.{extra[0]}' is unexpected for this denoiser")
+    denoiser.load_state_dict(state)
+    denoiser.eval()
+    return DiffusionModel(denoiser, normalizer, spec, meta, config, path)
+
+
+def check_steps(model: DiffusionModel, steps: int | None) -> int:
+    steps = model.config.sample_steps if steps is None else steps
+    if not 1 <= steps <= model.config.timesteps:
+        raise HDAError(f"--steps {steps}: expected 1..{model.config.timesteps} (the model's diffusion timesteps T)")
+    return steps
+
+
+def check_seed(seed: int, name: str = "--seed") -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise HDAError(f"{name} {seed}: expected 0..{MAX_SEED}")
+    return seed
+
+
+def initial_noise(seed: int, dim: int) -> torch.Tensor:
+    """x_T [D] for a seed: the same on every machine (CPU generator)."""
+    return torch.randn(dim, generator=torch.Generator().manual_seed(check_seed(seed)))
+
+
+@torch.no_grad()
+def denoise_noise(model: DiffusionModel, noise: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """noise: [D] standard normal x_T -> weights [D] (DDIM, then the normaliser decoded)."""
+    steps = check_steps(model, steps)
+    device = next(model.denoiser.parameters()).device
+    z = ddim_sample(model.denoiser, noise.to(device)[None], steps, model.schedule)[0]
+    return model.normalizer.decode(z.cpu())
+
+
+def sample_vectors(model: DiffusionModel, seeds: list[int], steps: int | None = None) -> torch.Tensor:
+    """seeds: S ints -> weights [S, D]; row i depends only on seeds[i] (each is denoised alone)."""
+    return torch.stack([denoise_noise(model, initial_noise(s, model.spec.dim), steps) for s in seeds])
+
+
+def _as_model(model) -> DiffusionModel:
+    return model if isinstance(model, DiffusionModel) else load_diffusion(model)
+
+
+def sample_avatars(model_path, seed: int, n: int, steps: int | None, out_dir, progress: bool = False) -> list[Path]:
+    """Write ``out_dir/sample_<s>.hda.safetensors`` for s = seed .. seed+n-1; ``model_path``: a path or a
+    loaded :class:`DiffusionModel`."""
+    if not 1 <= n <= MAX_SAMPLES:
+        raise HDAError(f"--n {n}: expected 1..{MAX_SAMPLES}")
+    check_seed(seed)
+    check_seed(seed + n - 1, "--seed + --n - 1")
+    model = _as_model(model_path)
+    steps = check_steps(model, steps)
+    out_dir = Path(out_dir)
+    paths = []
+    for s in tqdm(range(seed, seed + n), desc="sample", unit="avatar", disable=not progress):
+        vec = sample_vectors(model, [s], steps)[0]
+        paths.append(write_avatar(vec, model.spec, model.meta, out_dir / f"sample_{s}{AVATAR_SUFFIX}",
+                                  origin=f"sample:{s} model:{model.path.name} steps:{steps}"))
+    return paths
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of a, b [D]: keeps the norm statistics of Gaussian noise (a lerp would shrink it)."""
+    cos = torch.dot(a, b) / (a.norm() * b.norm())
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    if theta.abs() < 1e-6:
+        return (1.0 - t) * a + t * b
+    return (torch.sin((1.0 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+
+
+def _check_t(t: float) -> float:
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise HDAError(f"--t {t}: expected a number in [0, 1]")
+    return t
+
+
+def interpolate_noise(model, seed_a: int, seed_b: int, t: float, steps: int | None = None) -> torch.Tensor:
+    """Weights [D] of the identity at ``t`` between seeds a (t=0) and b (t=1): slerp in noise space, then DDIM."""
+    model = _as_model(model)
+    _check_t(t)
+    noise = slerp(initial_noise(seed_a, model.spec.dim), initial_noise(seed_b, model.spec.dim), t)
+    return denoise_noise(model, noise, steps)
+
+
+def interpolate_avatars(path_a, path_b, t: float, out) -> Path:
+    """(1-t)·a + t·b in weight space, written as an avatar file; both avatars must share the architecture."""
+    _check_t(t)
+    data = load_weight_set([path_a, path_b])
+    vec = (1.0 - t) * data.vectors[0] + t * data.vectors[1]
+    return write_avatar(vec, data.spec, data.meta, out,
+                        origin=f"interpolate:{Path(path_a).name}:{Path(path_b).name}:{t:g}")
+
+
+def bench_sample(model: DiffusionModel, out_dir, n: int = 3, steps: int | None = None) -> dict:
+    """Seconds per identity, noise to avatar file written (after one warm-up identity)."""
+    steps = check_steps(model, steps)
+    sample_avatars(model, 0, 1, steps, out_dir)
+    times = []
+    for s in range(1, n + 1):
+        start = time.perf_counter()
+        sample_avatars(model, s, 1, steps, out_dir)
+        times.append(time.perf_counter() - start)
+    return {"steps": steps, "n": n, "median_s": sorted(times)[len(times) // 2], "min_s": min(times),
+            "tokenizer": model.config.tokenizer, "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in model.denoiser.parameters())}

@@ -1,0 +1,137 @@
+"""Weight vector [B, D] <-> transformer tokens [B, L, width], three ways (paper §4.2 and its ablation).
+
+- ``layer`` (the paper's Eq. 11-13, default): one token per conv layer (its flattened kernel ⊕ bias), each
+  projected by its own linear map, since layers differ in size, plus a learned layer embedding.
+- ``flat1d`` (the paper's ablation, as in G.pt's flat split / p-diff): the whole vector zero-padded and cut
+  into equal chunks of ``chunk_size``, one shared projection, a learned chunk-position embedding.
+- ``layer_chunked`` (G.pt's ``chunk_within_layer``): each layer cut into chunks of at most ``chunk_size``
+  (the last one zero-padded), so no token mixes layers; one projection per layer shared by its chunks,
+  plus a layer embedding and a chunk-within-layer embedding.
+
+Every tokenizer is a deterministic, parameter-free ``split`` / ``merge`` (vector <-> zero-padded pieces
+per projection) around learned projections. ``merge(split(x)) == x`` exactly; the padding never reaches the
+output. Projections have no bias (as HyperDiffusion); output projections start at zero, so the untrained
+denoiser predicts the normalised mean, 0 (G.pt's choice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import HDAError
+from . import TOKENIZERS
+from .weights import LayerSpec
+
+
+
+class Tokenizer(nn.Module):
+    """A tokenizer from ``pieces``: (start, length, projection, layer index, chunk index) per token.
+
+    Tokens sharing a projection form a group, handled by one gather and one matmul; tokens are ordered
+    by group (the embeddings, not the order, tell the transformer where a token comes from).
+    """
+
+    def __init__(self, spec: LayerSpec, width: int, pieces: list[tuple[int, int, int, int, int]],
+                 projection_sizes: list[int]):
+        super().__init__()
+        self.dim = spec.dim
+        self.width = width
+        groups: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for p in pieces:
+            groups.setdefault(p[2], []).append(p)
+        ordered = [p for _, members in sorted(groups.items()) for p in members]
+        self.group_sizes = [(proj, len(members)) for proj, members in sorted(groups.items())]
+        # gather_<g>: [G*n] positions in x ⊕ [0] (index D is the zero used for padding).
+        gathers = []
+        flat_positions = []  # where each output value lands in the concatenated group outputs
+        base = 0
+        for proj, members in sorted(groups.items()):
+            n = projection_sizes[proj]
+            index = torch.full((len(members), n), self.dim, dtype=torch.long)
+            for row, (start, length, *_rest) in enumerate(members):
+                index[row, :length] = torch.arange(start, start + length)
+                flat_positions.append((start, base + row * n, length))
+            gathers.append(index.reshape(-1))
+            base += len(members) * n
+        # merge: value d of x sits at concatenated-output position scatter[d].
+        scatter = torch.empty(self.dim, dtype=torch.long)
+        for start, pos, length in flat_positions:
+            scatter[start:start + length] = torch.arange(pos, pos + length)
+        for g, index in enumerate(gathers):
+            self.register_buffer(f"gather_{g}", index, persistent=False)
+        self.register_buffer("scatter", scatter, persistent=False)
+        self.proj_in = nn.ModuleList([nn.Linear(n, width, bias=False) for n in projection_sizes])
+        self.proj_out = nn.ModuleList([nn.Linear(width, n, bias=False) for n in projection_sizes])
+        for lin in self.proj_out:
+            nn.init.zeros_(lin.weight)
+        self.register_buffer("layer_index", torch.tensor([p[3] for p in ordered]), persistent=False)
+        self.register_buffer("chunk_index", torch.tensor([p[4] for p in ordered]), persistent=False)
+        self.layer_emb = nn.Parameter(torch.zeros(max(p[3] for p in pieces) + 1, width))
+        self.chunk_emb = nn.Parameter(torch.zeros(max(p[4] for p in pieces) + 1, width))
+        nn.init.normal_(self.layer_emb, std=0.02)
+        nn.init.normal_(self.chunk_emb, std=0.02)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(count for _, count in self.group_sizes)
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: [B, D] -> per projection group, pieces [B, G, n] (short pieces zero-padded to n)."""
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+        return [padded[:, getattr(self, f"gather_{g}")].view(x.shape[0], count, -1)
+                for g, (_, count) in enumerate(self.group_sizes)]
+
+    def merge(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """Per group pieces [B, G, n] -> x [B, D] (padding dropped); the inverse of ``split``."""
+        flat = torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1)
+        return flat[:, self.scatter]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, D] -> tokens [B, L, width]."""
+        tokens = torch.cat([self.proj_in[proj](p) for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
+        # No LayerNorm here (HyperDiffusion has one): it would divide out each token's magnitude, and with it
+        # how far along a direction of the data a noisy vector lies. The pre-norm blocks see normalised copies.
+        return tokens + self.layer_emb[self.layer_index] + self.chunk_emb[self.chunk_index]
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, L, width] -> x [B, D]."""
+        pieces, first = [], 0
+        for proj, count in self.group_sizes:
+            pieces.append(self.proj_out[proj](h[:, first:first + count]))
+            first += count
+        return self.merge(pieces)
+
+
+def layer_tokenizer(spec: LayerSpec, width: int) -> Tokenizer:
+    pieces = [(layer.offset, layer.length, i, i, 0) for i, layer in enumerate(spec.layers)]
+    return Tokenizer(spec, width, pieces, spec.lengths)
+
+
+def flat1d_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+    n = math.ceil(spec.dim / chunk_size)
+    pieces = [(i * chunk_size, min(chunk_size, spec.dim - i * chunk_size), 0, 0, i) for i in range(n)]
+    return Tokenizer(spec, width, pieces, [chunk_size])
+
+
+def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+    pieces, sizes = [], []
+    for i, layer in enumerate(spec.layers):
+        size = min(chunk_size, layer.length)
+        sizes.append(size)
+        for c in range(math.ceil(layer.length / size)):
+            start = c * size
+            pieces.append((layer.offset + start, min(size, layer.length - start), i, i, c))
+    return Tokenizer(spec, width, pieces, sizes)
+
+
+def make_tokenizer(kind: str, spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+    if kind == "layer":
+        return layer_tokenizer(spec, width)
+    if kind == "flat1d":
+        return flat1d_tokenizer(spec, width, chunk_size)
+    if kind == "layer_chunked":
+        return layer_chunked_tokenizer(spec, width, chunk_size)
+    raise HDAError(f"tokenizer {kind!r}: expected one of {', '.join(TOKENIZERS)}")
