@@ -27,7 +27,8 @@ def _classes():
 def register():
     import bpy
 
-    from . import handlers, preferences, props
+    from ..operators import fit
+    from . import handlers, preferences, props, viewport
 
     if _registered:  # enabled twice without a disable in between: start from a clean slate
         unregister()
@@ -36,7 +37,9 @@ def register():
             bpy.utils.register_class(cls)
             _registered.append(cls)
         props.register_properties()
+        fit.register_properties()
         handlers.register()
+        viewport.register()
         preferences.sync_sys_path()
     except Exception:
         unregister()
@@ -47,9 +50,12 @@ def unregister():
     import bpy
 
     from .. import operators
-    from . import handlers, preferences, props, runtime
+    from ..operators import fit
+    from . import handlers, preferences, props, runtime, viewport
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
+    fit.unregister_properties()  # cancels a running fit
+    viewport.unregister()        # removes the draw handler and its GPU resources
     handlers.unregister()
     runtime.clear()
     props.unregister_properties()

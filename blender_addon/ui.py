@@ -1,8 +1,23 @@
-"""The 3D View sidebar "HDA" tab: backend status only for now (avatar panels come later)."""
+"""The 3D View sidebar "HDA" tab: one panel for everything an animator does with avatars.
+
+Avatars in the scene (click one to make it active) and the active avatar's state; identity (seed,
+Random, Sample, the slider towards a second seed); load an avatar file; fit to a capture subject
+(progress bar with PSNR, Cancel); import motion; export .ply; bake the compositing layer; backend
+status (device, torch version, per-frame milliseconds, the last error) and a link to the
+preferences.
+
+``draw()`` only reads: properties, the session's job states and timings already measured. It never
+imports torch (the version shown is that of a torch already imported, or the last backend check)
+and never loads, renders or polls anything.
+"""
+
+import sys
 
 import bpy
+from bpy.props import StringProperty
 
-from . import state
+from . import addon_id, runtime, state, viewport
+from .props import avatar_of, object_key
 
 
 def status_line() -> str:
@@ -14,17 +29,157 @@ def status_line() -> str:
     return state.check_line or "Backend not checked"
 
 
-class HDA_PT_backend(bpy.types.Panel):
-    bl_idname = "HDA_PT_backend"
-    bl_label = "Backend"
+def torch_version() -> str | None:
+    """torch's version if it is imported in this session or the last check found it; never imports it."""
+    module = sys.modules.get("torch")
+    if module is not None and hasattr(module, "__version__"):
+        return str(module.__version__)
+    check = state.last_check
+    return check["torch"] if check and check.get("torch") else None
+
+
+def frame_ms(obj) -> str | None:
+    """'<total> ms (avatar a + raster r + ...)' of the avatar's last rendered frame, if any."""
+    stages = runtime.timings.get(object_key(obj))
+    if not stages:
+        return None
+    parts = " + ".join(f"{name} {ms:.0f}" for name, ms in stages.items())
+    return f"{sum(stages.values()):.0f} ms per frame ({parts})"
+
+
+def _avatars(context) -> list:
+    return sorted((o for o in context.scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar), key=lambda o: o.name)
+
+
+class HDA_OT_select_avatar(bpy.types.Operator):
+    """Make this avatar the active object (and the only selected one)"""
+
+    bl_idname = "hda.select_avatar"
+    bl_label = "Select Avatar"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    name: StringProperty(name="Avatar", default="")
+
+    @classmethod
+    def poll(cls, context):
+        return context.mode == 'OBJECT'
+
+    def execute(self, context):
+        obj = context.scene.objects.get(self.name)
+        if obj is None or avatar_of(obj) is not obj:
+            self.report({'ERROR'}, f"No HDA avatar named '{self.name}' in this scene")
+            return {'CANCELLED'}
+        for other in context.view_layer.objects.selected:
+            other.select_set(False)
+        obj.select_set(True)
+        context.view_layer.objects.active = obj
+        return {'FINISHED'}
+
+
+class HDA_PT_main(bpy.types.Panel):
+    bl_idname = "HDA_PT_main"
+    bl_label = "HDA Avatars"
     bl_space_type = 'VIEW_3D'
     bl_region_type = 'UI'
     bl_category = "HDA"
 
     def draw(self, context):
         layout = self.layout
-        layout.label(text=status_line(), icon='CHECKMARK' if state.check_ok else 'INFO')
-        layout.operator("hda.check_backend", icon='FILE_REFRESH')
+        active = avatar_of(context.active_object)
+        self._avatars(layout, context, active)
+        if active is not None:
+            self._identity(layout, active)
+            self._files(layout, context, active)
+        self._backend(layout, context, active)
+
+    def _avatars(self, layout, context, active):
+        box = layout.box()
+        row = box.row()
+        row.label(text="Avatars", icon='ARMATURE_DATA')
+        row.operator("hda.add_avatar", text="Add", icon='ADD')
+        avatars = _avatars(context)
+        if not avatars:
+            box.label(text="No avatars in this scene")
+        col = box.column(align=True)
+        for obj in avatars:
+            row = col.row(align=True)
+            op = row.operator("hda.select_avatar", text=obj.name, depress=obj is active,
+                              icon='RADIOBUT_ON' if obj is active else 'RADIOBUT_OFF')
+            op.name = obj.name
+            row.prop(obj.hda, "enabled", text="", icon='RESTRICT_RENDER_OFF' if obj.hda.enabled else 'RESTRICT_RENDER_ON')
+        if active is None and avatars:
+            box.label(text="Select an avatar to edit it", icon='INFO')
+
+    def _identity(self, layout, obj):
+        h = obj.hda
+        box = layout.box()
+        box.label(text=f"Identity: {obj.name}", icon='USER')
+        row = box.row(align=True)
+        row.prop(h, "seed")
+        row.operator("hda.sample_identity", text="", icon='FILE_REFRESH').random = True
+        col = box.column(align=True)
+        col.prop(h, "seed_b")
+        col.prop(h, "identity_mix", slider=True)
+        box.operator("hda.sample_identity", text="Sample Identity", icon='COMMUNITY')
+        from ..operators.identity import model_path
+
+        if model_path() is None:
+            box.label(text="No diffusion model yet: seeds show", icon='INFO')
+            box.label(text="untrained (consistent-init) identities")
+
+    def _files(self, layout, context, obj):
+        h = obj.hda
+        box = layout.box()
+        box.label(text="Avatar File", icon='FILE')
+        box.prop(h, "avatar_path", text="")
+        box.operator("hda.load_avatar", icon='FILEBROWSER')
+        error = runtime.errors.get(object_key(obj))
+        if error:
+            box.label(text=error, icon='ERROR')
+
+        from ..operators import fit
+
+        box = layout.box()
+        box.label(text="Fit to a Capture", icon='OUTLINER_OB_CAMERA')
+        settings = context.window_manager.hda_fit
+        job = fit.session["job"]
+        if job is not None and job.running:
+            box.label(text=f"{fit.session['subject']} onto {fit.session['avatar']}")
+            box.progress(factor=job.fraction, type='BAR', text=job.status())
+            box.operator("hda.cancel_fit", icon='CANCEL')
+        else:
+            box.prop(settings, "subject")
+            row = box.row()
+            row.prop(settings, "preset", text="")
+            row.prop(settings, "steps")
+            box.operator("hda.fit_subject", icon='PLAY')
+            if fit.session["line"]:
+                ok = job is not None and job.state == "DONE"
+                box.label(text=fit.session["line"], icon='CHECKMARK' if ok else 'INFO')
+
+        box = layout.box()
+        box.label(text="Motion and Export", icon='ANIM')
+        box.operator("hda.import_motion", icon='IMPORT')
+        box.operator("hda.export_ply", icon='EXPORT')
+        box.operator("hda.bake_layer", icon='RENDER_ANIMATION')
+
+    def _backend(self, layout, context, obj):
+        box = layout.box()
+        row = box.row()
+        row.label(text="Backend", icon='SYSTEM')
+        row.operator("preferences.addon_show", text="", icon='PREFERENCES').module = addon_id()
+        box.label(text=status_line(), icon='CHECKMARK' if state.check_ok else 'INFO')
+        version = torch_version()
+        box.label(text=f"torch {version}" if version else "torch: not loaded yet")
+        if obj is not None:
+            box.prop(obj.hda, "device")
+            timing = frame_ms(obj)
+            if timing:
+                box.label(text=timing)
+            shown = viewport.stats.get(object_key(obj))
+            if shown:
+                box.label(text=f"viewport: {shown['ms']:.0f} ms at {100 * shown['scale']:.0f}% size")
+        box.operator("hda.check_backend", icon='FILE_REFRESH')
 
 
-CLASSES = (HDA_PT_backend,)
+CLASSES = (HDA_OT_select_avatar, HDA_PT_main)

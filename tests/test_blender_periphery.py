@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from blender_addon import deps, fitjob
-from tests.test_blender_extension import _pid_alive, _wait_for
+from tests.test_blender_extension import ADDON, BPY50_PYTHON, _hermetic_env, _pid_alive, _wait_for
+from tests.test_blender_extension import built_zip  # noqa: F401 - the zip fixture, built once per module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,3 +125,498 @@ def test_cancel_stops_the_fit_and_fitting_again_resumes_from_its_checkpoint(tmp_
     assert any(line.strip() == f"resuming teacher at step {saved}/400" for line in again.job.lines)
     again.cancel()
     assert again.wait(timeout=30) == deps.CANCELLED
+
+
+# ------------------------------------------------------------------------------------ inputs for bpy
+def write_bvh(path: Path, rest_joints: np.ndarray, pose: np.ndarray, transl: np.ndarray, fps: float) -> Path:
+    """A BVH of the SMPL-X skeleton written by hand: offsets from the rest joints (body frame, Y up),
+    the root's position channels = pelvis position, ZXY Euler channels in degrees, rest = T-pose."""
+    from hda_backend import rig
+    from hda_backend.body.skeleton import JOINT_NAMES, PARENTS
+
+    children = {j: [c for c in range(55) if PARENTS[c] == j] for j in range(55)}
+    lines, order = ["HIERARCHY"], []  # channel values follow the hierarchy's depth-first order
+
+    def node(j, depth):
+        order.append(j)
+        ind = "  " * depth
+        off = rest_joints[j] - (rest_joints[PARENTS[j]] if PARENTS[j] >= 0 else 0)
+        lines.extend([f"{ind}{'ROOT' if j == 0 else 'JOINT'} {JOINT_NAMES[j]}", f"{ind}{{",
+                      f"{ind}  OFFSET {off[0]:.6f} {off[1]:.6f} {off[2]:.6f}",
+                      f"{ind}  CHANNELS " + ("6 Xposition Yposition Zposition " if j == 0 else "3 ")
+                      + "Zrotation Xrotation Yrotation"])
+        for c in children[j]:
+            node(c, depth + 1)
+        if not children[j]:
+            lines.extend([f"{ind}  End Site", f"{ind}  {{", f"{ind}    OFFSET 0.000000 0.050000 0.000000", f"{ind}  }}"])
+        lines.append(f"{ind}}}")
+
+    node(0, 0)
+    m = rig.axis_angle_to_matrix(pose)  # R = Rz Rx Ry for the channel order Z X Y
+    euler = np.degrees(np.stack([np.arctan2(-m[..., 0, 1], m[..., 1, 1]), np.arcsin(np.clip(m[..., 2, 1], -1, 1)),
+                                 np.arctan2(-m[..., 2, 0], m[..., 2, 2])], -1))
+    lines += ["MOTION", f"Frames: {pose.shape[0]}", f"Frame Time: {1.0 / fps:.8f}"]
+    for f in range(pose.shape[0]):
+        values = list(rest_joints[0] + transl[f]) + list(euler[f, order].reshape(-1))
+        lines.append(" ".join(f"{v:.6f}" for v in values))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def diffusion_model(tmp_path_factory) -> Path:
+    """A tiny diffusion model trained here on three tiny avatars (seconds)."""
+    import torch
+
+    from hda_backend.avatar.io import save_avatar
+    from hda_backend.avatar.model import Avatar
+    from hda_backend.body import load_body
+    from hda_backend.config import load_config
+    from hda_backend.diffusion.train import train_diffusion
+
+    folder = tmp_path_factory.mktemp("diffusion")
+    config = load_config("tiny")
+    body = load_body()
+    for i in range(3):
+        avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=0)
+        with torch.no_grad():
+            avatar.unet.outc.bias[11:14] = torch.tensor([0.3, -0.2, 0.1]) * (i - 1)
+        save_avatar(avatar, folder / "fits" / f"a{i}.hda.safetensors", origin=f"test:{i}")
+    out = folder / "tiny.diffusion.safetensors"
+    train_diffusion(folder / "fits", out, config.diffusion, steps=4, progress=False, log=lambda _: None)
+    return out
+
+
+# ------------------------------------------------------------------------------------ real Blender
+_DRIVER = r'''
+import json, os, sys, time
+args = json.loads(sys.argv[1])
+import bpy
+import numpy as np
+
+ADDON = args["addon"]
+report = {}
+
+
+def mod(name):
+    import importlib
+    return importlib.import_module(f"{ADDON}.{name}")
+
+
+def call(op, **kw):
+    try:
+        return sorted(op(**kw)), None
+    except RuntimeError as exc:  # an operator's ERROR report
+        return None, str(exc).strip()
+
+
+handlers_before = {n: len(getattr(bpy.app.handlers, n)) for n in dir(bpy.app.handlers)
+                   if not n.startswith("_") and isinstance(getattr(bpy.app.handlers, n), list)}
+bpy.ops.extensions.package_install_files(filepath=args["zip"], repo="user_default", enable_on_install=True)
+motion_op, export_op, fit_op, identity_op = (mod("operators.motion"), mod("operators.export"),
+                                             mod("operators.fit"), mod("operators.identity"))
+viewport, runtime, ui = mod("blender_addon.viewport"), mod("blender_addon.runtime"), mod("blender_addon.ui")
+rig = mod("hda_backend.rig")
+report["ops"] = sorted(dir(bpy.ops.hda))
+report["panels"] = sorted(t for t in dir(bpy.types) if t.startswith("HDA_PT"))
+
+# --- viewport: nothing in background mode; the handler is added and removed when allowed -------
+report["vp_background_handle"] = viewport._handle
+viewport._background = lambda: False
+viewport.register()
+handle = viewport._handle
+viewport.unregister()
+try:
+    bpy.types.SpaceView3D.draw_handler_remove(handle, 'WINDOW')
+    report["vp_removed"] = False
+except ValueError:
+    report["vp_removed"] = handle is not None and viewport._handle is None
+viewport._background = lambda: bpy.app.background
+
+scene = bpy.context.scene
+scene.render.fps, scene.render.fps_base = 30, 1.0
+report["add"] = call(bpy.ops.hda.add_avatar)
+obj = bpy.context.active_object
+obj.hda.uv_preset = "tiny"
+obj.location = (0.4, -0.2, 0.9)
+obj.rotation_euler = (0.0, 0.0, 0.5)
+avatar = runtime.get_avatar(obj)
+layout = runtime.get_layout(avatar.body)
+
+# --- motion: SMPL-X npz at 60 fps onto a 30 fps scene (resampled), then the scene's fps set ------
+data = np.load(args["npz"])
+pose60, transl60 = data["poses"].reshape(-1, 55, 3), data["trans"]
+scene.frame_set(1)
+report["npz"] = call(bpy.ops.hda.import_motion, filepath=args["npz"], frame_start=1)
+fcurves = motion_op.object_fcurves(obj)
+report["fcurves"] = len(fcurves)
+report["keys"] = sorted({len(fc.keyframe_points) for fc in fcurves})
+report["interp"] = sorted({k.interpolation for fc in fcurves for k in fc.keyframe_points})
+report["range"] = [scene.frame_start, scene.frame_end, scene.render.fps]
+quats, locs = rig.bone_rotations_from_pose(pose60, transl60, layout)
+errs, pose_errs = [], []
+for k in (0, 3, 7):  # scene frame 1 + k is motion frame 2k exactly
+    got = np.array([[fc.evaluate(1 + k) for fc in fcurves if fc.data_path == f'pose.bones["{n}"].rotation_quaternion']
+                    for n in layout.names])
+    ref = quats[2 * k]
+    errs.append(float(np.minimum(np.abs(got - ref).max(-1), np.abs(got + ref).max(-1)).max()))
+    scene.frame_set(1 + k)
+    pose, transl = runtime.read_pose(obj, bpy.context.evaluated_depsgraph_get(), layout)
+    r_got = rig.axis_angle_to_matrix(pose.reshape(55, 3))
+    r_ref = rig.axis_angle_to_matrix(pose60[2 * k])
+    pose_errs.append([float(np.abs(r_got - r_ref).max()), float(np.abs(transl - transl60[2 * k]).max())])
+report["key_err"], report["pose_err"] = errs, pose_errs
+
+report["npz_fps"] = call(bpy.ops.hda.import_motion, filepath=args["npz"], fps_mode="SCENE_FPS", frame_start=1)
+report["keys_fps"] = sorted({len(fc.keyframe_points) for fc in motion_op.object_fcurves(obj)})
+report["range_fps"] = [scene.frame_start, scene.frame_end, scene.render.fps, scene.render.fps_base]
+scene.render.fps, scene.render.fps_base = 30, 1.0
+
+# AMASS layout, +Z up world: stands up in Blender (the body's up along the armature's +Z).
+report["amass"] = call(bpy.ops.hda.import_motion, filepath=args["amass"], frame_start=1)
+scene.frame_set(1)
+pose, transl = runtime.read_pose(obj, bpy.context.evaluated_depsgraph_get(), layout)
+root = rig.axis_angle_to_matrix(pose[:3])
+report["amass_up_in_armature"] = (rig.AXIS_YUP_TO_ZUP @ root @ np.array([0.0, 1.0, 0.0])).tolist()
+amass = np.load(args["amass"])
+r0 = rig.axis_angle_to_matrix(amass["poses"][0, :3])
+report["amass_root_err"] = float(np.abs(rig.AXIS_YUP_TO_ZUP @ root - r0).max())  # armature axes = AMASS world axes
+
+# BVH with SMPL-X names through Blender's BVH importer.
+objects_before = len(bpy.data.objects)
+report["bvh"] = call(bpy.ops.hda.import_motion, filepath=args["bvh"], frame_start=1)
+report["bvh_objects_left"] = len(bpy.data.objects) - objects_before
+report["bvh_active"] = bpy.context.active_object.name == obj.name
+bvh_pose = np.load(args["bvh_ref"])
+bvh_errs = []
+for f in (0, 2, 4):
+    scene.frame_set(1 + f)
+    pose, transl = runtime.read_pose(obj, bpy.context.evaluated_depsgraph_get(), layout)
+    r_got = rig.axis_angle_to_matrix(pose.reshape(55, 3))
+    r_ref = rig.axis_angle_to_matrix(bvh_pose["pose"][f])
+    bvh_errs.append([float(np.abs(r_got - r_ref).max()), float(np.abs(transl - bvh_pose["transl"][f]).max())])
+report["bvh_err"] = bvh_errs
+
+for name in ("corrupt_npz", "missing", "nan_npz", "bad_bvh"):
+    report[name] = call(bpy.ops.hda.import_motion, filepath=args[name])
+
+# --- export: the current frame, then a range --------------------------------------------------
+report["npz_again"] = call(bpy.ops.hda.import_motion, filepath=args["npz"], frame_start=1)
+scene.frame_set(4)
+report["export"] = call(bpy.ops.hda.export_ply, filepath=os.path.join(args["tmp"], "one.ply"))
+report["export_range"] = call(bpy.ops.hda.export_ply, filepath=os.path.join(args["tmp"], "seq.ply"),
+                              frames="RANGE", frame_start=2, frame_end=3, coords="BODY")
+report["frame_after_export"] = scene.frame_current
+world = export_op.world_matrix(obj, bpy.context.evaluated_depsgraph_get())
+np.save(os.path.join(args["tmp"], "world.npy"), world)
+obj.scale = (1.0, 2.0, 1.0)
+report["export_shear"] = call(bpy.ops.hda.export_ply, filepath=os.path.join(args["tmp"], "bad.ply"))
+obj.scale = (1.0, 1.0, 1.0)
+
+# --- identity: no model, then a tiny model; the slider; a corrupt model ------------------------
+report["identity_none"] = call(bpy.ops.hda.sample_identity)
+obj.hda.seed, obj.hda.seed_b, obj.hda.identity_mix = 5, 7, 0.0
+report["identity"] = call(bpy.ops.hda.sample_identity, model=args["model"], steps=3)
+report["identity_file"] = bpy.path.abspath(obj.hda.avatar_path)
+report["identity_loaded"] = runtime.get_avatar(obj).uv_res
+obj.hda.identity_mix = 0.5
+report["identity_mix"] = call(bpy.ops.hda.sample_identity, model=args["model"], steps=3)
+report["identity_mix_file"] = bpy.path.abspath(obj.hda.avatar_path)
+report["identity_random"] = call(bpy.ops.hda.sample_identity, model=args["model"], steps=3, random=True)
+report["identity_random_seed"] = obj.hda.seed
+before = obj.hda.avatar_path
+report["identity_corrupt"] = call(bpy.ops.hda.sample_identity, model=args["corrupt_avatar"])
+report["identity_kept"] = obj.hda.avatar_path == before
+
+# --- a corrupt avatar file gives a report, not an exception ------------------------------------
+obj.hda.avatar_path = args["corrupt_avatar"]
+report["export_corrupt"] = call(bpy.ops.hda.export_ply, filepath=os.path.join(args["tmp"], "c.ply"))
+obj.hda.avatar_path = ""
+
+# --- fit: synchronous in background; the modal logic through its step function ---------------
+report["fit_nosubject"] = call(bpy.ops.hda.fit_subject, subject=args["tmp"], preset="tiny")
+bpy.context.window_manager.hda_fit.subject = args["subject"]
+bpy.context.window_manager.hda_fit.preset = "tiny"
+report["fit"] = call(bpy.ops.hda.fit_subject)
+report["fit_path"] = bpy.path.abspath(obj.hda.avatar_path)
+report["fit_line"] = fit_op.session["line"]
+report["fit_loaded"] = runtime.get_avatar(obj).uv_res
+path_before = obj.hda.avatar_path
+job = fit_op.start(bpy.context, obj, args["subject"], preset="tiny", steps=400,
+                   output=os.path.join(args["tmp"], "modal.hda.safetensors"))
+report["fit_poll_running"] = bpy.ops.hda.fit_subject.poll()
+ticks, states = [], []
+while True:
+    t0 = time.perf_counter()
+    state = fit_op.step(bpy.context)
+    ticks.append(time.perf_counter() - t0)
+    if state != "RUNNING":
+        break
+    if job.files.checkpoint.exists() and job.step >= 10 and bpy.ops.hda.cancel_fit.poll():
+        bpy.ops.hda.cancel_fit()
+    time.sleep(0.05)
+report["fit_cancel"] = [state, fit_op.session["line"], obj.hda.avatar_path == path_before]
+report["fit_tick_ms"] = [1e3 * max(ticks), 1e3 * float(np.median(ticks)), len(ticks)]
+
+# --- viewport camera (pure) and the offscreen draw with a GPU context -------------------------
+cam_data = bpy.data.cameras.new("cam")
+cam = bpy.data.objects.new("cam", cam_data)
+scene.collection.objects.link(cam)
+cam.location = (0.9, -3.5, 1.6)
+cam.rotation_euler = (1.35, 0.0, 0.25)
+cam_data.shift_x = 0.05
+scene.camera = cam
+scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 64, 48, 100
+scene.frame_set(3)
+depsgraph = bpy.context.evaluated_depsgraph_get()
+proj = np.array(cam.calc_matrix_camera(depsgraph, x=64, y=48))
+obj_m = np.array(obj.matrix_world)
+vm, K, shift = viewport.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
+vm_ref, K_ref = rig.camera_from_blender(np.array(cam.matrix_world), proj, 64, 48, obj_m)
+report["vp_persp"] = [float(np.abs(vm - vm_ref).max()), float(np.abs(K - K_ref).max()), shift]
+# An orthographic view: pixels and depths of points through the pinhole stand-in vs the true ortho map.
+cam_data.type = 'ORTHO'
+cam_data.ortho_scale = 2.5
+ortho = np.array(cam.calc_matrix_camera(bpy.context.evaluated_depsgraph_get(), x=64, y=48))
+report["ortho_w"] = float(ortho[3, 3])
+vm, K, shift = viewport.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), ortho, 64, 48, obj_m)
+pts_body = np.random.default_rng(0).normal(0, 0.4, (50, 3)) + np.array([0.0, -0.3, 0.0])
+pts_world = (obj_m @ np.c_[rig.to_blender(pts_body), np.ones(50)].T).T
+view = np.linalg.inv(np.array(cam.matrix_world)) @ pts_world.T
+ndc = ortho @ view
+px_true = np.stack([(ndc[0] + 1) * 32, (1 - ndc[1]) * 24], 1)
+cv = vm @ np.c_[pts_body, np.ones(50)].T
+px_ours = (K @ cv[:3]).T
+px_ours = px_ours[:, :2] / px_ours[:, 2:]
+depth_true = viewport.ndc_depth(view[2], ortho)
+depth_ours = viewport.ndc_depth(shift - cv[2], ortho)
+report["vp_ortho"] = [float(np.abs(px_true - px_ours).max()), float(np.abs(depth_true - depth_ours).max())]
+cam_data.type = 'PERSP'
+depsgraph = bpy.context.evaluated_depsgraph_get()
+
+obj.hda.shading = "FLAT"
+g, _ = viewport._posed_gaussians(obj, depsgraph)
+vm, K, shift = viewport.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
+rgba, depth = viewport.render_layer(obj, g, vm, K, 64, 48)
+np.save(os.path.join(args["tmp"], "layer_rgba.npy"), rgba)
+np.save(os.path.join(args["tmp"], "layer_depth.npy"), depth)
+np.save(os.path.join(args["tmp"], "proj.npy"), proj)
+covered = depth < 1e9
+clear_depth = float(np.median(viewport.ndc_depth(-depth[covered], proj))) if covered.any() else 0.5
+report["clear_depth"] = clear_depth
+
+
+class OffscreenProbe(bpy.types.RenderEngine):
+    bl_idname = "HDA_TEST_OFFSCREEN"
+    bl_label = "offscreen probe"
+    bl_use_gpu_context = True
+
+    def render(self, depsgraph):
+        import gpu
+        try:
+            off = gpu.types.GPUOffScreen(64, 48, format='RGBA32F')
+            with off.bind():
+                fb = gpu.state.active_framebuffer_get()
+                fb.clear(color=(0.2, 0.3, 0.4, 1.0), depth=clear_depth)
+                color_tex, depth_tex = viewport.upload(rgba, depth)
+                viewport.draw_layer(color_tex, depth_tex, viewport.depth_terms(proj), 0.0)
+                color = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
+                zbuf = np.array(fb.read_depth(0, 0, 64, 48).to_list(), dtype=np.float32)
+            off.free()
+            np.save(os.path.join(args["tmp"], "gpu_color.npy"), color.reshape(48, 64, 4))
+            np.save(os.path.join(args["tmp"], "gpu_depth.npy"), zbuf.reshape(48, 64))
+            report["gpu"] = [gpu.platform.renderer_get(), gpu.platform.backend_type_get()]
+        except Exception as exc:
+            report["gpu"] = [f"{type(exc).__name__}: {exc}"]
+        result = self.begin_result(0, 0, 4, 4)
+        self.end_result(result)
+
+
+bpy.utils.register_class(OffscreenProbe)
+engine = scene.render.engine
+scene.render.engine = "HDA_TEST_OFFSCREEN"
+res = scene.render.resolution_x, scene.render.resolution_y
+scene.render.resolution_x = scene.render.resolution_y = 4
+bpy.ops.render.render()
+scene.render.engine = engine
+scene.render.resolution_x, scene.render.resolution_y = res
+bpy.utils.unregister_class(OffscreenProbe)
+
+# --- unregister leaves nothing behind ----------------------------------------------------------
+bpy.ops.preferences.addon_disable(module=ADDON)
+report["wm_props_left"] = [p for p in ("hda_fit",) if hasattr(bpy.types.WindowManager, p)]
+report["handlers_left"] = {n: len(getattr(bpy.app.handlers, n)) - c for n, c in handlers_before.items()
+                           if len(getattr(bpy.app.handlers, n)) != c}
+report["ops_left"] = sorted(dir(bpy.ops.hda))
+with open(args["out"], "w") as f:
+    json.dump(report, f)
+'''
+
+
+def _motion_inputs(folder: Path) -> dict:
+    from hda_backend import rig
+    from hda_backend.body import load_body
+
+    rng = np.random.default_rng(3)
+    frames = 31
+    pose = rng.normal(0, 0.25, (frames, 55, 3))
+    transl = np.cumsum(rng.normal(0, 0.02, (frames, 3)), 0)
+    np.savez(folder / "clip60.npz", poses=pose.reshape(frames, -1), trans=transl, mocap_frame_rate=np.array(60.0))
+    # AMASS: SMPL-H layout, world +Z up (the root turns the body's +Y up onto +Z).
+    up = rig.axis_angle_to_matrix(np.array([np.pi / 2, 0.0, 0.0]))
+    amass = rng.normal(0, 0.2, (4, 156))
+    amass[:, :3] = rig.quaternion_to_axis_angle(rig.matrix_to_quaternion(up @ rig.axis_angle_to_matrix(amass[:, :3])))
+    np.savez(folder / "amass.npz", poses=amass, trans=rng.normal(0, 0.1, (4, 3)), mocap_framerate=np.array(30.0))
+    bvh_pose, bvh_transl = rng.normal(0, 0.3, (5, 55, 3)), rng.normal(0, 0.1, (5, 3))
+    write_bvh(folder / "clip.bvh", load_body().rest_joints().double().numpy(), bvh_pose, bvh_transl, 30.0)
+    np.savez(folder / "bvh_ref.npz", pose=bvh_pose, transl=bvh_transl)
+    (folder / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    bad = pose.copy()
+    bad[2, 5, 1] = np.nan
+    np.savez(folder / "nan.npz", poses=bad.reshape(frames, -1))
+    (folder / "other.bvh").write_text("HIERARCHY\nROOT Hips\n{\n  OFFSET 0 0 0\n  CHANNELS 6 Xposition Yposition "
+                                      "Zposition Zrotation Xrotation Yrotation\n  End Site\n  {\n    OFFSET 0 1 0\n  }\n}\n"
+                                      "MOTION\nFrames: 1\nFrame Time: 0.033333\n0 0 0 0 0 0\n")
+    (folder / "corrupt.hda.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    return {"npz": folder / "clip60.npz", "amass": folder / "amass.npz", "bvh": folder / "clip.bvh",
+            "bvh_ref": folder / "bvh_ref.npz", "corrupt_npz": folder / "corrupt.npz",
+            "missing": folder / "nowhere.npz", "nan_npz": folder / "nan.npz", "bad_bvh": folder / "other.bvh",
+            "corrupt_avatar": folder / "corrupt.hda.safetensors"}
+
+
+def _run_driver(tmp_path: Path, built_zip: Path, subject: Path, model: Path) -> dict:
+    inputs = {k: str(v) for k, v in _motion_inputs(tmp_path).items()}
+    args = {"addon": ADDON, "zip": str(built_zip), "tmp": str(tmp_path), "out": str(tmp_path / "report.json"),
+            "subject": str(subject), "model": str(model), **inputs}
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    env = _hermetic_env(BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"), HOME=str(tmp_path / "home"))
+    env.pop("HDA_SMPLX_PATH", None)
+    env.pop("HDA_DIFFUSION_MODEL", None)
+    proc = subprocess.run([str(BPY50_PYTHON), str(driver), json.dumps(args)], env=env, capture_output=True,
+                          text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads((tmp_path / "report.json").read_text())
+
+
+def _gaussians(seed: int, pose, transl):
+    import torch
+
+    from hda_backend.avatar.model import Avatar
+    from hda_backend.body import load_body
+    from hda_backend.config import load_config
+
+    config = load_config("tiny")
+    avatar = Avatar.from_init(load_body(), config.uv.res, config.unet, config.gaussians, seed=seed)
+    with torch.no_grad():
+        return avatar(torch.tensor(pose, dtype=torch.float32).reshape(1, -1),
+                      torch.tensor(transl, dtype=torch.float32).reshape(1, 3)).index(0)
+
+
+def test_periphery_in_blender_5_0(tmp_path, built_zip, subject, diffusion_model):
+    import math
+
+    from hda_backend import rig
+    from hda_backend.diffusion.sample import interpolate_noise, load_diffusion, sample_avatars
+    from tests.test_export_ply import read_ply
+
+    r = _run_driver(tmp_path, built_zip, subject, diffusion_model)
+    assert {"import_motion", "export_ply", "fit_subject", "cancel_fit", "sample_identity", "select_avatar"} <= set(r["ops"])
+    assert r["panels"] == ["HDA_PT_main"]
+
+    # Viewport handler: not added in background mode; added and removed when allowed.
+    assert r["vp_background_handle"] is None and r["vp_removed"] is True
+
+    # Motion: 31 frames at 60 fps onto a 30 fps scene -> 16 keys (0.5 s), 55x4 rotations + 3 locations.
+    assert r["add"] == [["FINISHED"], None] and r["npz"] == [["FINISHED"], None]
+    assert r["fcurves"] == 55 * 4 + 3 and r["keys"] == [16] and r["interp"] == ["LINEAR"]
+    assert r["range"] == [1, 16, 30]
+    assert max(r["key_err"]) < 1e-5                      # keys = rig.bone_rotations_from_pose at motion frame 2k
+    assert max(e[0] for e in r["pose_err"]) < 1e-4      # the evaluated armature reads back the motion's pose
+    assert max(e[1] for e in r["pose_err"]) < 1e-5
+    assert r["npz_fps"][0] == ["FINISHED"] and r["keys_fps"] == [31] and r["range_fps"] == [1, 31, 60, 1.0]
+    assert r["amass"][0] == ["FINISHED"]
+    assert r["amass_up_in_armature"][2] > 0.9 and r["amass_root_err"] < 1e-5  # stands up, as in AMASS's world
+    assert r["bvh"][0] == ["FINISHED"] and r["bvh_objects_left"] == 0 and r["bvh_active"]
+    assert max(e[0] for e in r["bvh_err"]) < 1e-4 and max(e[1] for e in r["bvh_err"]) < 1e-5
+    assert r["corrupt_npz"][0] is None and "not a readable .npz file" in r["corrupt_npz"][1]
+    assert r["missing"][0] is None and "motion file not found" in r["missing"][1]
+    assert r["nan_npz"][0] is None and "NaN or inf" in r["nan_npz"][1]
+    assert r["bad_bvh"][0] is None and "expected SMPL-X joint names" in r["bad_bvh"][1]
+
+    # Export: scene frame 4 is motion frame 6; World coordinates = the armature's transform after Y->Z up.
+    data = np.load(tmp_path / "clip60.npz")
+    pose60, transl60 = data["poses"].reshape(-1, 55, 3), data["trans"]
+    assert r["export"] == [["FINISHED"], None] and r["frame_after_export"] == 4
+    rows = read_ply(tmp_path / "one.ply")
+    g = _gaussians(0, pose60[6], transl60[6])
+    c, s = math.cos(0.5), math.sin(0.5)
+    world = np.eye(4)
+    world[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ rig.AXIS_YUP_TO_ZUP
+    world[:3, 3] = [0.4, -0.2, 0.9]
+    assert np.allclose(np.load(tmp_path / "world.npy"), world, atol=1e-6)
+    xyz = np.stack([rows["x"], rows["y"], rows["z"]], 1)
+    assert np.abs(xyz - (g.means.double().numpy() @ world[:3, :3].T + world[:3, 3])).max() < 1e-4
+    assert np.abs(np.stack([rows[f"f_dc_{i}"] for i in range(3)], 1) - g.sh[:, 0].numpy()).max() < 1e-5
+    assert np.abs(1 / (1 + np.exp(-rows["opacity"])) - g.opacities.numpy()).max() < 1e-5
+    assert r["export_range"][0] == ["FINISHED"]
+    for frame, motion_frame in ((2, 2), (3, 4)):
+        rows = read_ply(tmp_path / f"seq_{frame:04d}.ply")
+        g = _gaussians(0, pose60[motion_frame], transl60[motion_frame])
+        assert np.abs(np.stack([rows["x"], rows["y"], rows["z"]], 1) - g.means.numpy()).max() < 1e-4
+    assert r["export_shear"][0] is None and "rotation times a uniform positive scale" in r["export_shear"][1]
+    assert r["export_corrupt"][0] is None and "not a readable safetensors file" in r["export_corrupt"][1]
+
+    # Identity: same seed -> the same avatar the sampler writes; the slider -> noise slerp.
+    assert r["identity_none"][0] is None and "No diffusion model" in r["identity_none"][1]
+    assert r["identity"] == [["FINISHED"], None] and Path(r["identity_file"]).name == "identity_5.hda.safetensors"
+    assert r["identity_loaded"] == 32
+    model = load_diffusion(diffusion_model)
+    ref = sample_avatars(model, 5, 1, 3, tmp_path / "ref")[0]
+    from safetensors.torch import load_file
+
+    got, want = load_file(r["identity_file"]), load_file(str(ref))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in got)
+    assert Path(r["identity_mix_file"]).name == "identity_5_7_0.50.hda.safetensors"
+    from hda_backend.diffusion.weights import LayerSpec, state_dict_to_vector
+
+    vec = state_dict_to_vector(load_file(r["identity_mix_file"]), model.spec)
+    assert np.allclose(vec.numpy(), interpolate_noise(model, 5, 7, 0.5, 3).numpy(), atol=1e-6)
+    assert LayerSpec.for_unet(model.meta.unet_config) == model.spec
+    assert r["identity_random"][0] == ["FINISHED"] and r["identity_random_seed"] != 5
+    assert r["identity_corrupt"][0] is None and "diffusion model" in r["identity_corrupt"][1] and r["identity_kept"]
+
+    # Fit: background mode waits; the modal path ticks through step() and cancels.
+    assert r["fit_nosubject"][0] is None and "no subject.json" in r["fit_nosubject"][1]
+    assert r["fit"] == [["FINISHED"], None], r["fit_line"]
+    assert r["fit_path"].endswith("avatars/teacher.hda.safetensors")
+    assert Path(r["fit_path"]).is_relative_to(tmp_path / "blender_user")  # unsaved .blend: the user folder
+    assert r["fit_line"].startswith("fitted teacher onto") and r["fit_loaded"] == 32
+    assert r["fit_poll_running"] is False
+    state, line, unchanged = r["fit_cancel"]
+    assert state == "CANCELLED" and "fit again to resume" in line and unchanged
+    print(f"fit modal tick: max {r['fit_tick_ms'][0]:.1f} ms, median {r['fit_tick_ms'][1]:.2f} ms over "
+          f"{r['fit_tick_ms'][2]} ticks")
+
+    # Viewport camera: perspective = rig.camera_from_blender; orthographic stand-in within 0.05 px.
+    assert r["vp_persp"][0] < 1e-6 and r["vp_persp"][1] < 1e-6 and r["vp_persp"][2] == 0.0  # (float32 inverse)
+    assert r["ortho_w"] == 1.0 and r["vp_ortho"][0] < 0.05 and r["vp_ortho"][1] < 1e-5
+
+    # Offscreen draw with a GPU context: the quad shows the backend layer where it is in front of the
+    # cleared depth, the background where the depth buffer is nearer; depth is written.
+    assert len(r["gpu"]) == 2, r["gpu"]
+    rgba = np.load(tmp_path / "layer_rgba.npy")[::-1]   # framebuffer rows run bottom to top
+    depth = np.load(tmp_path / "layer_depth.npy")[::-1]
+    proj = np.load(tmp_path / "proj.npy")
+    ndc = 0.5 * (proj[2, 2] * -depth + proj[2, 3]) / (proj[3, 2] * -depth + proj[3, 3]) + 0.5
+    drawn = (rgba[..., 3] >= 1e-4) & (ndc <= r["clear_depth"] + 1e-7)
+    hidden = (rgba[..., 3] >= 1e-4) & ~drawn
+    assert drawn.sum() > 20 and hidden.sum() > 20
+    clear = np.array([0.2, 0.3, 0.4, 1.0])
+    want = np.where(drawn[..., None], rgba + (1 - rgba[..., 3:]) * clear, clear)
+    color, zbuf = np.load(tmp_path / "gpu_color.npy"), np.load(tmp_path / "gpu_depth.npy")
+    assert np.abs(color - want).max() < 1e-4
+    assert np.abs(zbuf[drawn] - ndc[drawn]).max() < 1e-5 and np.abs(zbuf[~drawn] - r["clear_depth"]).max() < 1e-6
+
+    # Unregister: no handlers, window-manager properties or operators left.
+    assert r["handlers_left"] == {} and r["wm_props_left"] == [] and r["ops_left"] == []

@@ -1,0 +1,140 @@
+"""hda.sample_identity: a new person for the active avatar from the weight-space diffusion model.
+
+The seed picks the identity (the same seed always gives the same person, hda_backend.diffusion.sample);
+*Random* draws a new seed first. The identity slider blends towards a second seed: with ``identity_mix``
+> 0 the two seeds' noises are slerped and denoised (sample.interpolate_noise), so every point on the
+slider is a person of its own rather than a cross-fade. The sampled avatar is written beside the saved
+.blend (``hda_avatars/identity_<seed>[_<seed_b>_<mix>].hda.safetensors``, the extension's user folder
+while the file is unsaved) and becomes the avatar's file.
+
+The diffusion model: the operator's ``model`` path, else ``$HDA_DIFFUSION_MODEL``, else the model the
+extension bundles (:data:`DEFAULT_MODEL`, ``assets/default/diffusion.safetensors`` in the extension).
+Without any, the operator says so and changes nothing; the avatar keeps showing its seed's
+consistent-initialisation identity, which the slider blends live in weight space (runtime.get_avatar).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import bpy
+from bpy.props import BoolProperty, IntProperty, StringProperty
+
+from ..blender_addon import runtime
+from ..blender_addon.props import avatar_of
+from ..hda_backend.errors import HDAError
+from .fit import avatar_output_dir, relative_path
+
+DEFAULT_MODEL = os.path.join("assets", "default", "diffusion.safetensors")
+ENV_MODEL = "HDA_DIFFUSION_MODEL"
+MAX_SEED = 2 ** 31 - 1  # IntProperty's range
+
+_models: dict = {}  # path -> ((mtime, size), DiffusionModel): loaded once per session and file
+
+
+def model_path(override: str = "") -> str | None:
+    """The diffusion model to sample from (see the module docstring), or None when there is none."""
+    from ..blender_addon.preferences import EXT_ROOT
+
+    for candidate in (override.strip(), os.environ.get(ENV_MODEL, "").strip()):
+        if candidate:
+            return os.path.abspath(bpy.path.abspath(candidate))
+    bundled = os.path.join(EXT_ROOT, DEFAULT_MODEL)
+    return bundled if os.path.isfile(bundled) else None
+
+
+def missing_model_text() -> str:
+    return (f"No diffusion model: the extension's default model ({DEFAULT_MODEL}) is not bundled yet; point "
+            f"${ENV_MODEL} (or the operator's Model) at a model from 'hda train-diffusion'")
+
+
+def load_model(path: str):
+    """A DiffusionModel, loaded once per session and file version."""
+    from ..hda_backend.diffusion.sample import load_diffusion
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise HDAError(f"diffusion model file not found: {path}") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _models.get(path)
+    if cached is None or cached[0] != stamp:
+        _models[path] = (stamp, load_diffusion(path))
+    return _models[path][1]
+
+
+def identity_file(seed: int, seed_b: int, mix: float) -> str:
+    name = f"identity_{seed}" + (f"_{seed_b}_{mix:.2f}" if mix > 0 and seed_b != seed else "")
+    return os.path.join(avatar_output_dir(), name + ".hda.safetensors")
+
+
+def sample_identity(obj, model, *, steps: int | None = None) -> str:
+    """Sample the identity of ``obj``'s seeds (and slider) with ``model``; returns the avatar file written."""
+    from ..hda_backend.diffusion.sample import interpolate_noise, sample_vectors
+    from ..hda_backend.diffusion.weights import write_avatar
+
+    h = obj.hda
+    mix = float(h.identity_mix) if h.seed_b != h.seed else 0.0
+    if mix > 0:
+        vec = interpolate_noise(model, h.seed, h.seed_b, mix, steps)
+        origin = f"sample:{h.seed}~{h.seed_b}@{mix:.2f} model:{model.path.name}"
+    else:
+        vec = sample_vectors(model, [h.seed], steps)[0]
+        origin = f"sample:{h.seed} model:{model.path.name}"
+    return str(write_avatar(vec, model.spec, model.meta, identity_file(h.seed, h.seed_b, mix), origin=origin))
+
+
+class HDA_OT_sample_identity(bpy.types.Operator):
+    """Sample a new identity for the active avatar from the diffusion model (its seed, or blended towards
+    the second seed by the identity slider)"""
+
+    bl_idname = "hda.sample_identity"
+    bl_label = "Sample Identity"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    random: BoolProperty(name="Random Seed", default=False, options={'SKIP_SAVE'},
+                         description="Draw a new seed first")
+    model: StringProperty(name="Model", subtype='FILE_PATH', default="", options={'SKIP_SAVE'},
+                          description=f"Diffusion model file; empty: ${ENV_MODEL}, else the bundled default")
+    steps: IntProperty(name="Steps", default=0, min=0, options={'SKIP_SAVE'},
+                       description="DDIM steps; 0: the model's")
+
+    @classmethod
+    def poll(cls, context):
+        if avatar_of(context.active_object) is None:
+            cls.poll_message_set("Select an HDA avatar (its armature or proxy) first")
+            return False
+        return True
+
+    def execute(self, context):
+        obj = avatar_of(context.active_object)
+        path = model_path(self.model)
+        if path is None:
+            self.report({'ERROR'}, missing_model_text())
+            return {'CANCELLED'}
+        h = obj.hda
+        previous = (h.seed, h.avatar_path)
+        if self.random:
+            h.seed = secrets.randbelow(MAX_SEED + 1)
+        try:
+            written = sample_identity(obj, load_model(path), steps=self.steps or None)
+            h.avatar_path = relative_path(written)
+            runtime.invalidate(obj)
+            runtime.get_avatar(obj)  # refuse a sample made for another body now, not at render time
+        except Exception as exc:  # noqa: BLE001 - bad models, wrong bodies, a missing backend become a report
+            h.seed, h.avatar_path = previous
+            runtime.invalidate(obj)
+            if isinstance(exc, ImportError):
+                self.report({'ERROR'}, f"the backend does not import ({exc}); see Preferences > Add-ons > "
+                                       "HDA Avatars > Install Backend")
+            elif isinstance(exc, HDAError):
+                self.report({'ERROR'}, str(exc))
+            else:
+                raise
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"{obj.name}: identity {os.path.basename(written)}")
+        return {'FINISHED'}
+
+
+CLASSES = (HDA_OT_sample_identity,)
