@@ -19,8 +19,9 @@ from hda_backend.avatar.unet import AvatarUNet, UNetConfig, init_unet, num_param
 from hda_backend.body import load_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
-from hda_backend.diffusion.sample import (interpolate_avatars, interpolate_noise, load_diffusion, sample_avatars,
-                                          sample_vectors, slerp)
+from hda_backend.diffusion.sample import (ddim_sample_projected, interpolate_avatars, interpolate_noise,
+                                          load_diffusion, sample_avatars, sample_vectors, slerp)
+from hda_backend.diffusion.schedule import ScheduleConfig, ddim_sample
 from hda_backend.diffusion.tokenizers import make_tokenizer
 from hda_backend.diffusion.train import draw_batch, learning_rate, train_diffusion
 from hda_backend.diffusion.transformer import DenoiserConfig, WeightDenoiser
@@ -174,6 +175,20 @@ def test_denoiser_shapes_and_time_dependence():
     x = torch.randn(2, spec.dim)
     a, b = model(x, torch.tensor([0, 0])), model(x, torch.tensor([400, 400]))
     assert a.shape == (2, spec.dim) and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("kind", ["layer", "flat1d", "layer_chunked"])
+def test_ddim_on_projected_pieces_equals_ddim_on_weight_vectors(kind):
+    spec = LayerSpec.for_unet(TINY.unet)
+    torch.manual_seed(1)
+    model = WeightDenoiser(spec, DenoiserConfig(kind, 1000, 32, 2, 2, 64)).eval()
+    for lin in model.tokenizer.proj_out:  # trained-like, not the zero start
+        torch.nn.init.normal_(lin.weight, std=0.05)
+    x_T = torch.randn(2, spec.dim)
+    with torch.no_grad():
+        reference = ddim_sample(model, x_T, 20, ScheduleConfig())  # plain DDIM through the full model
+        fast = ddim_sample_projected(model, model.tokenizer.composites(), x_T, 20, ScheduleConfig())
+    assert torch.allclose(fast, reference, atol=2e-5), (fast - reference).abs().max()
 
 
 # ---------------------------------------------------------------- training

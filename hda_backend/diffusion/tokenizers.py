@@ -44,6 +44,7 @@ class Tokenizer(nn.Module):
             groups.setdefault(p[2], []).append(p)
         ordered = [p for _, members in sorted(groups.items()) for p in members]
         self.group_sizes = [(proj, len(members)) for proj, members in sorted(groups.items())]
+        self.token_lengths = [p[1] for p in ordered]
         # gather_<g>: [G*n] positions in x ⊕ [0] (index D is the zero used for padding).
         gathers = []
         flat_positions = []  # where each output value lands in the concatenated group outputs
@@ -89,12 +90,21 @@ class Tokenizer(nn.Module):
         flat = torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1)
         return flat[:, self.scatter]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, D] -> projected pieces [B, L, width] (linear in x; no embeddings)."""
+        return torch.cat([self.proj_in[proj](p) for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
+
+    def embed(self, projected: torch.Tensor) -> torch.Tensor:
+        """projected: [B, L, width] -> tokens [B, L, width], with the layer and chunk embeddings added.
+
+        No LayerNorm here (HyperDiffusion has one): it would divide out each token's magnitude, and with it
+        how far along a direction of the data a noisy vector lies. The pre-norm blocks see normalised copies.
+        """
+        return projected + self.layer_emb[self.layer_index] + self.chunk_emb[self.chunk_index]
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, D] -> tokens [B, L, width]."""
-        tokens = torch.cat([self.proj_in[proj](p) for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
-        # No LayerNorm here (HyperDiffusion has one): it would divide out each token's magnitude, and with it
-        # how far along a direction of the data a noisy vector lies. The pre-norm blocks see normalised copies.
-        return tokens + self.layer_emb[self.layer_index] + self.chunk_emb[self.chunk_index]
+        return self.embed(self.project(x))
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, L, width] -> x [B, D]."""
@@ -103,6 +113,33 @@ class Tokenizer(nn.Module):
             pieces.append(self.proj_out[proj](h[:, first:first + count]))
             first += count
         return self.merge(pieces)
+
+    @torch.no_grad()
+    def composites(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(token indices [k], C [width, width])] with project(decode(h))[:, i] = h[:, i] @ C.T for those tokens.
+
+        ``decode`` then ``project`` is linear token by token: C = W_in[:, :n] @ W_out[:n] for a piece of n
+        values (the padding of a short piece is dropped by ``merge``). Sampling runs DDIM on the projected
+        pieces with these width x width maps instead of going through all D weights at every step.
+        """
+        out, first = [], 0
+        for proj, count in self.group_sizes:
+            w_in, w_out = self.proj_in[proj].weight, self.proj_out[proj].weight
+            by_length: dict[int, list[int]] = {}
+            for i in range(first, first + count):
+                by_length.setdefault(self.token_lengths[i], []).append(i)
+            for n, tokens in by_length.items():
+                out.append((torch.tensor(tokens, device=w_in.device), w_in[:, :n] @ w_out[:n]))
+            first += count
+        return out
+
+    @staticmethod
+    def reproject(h: torch.Tensor, composites: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """h: [B, L, width] -> project(decode(h)) [B, L, width], through ``composites()``."""
+        out = torch.empty_like(h)
+        for tokens, c in composites:
+            out[:, tokens] = h[:, tokens] @ c.T
+        return out
 
 
 def layer_tokenizer(spec: LayerSpec, width: int) -> Tokenizer:

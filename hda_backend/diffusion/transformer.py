@@ -75,14 +75,17 @@ class WeightDenoiser(nn.Module):
                                      for _ in range(config.blocks)])
         self.norm_out = nn.LayerNorm(config.width)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t: [B, D] noisy normalised weights; t: [B] long timesteps -> x0 prediction [B, D]."""
-        tokens = self.tokenizer.encode(x_t)
+    def hidden(self, projected: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """projected: [B, L, width] (tokenizer.project of x_t); t: [B] -> final hidden tokens [B, L, width]."""
         time = self.time_mlp(timestep_embedding(t, self.config.width))[:, None]
-        h = torch.cat([tokens, time], dim=1)
+        h = torch.cat([self.tokenizer.embed(projected), time], dim=1)
         for block in self.blocks:
             h = block(h)
-        return self.tokenizer.decode(self.norm_out(h[:, :-1]))
+        return self.norm_out(h[:, :-1])
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: [B, D] noisy normalised weights; t: [B] long timesteps -> x0 prediction [B, D]."""
+        return self.tokenizer.decode(self.hidden(self.tokenizer.project(x_t), t))
 
 
 def count_parameters(module: nn.Module) -> int:
