@@ -97,7 +97,8 @@ def _upstream(tree, output, render_layers):
 
 def layer_image(obj, scene, blend_path=None):
     """The avatar's layer image sequence (created on first use; its first frame written empty when
-    missing, so the image has its Combined and Depth passes)."""
+    missing, so the image has its Combined and Depth passes). ``blend_path``: where the .blend is
+    being saved, when the image must point next to it before the save makes '//' resolve there."""
     first = layers.frame_path(obj, scene.frame_start, blend_path)
     if not os.path.isfile(first):
         layers.write_empty(obj, scene, scene.frame_start, blend_path)
@@ -108,15 +109,28 @@ def layer_image(obj, scene, blend_path=None):
         image.name = name
     stored = layers.stored_path(obj, scene.frame_start, blend_path)
     if image.filepath != stored:
-        image.filepath = stored
+        if blend_path is None:
+            image.filepath = stored
+        else:
+            # Before a save the new '//' path does not resolve yet: setting ``filepath`` would reload
+            # the image, fail, and turn the Image nodes' pass sockets (and their links) off in the
+            # saved file. ``filepath_raw`` only stores the path; it is read once the file is saved.
+            image.filepath_raw = stored
     if image.source != 'SEQUENCE':
         image.source = 'SEQUENCE'
     return image
 
 
-def sync(scene, blend_path=None) -> None:
-    """Make the scene's compositor merge every enabled avatar's layer (and only those) over the
-    render; ``blend_path``: where the .blend is being saved (default: where it is)."""
+def retarget(scene, blend_path: str) -> None:
+    """Point the avatars' layer images next to where the .blend is being saved (save_pre). Nodes
+    stay as they are: until the save completes the new '//' path does not resolve, and a node
+    rebuilt now would not see its image's passes."""
+    for obj in scene_avatars(scene):
+        layer_image(obj, scene, blend_path)
+
+
+def sync(scene) -> None:
+    """Make the scene's compositor merge every enabled avatar's layer (and only those) over the render."""
     avatars = scene_avatars(scene)
     tree = scene.compositing_node_group if NEW_API else (scene.node_tree if scene.use_nodes else None)
     if not avatars and (tree is None or not any(n.name.startswith(PREFIX) for n in tree.nodes)):
@@ -140,7 +154,9 @@ def sync(scene, blend_path=None) -> None:
     for i, obj in enumerate(avatars):
         node = tree.nodes.new('CompositorNodeImage')
         node.name = node.label = f"{PREFIX}Layer {obj.name}"
-        node.image = layer_image(obj, scene, blend_path)
+        sequence = layer_image(obj, scene)
+        sequence.reload()  # a load that failed earlier (a path retargeted before a save) is not retried
+        node.image = sequence
         node.frame_start = scene.frame_start
         node.frame_offset = scene.frame_start - 1   # file number = scene frame
         node.frame_duration = max(1, scene.frame_end - scene.frame_start + 1)

@@ -48,8 +48,7 @@ def on_frame_change(scene, depsgraph=None):
 
 @persistent
 def on_render_init(scene, *_):
-    if scene_avatars(scene):
-        compositor.sync(scene)
+    compositor.sync(scene)  # also drops the layers of avatars disabled since the last sync
 
 
 @persistent
@@ -85,7 +84,7 @@ def on_save_pre(filepath="", *_):
             if relative != value:
                 setattr(obj.hda, prop, relative)
     for scene in bpy.data.scenes:
-        compositor.sync(scene, blend_path=target)
+        compositor.retarget(scene, target)
 
 
 def _relative_to(path: str, blend: str) -> str:

@@ -18,12 +18,19 @@ SHADINGS = (("AUTO", "Auto", "Clay for untrained (seed-initialised) avatars, col
             ("CLAY", "Clay", "Grey clay shaded by the Gaussians' normals, to read the shape"))
 
 
+def _enabled_changed(self, context):
+    from . import compositor
+
+    if context.scene is not None:
+        compositor.sync(context.scene)  # the saved compositor follows at once (a farm renders it as is)
+
+
 class HDAAvatarProps(bpy.types.PropertyGroup):
     is_avatar: BoolProperty(name="Is HDA Avatar", default=False,
                             description="This armature drives an HDA avatar")
     uid: StringProperty(name="Avatar ID", default="", options={'HIDDEN'},
                         description="Stable identity of this avatar for the session caches")
-    enabled: BoolProperty(name="Enabled", default=True,
+    enabled: BoolProperty(name="Enabled", default=True, update=_enabled_changed,
                           description="Render this avatar in final renders and the compositing layer")
     avatar_path: StringProperty(name="Avatar File", subtype='FILE_PATH', default="",
                                 description="An avatar file (*.hda.safetensors); empty: the identity from the seed")

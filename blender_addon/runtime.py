@@ -208,11 +208,17 @@ def shading(obj) -> str:
     return mode.lower()
 
 
+def _quantize(a) -> np.ndarray:
+    """Inputs rounded to 1e-6 (radians, metres, pixels), float32. Rendering from the rounded values
+    makes the cache key describe the render exactly: the same pose read from another depsgraph or
+    process (float noise from re-evaluating the same keyframes) gives bit-identical pixels."""
+    return np.round(np.asarray(a, dtype=np.float64), 6).astype(np.float32)
+
+
 def _digest(*arrays) -> str:
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
-        # Rounded so that float noise from re-evaluating the same keyframes hits the cache.
-        h.update(np.round(np.asarray(a, dtype=np.float64), 6).astype(np.float32).tobytes())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -236,6 +242,7 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     key = object_key(obj)
     avatar = get_avatar(obj)
     mode = shading(obj)
+    pose, transl, viewmat, K = (_quantize(a) for a in (pose, transl, viewmat, K))
     frame_key = (key, _avatars[key][0], _digest(pose, transl), _digest(viewmat, K), int(width), int(height), mode)
     hit = _frames.get(frame_key)
     if hit is not None:
@@ -246,11 +253,10 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     device = next(avatar.parameters()).device
     t0 = time.perf_counter()
     with torch.inference_mode():
-        g = avatar(torch.as_tensor(pose, dtype=torch.float32, device=device).reshape(1, -1),
-                   torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(1, 3)).index(0)
+        g = avatar(torch.as_tensor(pose, device=device).reshape(1, -1),
+                   torch.as_tensor(transl, device=device).reshape(1, 3)).index(0)
         t1 = time.perf_counter()
-        out, alpha = render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32, device=device),
-                                      torch.as_tensor(K, dtype=torch.float32, device=device),
+        out, alpha = render_gaussians(g, torch.as_tensor(viewmat, device=device), torch.as_tensor(K, device=device),
                                       int(width), int(height), shading=mode, render_mode="RGB+ED")
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     t2 = time.perf_counter()
