@@ -366,6 +366,8 @@ def test_bad_training_sets(plane_set, tmp_path, body):
         load_weight_set([*sorted(fits.iterdir()), static])
     with pytest.raises(HDAError, match="contains NaN/inf; refusing"):
         write_avatar(bad, spec, _meta(body), tmp_path / "x.hda.safetensors")
+    with pytest.raises(HDAError, match="expected a file name ending in .hda.safetensors"):
+        write_avatar(base, spec, _meta(body), tmp_path / "x.safetensors")
 
 
 def test_bad_model_and_checkpoint_files(small_model, plane_set, tmp_path):

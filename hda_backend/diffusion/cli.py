@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def cmd_train_diffusion(args) -> None:
     d = dataclasses.replace(d, tokenizer=args.tokenizer or d.tokenizer,
                             normalization=args.normalization or d.normalization)
     result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps)
-    if result.steps:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(f"wrote {result.paths.model} after {result.steps} steps in {result.seconds / 60:.1f} min "
               f"({d.tokenizer} tokens, {result.parameters:,} parameters, final loss {result.final_loss:.4g}); "
               f"curve: {result.paths.curve}, log: {result.paths.log}")

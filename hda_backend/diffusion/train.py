@@ -108,7 +108,7 @@ def draw_batch(generator: torch.Generator, z: torch.Tensor, batch: int, timestep
 
 
 def _fingerprint(d: DiffusionConfig, data: WeightSet, total: int) -> str:
-    digest = hashlib.sha256(data.vectors.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(data.vectors.contiguous().numpy()).hexdigest()
     return json.dumps({"diffusion": dataclasses.asdict(d), "data_sha256": digest, "num_avatars": len(data.paths),
                        "steps": total}, sort_keys=True)
 

@@ -250,6 +250,8 @@ def load_weight_set(source) -> WeightSet:
 def write_avatar(vec: torch.Tensor, spec: LayerSpec, meta: AvatarMeta, path, origin: str = "") -> Path:
     """vec: [D] float32 -> an ordinary avatar file (what ``hda render`` and Blender load), written atomically."""
     path = Path(path)
+    if not path.name.endswith(SUFFIX):
+        raise HDAError(f"avatar {path}: expected a file name ending in {SUFFIX}")
     if not torch.isfinite(vec).all():
         raise HDAError(f"avatar {path}: the weight vector contains NaN/inf; refusing to write it")
     if LayerSpec.for_unet(meta.unet_config) != spec:
@@ -284,11 +286,10 @@ class Normalizer:
         """vectors: [N, D] -> statistics over the N rows."""
         if mode not in NORMALIZATIONS:
             raise HDAError(f"normalization {mode!r}: expected one of {', '.join(NORMALIZATIONS)}")
-        x = vectors.to(torch.float64)
         mean, std = torch.empty(spec.dim, dtype=torch.float64), torch.empty(spec.dim, dtype=torch.float64)
         for layer in spec.layers:
             s = slice(layer.offset, layer.offset + layer.length)
-            block = x[:, s]
+            block = vectors[:, s].to(torch.float64)  # a layer at a time: N x D in float64 can be GBs
             if mode == "coordinate":
                 m = block.mean(0)
                 var = (block - m).pow(2).mean(0)
