@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from hda_backend.diffusion import baselines, metrics
 from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, pairwise,
                                            parse_pose, psnr_distance, render_avatar, weight_distance_matrix)
 from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible, mesh_silhouette
+from hda_backend.diffusion.sample import sample_avatars
+from hda_backend.diffusion.train import train_diffusion
 from hda_backend.diffusion.weights import load_weight_set
 from hda_backend.errors import HDAError
 from hda_backend.fit.losses import psnr
@@ -371,16 +374,20 @@ def evaluated(tmp_path_factory):
         mp.setenv("HDA_CACHE_DIR", str(root / "cache"))
         mp.delenv("HDA_INCEPTION", raising=False)
         ref = write_reference(root / "ref")
+        model = root / "diff.safetensors"
+        train_diffusion(ref, model, load_config("tiny").diffusion, steps=20, progress=False, log=lambda _: None)
         out = root / "out"
-        code = main(["eval-gen", "--reference", str(ref), "--samples", f"given={ref}", "--out", str(out), *ARGS])
-    assert code == 0
-    return ref, out, json.loads((out / "eval_gen.json").read_text())
+        code = main(["eval-gen", "--reference", str(ref), "--model", f"diff={model}", "--steps", "5",
+                     "--samples", f"given={ref}", "--out", str(out), *ARGS])
+        assert code == 0
+        direct = sample_avatars(model, seed=0, n=6, steps=5, out_dir=root / "direct")
+    return ref, out, json.loads((out / "eval_gen.json").read_text()), direct
 
 
 def test_eval_gen_copy_row_is_memorisation(evaluated):
-    _, _, report = evaluated
+    _, _, report, _ = evaluated
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["copy", "pca", "given"]
+    assert list(rows) == ["diff", "given", "copy", "pca"]
     for name in ("copy", "given"):  # the reference files themselves, drawn or given
         row = rows[name]
         assert row["one_nna_psnr"] == 0.0 and row["cov_psnr"] == 1.0 and row["mmd_psnr_db"] == 100.0
@@ -391,7 +398,7 @@ def test_eval_gen_copy_row_is_memorisation(evaluated):
 
 
 def test_eval_gen_pca_row_is_new_and_in_the_training_span(evaluated):
-    ref, out, report = evaluated
+    ref, out, report, _ = evaluated
     row = next(r for r in report["rows"] if r["name"] == "pca")
     assert row["count"] == 6 and row["novelty_weight"]["median_ratio"] > 0.1
     assert 0.0 < row["one_nna_psnr"] <= 1.0 and 0.0 < row["cov_psnr"] <= 1.0
@@ -412,12 +419,12 @@ def test_eval_gen_pca_row_is_new_and_in_the_training_span(evaluated):
 
 
 def test_eval_gen_writes_table_sheet_and_sample_files(evaluated):
-    _, out, report = evaluated
+    _, out, report, _ = evaluated
     table = (out / "eval_gen.md").read_text()
     assert "| copy (baseline, 6) | 100.00 | 100.0 | 0.0 |" in table
     assert "FID/KID off" in table and "## Protocol" in table
     sheet = Image.open(out / "samples_vs_nearest.png")
-    assert sheet.size[0] == 12 * 144 and sheet.size[1] == 3 * (144 + 14)  # 6 pairs per row, tiles zoomed 3x
+    assert sheet.size[0] == 12 * 144 and sheet.size[1] == 4 * (144 + 14)  # 6 pairs per row, tiles zoomed 3x
     files = sorted((out / "samples" / "copy").glob("*.hda.safetensors"))
     assert len(files) == 6
     meta, _ = read_avatar_file(files[0])
@@ -466,3 +473,15 @@ def test_eval_gen_bad_inputs(tmp_path, capsys):
     # A truncated file.
     (ref / "subj_0.hda.safetensors").write_bytes(b"\x00" * 7)
     assert "subj_0" in run_error(["--reference", str(ref), *out, *ARGS], capsys)
+
+
+def test_eval_gen_model_row_samples_through_the_diffusion_model(evaluated):
+    _, _, report, direct = evaluated
+    row = next(r for r in report["rows"] if r["name"] == "diff")
+    assert row["kind"] == "model" and row["count"] == 6 and row["seconds_per_identity"] > 0
+    # The row's files are the model's own samples: the same seeds give the same weights bit for bit.
+    mine = load_weight_set([Path(f) for f in row["files"]])
+    theirs = load_weight_set(direct)
+    assert torch.equal(mine.vectors, theirs.vectors)
+    assert 0.0 <= row["one_nna_psnr"] <= 1.0 and 0.0 < row["cov_psnr"] <= 1.0
+    assert len(row["samples"]) == 6 and all("ok" in s["plausible"] for s in row["samples"])
