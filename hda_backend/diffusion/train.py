@@ -117,6 +117,8 @@ def _init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before nccl, or every rank uses GPU 0
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     # Ranks on one machine share its cores: each takes its part instead of oversubscribing.
@@ -149,6 +151,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: to
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.data"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout on the GPU draws from the device's generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensors.update(normalizer.to_tensors())
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "seconds": f"{seconds:.3f}",
                 "param_groups": json.dumps(state["param_groups"]), "fingerprint": fingerprint,
@@ -177,6 +181,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: to
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
         generator.set_state(tensors["rng.data"])
         torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available() and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
         return int(metadata["step"]), float(metadata["seconds"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise HDAError(f"checkpoint {path}: does not fit this model ({str(exc).splitlines()[0]}); "
