@@ -380,9 +380,10 @@ def _run_blender(python: Path, tmp_path: Path, built_zip: Path, wheel_dir: Path,
 def _check_report(r: dict, tmp_path: Path, has_torch: bool):
     user = tmp_path / "blender_user"
     assert r["install"] == ["FINISHED"] and r["registered"]
-    assert r["hda_ops"] == ["cancel_install", "check_backend", "install_backend"]
-    assert r["new_types"] == ["HDA_OT_cancel_install", "HDA_OT_check_backend", "HDA_OT_install_backend",
-                              "HDA_PT_backend"]
+    ops = ["add_avatar", "bake_layer", "cancel_fit", "cancel_install", "check_backend", "export_ply", "fit_subject",
+           "import_motion", "install_backend", "load_avatar", "sample_identity", "select_avatar"]
+    assert r["hda_ops"] == ops
+    assert r["new_types"] == sorted([f"HDA_OT_{op}" for op in ops] + ["HDA_PT_main"])
     assert r["pref_props"] == ["bl_idname", "body_path", "python_path", "torch_variant", "wheel_dir"]
     assert not r["torch_imported_at_register"]
     assert Path(r["deps_dir"]).is_relative_to(user) and r["deps_on_path_after_numpy"]
@@ -420,8 +421,8 @@ def _check_report(r: dict, tmp_path: Path, has_torch: bool):
     for pid in r["pids"]:  # the cancelled install and the one running when the add-on was disabled
         assert _wait_for(lambda: not _pid_alive(pid), 10), f"pip build process {pid} survived"
 
-    assert r["classes"] == ["HDA_AddonPreferences", "HDA_OT_cancel_install", "HDA_OT_check_backend",
-                            "HDA_OT_install_backend", "HDA_PT_backend"]
+    assert r["classes"] == sorted(["HDAAvatarProps", "HDA_AddonPreferences", "HDA_FitSettings", "HDA_PT_main"]
+                                  + [f"HDA_OT_{op}" for op in ops])
     assert r["disable"] == ["FINISHED"] and not r["timer_after_disable"] and r["still_registered"] == []
     assert r["leftover"] == {}, r["leftover"]
 
