@@ -47,12 +47,14 @@ class FitConfig:
     init_steps: int = 800  # steps when starting from another subject's weights (--init-from)
     lr: float = 1e-4
     warmup_steps: int = 100  # linear learning-rate warm-up
+    lr_final: float = 1.0  # cosine decay after the warm-up to lr * lr_final at the last step (1: constant)
     weight_decay: float = 0.01
     lambda_l1: float = 1.0  # paper Eq. 9 weights
     lambda_ssim: float = 0.1
     lambda_lpips: float = 0.01
     lambda_mask: float = 0.1
     crop_margin: float = 0.1  # crop around the mask's bounding box, as a fraction of its size
+    sh_degree_every: int = 0  # SH warm-up (as 3DGS): one more band every n steps up to gaussians.sh_degree; 0: all at once
     checkpoint_every: int = 100
     log_every: int = 10
     lpips_alexnet: typing.Optional[str] = None  # torchvision-format AlexNet weights on disk
@@ -204,6 +206,10 @@ def _check(config: Config, source: str) -> None:
         bad("render.backend", config.render.backend, "auto, cpu or cuda")
     if not 0.0 < config.gaussians.init_opacity < 1.0:
         bad("gaussians.init_opacity", config.gaussians.init_opacity, "in (0, 1)")
+    if not 0 <= config.gaussians.sh_degree <= 3:
+        bad("gaussians.sh_degree", config.gaussians.sh_degree, "0..3")
+    if not 0 <= config.fit.sh_degree_every <= 10_000_000:
+        bad("fit.sh_degree_every", config.fit.sh_degree_every, "0..10000000")
     if not 0.0 < config.render.fov_deg < 170.0:
         bad("render.fov_deg", config.render.fov_deg, "in (0, 170)")
     for name in ("steps", "init_steps", "checkpoint_every", "log_every"):
@@ -211,6 +217,8 @@ def _check(config: Config, source: str) -> None:
             bad(f"fit.{name}", getattr(config.fit, name), "1..10000000")
     if not 0.0 < config.fit.lr < 1.0:
         bad("fit.lr", config.fit.lr, "in (0, 1)")
+    if not 0.0 <= config.fit.lr_final <= 1.0:
+        bad("fit.lr_final", config.fit.lr_final, "0..1")
     if not 0 <= config.fit.warmup_steps <= 10_000_000:
         bad("fit.warmup_steps", config.fit.warmup_steps, "0..10000000")
     if not 0.0 <= config.fit.crop_margin <= 2.0:

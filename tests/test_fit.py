@@ -218,3 +218,18 @@ def test_init_from_another_architecture_is_refused(subject_dir, tmp_path, capsys
                  "--init-from", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "--init-from" in err and "wide.hda.safetensors" in err and "field 'unet'" in err
+
+
+def test_schedules_warm_up_then_decay():
+    """lr: linear warm-up then cosine to lr*lr_final at the last step; SH: one band more every n steps."""
+    from hda_backend.fit.trainer import learning_rate, sh_degree
+    config = load_config("tiny", {"fit": {"lr": 1e-3, "warmup_steps": 10, "lr_final": 0.1, "sh_degree_every": 5},
+                                  "gaussians": {"sh_degree": 2}})
+    fit = config.fit
+    assert [learning_rate(fit, s, 110) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert learning_rate(fit, 10, 110) == pytest.approx(1e-3)
+    assert learning_rate(fit, 60, 110) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(fit, 110, 110) == pytest.approx(1e-4)
+    assert [sh_degree(fit, config, s) for s in (0, 4, 5, 10, 15, 100)] == [0, 0, 1, 2, 2, 2]
+    constant = load_config("tiny", {"fit": {"warmup_steps": 0}}).fit
+    assert {learning_rate(constant, s, 30) for s in range(30)} == {constant.lr}

@@ -232,7 +232,7 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     bar = tqdm(total=total, initial=start, desc=f"fit {subject.name}", unit="step", disable=not progress)
     step = start
     for step in range(start, total):
-        lr = fit.lr * min(1.0, (step + 1) / max(1, fit.warmup_steps))
+        lr = learning_rate(fit, step, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         cam, frame = views[int(torch.randint(len(views), (1,), generator=generator))]
@@ -277,6 +277,14 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
               log_y=(True, False)).save(paths.curve)
     side_by_side(avatar, subject, backend).save(paths.views)
     return FitResult(avatar, total, seconds, _last_psnr(history), paths)
+
+
+def learning_rate(fit, step: int, total: int) -> float:
+    """Linear warm-up over ``fit.warmup_steps``, then cosine decay to ``fit.lr * fit.lr_final`` at ``total``."""
+    if step < fit.warmup_steps:
+        return fit.lr * (step + 1) / fit.warmup_steps
+    progress = (step - fit.warmup_steps) / max(1, total - fit.warmup_steps)
+    return fit.lr * (fit.lr_final + (1.0 - fit.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def sh_degree(fit, config: Config, step: int) -> int:
