@@ -109,6 +109,19 @@ def test_outputs_map_to_documented_channels(body):
     assert torch.allclose(g.sh[..., 0, :], torch.tensor([0.1, 0.2, 0.3]).expand(*g.sh.shape[:2], 3))
 
 
+@pytest.mark.parametrize("degree", [0, 1, 2])
+def test_sh_above_the_avatar_degree_is_zero(body, degree):
+    """gaussians.sh_degree keeps the first (d+1)^2 coefficients as the UNet made them and zeroes the rest."""
+    full = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=1)
+    capped = Avatar.from_init(body, 32, TINY, GaussianConfig(sh_degree=degree), seed=1)
+    pose = torch.randn(1, 55, 3) * 0.2
+    kept = (degree + 1) ** 2
+    g_full, g_capped = full(pose), capped(pose)
+    assert torch.equal(g_capped.sh[:, :, :kept], g_full.sh[:, :, :kept])
+    assert g_capped.sh[:, :, kept:].abs().max() == 0 and g_full.sh[:, :, kept:].abs().max() > 0
+    assert torch.equal(g_capped.means, g_full.means)
+
+
 def test_gradients_reach_every_conv(body):
     avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=0)
     g = avatar(torch.randn(1, 55, 3) * 0.2)
