@@ -1,6 +1,7 @@
 """Application handlers: the avatars' compositing layers follow every frame Blender renders.
 
-Order Blender calls them in, measured on bpy 4.2 and 5.0 for F12, Ctrl-F12 and ``-b -a`` alike:
+Order Blender calls them in (measured on bpy 5.0 for a still and an animation render in background
+mode; the 4.2 test renders through the same path):
 ``render_init`` once, then per frame ``render_pre``, ``frame_change_post(scene, depsgraph)`` with
 the *render pipeline's* depsgraph evaluated at that frame (the view layer's depsgraph is not
 advanced in background renders, so it would give frame 1's pose every time), the render and the

@@ -1,10 +1,11 @@
-"""Writing OpenEXR images (multi-layer channel names, float32, ZIP compression), numpy only.
+"""Writing OpenEXR images (multi-layer channel names, half/float channels, ZIP compression), numpy only.
 
 Blender's compositor reads an avatar's per-frame layer from EXR files: linear float RGBA plus a
 depth pass, the data a render farm needs without the add-on. This writes them without Blender or
 an OpenEXR binding: a single-part scanline file whose channels are named ``<layer>.<pass>.<channel>``
 (``HDA.Combined.R`` ... ``HDA.Depth.Z``), the naming Blender's own multi-layer EXRs use, so its
-Image node offers one output per pass.
+Image node offers one output per pass. Colour is stored as half floats (OpenEXR's usual colour
+precision, 2^-11 relative), depth as 32-bit floats (it holds 1e10 for "nothing here").
 
 Layout (OpenEXR 2 file format): magic and version, header attributes, a table of chunk offsets,
 then chunks of 16 scanlines, each ``int32 y, int32 size, data`` with the block's lines one after the
@@ -15,6 +16,7 @@ a block that does not shrink is stored raw, as the format allows.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import tempfile
@@ -26,7 +28,7 @@ import numpy as np
 from .errors import HDAError
 
 MAGIC = 20000630
-FLOAT = 2                  # OpenEXR pixel type FLOAT (32-bit)
+PIXEL_TYPES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2}   # OpenEXR HALF, FLOAT
 ZIP_COMPRESSION = 3
 LINES_PER_BLOCK = 16       # ZIP compresses 16 scanlines per chunk
 MAX_SIZE = 65536
@@ -36,21 +38,32 @@ def _attribute(name: str, kind: str, value: bytes) -> bytes:
     return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
 
 
-def _zip_block(raw: bytes) -> bytes:
-    data = np.frombuffer(raw, dtype=np.uint8)
-    reordered = np.concatenate([data[0::2], data[1::2]])
-    predicted = reordered.copy()
-    predicted[1:] = (reordered[1:].astype(np.int16) - reordered[:-1].astype(np.int16) + 128) & 0xFF
-    packed = zlib.compress(predicted.tobytes(), 6)
+def _predict(blocks: np.ndarray) -> np.ndarray:
+    """ZIP's pre-filter on equal-sized blocks [N, bytes] of uint8: even/odd byte split, then
+    byte differences + 128 modulo 256 (first byte kept)."""
+    reordered = np.concatenate([blocks[:, 0::2], blocks[:, 1::2]], axis=1)
+    out = reordered.copy()
+    np.subtract(reordered[:, 1:], reordered[:, :-1], out=out[:, 1:])  # uint8: wraps modulo 256
+    out[:, 1:] += np.uint8(128)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _compress(raw: bytes, predicted: bytes) -> bytes:
+    """A chunk's data; cached because empty blocks (rows without the avatar) repeat within and
+    across frames."""
+    packed = zlib.compress(predicted, 1)
     return packed if len(packed) < len(raw) else raw
 
 
 def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
-    """EXR file bytes of float32 channels {name: [H,W] array, row 0 at the top}."""
+    """EXR file bytes of channels {name: [H,W] array, row 0 at the top}; float16 arrays are stored
+    as HALF, anything else as FLOAT (32-bit)."""
     if not channels:
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
-    planes = [np.asarray(channels[n], dtype=np.float32) for n in names]
+    planes = [np.asarray(channels[n]) for n in names]
+    planes = [p if p.dtype == np.float16 else p.astype(np.float32) for p in planes]
     height, width = planes[0].shape if planes[0].ndim == 2 else (0, 0)
     for name, plane in zip(names, planes):
         if plane.ndim != 2 or plane.shape != (height, width):
@@ -59,7 +72,8 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
             raise HDAError(f"EXR channel name {name!r}: expected 1..255 characters without NUL")
     if not (1 <= width <= MAX_SIZE and 1 <= height <= MAX_SIZE):
         raise HDAError(f"EXR size {width}x{height}: expected 1..{MAX_SIZE} pixels per side")
-    chlist = b"".join(n.encode() + b"\0" + struct.pack("<iB3xii", FLOAT, 0, 1, 1) for n in names) + b"\0"
+    chlist = b"".join(n.encode() + b"\0" + struct.pack("<iB3xii", PIXEL_TYPES[p.dtype], 0, 1, 1)
+                      for n, p in zip(names, planes)) + b"\0"
     box = struct.pack("<iiii", 0, 0, width - 1, height - 1)
     header = b"".join([
         _attribute("channels", "chlist", chlist),
@@ -73,12 +87,19 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
     ]) + b"\0"
     version = 2 | (0x400 if max(len(n) for n in names) > 31 else 0)  # long-names flag
     prefix = struct.pack("<ii", MAGIC, version) + header
-    # [H, C, W]: within a scanline, channel after channel.
-    interleaved = np.ascontiguousarray(np.stack(planes, axis=1)).astype("<f4")
+    # Scanline bytes [H, line]: within a line, channel after channel (little-endian values).
+    lines = np.concatenate([p.astype(p.dtype.newbyteorder("<")).view(np.uint8).reshape(height, -1)
+                            for p in planes], axis=1)
+    full = height // LINES_PER_BLOCK
+    blocks = [lines[:full * LINES_PER_BLOCK].reshape(full, -1)] if full else []
+    if height % LINES_PER_BLOCK:
+        blocks.append(lines[full * LINES_PER_BLOCK:].reshape(1, -1))
     chunks = []
-    for y in range(0, height, LINES_PER_BLOCK):
-        block = _zip_block(interleaved[y:y + LINES_PER_BLOCK].tobytes())
-        chunks.append(struct.pack("<ii", y, len(block)) + block)
+    for group in blocks:
+        predicted = _predict(group)
+        for raw, pred in zip(group, predicted):
+            data = _compress(raw.tobytes(), pred.tobytes())
+            chunks.append(struct.pack("<ii", len(chunks) * LINES_PER_BLOCK, len(data)) + data)
     offset = len(prefix) + 8 * len(chunks)
     table = bytearray()
     for chunk in chunks:
@@ -106,10 +127,10 @@ def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray]) -> Path:
 
 def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> dict[str, np.ndarray]:
     """Channels of a compositing layer: rgba [H,W,4] linear premultiplied, depth [H,W] -> EXR channels
-    ``<layer>.Combined.R/G/B/A`` and ``<layer>.Depth.Z``."""
+    ``<layer>.Combined.R/G/B/A`` (half) and ``<layer>.Depth.Z`` (float)."""
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or np.shape(depth) != rgba.shape[:2]:
         raise HDAError(f"layer: rgba {rgba.shape} and depth {np.shape(depth)}, expected [H,W,4] and [H,W]")
-    out = {f"{layer}.Combined.{c}": rgba[..., i] for i, c in enumerate("RGBA")}
-    out[f"{layer}.Depth.Z"] = np.asarray(depth)
+    out = {f"{layer}.Combined.{c}": rgba[..., i].astype(np.float16) for i, c in enumerate("RGBA")}
+    out[f"{layer}.Depth.Z"] = np.asarray(depth, dtype=np.float32)
     return out

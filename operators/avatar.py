@@ -16,19 +16,12 @@ from bpy.props import IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from ..blender_addon import compositor, runtime
+from ..blender_addon.layers import describe_error
 from ..blender_addon.props import avatar_of
 from ..hda_backend.errors import HDAError
 
 PROXY_FACES = 3000     # triangles of the proxy mesh
 PROXY_WEIGHTS = 4      # strongest skinning weights kept per proxy vertex
-
-
-def _backend_error(exc: BaseException) -> str:
-    if isinstance(exc, HDAError):
-        return str(exc)
-    if isinstance(exc, ImportError):
-        return f"the backend does not import ({exc}); see Preferences > Add-ons > HDA Avatars > Install Backend"
-    raise exc
 
 
 def _relative(path: str) -> str:
@@ -139,8 +132,8 @@ class HDA_OT_add_avatar(bpy.types.Operator):
                 from ..hda_backend.avatar.io import load_avatar
 
                 load_avatar(os.path.abspath(bpy.path.abspath(path)), body)  # refuse a bad file up front
-        except Exception as exc:  # noqa: BLE001 - HDAError / a missing backend become a report
-            self.report({'ERROR'}, _backend_error(exc))
+        except (HDAError, ImportError) as exc:  # bad input or no backend: a report, never a traceback
+            self.report({'ERROR'}, describe_error(exc))
             return {'CANCELLED'}
         armature = build_armature(context, "HDA_Avatar", layout)
         # The rest body stands on the 3D cursor: its lowest vertex at the cursor's height.
@@ -180,10 +173,10 @@ class HDA_OT_load_avatar(ImportHelper, bpy.types.Operator):
         try:
             runtime.invalidate(obj)
             runtime.get_avatar(obj)
-        except Exception as exc:  # noqa: BLE001
+        except (HDAError, ImportError) as exc:
             h.avatar_path = previous
             runtime.invalidate(obj)
-            self.report({'ERROR'}, _backend_error(exc))
+            self.report({'ERROR'}, describe_error(exc))
             return {'CANCELLED'}
         self.report({'INFO'}, f"Loaded {os.path.basename(self.filepath)} onto {obj.name}")
         return {'FINISHED'}
