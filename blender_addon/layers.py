@@ -10,9 +10,11 @@ from the armature's evaluated pose just before Blender composites it.
 import os
 
 import bpy
+import numpy as np
 
 from . import runtime
 from ..hda_backend.errors import HDAError
+from ..hda_backend.exr import layer_channels, write_exr
 from .props import object_key, scene_avatars
 
 LAYER_DIR = "//hda_layers"
@@ -53,10 +55,6 @@ def image_name(obj) -> str:
 
 def write_empty(obj, scene, frame: int, blend_path: str | None = None) -> str:
     """A fully transparent layer (depth behind everything) for ``frame``."""
-    import numpy as np
-
-    from ..hda_backend.exr import layer_channels, write_exr
-
     w, h = render_size(scene)
     rgba = np.zeros((h, w, 4), np.float32)
     depth = np.full((h, w), runtime.DEPTH_FAR, np.float32)
@@ -66,8 +64,6 @@ def write_empty(obj, scene, frame: int, blend_path: str | None = None) -> str:
 def write_frame(obj, scene, depsgraph, frame: int) -> str:
     """Render the avatar ``obj`` as evaluated in ``depsgraph`` with the scene camera and write its
     layer file for ``frame``. Raises HDAError for bad input."""
-    from ..hda_backend.exr import layer_channels, write_exr
-
     w, h = render_size(scene)
     camera = depsgraph.scene_eval.camera or scene.camera
     rgba, depth = runtime.render_avatar(obj, depsgraph, camera, w, h)

@@ -38,21 +38,17 @@ def _attribute(name: str, kind: str, value: bytes) -> bytes:
     return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
 
 
-def _predict(blocks: np.ndarray) -> np.ndarray:
-    """ZIP's pre-filter on equal-sized blocks [N, bytes] of uint8: even/odd byte split, then
-    byte differences + 128 modulo 256 (first byte kept)."""
-    reordered = np.concatenate([blocks[:, 0::2], blocks[:, 1::2]], axis=1)
-    out = reordered.copy()
-    np.subtract(reordered[:, 1:], reordered[:, :-1], out=out[:, 1:])  # uint8: wraps modulo 256
-    out[:, 1:] += np.uint8(128)
-    return out
-
-
 @functools.lru_cache(maxsize=16)
-def _compress(raw: bytes, predicted: bytes) -> bytes:
-    """A chunk's data; cached because empty blocks (rows without the avatar) repeat within and
-    across frames."""
-    packed = zlib.compress(predicted, 1)
+def _zip_chunk(raw: bytes) -> bytes:
+    """A chunk's data under ZIP compression: even/odd byte split, byte differences + 128 modulo
+    256 (first byte kept), deflate; the raw bytes when that does not shrink them. Cached because
+    empty blocks (rows without the avatar) repeat within and across frames."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    reordered = np.concatenate([data[0::2], data[1::2]])
+    predicted = reordered.copy()
+    np.subtract(reordered[1:], reordered[:-1], out=predicted[1:])  # uint8: wraps modulo 256
+    predicted[1:] += np.uint8(128)
+    packed = zlib.compress(predicted.tobytes(), 1)
     return packed if len(packed) < len(raw) else raw
 
 
@@ -90,16 +86,10 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
     # Scanline bytes [H, line]: within a line, channel after channel (little-endian values).
     lines = np.concatenate([p.astype(p.dtype.newbyteorder("<")).view(np.uint8).reshape(height, -1)
                             for p in planes], axis=1)
-    full = height // LINES_PER_BLOCK
-    blocks = [lines[:full * LINES_PER_BLOCK].reshape(full, -1)] if full else []
-    if height % LINES_PER_BLOCK:
-        blocks.append(lines[full * LINES_PER_BLOCK:].reshape(1, -1))
     chunks = []
-    for group in blocks:
-        predicted = _predict(group)
-        for raw, pred in zip(group, predicted):
-            data = _compress(raw.tobytes(), pred.tobytes())
-            chunks.append(struct.pack("<ii", len(chunks) * LINES_PER_BLOCK, len(data)) + data)
+    for y in range(0, height, LINES_PER_BLOCK):
+        data = _zip_chunk(lines[y:y + LINES_PER_BLOCK].tobytes())
+        chunks.append(struct.pack("<ii", y, len(data)) + data)
     offset = len(prefix) + 8 * len(chunks)
     table = bytearray()
     for chunk in chunks:
