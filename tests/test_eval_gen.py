@@ -485,3 +485,49 @@ def test_eval_gen_model_row_samples_through_the_diffusion_model(evaluated):
     assert torch.equal(mine.vectors, theirs.vectors)
     assert 0.0 <= row["one_nna_psnr"] <= 1.0 and 0.0 < row["cov_psnr"] <= 1.0
     assert len(row["samples"]) == 6 and all("ok" in s["plausible"] for s in row["samples"])
+
+
+def test_eval_gen_held_out_reference_with_injected_lpips_and_features(tmp_path):
+    """A held-out split (--train), and the LPIPS / FID / KID columns with injected stand-ins for the nets."""
+    from hda_backend.avatar.io import load_avatar
+    from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation
+
+    all_refs = write_reference(tmp_path / "all", count=6)
+    train, held = tmp_path / "train", tmp_path / "held"
+    train.mkdir()
+    held.mkdir()
+    for i, path in enumerate(sorted(all_refs.glob("*.hda.safetensors"))):
+        path.rename((train if i < 3 else held) / path.name)
+
+    def lpips(x, y):  # [V,3,H,W] pairs -> mean distance, like LPIPS' call
+        return (x - y).abs().mean()
+
+    def features(images):  # [N,H,W,3] -> [N,4]
+        return np.concatenate([images.mean(axis=(1, 2)), (images ** 2).mean(axis=(1, 2, 3))[:, None]], axis=1)
+
+    config = EvalGenConfig(baselines=("copy",), gallery=GALLERY)
+    body = load_body()
+    report = evaluate_generation(held, tmp_path / "out", body, train=train, config=config, lpips=lpips,
+                                 inception=features, progress=False)
+    row = report["rows"][0]
+    assert report["train"]["count"] == 3 and not report["train"]["same_as_reference"]
+    # Copies of the training avatars: zero novelty against the training set ...
+    assert row["novelty_image"]["median_ratio"] == 0.0 and row["novelty_weight"]["copy_fraction"] == 1.0
+    # ... but not copies of the held-out references.
+    assert row["mmd_psnr_db"] < 60.0 and row["one_nna_psnr"] > 0.0
+    views = gallery_views(body, GALLERY)
+
+    def gallery(folder):
+        return torch.stack([render_avatar(load_avatar(p, body), views)[0]
+                            for p in sorted(folder.glob("*.hda.safetensors"))])
+
+    gen = torch.stack([render_avatar(load_avatar(Path(f), body), views)[0] for f in row["files"]])
+    ref = gallery(held)
+    lp = np.array([[1000 * float((g - r).abs().mean()) for r in ref] for g in gen])
+    assert row["mmd_lpips"] == pytest.approx(lp.min(axis=0).mean(), rel=1e-5)
+    assert row["cov_lpips"] == pytest.approx(len(set(lp.argmin(axis=1))) / 3)
+    fg, fr = features(gen.flatten(0, 1).numpy()), features(ref.flatten(0, 1).numpy())
+    assert row["fid"] == pytest.approx(metrics.fid(fg, fr), rel=1e-5)
+    assert row["kid"] == pytest.approx(metrics.kid(fg, fr, config.kid)[0], rel=1e-5)
+    table = (tmp_path / "out" / "eval_gen.md").read_text()
+    assert "MMD-LPIPS" in table and "KID×1000" in table and "held-out" in table
