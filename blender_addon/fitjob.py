@@ -60,12 +60,16 @@ class FitFiles:
 def fit_command(subject: str | os.PathLike, out: str | os.PathLike, ext_root: str | os.PathLike, *,
                 preset: str | None = None, steps: int | None = None, init_from: str | None = None,
                 backend: str | None = None, python: str | None = None, sys_path: list[str] | None = None,
-                base_env: dict | None = None) -> tuple[list[str], dict]:
+                base_env: dict | None = None, numba_cache: str | None = None) -> tuple[list[str], dict]:
     """(argv, env) of the child process that fits ``subject`` into ``out``.
 
     preset: tiny | cpu | paper (None: the CLI's default); steps: None for the preset's; backend:
     auto | cpu | cuda (None: the preset's); python: default this interpreter (Blender's);
-    sys_path: default this interpreter's module path; ext_root: the folder holding hda_backend/.
+    sys_path: default this interpreter's module path; ext_root: the folder holding hda_backend/;
+    numba_cache: the child's own numba cache folder. Inside Blender it must differ from Blender's:
+    numba caches compiled kernels per source file, and the same file is the module
+    ``hda_backend.render._raster_numba`` in the child but ``bl_ext.<repo>.hda_avatars.hda_backend...``
+    in Blender, so a kernel cached by one fails to load (ModuleNotFoundError) in the other.
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
@@ -84,6 +88,8 @@ def fit_command(subject: str | os.PathLike, out: str | os.PathLike, ext_root: st
     paths = list(sys.path if sys_path is None else sys_path)
     env.update(PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE",
                **{ENV_SYS_PATH: json.dumps([str(ext_root)] + [p for p in paths if p != str(ext_root)])})
+    if numba_cache:
+        env["NUMBA_CACHE_DIR"] = str(numba_cache)
     return argv, env
 
 

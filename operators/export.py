@@ -8,8 +8,6 @@ in the scene, Blender's +Z up, the armature object's transform included, so the 
 other exports of the scene; *Body* writes the backend's body frame (+Y up, SMPL-X's).
 """
 
-from __future__ import annotations
-
 import os
 
 import bpy
@@ -47,6 +45,11 @@ def frame_gaussians(obj, depsgraph, coords: str = "WORLD"):
     from ..hda_backend.export_ply import transform_gaussians
 
     avatar = runtime.get_avatar(obj)
+    if coords == "WORLD":
+        scale = np.array(obj.evaluated_get(depsgraph).matrix_world.to_scale())
+        if np.abs(scale - scale.mean()).max() > 1e-4 * np.abs(scale).max() or (scale <= 0).any():
+            raise HDAError(f"armature '{obj.name}': scale {tuple(round(float(v), 4) for v in scale)}, expected a "
+                           "uniform scale for World coordinates (Gaussians cannot shear); export Body coordinates")
     pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))
     device = next(avatar.parameters()).device
     with torch.inference_mode():
@@ -70,7 +73,7 @@ def export_frames(context, obj, filepath: str, frames: list[int], coords: str = 
     written = []
     try:
         for i, (frame, path) in enumerate(zip(frames, paths)):
-            if frame != scene.frame_current or len(frames) > 1:
+            if frame != scene.frame_current:
                 scene.frame_set(frame)
             written.append(str(write_ply(path, frame_gaussians(obj, context.evaluated_depsgraph_get(), coords))))
             wm.progress_update(i + 1)

@@ -19,8 +19,6 @@ In background mode (``blender -b``, bpy as a module) no timer or modal handler e
 operator waits for the child process and applies the result before returning.
 """
 
-from __future__ import annotations
-
 import os
 
 import bpy
@@ -94,8 +92,11 @@ def start(context, obj, subject: str, *, preset: str = "cpu", steps: int = 0, ou
     out = (os.path.abspath(bpy.path.abspath(output)) if output.strip()
            else os.path.join(avatar_output_dir(), f"{name}{fitjob.AVATAR_SUFFIX}"))
     init = os.path.abspath(bpy.path.abspath(init_from)) if init_from.strip() else None
+    from ..blender_addon import addon_id
+
+    cache = bpy.utils.extension_path_user(addon_id(), path="numba_fit", create=True)
     job = fitjob.start_fit(subject, out, EXT_ROOT, preset=preset, steps=steps or None, init_from=init,
-                           backend=obj.hda.device)
+                           backend=obj.hda.device, numba_cache=cache)
     session.update(job=job, avatar=obj.name, uid=obj.hda.uid, subject=name, line="")
     return job
 

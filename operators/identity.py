@@ -13,8 +13,6 @@ Without any, the operator says so and changes nothing; the avatar keeps showing 
 consistent-initialisation identity, which the slider blends live in weight space (runtime.get_avatar).
 """
 
-from __future__ import annotations
-
 import os
 import secrets
 

@@ -18,8 +18,6 @@ works for BVH files whose rest pose (all channels zero) is SMPL-X's T-pose, as B
 SMPL-X motions are; joints missing from the file keep their rest rotation.
 """
 
-from __future__ import annotations
-
 import os
 
 import bpy
