@@ -54,6 +54,7 @@ class FitConfig:
     lambda_lpips: float = 0.01
     lambda_mask: float = 0.1
     crop_margin: float = 0.1  # crop around the mask's bounding box, as a fraction of its size
+    pose_jitter: float = 0.0  # std (radians) of noise on the pose the UNet sees, per joint, per step
     sh_degree_every: int = 0  # SH warm-up (as 3DGS): one more band every n steps up to gaussians.sh_degree; 0: all at once
     checkpoint_every: int = 100
     log_every: int = 10
@@ -208,6 +209,8 @@ def _check(config: Config, source: str) -> None:
         bad("gaussians.init_opacity", config.gaussians.init_opacity, "in (0, 1)")
     if not 0 <= config.gaussians.sh_degree <= 3:
         bad("gaussians.sh_degree", config.gaussians.sh_degree, "0..3")
+    if not 0.0 <= config.fit.pose_jitter <= 1.0:
+        bad("fit.pose_jitter", config.fit.pose_jitter, "0..1 radians")
     if not 0 <= config.fit.sh_degree_every <= 10_000_000:
         bad("fit.sh_degree_every", config.fit.sh_degree_every, "0..10000000")
     if not 0.0 < config.render.fov_deg < 170.0:

@@ -122,6 +122,18 @@ def test_sh_above_the_avatar_degree_is_zero(body, degree):
     assert torch.equal(g_capped.means, g_full.means)
 
 
+def test_input_pose_feeds_the_unet_and_pose_skins(body):
+    """With input_pose the UNet sees one pose and the Gaussians are skinned into the other."""
+    avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=2)
+    pose, other = torch.randn(1, 55, 3) * 0.3, torch.randn(1, 55, 3) * 0.3
+    mixed, seen, skinned = avatar(pose, input_pose=other), avatar(other), avatar(pose)
+    assert torch.equal(mixed.sh, seen.sh) and torch.equal(mixed.opacities, seen.opacities)
+    assert not torch.allclose(mixed.sh, skinned.sh)
+    zero = _zero_avatar(body)  # no UNet output: the Gaussians are the skinned template, whatever it sees
+    assert torch.allclose(zero(pose, input_pose=other).means, zero(pose).means)
+    assert torch.equal(avatar(pose, input_pose=pose).means, skinned.means)
+
+
 def test_gradients_reach_every_conv(body):
     avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=0)
     g = avatar(torch.randn(1, 55, 3) * 0.2)

@@ -53,13 +53,18 @@ class Avatar(nn.Module):
         """pose [B,55,3] -> (maps [B,6,R,R], template posed without global orientation)."""
         return pose_maps(self.body, self.layout, pose)
 
-    def forward(self, pose, transl=None) -> Gaussians:
-        """pose: [B,55,3] axis-angle (or [B,165]); transl: [B,3] or None -> Gaussians with batch B."""
+    def forward(self, pose, transl=None, input_pose=None) -> Gaussians:
+        """pose: [B,55,3] axis-angle (or [B,165]); transl: [B,3] or None -> Gaussians with batch B.
+
+        input_pose: [B,55,3], the pose the UNet sees when it should differ from the one the Gaussians
+        are skinned into (fitting jitters it so that the UNet varies smoothly with pose)."""
         device = next(self.unet.parameters()).device
         pose = check_pose(pose).to(device)
         maps, posed = self.pose_inputs(pose)
         if self.static:
             maps = self._rest_maps(maps)
+        elif input_pose is not None:
+            maps, _ = self.pose_inputs(check_pose(input_pose).to(device))
         raw = gather_texels(self.unet(maps), self.binding)
         transforms = global_transform(self.body, pose, transl)[:, None] @ posed.transforms
         return decode(raw, self.binding, posed.rest_vertices, transforms, self.gaussian_config)

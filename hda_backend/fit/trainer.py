@@ -80,15 +80,18 @@ def crop_box(mask: torch.Tensor, margin: float, minimum: int = 16) -> tuple[int,
 
 
 def render_view(avatar: Avatar, subject: Subject, cam: int, frame: int, box=None, backend: str = "auto",
-                sh_degree: int | None = None):
+                sh_degree: int | None = None, pose_jitter: torch.Tensor | None = None):
     """Render the avatar as camera ``cam`` sees frame ``frame``: (rgb [h,w,3], alpha [h,w]) for the crop box.
 
-    ``sh_degree``: the SH bands to evaluate (default: the avatar's ``gaussians.sh_degree``)."""
+    ``sh_degree``: the SH bands to evaluate (default: the avatar's ``gaussians.sh_degree``).
+    ``pose_jitter``: [55,3] added to the pose the UNet sees (not to the pose it is skinned into)."""
     x0, y0, x1, y1 = box or (0, 0, subject.width, subject.height)
     K = subject.Ks[cam].clone()
     K[0, 2] -= x0
     K[1, 2] -= y0
-    g = avatar(subject.poses[frame:frame + 1], subject.transl[frame:frame + 1]).index(0)
+    pose = subject.poses[frame:frame + 1]
+    seen = None if pose_jitter is None else pose + pose_jitter
+    g = avatar(pose, subject.transl[frame:frame + 1], input_pose=seen).index(0)
     degree = avatar.gaussian_config.sh_degree if sh_degree is None else sh_degree
     rgb, alpha = render_gaussians(g, subject.viewmats[cam], K, x1 - x0, y1 - y0,
                                   background=subject.background, backend=backend, sh_degree=degree)
@@ -238,7 +241,10 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         cam, frame = views[int(torch.randint(len(views), (1,), generator=generator))]
         image, mask = data(cam, frame)
         x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
-        rgb, alpha = render_view(avatar, subject, cam, frame, box, backend, sh_degree(fit, config, step))
+        jitter = None
+        if fit.pose_jitter > 0 and not static:
+            jitter = torch.randn(55, 3, generator=generator) * fit.pose_jitter
+        rgb, alpha = render_view(avatar, subject, cam, frame, box, backend, sh_degree(fit, config, step), jitter)
         gt = image[y0:y1, x0:x1]
         loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
         if not torch.isfinite(loss):
