@@ -50,11 +50,12 @@ def unregister():
     import bpy
 
     from .. import operators
-    from ..operators import fit
+    from ..operators import fit, identity
     from . import handlers, preferences, props, runtime, viewport
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
     fit.unregister_properties()  # cancels a running fit
+    identity.clear()             # loaded diffusion models
     viewport.unregister()        # removes the draw handler and its GPU resources
     handlers.unregister()
     runtime.clear()

@@ -62,6 +62,11 @@ def load_model(path: str):
     return _models[path][1]
 
 
+def clear() -> None:
+    """Forget loaded diffusion models (unregister)."""
+    _models.clear()
+
+
 def identity_file(seed: int, seed_b: int, mix: float) -> str:
     name = f"identity_{seed}" + (f"_{seed_b}_{mix:.2f}" if mix > 0 and seed_b != seed else "")
     return os.path.join(avatar_output_dir(), name + ".hda.safetensors")

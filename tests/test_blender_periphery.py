@@ -136,6 +136,44 @@ def test_cancel_stops_the_fit_and_fitting_again_resumes_from_its_checkpoint(tmp_
     assert again.wait(timeout=30) == deps.CANCELLED
 
 
+# ------------------------------------------------------------------------------ motion keys, no bpy
+def test_zup_motion_re_expressed_in_the_body_frame_poses_the_same_body_turned():
+    """A +Z-up motion converted to +Y up poses every vertex at C·x (C: Z-up -> Y-up), by real LBS."""
+    import torch
+
+    from hda_backend import motion_keys, rig
+    from hda_backend.body import load_body, pose_body
+
+    body = load_body()
+    rng = np.random.default_rng(1)
+    pose, transl = rng.normal(0, 0.3, (3, 55, 3)), rng.normal(0, 0.5, (3, 3))
+    pose[:, 0] = rig.quaternion_to_axis_angle(rig.matrix_to_quaternion(
+        rig.axis_angle_to_matrix(np.array([np.pi / 2, 0, 0])) @ rig.axis_angle_to_matrix(pose[:, 0])))
+    assert motion_keys.root_up_axis(pose) == "Z" and motion_keys.root_up_axis(np.zeros((2, 55, 3))) == "Y"
+    new_pose, new_transl = motion_keys.zup_to_yup(pose, transl, body.rest_joints()[0].double().numpy())
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)
+    before = pose_body(body, as_t(pose), transl=as_t(transl)).vertices.double().numpy()
+    after = pose_body(body, as_t(new_pose), transl=as_t(new_transl)).vertices.double().numpy()
+    assert np.abs(after - before @ rig.AXIS_ZUP_TO_YUP.T).max() < 1e-4
+    assert motion_keys.root_up_axis(new_pose) == "Y"
+
+
+def test_resampling_a_steady_rotation_hits_the_exact_rotation_at_scene_frames():
+    from hda_backend import motion_keys, rig
+
+    axis = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+    t60 = np.arange(61) / 60.0  # one second at 60 fps, 2 rad/s about one axis
+    quats = rig.matrix_to_quaternion(rig.axis_angle_to_matrix(axis * 2.0 * t60[:, None]))[:, None]
+    locs = np.stack([t60, t60 ** 2, np.zeros_like(t60)], 1)
+    q24, l24 = motion_keys.resample_tracks(quats, locs, 60.0, 24.0)
+    assert q24.shape == (25, 1, 4) and len(motion_keys.resample_times(61, 60.0, 24.0)) == 25
+    t24 = np.arange(25) / 24.0
+    want = rig.matrix_to_quaternion(rig.axis_angle_to_matrix(axis * 2.0 * t24[:, None]))
+    assert np.abs(np.abs((q24[:, 0] * want).sum(-1)) - 1).max() < 1e-9  # slerp is exact for steady spin
+    assert np.allclose(l24[:, 0], t24) and np.abs(l24[:, 1] - t24 ** 2).max() < (1 / 60) ** 2
+    assert np.allclose(motion_keys.fcurve_coords(np.array([1.0, 2.0]), np.array([5.0, 6.0])), [1, 5, 2, 6])
+
+
 # ------------------------------------------------------------------------------------ inputs for bpy
 def write_bvh(path: Path, rest_joints: np.ndarray, pose: np.ndarray, transl: np.ndarray, fps: float) -> Path:
     """A BVH of the SMPL-X skeleton written by hand: offsets from the rest joints (body frame, Y up),
