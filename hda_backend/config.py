@@ -85,8 +85,11 @@ class DiffusionConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 1000  # steps
     log_every: int = 10  # steps
-    normalization: str = "coordinate"  # coordinate | layer: what mean/std are taken over
+    normalization: str = "coordinate"  # the std per coordinate, or pooled per layer (the mean is per coordinate)
     norm_eps: float = 1e-3  # std floor, relative to the layer's pooled std
+    # Global factor after standardising. None: 1/sqrt(ᾱ_{T-1} λ_max), at most 1, so that DDIM's starting noise
+    # N(0, I) matches the noised data along its strongest direction (λ_max: its variance there).
+    norm_scale: typing.Optional[float] = None
     sample_steps: int = 500  # DDIM steps K
     seed: int = 0
 
@@ -256,3 +259,5 @@ def _check_diffusion(d: DiffusionConfig, bad) -> None:
         bad("diffusion.lr", d.lr, "in (0, 1)")
     if not 0.0 < d.norm_eps <= 1.0:
         bad("diffusion.norm_eps", d.norm_eps, "in (0, 1]")
+    if d.norm_scale is not None and not 0.0 < d.norm_scale <= 1e6:
+        bad("diffusion.norm_scale", d.norm_scale, "null (automatic) or in (0, 1e6]")

@@ -90,7 +90,11 @@ def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
         raise HDAError(f"{source}: field 'layer_spec' ({len(spec.layers)} layers, {spec.dim} values) does not match "
                        f"the avatar UNet {meta.unet} ({len(expected.layers)} layers, {expected.dim} values); the "
                        "model was trained for a different avatar architecture")
-    normalizer = Normalizer.from_tensors(tensors, metadata["normalization"], spec.dim, source)
+    try:
+        scale = float(metadata.get("norm_scale", "1"))
+    except ValueError:
+        raise HDAError(f"{source}: field 'norm_scale' is {metadata['norm_scale']!r}, expected a number") from None
+    normalizer = Normalizer.from_tensors(tensors, metadata["normalization"], spec.dim, source, scale)
     denoiser = WeightDenoiser(spec, denoiser_config(config))
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     expected_state = denoiser.state_dict()

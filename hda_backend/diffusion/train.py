@@ -107,6 +107,19 @@ def draw_batch(generator: torch.Generator, z: torch.Tensor, batch: int, timestep
     return z[index], noise, t
 
 
+def terminal_scale(z: torch.Tensor, abar_last: float) -> float:
+    """z: [N, D] standardised set -> the factor s <= 1 with ᾱ_{T-1}·s²·λ_max = 1.
+
+    λ_max is the set's largest variance along one direction. Standardised per coordinate, N avatars in D
+    dimensions put about D/(N-1) there, and ᾱ_{T-1}·λ_max >> 1: noised data at t = T-1 would still be far
+    from the N(0, I) that sampling starts from, and samples would stay near the mean. Scaling by s makes
+    the noise drown even that direction at t = T-1.
+    """
+    centred = z - z.mean(0)
+    lam = torch.linalg.eigvalsh((centred @ centred.T).to(torch.float64))[-1].item() / len(z)  # via the N x N Gram
+    return min(1.0, (abar_last * lam) ** -0.5) if lam > 0 else 1.0
+
+
 def _fingerprint(d: DiffusionConfig, data: WeightSet, total: int) -> str:
     digest = hashlib.sha256(data.vectors.contiguous().numpy()).hexdigest()
     return json.dumps({"diffusion": dataclasses.asdict(d), "data_sha256": digest, "num_avatars": len(data.paths),
@@ -157,7 +170,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: to
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "seconds": f"{seconds:.3f}",
                 "param_groups": json.dumps(state["param_groups"]), "fingerprint": fingerprint,
                 "diffusion": json.dumps(dataclasses.asdict(d), sort_keys=True), "layer_spec": data.spec.to_json(),
-                "avatar_meta": data.meta.to_json(), "normalization": normalizer.mode}
+                "avatar_meta": data.meta.to_json(), "normalization": normalizer.mode,
+                "norm_scale": f"{normalizer.scale:.9g}"}
     atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -196,7 +210,8 @@ def save_model(path: Path, ema: dict, normalizer: Normalizer, data: WeightSet, d
     tensors.update(normalizer.to_tensors())
     metadata = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
                 "diffusion": json.dumps(dataclasses.asdict(d), sort_keys=True), "layer_spec": data.spec.to_json(),
-                "avatar_meta": data.meta.to_json(), "normalization": normalizer.mode, "steps": str(steps),
+                "avatar_meta": data.meta.to_json(), "normalization": normalizer.mode,
+                "norm_scale": f"{normalizer.scale:.9g}", "steps": str(steps),
                 "num_avatars": str(len(data.paths)), "final_loss": f"{final_loss:.6g}",
                 "sources": json.dumps([p.name for p in data.paths])}
     atomic_save_safetensors(tensors, path, metadata)
@@ -253,6 +268,9 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
     device = _device(world)
     normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps)
+    abar = alphas_cumprod(schedule_config(d))
+    scale = d.norm_scale or terminal_scale(normalizer.encode(data.vectors), abar[-1].item())
+    normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps, scale)
     z = normalizer.encode(data.vectors)
     torch.manual_seed(d.seed)  # model initialisation (and dropout): identical on every rank
     model = WeightDenoiser(data.spec, denoiser_config(d)).to(device)
@@ -270,7 +288,6 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
     if rank == 0:
         _write_log(paths.log, history)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    abar = alphas_cumprod(schedule_config(d))
     rows = slice(rank * d.batch // world, (rank + 1) * d.batch // world)
     params = dict(model.named_parameters())
     ema_live = [ema[k] for k in params]  # the state dict holds parameters only (buffers are not persistent)

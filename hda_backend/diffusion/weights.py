@@ -4,8 +4,10 @@ An avatar's weights are its conv layers in ``AvatarUNet.conv_layers()`` order; e
 contiguous *token* of the flattened kernel followed by its bias. :class:`LayerSpec` records where each
 token lives in the flat vector, so vectors, state dicts and avatar files convert exactly into each other.
 
-:class:`Normalizer` standardises vectors before diffusion (the paper standardises "to zero mean and unit
-variance" without saying over what; both readings are here: per coordinate across the set, or per layer).
+:class:`Normalizer` standardises vectors before diffusion. The paper standardises "to zero mean and unit
+variance" without saying over what. The mean is always the mean avatar (per coordinate): a scalar mean per
+layer leaves the denoiser to reproduce the shared network itself, and its error then swamps the differences
+between subjects (measured). The std is per coordinate or pooled per layer, and a global factor may follow.
 """
 
 from __future__ import annotations
@@ -271,7 +273,8 @@ def write_avatar(vec: torch.Tensor, spec: LayerSpec, meta: AvatarMeta, path, ori
 
 @dataclass
 class Normalizer:
-    """x_norm = (x - mean) / std, both [D] (per coordinate, or constant within each layer).
+    """x_norm = (x - mean) / std, both [D]: the mean avatar, and the spread across the set per coordinate
+    ("coordinate") or pooled over each layer ("layer"), divided by ``scale``.
 
     The std has a floor of ``eps`` times the layer's pooled spread, so a coordinate that barely varies across
     the set (or a set of one) is not blown up into pure noise; a layer with no spread at all keeps std 1.
@@ -279,29 +282,26 @@ class Normalizer:
 
     mode: str
     mean: torch.Tensor  # [D]
-    std: torch.Tensor  # [D]
+    std: torch.Tensor  # [D], the scale included
+    scale: float = 1.0
 
     @classmethod
-    def fit(cls, vectors: torch.Tensor, spec: LayerSpec, mode: str = "coordinate", eps: float = 1e-3) -> "Normalizer":
-        """vectors: [N, D] -> statistics over the N rows."""
+    def fit(cls, vectors: torch.Tensor, spec: LayerSpec, mode: str = "coordinate", eps: float = 1e-3,
+            scale: float = 1.0) -> "Normalizer":
+        """vectors: [N, D] -> statistics over the N rows; the standardised values are multiplied by ``scale``."""
         if mode not in NORMALIZATIONS:
             raise HDAError(f"normalization {mode!r}: expected one of {', '.join(NORMALIZATIONS)}")
         mean, std = torch.empty(spec.dim, dtype=torch.float64), torch.empty(spec.dim, dtype=torch.float64)
         for layer in spec.layers:
             s = slice(layer.offset, layer.offset + layer.length)
             block = vectors[:, s].to(torch.float64)  # a layer at a time: N x D in float64 can be GBs
-            if mode == "coordinate":
-                m = block.mean(0)
-                var = (block - m).pow(2).mean(0)
-                pooled = var.mean().sqrt()
-                sd = var.sqrt()
-            else:
-                m = block.mean().expand(layer.length)
-                pooled = (block - m).pow(2).mean().sqrt()
-                sd = pooled.expand(layer.length)
+            m = block.mean(0)
+            var = (block - m).pow(2).mean(0)
+            pooled = var.mean().sqrt()
+            sd = var.sqrt() if mode == "coordinate" else pooled.expand(layer.length)
             mean[s] = m
             std[s] = torch.maximum(sd, eps * pooled) if pooled > 0 else 1.0
-        return cls(mode, mean.to(torch.float32), std.to(torch.float32))
+        return cls(mode, mean.to(torch.float32), (std / scale).to(torch.float32), scale)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., D] weights -> [..., D] standardised."""
@@ -315,7 +315,8 @@ class Normalizer:
         return {"normalizer.mean": self.mean, "normalizer.std": self.std}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, mode: str, dim: int, source: str = "checkpoint") -> "Normalizer":
+    def from_tensors(cls, tensors: dict, mode: str, dim: int, source: str = "checkpoint",
+                     scale: float = 1.0) -> "Normalizer":
         if mode not in NORMALIZATIONS:
             raise HDAError(f"{source}: field 'normalization' is {mode!r}, expected one of {', '.join(NORMALIZATIONS)}")
         try:
@@ -327,4 +328,4 @@ class Normalizer:
                            f"expected ({dim},)")
         if not torch.isfinite(mean).all() or not torch.isfinite(std).all() or not (std > 0).all():
             raise HDAError(f"{source}: tensor 'normalizer.std' is not finite and positive")
-        return cls(mode, mean, std)
+        return cls(mode, mean, std, scale)
