@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -127,7 +126,8 @@ def test_normalizer_statistics_and_round_trip():
         again = Normalizer.from_tensors(norm.to_tensors(), norm.mode, spec.dim)
         assert torch.equal(again.mean, norm.mean) and torch.equal(again.std, norm.std)
     half = Normalizer.fit(x, spec, "coordinate", eps=1e-3, scale=0.5)
-    assert torch.allclose(half.encode(x), 0.5 * z, atol=1e-6) and torch.allclose(half.decode(half.encode(x)), x, atol=1e-5)
+    assert torch.allclose(half.encode(x), 0.5 * z, atol=1e-6)
+    assert torch.allclose(half.decode(half.encode(x)), x, atol=1e-5)
     single = Normalizer.fit(x[:1], spec, "coordinate")  # a set of one: nothing to scale by
     assert torch.equal(single.std, torch.ones(spec.dim)) and torch.equal(single.encode(x[:1]), torch.zeros(1, spec.dim))
 
@@ -322,7 +322,8 @@ def test_interpolation(small_model, plane_set, tmp_path):
 def test_cli_sample_interpolate_and_errors(small_model, plane_set, tmp_path, capsys):
     assert main(["sample", "--model", str(small_model), "--seed", "4", "--n", "2", "--steps", "3",
                  "--out", str(tmp_path / "s")]) == 0
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["sample_4.hda.safetensors", "sample_5.hda.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == ["sample_4.hda.safetensors", "sample_5.hda.safetensors"]
     assert main(["interpolate", "--model", str(small_model), "--seed-a", "1", "--seed-b", "2", "--t", "0.3",
                  "--steps", "3", "--out", str(tmp_path / "i.hda.safetensors")]) == 0
     fits = sorted(plane_set[0].iterdir())
@@ -333,7 +334,8 @@ def test_cli_sample_interpolate_and_errors(small_model, plane_set, tmp_path, cap
     cases = [
         (["sample", "--model", str(small_model), "--n", "0", "--out", str(tmp_path)], "--n 0: expected 1..100000"),
         (["sample", "--model", str(small_model), "--n", "999999999", "--out", str(tmp_path)], "--n 999999999"),
-        (["sample", "--model", str(small_model), "--steps", "501", "--out", str(tmp_path)], "--steps 501: expected 1..500"),
+        (["sample", "--model", str(small_model), "--steps", "501", "--out", str(tmp_path)],
+         "--steps 501: expected 1..500"),
         (["sample", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)], "not found"),
         (["interpolate", "--model", str(small_model), "--seed-a", "1", "--t", "0.5", "--out", "x.hda.safetensors"],
          "--seed-b"),

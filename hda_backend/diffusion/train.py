@@ -179,7 +179,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: to
                     generator: torch.Generator, fingerprint: str) -> tuple[int, float]:
     metadata, tensors = read_tensors(path, "checkpoint")
     if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise HDAError(f"checkpoint {path}: field 'format' is {metadata.get('format')!r}, expected '{CHECKPOINT_FORMAT}'")
+        raise HDAError(f"checkpoint {path}: field 'format' is {metadata.get('format')!r}, "
+                       f"expected '{CHECKPOINT_FORMAT}'")
     if metadata.get("fingerprint") != fingerprint:
         raise HDAError(f"checkpoint {path}: field 'fingerprint' differs from this run's diffusion config, avatars or "
                        "steps; resume with the same arguments, or delete the checkpoint to start over")
@@ -265,7 +266,8 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
     per_epoch = steps_per_epoch(len(data.paths), d.batch)
     total = steps or d.epochs * per_epoch
     if paths.checkpoint.exists() and not resume:
-        raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
+        raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, "
+                       "or delete it to start over")
     device = _device(world)
     normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps)
     abar = alphas_cumprod(schedule_config(d))
