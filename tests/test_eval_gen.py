@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from hda_backend.avatar.io import read_avatar_file, save_avatar
+from hda_backend.avatar.io import load_avatar, read_avatar_file, save_avatar
 from hda_backend.avatar.model import Avatar
 from hda_backend.avatar.unet import UNetConfig
 from hda_backend.body import load_body, pose_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
 from hda_backend.diffusion import baselines, metrics
+from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation
 from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, pairwise,
                                            parse_pose, psnr_distance, render_avatar, weight_distance_matrix)
 from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible, mesh_silhouette
@@ -409,8 +410,6 @@ def test_eval_gen_pca_row_is_new_and_in_the_training_span(evaluated):
     assert residual.abs().max() < 1e-4
     # Nearest references as reported are the argmax-PSNR over independently re-rendered galleries.
     body, views = load_body(), gallery_views(load_body(), GALLERY)
-    from hda_backend.avatar.io import load_avatar
-
     first = render_avatar(load_avatar(row["files"][0], body), views)[0]
     refs = [render_avatar(load_avatar(p, body), views)[0] for p in sorted(ref.glob("*.hda.safetensors"))]
     scores = [float(psnr(first, r)) for r in refs]
@@ -489,8 +488,6 @@ def test_eval_gen_model_row_samples_through_the_diffusion_model(evaluated):
 
 def test_eval_gen_held_out_reference_with_injected_lpips_and_features(tmp_path):
     """A held-out split (--train), and the LPIPS / FID / KID columns with injected stand-ins for the nets."""
-    from hda_backend.avatar.io import load_avatar
-    from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation
 
     all_refs = write_reference(tmp_path / "all", count=6)
     train, held = tmp_path / "train", tmp_path / "held"

@@ -190,7 +190,8 @@ def psnr_distance(mse: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(np.maximum(mse, MSE_FLOOR))
 
 
-def lpips_matrix(a: torch.Tensor, b: torch.Tensor, lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> np.ndarray:
+def lpips_matrix(a: torch.Tensor, b: torch.Tensor,
+                 lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> np.ndarray:
     """1000 × mean-over-views LPIPS [Na,Nb]; a, b: [N,V,H,W,3]; lpips(x, y) on [V,3,H,W] -> mean over V."""
     def pair(x, ys):
         x = x.permute(0, 3, 1, 2)
@@ -227,7 +228,8 @@ def load_inception(path: str | os.PathLike | None = None) -> tuple[Callable[[np.
             warnings.simplefilter("ignore", DeprecationWarning)
             net = torch.jit.load(str(file), map_location="cpu").eval()
     except Exception as exc:  # a corrupt or non-TorchScript file: torch raises several types
-        raise HDAError(f"inception weights {file}: not a TorchScript model ({str(exc).splitlines()[0][:100]})") from None
+        raise HDAError(f"inception weights {file}: not a TorchScript model "
+                       f"({(str(exc).splitlines() or [type(exc).__name__])[0][:100]})") from None
 
     @torch.no_grad()
     def extract(images: np.ndarray) -> np.ndarray:
