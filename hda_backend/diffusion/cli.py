@@ -101,7 +101,8 @@ def cmd_train_diffusion(args) -> None:
     result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(f"wrote {result.paths.model} after {result.steps} steps in {result.seconds / 60:.1f} min "
-              f"({d.tokenizer} tokens, {result.parameters:,} parameters, final loss {result.final_loss:.4g}); "
+              f"({d.tokenizer} tokens, {result.parameters:,} parameters, {d.normalization} normalisation "
+              f"x {result.norm_scale:.3g}, final loss {result.final_loss:.4g}); "
               f"curve: {result.paths.curve}, log: {result.paths.log}")
 
 

@@ -75,6 +75,7 @@ class TrainResult:
     seconds: float
     final_loss: float
     parameters: int
+    norm_scale: float  # the global factor of the normalisation (diffusion.norm_scale, or the automatic one)
 
 
 def denoiser_config(d: DiffusionConfig) -> DenoiserConfig:
@@ -340,7 +341,7 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
             if stop_after is not None and stop_after <= done < total:
                 bar.close()
                 return TrainResult(paths, done, seconds + time.perf_counter() - clock,
-                                   history[-1]["loss"] if history else math.nan, parameters)
+                                   history[-1]["loss"] if history else math.nan, parameters, scale)
     bar.close()
     seconds += time.perf_counter() - clock
     final_loss = history[-1]["loss"] if history else math.nan
@@ -350,4 +351,4 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
                     [r["loss"] for r in history])], log_y=(True,)).save(paths.curve)
     if world > 1:
         dist.barrier()
-    return TrainResult(paths, total, seconds, final_loss, parameters)
+    return TrainResult(paths, total, seconds, final_loss, parameters, scale)
