@@ -29,11 +29,10 @@ from ..config import DiffusionConfig
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED
 from .schedule import ScheduleConfig, alphas_cumprod, ddim_step, ddim_timesteps
-from .train import MODEL_FORMAT, MODEL_FORMAT_VERSION, read_tensors, denoiser_config, schedule_config
+from .train import MODEL_FORMAT, MODEL_FORMAT_VERSION, denoiser_config, read_tensors, schedule_config
 from .tokenizers import Tokenizer
 from .transformer import WeightDenoiser
 from .weights import AvatarMeta, LayerSpec, Normalizer, load_weight_set, write_avatar
-
 
 
 @dataclass
