@@ -96,7 +96,9 @@ PROTOCOL = """\
   silhouette coverage and area vs the body mesh's silhouette).
 - **s / identity**: wall time to produce one sample avatar file (diffusion: DDIM sampling with
   {steps} steps, model loading included; baselines: drawing the vector and writing the file).
-- **Samples per row**: {n} (seed {seed}); a `--samples` row uses all files of its folder.
+- **Samples per row**: {n} (seed {seed}: a diffusion row draws noise seeds {seed}..{seed}+{n}−1, so
+  runs meant to be independent need seeds at least {n} apart); a `--samples` row uses all files of its
+  folder. With a few dozen samples COV and 1-NNA move by several points between seeds.
 """
 
 
