@@ -65,6 +65,14 @@ def avatar_of(obj):
     return None
 
 
+def poll_active_avatar(cls, context) -> bool:
+    """Operator poll: true when an avatar (armature or proxy) is active, else says what to select."""
+    if avatar_of(context.active_object) is None:
+        cls.poll_message_set("Select an HDA avatar (its armature or proxy) first")
+        return False
+    return True
+
+
 def scene_avatars(scene) -> list:
     """Enabled avatar armatures of ``scene``, by name (a stable order for compositing)."""
     return sorted((o for o in scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar and o.hda.enabled),

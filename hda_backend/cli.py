@@ -17,6 +17,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .cli_args import add_config_args, config_from_args, int_in  # noqa: E402
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
 from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
@@ -33,15 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive(name: str, limit: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise HDAError(f"{name} {text!r}: expected a whole number") from None
-        if not 1 <= value <= limit:
-            raise HDAError(f"{name} {value}: expected 1..{limit}")
-        return value
-    return parse
+    return int_in(name, 1, limit)
 
 
 _size = _positive("--size", MAX_SIZE)
@@ -64,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: clay for --init, flat for --avatar)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--out", required=True, help="output folder")
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser("fit", help="fit one avatar UNet to a subject's multi-view video")
     p.add_argument("subject", help="a subject folder of a capture dataset")
@@ -74,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="baseline: UNet input frozen at the rest pose")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000), help="override fit.steps / fit.init_steps")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser("eval-fit", help="held-out PSNR/SSIM(/LPIPS) of fitted avatars on a subject")
     p.add_argument("subject")
@@ -82,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_positive("--frames", 10_000), default=8, help="frames per split")
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser("fit-all", help="fit every subject of a dataset (shards over torchrun ranks)")
     p.add_argument("dataset")
@@ -90,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start every subject from this avatar (default: the first subject's fit)")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000))
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser("export-ply", help="write an avatar's Gaussians as standard 3DGS .ply files, one per frame")
     src = p.add_mutually_exclusive_group(required=True)
@@ -101,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", choices=("body", "zup"), default="body",
                    help="body: the backend's coordinates; zup: +Y up turned to +Z up (Blender)")
     p.add_argument("--out", required=True, help="a folder (frame_NNNN.ply) or a .ply file name")
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser("info", help="describe an avatar, body, or motion file")
     p.add_argument("file")
@@ -129,24 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", help="TorchScript Inception-V3 features file for FID/KID (or $HDA_INCEPTION)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--out", required=True, help="output folder")
-    _add_config_args(p)
+    add_config_args(p)
 
     add_studio_parsers(sub)
     add_diffusion_parsers(sub)
     return parser
-
-
-def _add_config_args(p):
-    p.add_argument("--preset", help="tiny, cpu or paper (default: paper with CUDA, else cpu)")
-    p.add_argument("--config", help="a YAML config file (may name a preset and override fields)")
-
-
-def _config(args):
-    from .config import load_config
-
-    if args.preset and args.config:
-        raise HDAError("--preset and --config: give one; a config file names its preset itself")
-    return load_config(args.config or args.preset)
 
 
 def cmd_render(args) -> None:
@@ -156,7 +136,7 @@ def cmd_render(args) -> None:
     from .motion import get_motion
     from .render.frames import render_motion
 
-    config = _config(args)
+    config = config_from_args(args)
     body = load_body(config.body.path, config.body.num_betas)
     if args.avatar:
         avatar = load_avatar(args.avatar, body)
@@ -176,7 +156,7 @@ def cmd_render(args) -> None:
 def cmd_fit(args) -> None:
     from .fit.trainer import fit_subject
 
-    result = fit_subject(args.subject, args.out, _config(args), init_from=args.init_from, resume=args.resume,
+    result = fit_subject(args.subject, args.out, config_from_args(args), init_from=args.init_from, resume=args.resume,
                          static=args.static, steps=args.steps, backend=args.backend)
     print(f"wrote {result.paths.avatar} after {result.steps} steps in {result.seconds / 60:.1f} min "
           f"(training-view PSNR {result.final_psnr:.2f} dB); curve: {result.paths.curve}, views: {result.paths.views}")
@@ -191,7 +171,7 @@ def cmd_eval_fit(args) -> None:
     from .fit.evaluate import evaluate, format_table
     from .fit.losses import load_lpips
 
-    config = _config(args)
+    config = config_from_args(args)
     subject = load_subject(args.subject)
     body = load_body(config.body.path, config.body.num_betas)
     perceptual, status = load_lpips(config.fit.lpips_alexnet)
@@ -211,7 +191,7 @@ def cmd_eval_fit(args) -> None:
 def cmd_fit_all(args) -> None:
     from .fit.fit_all import fit_all
 
-    log = fit_all(args.dataset, args.out, _config(args), init_from=args.init_from, steps=args.steps,
+    log = fit_all(args.dataset, args.out, config_from_args(args), init_from=args.init_from, steps=args.steps,
                   backend=args.backend)
     fitted = sum(row["status"] == "fitted" for row in log)
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
@@ -226,7 +206,7 @@ def cmd_export_ply(args) -> None:
     from .export_ply import coords_matrix, export_frames, output_paths, parse_frames
     from .motion import get_motion
 
-    config = _config(args)
+    config = config_from_args(args)
     matrix = coords_matrix(args.coords)
     body = load_body(config.body.path, config.body.num_betas)
     if args.avatar:
@@ -252,7 +232,7 @@ def cmd_eval_gen(args) -> None:
     from .diffusion.gallery import GalleryConfig, load_inception
     from .fit.losses import load_lpips
 
-    config = _config(args)
+    config = config_from_args(args)
     baselines = () if args.baselines.strip() == "none" else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     gallery = GalleryConfig(
         poses=tuple(x.strip() for x in args.poses.split(",")) if args.poses else GalleryConfig.poses,

@@ -25,7 +25,7 @@ import bpy
 from bpy.props import EnumProperty, IntProperty, PointerProperty, StringProperty
 
 from ..blender_addon import deps, fitjob, runtime
-from ..blender_addon.props import avatar_of
+from ..blender_addon.props import avatar_of, poll_active_avatar
 
 PRESETS = (("cpu", "CPU", "UV 128, width-64 UNet, 2000 steps (800 from another avatar): minutes on a laptop"),
            ("paper", "Paper", "UV 256, the paper's schedule: for CUDA machines"),
@@ -166,10 +166,7 @@ class HDA_OT_fit_subject(bpy.types.Operator):
         if running():
             cls.poll_message_set("A fit is running; cancel it first")
             return False
-        if avatar_of(context.active_object) is None:
-            cls.poll_message_set("Select an HDA avatar (its armature or proxy) first")
-            return False
-        return True
+        return poll_active_avatar(cls, context)
 
     def _arguments(self, context):
         settings = context.window_manager.hda_fit

@@ -20,7 +20,7 @@ import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 
 from ..blender_addon import runtime
-from ..blender_addon.props import avatar_of
+from ..blender_addon.props import avatar_of, poll_active_avatar
 from ..hda_backend.errors import HDAError
 from .fit import avatar_output_dir, relative_path
 
@@ -105,10 +105,7 @@ class HDA_OT_sample_identity(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if avatar_of(context.active_object) is None:
-            cls.poll_message_set("Select an HDA avatar (its armature or proxy) first")
-            return False
-        return True
+        return poll_active_avatar(cls, context)
 
     def execute(self, context):
         obj = avatar_of(context.active_object)

@@ -26,7 +26,7 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from ..blender_addon import runtime
-from ..blender_addon.props import avatar_of
+from ..blender_addon.props import avatar_of, poll_active_avatar
 from ..hda_backend.errors import HDAError
 
 INTERPOLATIONS = (("LINEAR", "Linear", "Straight lines between keys (dense motion capture)"),
@@ -287,10 +287,7 @@ class HDA_OT_import_motion(ImportHelper, bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if avatar_of(context.active_object) is None:
-            cls.poll_message_set("Select an HDA avatar (its armature or proxy) first")
-            return False
-        return True
+        return poll_active_avatar(cls, context)
 
     def invoke(self, context, event):
         self.frame_start = context.scene.frame_current

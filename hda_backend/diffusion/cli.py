@@ -13,22 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cli_args import add_config_args, config_from_args, int_in
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED, NORMALIZATIONS, TOKENIZERS
 
 MAX_STEPS = 100_000_000
-
-
-def _int_in(name: str, low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise HDAError(f"{name} {text!r}: expected a whole number") from None
-        if not low <= value <= high:
-            raise HDAError(f"{name} {value}: expected {low}..{high}")
-        return value
-    return parse
 
 
 def _fraction(text: str) -> float:
@@ -41,19 +30,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _config_args(p) -> None:
-    p.add_argument("--preset", help="tiny, cpu or paper (default: paper with CUDA, else cpu)")
-    p.add_argument("--config", help="a YAML config file (may name a preset and override fields)")
-
-
-def _config(args):
-    from ..config import load_config
-
-    if args.preset and args.config:
-        raise HDAError("--preset and --config: give one; a config file names its preset itself")
-    return load_config(args.config or args.preset)
-
-
 def add_parsers(sub) -> None:
     p = sub.add_parser("train-diffusion", help="train the weight-space diffusion model on fitted avatars")
     p.add_argument("fits", help="a folder of fitted avatars (*.hda.safetensors), all of one architecture")
@@ -61,24 +37,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors")
     p.add_argument("--tokenizer", choices=TOKENIZERS, help="override diffusion.tokenizer")
     p.add_argument("--normalization", choices=NORMALIZATIONS, help="override diffusion.normalization")
-    p.add_argument("--steps", type=_int_in("--steps", 1, MAX_STEPS), help="total steps (default: epochs)")
-    _config_args(p)
+    p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="total steps (default: epochs)")
+    add_config_args(p)
 
     p = sub.add_parser("sample", help="sample new avatars from a trained diffusion model")
     p.add_argument("--model", required=True, help="a model file from train-diffusion")
-    p.add_argument("--seed", type=_int_in("--seed", 0, MAX_SEED), default=0, help="first seed")
-    p.add_argument("--n", type=_int_in("--n", 1, MAX_SAMPLES), default=1, help="avatars: seeds seed..seed+n-1")
-    p.add_argument("--steps", type=_int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (default: the model's)")
+    p.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), default=0, help="first seed")
+    p.add_argument("--n", type=int_in("--n", 1, MAX_SAMPLES), default=1, help="avatars: seeds seed..seed+n-1")
+    p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (default: the model's)")
     p.add_argument("--out", required=True, help="folder for sample_<seed>.hda.safetensors")
 
     p = sub.add_parser("interpolate", help="an identity between two seeds (noise slerp) or two avatar files")
     p.add_argument("--model", help="a model file: interpolate between --seed-a and --seed-b")
-    p.add_argument("--seed-a", type=_int_in("--seed-a", 0, MAX_SEED))
-    p.add_argument("--seed-b", type=_int_in("--seed-b", 0, MAX_SEED))
+    p.add_argument("--seed-a", type=int_in("--seed-a", 0, MAX_SEED))
+    p.add_argument("--seed-b", type=int_in("--seed-b", 0, MAX_SEED))
     p.add_argument("--a", help="an avatar file: interpolate linearly in weight space to --b")
     p.add_argument("--b", help="an avatar file")
     p.add_argument("--t", type=_fraction, required=True, help="0 gives a, 1 gives b")
-    p.add_argument("--steps", type=_int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (with --model)")
+    p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (with --model)")
     p.add_argument("--out", required=True, help="the avatar file to write (*.hda.safetensors)")
 
 
@@ -86,16 +62,16 @@ def add_bench_parser(bench) -> None:
     b = bench.add_parser("sample", help="seconds to sample one identity (noise to avatar file)")
     b.add_argument("--model", help="a trained model file (default: an untrained one at the preset's size; "
                                    "sampling time does not depend on the weights)")
-    b.add_argument("--steps", type=_int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (default: the model's)")
-    b.add_argument("--n", type=_int_in("--n", 1, 1000), default=3, help="timed identities")
+    b.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (default: the model's)")
+    b.add_argument("--n", type=int_in("--n", 1, 1000), default=3, help="timed identities")
     b.add_argument("--tokenizer", choices=TOKENIZERS, help="override diffusion.tokenizer (untrained model only)")
-    _config_args(b)
+    add_config_args(b)
 
 
 def cmd_train_diffusion(args) -> None:
     from .train import train_diffusion
 
-    d = _config(args).diffusion
+    d = config_from_args(args).diffusion
     d = dataclasses.replace(d, tokenizer=args.tokenizer or d.tokenizer,
                             normalization=args.normalization or d.normalization)
     result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps)
@@ -151,7 +127,7 @@ def cmd_bench_sample(args) -> None:
         from .transformer import WeightDenoiser
         from .weights import AvatarMeta, LayerSpec, Normalizer
 
-        config = _config(args)
+        config = config_from_args(args)
         d = dataclasses.replace(config.diffusion, tokenizer=args.tokenizer or config.diffusion.tokenizer)
         spec = LayerSpec.for_unet(config.unet)
         meta = AvatarMeta(unet=config.unet.to_dict(), gaussians=config.gaussians.to_dict(), uv_res=config.uv.res,

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..avatar.io import atomic_save_safetensors
 from ..config import DiffusionConfig
 from ..errors import HDAError
 from ..images import line_plot
+from ..steplog import read_step_log, write_step_log
 from .schedule import ScheduleConfig, add_noise, alphas_cumprod
 from .transformer import DenoiserConfig, WeightDenoiser
 from .weights import Normalizer, WeightSet, load_weight_set
@@ -219,29 +219,6 @@ def save_model(path: Path, ema: dict, normalizer: Normalizer, data: WeightSet, d
     atomic_save_safetensors(tensors, path, metadata)
 
 
-def _read_log(path: Path, upto: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill; everything after it is newer than the checkpoint anyway
-        if row.get("step", math.inf) <= upto:
-            rows.append(row)
-    return rows
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def train_diffusion(fits, out, d: DiffusionConfig, resume: bool = False, steps: int | None = None,
                     progress: bool = True, log: Callable[[str], None] = print,
                     stop_after: int | None = None) -> TrainResult:
@@ -287,9 +264,9 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
     if resume and paths.checkpoint.exists():
         start, seconds = load_checkpoint(paths.checkpoint, model, ema, optimizer, generator, fingerprint)
         log(f"resuming diffusion training at step {start}/{total}")
-    history = _read_log(paths.log, start)
+    history = read_step_log(paths.log, start)
     if rank == 0:
-        _write_log(paths.log, history)
+        write_step_log(paths.log, history)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     rows = slice(rank * d.batch // world, (rank + 1) * d.batch // world)
     params = dict(model.named_parameters())

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..dataset import Subject, load_subject
 from ..errors import HDAError
 from ..images import contact_sheet, line_plot, to_uint8
 from ..render.frames import render_gaussians
+from ..steplog import read_step_log, write_step_log
 from .losses import load_lpips, photometric_loss, psnr
 
 CHECKPOINT_FORMAT = "hda-fit-checkpoint"
@@ -161,28 +161,6 @@ def load_checkpoint(path: Path, avatar: Avatar, optimizer: torch.optim.Optimizer
     return int(metadata["step"]), float(metadata["seconds"])
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill; everything after it is newer than the checkpoint anyway
-        if row.get("step", math.inf) <= upto:
-            rows.append(row)
-    return rows
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def initial_avatar(config: Config, body, init_from=None, static: bool = False) -> Avatar:
     """The consistently initialised avatar, or a copy of ``init_from``'s weights (same architecture only)."""
     if init_from is None:
@@ -221,8 +199,8 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         start, seconds = load_checkpoint(paths.checkpoint, avatar, optimizer, generator, fingerprint)
         log(f"resuming {subject.name} at step {start}/{total}")
     paths.avatar.parent.mkdir(parents=True, exist_ok=True)
-    history = _read_metrics(paths.metrics, start)
-    _write_metrics(paths.metrics, history)
+    history = read_step_log(paths.metrics, start)
+    write_step_log(paths.metrics, history)
     perceptual, status = load_lpips(fit.lpips_alexnet) if fit.lambda_lpips > 0 else (None, "LPIPS off: weight 0")
     if perceptual is None:
         log(status)

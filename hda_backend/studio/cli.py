@@ -6,11 +6,11 @@ Wire into ``hda_backend/cli.py`` with ``add_parsers(sub)`` in ``build_parser()``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
+from ..cli_args import int_in
 from ..errors import HDAError
 
 MAX_SUBJECTS = 100_000
@@ -18,18 +18,6 @@ MAX_CAMERAS = 256
 MAX_FRAMES = 100_000
 MAX_SIZE = 8192
 MAX_SAMPLES = 4096
-
-
-def _int_in(name: str, low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise HDAError(f"{name} {text!r}: expected a whole number") from None
-        if not low <= value <= high:
-            raise HDAError(f"{name} {value}: expected {low}..{high}")
-        return value
-    return parse
 
 
 def _seed(text: str) -> int:
@@ -55,14 +43,14 @@ def _colour(text: str) -> tuple:
 def add_parsers(sub) -> None:
     """Add the ``synth`` and ``convert`` subcommands to an argparse subparsers object."""
     p = sub.add_parser("synth", help="render a synthetic multi-view dataset of clothed people with Blender")
-    p.add_argument("--subjects", type=_int_in("--subjects", 1, MAX_SUBJECTS), default=1)
-    p.add_argument("--cameras", type=_int_in("--cameras", 1, MAX_CAMERAS), default=8,
+    p.add_argument("--subjects", type=int_in("--subjects", 1, MAX_SUBJECTS), default=1)
+    p.add_argument("--cameras", type=int_in("--cameras", 1, MAX_CAMERAS), default=8,
                    help="cameras on the ring, alternating between two heights")
-    p.add_argument("--frames", type=_int_in("--frames", 1, MAX_FRAMES), default=30,
+    p.add_argument("--frames", type=int_in("--frames", 1, MAX_FRAMES), default=30,
                    help="frames per subject; a quarter of them (at least one) show the held-out test motion")
-    p.add_argument("--size", type=_int_in("--size", 16, MAX_SIZE), default=256, help="image width and height")
+    p.add_argument("--size", type=int_in("--size", 16, MAX_SIZE), default=256, help="image width and height")
     p.add_argument("--seed", type=_seed, default=0, help="dataset seed; subject i gets its own seed from it")
-    p.add_argument("--samples", type=_int_in("--samples", 1, MAX_SAMPLES), default=16,
+    p.add_argument("--samples", type=int_in("--samples", 1, MAX_SAMPLES), default=16,
                    help="Cycles samples per pixel (denoised)")
     p.add_argument("--background", type=_colour, default=(1.0, 1.0, 1.0), help="R,G,B in [0,1] behind the person")
     p.add_argument("--out", required=True, help="dataset folder (re-running resumes)")
@@ -72,9 +60,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="subject folder to write")
     p.add_argument("--frames", help="comma-separated frame names to keep (default: all with a fit)")
     p.add_argument("--cameras", help="comma-separated camera names to keep (default: all)")
-    p.add_argument("--test-every", type=_int_in("--test-every", 0, 1000), default=4,
+    p.add_argument("--test-every", type=int_in("--test-every", 0, 1000), default=4,
                    help="hold out every n-th camera for evaluation (0: none)")
-    p.add_argument("--test-frames", type=_int_in("--test-frames", 0, MAX_FRAMES), default=0,
+    p.add_argument("--test-frames", type=int_in("--test-frames", 0, MAX_FRAMES), default=0,
                    help="hold out the last n frames as the test motion")
     p.add_argument("--scale", type=float, default=1.0, help="multiply camera translations by this (to metres)")
     p.add_argument("--background", type=_colour, default=(0.0, 0.0, 0.0),

@@ -1,0 +1,34 @@
+"""Argument types and config options shared by every ``hda`` subcommand module.
+
+Kept apart from ``hda_backend/cli.py`` because that module imports the subcommand modules at load time.
+"""
+
+from __future__ import annotations
+
+from .errors import HDAError
+
+
+def int_in(name: str, low: int, high: int):
+    """argparse type: a whole number in [low, high], else a one-line error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise HDAError(f"{name} {text!r}: expected a whole number") from None
+        if not low <= value <= high:
+            raise HDAError(f"{name} {value}: expected {low}..{high}")
+        return value
+    return parse
+
+
+def add_config_args(p) -> None:
+    p.add_argument("--preset", help="tiny, cpu or paper (default: paper with CUDA, else cpu)")
+    p.add_argument("--config", help="a YAML config file (may name a preset and override fields)")
+
+
+def config_from_args(args):
+    from .config import load_config
+
+    if args.preset and args.config:
+        raise HDAError("--preset and --config: give one; a config file names its preset itself")
+    return load_config(args.config or args.preset)

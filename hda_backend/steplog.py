@@ -1,0 +1,35 @@
+"""The JSONL step logs of long jobs (``hda fit``'s metrics, ``hda train-diffusion``'s loss): one JSON
+object with a ``step`` per line, cut back to a checkpoint's step on resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def read_step_log(path: Path, upto: int) -> list[dict]:
+    """The rows of ``path`` with ``step`` <= ``upto``; [] if there is no file."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill; everything after it is newer than the checkpoint anyway
+        if row.get("step", math.inf) <= upto:
+            rows.append(row)
+    return rows
+
+
+def write_step_log(path: Path, rows: list[dict]) -> None:
+    """Replace ``path`` with ``rows`` atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
