@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_studio_parsers(sub)
     add_diffusion_parsers(sub)
+
+    p = sub.add_parser("build-default", help="build the bundled default model from nothing: studio, fit-all, "
+                                             "diffusion, float16 bundle, eval-gen, model card (resumable)")
+    p.add_argument("--out", default="assets/default", help="the bundle folder (default: assets/default)")
+    p.add_argument("--work", default="build/default", help="intermediate data and the build record "
+                                                           "(default: build/default)")
+    p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=24)
+    p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
+    p.add_argument("--redo", help="redo this stage and every later one")
     return parser
 
 
@@ -251,6 +260,14 @@ def cmd_eval_gen(args) -> None:
     print(f"wrote {Path(args.out) / 'eval_gen.md'}, eval_gen.json, samples_vs_nearest.png and samples/")
 
 
+def cmd_build_default(args) -> None:
+    from .build_default import DefaultBuildConfig, build_default
+
+    start = time.perf_counter()
+    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until)
+    print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")
+
+
 def cmd_info(args) -> None:
     from .describe import describe
 
@@ -278,7 +295,7 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, **STUDIO_COMMANDS, **DIFFUSION_COMMANDS}
+COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, "build-default": cmd_build_default, **STUDIO_COMMANDS, **DIFFUSION_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from .atomic import write_text
 
 
 def read_step_log(path: Path, upto: int) -> list[dict]:
@@ -27,9 +27,4 @@ def read_step_log(path: Path, upto: int) -> list[dict]:
 
 def write_step_log(path: Path, rows: list[dict]) -> None:
     """Replace ``path`` with ``rows`` atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import write_text
 from ..avatar.io import SUFFIX, load_avatar
 from ..body import BodyModel
 from ..errors import HDAError
@@ -298,8 +298,8 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         "rows": results,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "eval_gen.json", json.dumps(report, indent=2))
-    _write_text(out_dir / "eval_gen.md", format_report(report))
+    write_text(out_dir / "eval_gen.json", json.dumps(report, indent=2))
+    write_text(out_dir / "eval_gen.md", format_report(report))
     columns = 2 * min(config.contact_pairs, max(len(r["files"]) for r in results))
     # Small galleries are enlarged (nearest neighbour) so that the labels fit above each tile.
     zoom = -(-SHEET_TILE // config.gallery.size)
@@ -373,16 +373,3 @@ def format_report(report: dict) -> str:
               "`samples_vs_nearest.png`: each sample (front camera, first pose) beside its nearest reference "
               "avatar by PSNR; '(!)' marks a sample that failed a plausibility check.", ""]
     return "\n".join(parts)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

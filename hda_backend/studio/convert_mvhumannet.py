@@ -30,7 +30,8 @@ from ..body.skeleton import POSE_PARTS
 from ..dataset import read_json
 from ..errors import HDAError
 from ..images import save_png
-from .synth import FORMAT, FORMAT_VERSION, _write_npz, _write_text
+from ..atomic import write_text
+from .synth import FORMAT, FORMAT_VERSION, _write_npz
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
@@ -203,7 +204,7 @@ def convert_mvhumannet(source, out, frames=None, cameras=None, test_every: int =
             composite = rgb * m[..., None] + bg * (1 - m[..., None])
             save_png(out / "images" / cam / f"{name}.png", composite)
             save_png(out / "masks" / cam / f"{name}.png", (np.clip(m, 0, 1) * 255 + 0.5).astype(np.uint8))
-    _write_text(out / "cameras.json", json.dumps(cam_json, indent=1))
+    write_text(out / "cameras.json", json.dumps(cam_json, indent=1))
     n_train = len(keys) - test_frames
     subject = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": out.name, "seed": 0,
@@ -213,5 +214,5 @@ def convert_mvhumannet(source, out, frames=None, cameras=None, test_every: int =
         "test_cameras": list(range(test_every - 1, len(cams), test_every)) if test_every and len(cams) > 1 else [],
         "attributes": {"source": str(source), "layout": "mvhumannet"},
     }
-    _write_text(out / "subject.json", json.dumps(subject, indent=1))
+    write_text(out / "subject.json", json.dumps(subject, indent=1))
     return out

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import write_text
 from ..body import JOINT_INDEX as J
 from ..body import POSE_PARTS, load_body
 from ..errors import HDAError
@@ -103,15 +104,6 @@ def _check_png(path: Path, size: int, mode: str) -> bool:
         return True
     except (OSError, ValueError, SyntaxError):
         return False
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _write_npz(path: Path, **arrays) -> None:
@@ -200,7 +192,7 @@ def write_meta(plan: dict, out_dir: Path, name: str) -> None:
     cams = {cam: {"K": plan["Ks"][i].tolist(), "R": plan["viewmats"][i, :3, :3].tolist(),
                   "t": plan["viewmats"][i, :3, 3].tolist(), "width": size, "height": size}
             for i, cam in enumerate(camera_names(k))}
-    _write_text(out_dir / "cameras.json", json.dumps(cams, indent=1))
+    write_text(out_dir / "cameras.json", json.dumps(cams, indent=1))
     poses = plan["poses"].numpy().astype(np.float32)
     transl = plan["transl"].numpy().astype(np.float32)
     betas = np.array(plan["attrs"]["betas"], np.float32)
@@ -220,7 +212,7 @@ def write_meta(plan: dict, out_dir: Path, name: str) -> None:
                      "denoiser": "OpenImageDenoise", "mask": "render alpha"},
         "attributes": plan["attrs"],
     }
-    _write_text(out_dir / "subject.json", json.dumps(subject, indent=1))
+    write_text(out_dir / "subject.json", json.dumps(subject, indent=1))
 
 
 def pending_images(out_dir: Path, cameras: int, frames: int, size: int) -> list[tuple[int, int]]:
@@ -291,7 +283,7 @@ def synth_subject(body, out_dir: Path, seed: int, opts: SynthOptions, progress=l
         work.mkdir(exist_ok=True)
         spec, arrays = _scene_spec(plan, out_dir, todo)
         _write_npz(work / "scene.npz", **arrays)
-        _write_text(work / "scene.json", json.dumps(spec))
+        write_text(work / "scene.json", json.dumps(spec))
         t0 = time.perf_counter()
         run_blender(work, len(todo), progress)
         render_s = time.perf_counter() - t0

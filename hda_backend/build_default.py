@@ -1,0 +1,425 @@
+"""``hda build-default``: the embedded default model, from nothing, in one resumable command.
+
+Stages, in order (WORK defaults to ``build/default``, OUT to ``assets/default``):
+
+- ``studio``     ``hda synth``: synthetic subjects rendered by Cycles             -> WORK/studio/
+- ``fits``       ``hda fit-all``: the first subject in full, the rest from it        -> WORK/fits/
+- ``diffusion``  ``hda train-diffusion`` on every fit                                -> WORK/diffusion/
+- ``bundle``     float16 where lossless (:mod:`.diffusion.compact`) + reference avatars -> OUT/
+- ``eval``       ``hda eval-gen`` of the bundled model against the fits, with the copy and PCA baselines
+- ``card``       OUT/MODEL_CARD.md and OUT/build.json
+
+Every stage resumes where it stopped (synth skips finished images, fit-all finished subjects and resumes
+checkpoints, train-diffusion resumes its checkpoint), so an interrupted build is finished by running the
+same command again. WORK/build.json records each stage's status, its wall time summed over attempts and
+what it found already done; a stage is skipped when it is done, its outputs exist and nothing before it
+was redone since. ``--redo STAGE`` redoes a stage (and so every later one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .atomic import write_text
+from .avatar.io import SUFFIX
+from .config import Config, load_config
+from .errors import HDAError
+
+STAGES = ("studio", "fits", "diffusion", "bundle", "eval", "card")
+STATE_FORMAT = "hda-build-default"
+MODEL_FILE = "diffusion.safetensors"
+CARD_FILE = "MODEL_CARD.md"
+LICENCE = "CC0-1.0"
+
+
+@dataclass(frozen=True)
+class DefaultBuildConfig:
+    """Everything that decides the default model; written into build.json and the model card."""
+
+    subjects: int = 24
+    cameras: int = 8
+    frames: int = 30  # per subject; a quarter of them show the held-out motion
+    size: int = 256
+    studio_seed: int = 0
+    cycles_samples: int = 16
+    preset: str = "cpu"  # fitting and diffusion recipe; `overrides` are applied on top
+    # The cpu preset's width-64 denoiser is 77M parameters (150 MB in float16): its per-layer projections
+    # scale with width x UNet size. Width 16 keeps the bundle under 64 MB (README, Default model).
+    overrides: dict = field(default_factory=lambda: {"diffusion": {"width": 16, "heads": 2, "ffn": 64}})
+    references: int = 4  # fitted avatars shipped for tests, spread over the subjects
+    eval_seed: int = 0  # eval-gen samples seeds eval_seed .. eval_seed + subjects - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def model_config(self) -> Config:
+        return load_config(self.preset, self.overrides)
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    work: Path
+    out: Path
+
+    @property
+    def state(self) -> Path:
+        return self.work / "build.json"
+
+    @property
+    def studio(self) -> Path:
+        return self.work / "studio"
+
+    @property
+    def fits(self) -> Path:
+        return self.work / "fits"
+
+    @property
+    def diffusion(self) -> Path:
+        return self.work / "diffusion" / MODEL_FILE
+
+    @property
+    def eval(self) -> Path:
+        return self.work / "eval"
+
+    @property
+    def model(self) -> Path:
+        return self.out / MODEL_FILE
+
+    @property
+    def references(self) -> Path:
+        return self.out / "references"
+
+    @property
+    def card(self) -> Path:
+        return self.out / CARD_FILE
+
+
+def reference_subjects(subjects: int, count: int) -> list[int]:
+    """``count`` subject indices spread evenly over 0..subjects-1 (the first always included)."""
+    count = min(count, subjects)
+    return sorted({round(i * subjects / count) for i in range(count)})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def read_state(paths: BuildPaths, build: DefaultBuildConfig) -> dict:
+    """WORK/build.json, or a fresh state; a state made with another config is refused."""
+    if not paths.state.is_file():
+        return {"format": STATE_FORMAT, "config": build.to_dict(), "counter": 0, "stages": {}}
+    try:
+        state = json.loads(paths.state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HDAError(f"{paths.state}: not valid JSON; delete it to restart the build record") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise HDAError(f"{paths.state}: field 'format' is not '{STATE_FORMAT}'; delete it to restart the record")
+    if state.get("config") != json.loads(json.dumps(build.to_dict())):
+        raise HDAError(f"{paths.state}: field 'config' differs from this build's settings; use another --work "
+                       "folder or delete it to rebuild with the new settings")
+    return state
+
+
+def outputs_exist(stage: str, paths: BuildPaths, build: DefaultBuildConfig) -> bool:
+    names = [f"subject_{i:03d}" for i in range(build.subjects)]
+    return {
+        "studio": lambda: all((paths.studio / n / "subject.json").is_file() for n in names),
+        "fits": lambda: all((paths.fits / f"{n}{SUFFIX}").is_file() for n in names),
+        "diffusion": lambda: paths.diffusion.is_file(),
+        "bundle": lambda: paths.model.is_file() and paths.references.is_dir(),
+        "eval": lambda: (paths.eval / "eval_gen.json").is_file(),
+        "card": lambda: paths.card.is_file(),
+    }[stage]()
+
+
+def stage_is_current(state: dict, stage: str, paths: BuildPaths, build: DefaultBuildConfig) -> bool:
+    entry = state["stages"].get(stage, {})
+    if entry.get("status") != "done" or not outputs_exist(stage, paths, build):
+        return False
+    before = STAGES[:STAGES.index(stage)]
+    return all(state["stages"].get(s, {}).get("order", 0) <= entry["order"] for s in before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stages: each returns what it did, recorded in build.json.
+
+
+def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+    from .studio.synth import SynthOptions, pending_images, synth
+
+    total = build.subjects * build.cameras * build.frames
+    left = sum(len(pending_images(paths.studio / f"subject_{i:03d}", build.cameras, build.frames, build.size))
+               if (paths.studio / f"subject_{i:03d}").is_dir() else build.cameras * build.frames
+               for i in range(build.subjects))
+    synth(SynthOptions(subjects=build.subjects, cameras=build.cameras, frames=build.frames, size=build.size,
+                       seed=build.studio_seed, out=paths.studio, samples=build.cycles_samples))
+    return {"made": left, "found": total - left, "unit": "images"}
+
+
+def _stage_fits(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+    from .fit.fit_all import fit_all
+
+    log = fit_all(paths.studio, paths.fits, config)
+    made = sum(row["status"] == "fitted" for row in log)
+    return {"made": made, "found": len(log) - made, "unit": "subjects",
+            "logged_seconds": round(sum(fit_seconds(paths.fits).values()), 1)}
+
+
+def fit_seconds(fits: Path) -> dict[str, float]:
+    """Subject -> the fitting wall time its own step log records (resumed runs included)."""
+    from .steplog import read_step_log
+
+    out = {}
+    for log in sorted(fits.glob("*.metrics.jsonl")):
+        rows = read_step_log(log, math.inf)
+        if rows:
+            out[log.name[:-len(".metrics.jsonl")]] = float(rows[-1]["seconds"])
+    return out
+
+
+def _stage_diffusion(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+    from .diffusion.train import DiffusionPaths, train_diffusion
+
+    paths.diffusion.parent.mkdir(parents=True, exist_ok=True)
+    resume = DiffusionPaths.for_output(paths.diffusion).checkpoint.exists()
+    result = train_diffusion(paths.fits, paths.diffusion, config.diffusion, resume=resume)
+    return {"steps": result.steps, "logged_seconds": round(result.seconds, 1), "parameters": result.parameters,
+            "final_loss": result.final_loss}
+
+
+def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+    from .body import load_body
+    from .diffusion.compact import compact_avatar, compact_model
+
+    body = load_body(config.body.path, config.body.num_betas)
+    model = compact_model(paths.diffusion, paths.model, body)
+    if paths.references.is_dir():
+        shutil.rmtree(paths.references)
+    references = {}
+    for i in reference_subjects(build.subjects, build.references):
+        name = f"subject_{i:03d}{SUFFIX}"
+        references[name] = compact_avatar(paths.fits / name, paths.references / name, body)
+    return {"model": model, "references": references}
+
+
+def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+    from .body import load_body
+    from .diffusion.eval_gen import EvalGenConfig, evaluate_generation
+    from .diffusion.gallery import GalleryConfig
+    from .fit.losses import load_lpips
+
+    perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
+    eval_config = EvalGenConfig(n=build.subjects, seed=build.eval_seed,
+                                gallery=GalleryConfig(fov_deg=config.render.fov_deg, backend=config.render.backend))
+    report = evaluate_generation(paths.fits, paths.eval, load_body(config.body.path, config.body.num_betas),
+                                 models={"default": paths.model}, config=eval_config, lpips=perceptual,
+                                 notes=(lpips_status, "FID/KID off: no local Inception weights"))
+    return {"rows": [{k: r[k] for k in ("name", "kind", "mmd_psnr_db", "cov_psnr", "one_nna_psnr",
+                                          "plausible_fraction", "seconds_per_identity")} for r in report["rows"]]}
+
+
+def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+    sheet = paths.eval / "samples_vs_nearest.png"
+    if sheet.is_file():
+        shutil.copy2(sheet, paths.out / "samples_vs_nearest.png")
+    write_text(paths.card, model_card(paths, build, config, state))
+    return {}
+
+
+STAGE_FUNCTIONS: dict[str, Callable] = {"studio": _stage_studio, "fits": _stage_fits,
+                                        "diffusion": _stage_diffusion, "bundle": _stage_bundle,
+                                        "eval": _stage_eval}
+
+
+def build_default(out, work, build: DefaultBuildConfig = DefaultBuildConfig(), redo: str | None = None,
+                  until: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or finish) the stages up to ``until`` (default: all); returns the build state."""
+    for name, value in (("--redo", redo), ("--until", until)):
+        if value is not None and value not in STAGES:
+            raise HDAError(f"{name} {value!r}: expected one of {', '.join(STAGES)}")
+    paths = BuildPaths(Path(work), Path(out))
+    config = build.model_config()
+    state = read_state(paths, build)
+    paths.work.mkdir(parents=True, exist_ok=True)
+    paths.out.mkdir(parents=True, exist_ok=True)
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    redo_from = STAGES.index(redo) if redo else len(STAGES)
+    for index, stage in enumerate(STAGES[:last + 1]):
+        if index < redo_from and stage_is_current(state, stage, paths, build):
+            log(f"[{stage}] done ({state['stages'][stage]['seconds']:.0f} s), skipped")
+            continue
+        entry = state["stages"].setdefault(stage, {"seconds": 0.0, "attempts": 0})
+        entry.update(status="running", attempts=entry["attempts"] + 1)
+        _write_json(paths.state, state)
+        log(f"[{stage}] running")
+        start = time.perf_counter()
+        try:
+            if stage == "card":
+                entry["seconds"] += time.perf_counter() - start
+                entry.update(status="done", order=state["counter"] + 1)
+                state["counter"] += 1
+                state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                entry.update(_stage_card(paths, build, config, state))
+                _write_json(paths.out / "build.json", state)
+            else:
+                result = STAGE_FUNCTIONS[stage](paths, build, config)
+                entry["seconds"] += time.perf_counter() - start
+                state["counter"] += 1
+                entry.update(result, status="done", order=state["counter"])
+        except BaseException:
+            if entry["status"] == "running":
+                entry["seconds"] += time.perf_counter() - start
+                entry["status"] = "interrupted"
+            raise
+        finally:
+            entry["seconds"] = round(entry["seconds"], 1)
+            _write_json(paths.state, state)
+        log(f"[{stage}] done in {entry['seconds']:.0f} s")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model card
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _files_table(paths: BuildPaths) -> list[str]:
+    lines = ["| file | contents | size |", "|---|---|---|"]
+    files = [(paths.model, "the diffusion model: EMA denoiser weights, normaliser statistics, metadata")]
+    files += [(p, "a fitted reference avatar (tests, comparisons)") for p in sorted(paths.references.glob(f"*{SUFFIX}"))]
+    files += [(paths.out / "samples_vs_nearest.png", "samples beside their nearest training subject")]
+    total = 0
+    for path, what in files:
+        if path.is_file():
+            size = path.stat().st_size
+            total += size
+            lines.append(f"| `{path.relative_to(paths.out)}` | {what} | {_mb(size)} |")
+    lines.append(f"| all (with this card and build.json) | | {_mb(total)} |")
+    return lines
+
+
+def _config_lines(config: Config, state: dict) -> list[str]:
+    d, f, u = config.diffusion, config.fit, config.unet
+    diff = state["stages"].get("diffusion", {})
+    return [
+        f"- Avatars (stage 1): the `{config.preset}` preset. UNet width {u.width}, {u.levels} levels, on a "
+        f"{config.uv.res}² UV map; Gaussians with SH degree {config.gaussians.sh_degree}. The first subject fitted "
+        f"for {f.steps} steps; every other one starts from it (`--init-from`) for {f.init_steps} steps. "
+        f"Learning rate {f.lr:g} with a cosine decay to ×{f.lr_final:g}; images {config.render.size}².",
+        f"- Diffusion (stage 2): `{d.tokenizer}` tokens (one per conv layer), width {d.width}, {d.blocks} blocks, "
+        f"{d.heads} heads, feed-forward {d.ffn}; {diff.get('parameters', 0):,} parameters. T = {d.timesteps}, "
+        f"betas {d.beta_start:g}..{d.beta_end:g}; {d.epochs} epochs of batch {d.batch} = {diff.get('steps', '?')} "
+        f"steps; EMA {d.ema_decay}; `{d.normalization}` normalisation. Sampling: DDIM, {d.sample_steps} steps, eta 0.",
+    ]
+
+
+def _time_lines(state: dict) -> list[str]:
+    lines = ["| stage | wall time of this build | work done | compute its own logs record |", "|---|---|---|---|"]
+    total = 0.0
+    for stage in STAGES:
+        e = state["stages"].get(stage)
+        if not e:
+            continue
+        total += e["seconds"]
+        work = f"{e['made']} {e['unit']} made, {e['found']} found done" if "unit" in e else ""
+        logged = f"{e['logged_seconds'] / 60:.1f} min" if "logged_seconds" in e else ""
+        lines.append(f"| {stage} | {e['seconds'] / 60:.1f} min | {work} | {logged} |")
+    lines.append(f"| **all** | **{total / 60:.1f} min** | | |")
+    return lines
+
+
+def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> str:
+    from .diffusion.eval_gen import format_table
+
+    report = json.loads((paths.eval / "eval_gen.json").read_text())
+    bundle = state["stages"]["bundle"]
+    half = bundle["model"]
+    trials = "; ".join(f"{'+'.join(t['groups'])} in float16: worst {t['worst_psnr_db']:.1f} dB"
+                       for t in half["trials"])
+    refs = ", ".join(f"`{n}` ({'float16' if r['half'] else 'float32'}, worst {r['worst_psnr_db']:.1f} dB)"
+                     for n, r in bundle["references"].items())
+    found = [s for s in ("studio", "fits") if state["stages"].get(s, {}).get("found")]
+    found_note = ([f"Stages {', '.join(found)} found work done by an earlier run of the same stage (same settings) "
+                   "and only checked it; their own logs' compute is in the last column."] if found else [])
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+    return "\n".join([
+        "# HDA default model (model card)",
+        "",
+        f"Built by `hda build-default` (hda {__version__}), finished {state.get('finished', '?')}, on {machine}.",
+        "Rebuild it with `hda build-default --out assets/default` (resumable; see README, *Default model*).",
+        "",
+        "## What it is",
+        "",
+        "A weight-space diffusion model over the UNets of Hyper Diffusion Avatars: every sample is a new "
+        "person's avatar network, which poses, deforms and renders like a fitted one. It is what the Blender "
+        "extension's *Sample Identity* button and `make demo` sample from when no other model is given. It is "
+        "small and trained on few synthetic people: expect plausible, varied clothed bodies close to the "
+        "training distribution, not photoreal identities.",
+        "",
+        "## Data",
+        "",
+        f"{build.subjects} synthetic subjects from `hda synth` (seed {build.studio_seed}): the bundled open body "
+        f"with random shape, skin, hair and clothing, {build.cameras} cameras at two heights, {build.frames} frames "
+        f"({build.size}², Cycles {build.cycles_samples} spp; three quarters of the frames are the training motion, "
+        "a quarter a held-out one). No real person, no scan and no SMPL-X data are in it.",
+        "",
+        "## Training",
+        "",
+        *_config_lines(config, state),
+        "",
+        "## Files",
+        "",
+        *_files_table(paths),
+        "",
+        f"Half precision where it changes nothing measurable: each tensor group is kept in float16 only if "
+        f"{len(half['config']['seeds'])} samples (seeds {half['config']['seeds'][0]}.."
+        f"{half['config']['seeds'][-1]}) render within {half['config']['min_psnr_db']:g} dB PSNR of the float32 "
+        f"model's in every gallery view. Measured: {trials}. Kept in float16: "
+        f"{', '.join(half['half']) or 'nothing'}. References: {refs}.",
+        "",
+        "## Evaluation (`hda eval-gen`, the diffusion issue's table)",
+        "",
+        format_table(report),
+        "",
+        f"Rows: the bundled model, sampled with seeds {build.eval_seed}..{build.eval_seed + build.subjects - 1}; "
+        "`copy` returns training avatars (the memorisation ceiling); `pca` samples a Gaussian in the training set's "
+        "PCA space. The reference set is the training fits (too few subjects for a held-out split); "
+        "memorisation shows in 1-NNA (copies → 0%) and the novelty columns. Distances are PSNR between renders of "
+        "a fixed gallery (poses × cameras); the protocol is in `build/default/eval/eval_gen.md`.",
+        *([f"Note: {n}" for n in report.get("notes", []) if n]),
+        "",
+        "## Build time",
+        "",
+        *_time_lines(state),
+        "",
+        *found_note,
+        "",
+        "## Limitations",
+        "",
+        f"- {build.subjects} subjects: the model covers the studio's variety (shape, skin, clothing colours and "
+        "cuts), not the variety of real people.",
+        "- Each subject was fitted on one training motion; extreme poses far from it deform less faithfully.",
+        "- The denoiser is narrow (see Training) to fit the extension's download size; the paper's is far larger.",
+        "",
+        "## Licence",
+        "",
+        f"{LICENCE}. The model was trained only on renders of the bundled open body (CC0 1.0, from MakeHuman/MPFB2) "
+        "with procedural clothing made by this project; no third-party data with other terms went into it.",
+        "",
+    ])

@@ -1,0 +1,167 @@
+"""`hda build-default` end to end on a test-sized build: stages, resume after an interruption, redo, the card."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hda_backend import build_default as bd
+from hda_backend.avatar.io import SUFFIX, load_avatar
+from hda_backend.body import load_body
+from hda_backend.cli import main
+from hda_backend.diffusion.compact import CompactConfig, compact_model, half_tensors
+from hda_backend.diffusion.gallery import gallery_views
+from hda_backend.diffusion.sample import load_diffusion, sample_vectors
+from hda_backend.diffusion.weights import write_avatar
+from hda_backend.errors import HDAError
+from hda_backend.render.frames import render_gaussians
+
+TINY = bd.DefaultBuildConfig(
+    subjects=2, cameras=2, frames=4, size=32, cycles_samples=1, preset="tiny", references=1,
+    overrides={"fit": {"steps": 12, "init_steps": 6, "checkpoint_every": 6, "log_every": 3},
+               "diffusion": {"width": 16, "heads": 2, "ffn": 32, "epochs": 12, "checkpoint_every": 6,
+                             "sample_steps": 4}})
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build_default")
+    work, out = root / "work", root / "out"
+    # An interruption in the middle of the eval stage (as Ctrl-C would do) ...
+    original = bd.STAGE_FUNCTIONS["eval"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    bd.STAGE_FUNCTIONS["eval"] = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bd.build_default(out, work, TINY, log=_quiet)
+    finally:
+        bd.STAGE_FUNCTIONS["eval"] = original
+    after_interrupt = json.loads((work / "build.json").read_text())
+    mtimes = {p: p.stat().st_mtime_ns for p in (work / "fits").glob(f"*{SUFFIX}")}
+    # ... and the same command again finishes the build.
+    lines = []
+    state = bd.build_default(out, work, TINY, log=lines.append)
+    return {"work": work, "out": out, "after_interrupt": after_interrupt, "state": state, "lines": lines,
+            "mtimes": mtimes}
+
+
+def test_an_interrupted_build_is_recorded_and_finished_by_running_it_again(built):
+    first = built["after_interrupt"]["stages"]
+    assert [first[s]["status"] for s in ("studio", "fits", "diffusion", "bundle")] == ["done"] * 4
+    assert first["eval"]["status"] == "interrupted" and first["eval"]["attempts"] == 1
+    assert "card" not in first
+    stages = built["state"]["stages"]
+    assert all(stages[s]["status"] == "done" for s in bd.STAGES)
+    assert stages["eval"]["attempts"] == 2
+    assert [line for line in built["lines"] if line.endswith("skipped")] == [
+        f"[{s}] done ({stages[s]['seconds']:.0f} s), skipped" for s in ("studio", "fits", "diffusion", "bundle")]
+    assert stages["studio"]["made"] == 2 * 2 * 4 and stages["fits"]["made"] == 2
+    # The finished stages were not redone: the fitted avatars are the same files.
+    assert {p: p.stat().st_mtime_ns for p in built["mtimes"]} == built["mtimes"]
+
+
+def test_the_bundle_holds_the_model_references_card_and_record(built):
+    out, work = built["out"], built["work"]
+    state = built["state"]
+    model = load_diffusion(out / "diffusion.safetensors")
+    assert model.config.width == 16 and model.spec.dim == load_diffusion(work / "diffusion" / "diffusion.safetensors").spec.dim
+    assert [p.name for p in (out / "references").iterdir()] == [f"subject_000{SUFFIX}"]
+    card = (out / "MODEL_CARD.md").read_text()
+    for row in state["stages"]["eval"]["rows"]:
+        assert f"| {row['name']} ({row['kind']}" in card and f"{row['mmd_psnr_db']:.2f}" in card
+    assert "2 synthetic subjects" in card and bd.LICENCE in card
+    assert json.loads((out / "build.json").read_text())["stages"]["card"]["status"] == "done"
+
+
+def test_redo_repeats_that_stage_and_every_later_one_only(built):
+    before = json.loads((built["work"] / "build.json").read_text())["stages"]
+    state = bd.build_default(built["out"], built["work"], TINY, redo="bundle", log=_quiet)
+    after = state["stages"]
+    for s in ("studio", "fits", "diffusion"):
+        assert after[s] == before[s]
+    for s in ("bundle", "eval", "card"):
+        assert after[s]["attempts"] == before[s]["attempts"] + 1
+        assert after[s]["order"] > before["diffusion"]["order"]
+
+
+def test_a_deleted_output_is_rebuilt(built):
+    model = built["out"] / "diffusion.safetensors"
+    model.unlink()
+    state = bd.build_default(built["out"], built["work"], TINY, until="bundle", log=_quiet)
+    assert model.is_file() and state["stages"]["diffusion"]["attempts"] == 1
+
+
+def test_settings_and_record_mismatches_are_one_line_errors(built, tmp_path):
+    other = bd.DefaultBuildConfig(**{**TINY.to_dict(), "subjects": 3})
+    with pytest.raises(HDAError, match="field 'config' differs"):
+        bd.build_default(built["out"], built["work"], other, log=_quiet)
+    (tmp_path / "build.json").write_text("{not json")
+    with pytest.raises(HDAError, match="build.json: not valid JSON"):
+        bd.build_default(tmp_path / "out", tmp_path, TINY, log=_quiet)
+    with pytest.raises(HDAError, match="--until 'fitting': expected one of studio, fits"):
+        bd.build_default(tmp_path / "out", tmp_path / "w", TINY, until="fitting", log=_quiet)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build-default", "--subjects", "1"], "--subjects 1: expected 2..100000"),
+    (["build-default", "--subjects", "lots"], "--subjects 'lots': expected a whole number"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_half_tensors_casts_only_the_named_groups():
+    tensors = {"model.a": torch.ones(3), "normalizer.mean": torch.ones(3), "other": torch.ones(3),
+               "model.count": torch.ones(3, dtype=torch.int64)}
+    half = half_tensors(tensors, ("denoiser",))
+    assert {k: v.dtype for k, v in half.items()} == {"model.a": torch.float16, "normalizer.mean": torch.float32,
+                                                    "other": torch.float32, "model.count": torch.int64}
+
+
+def test_compact_keeps_float32_where_half_would_change_the_renders(built, tmp_path):
+    body = load_body()
+    src = built["work"] / "diffusion" / "diffusion.safetensors"
+    strict = compact_model(src, tmp_path / "strict.safetensors", body, CompactConfig(seeds=(0, 1), min_psnr_db=1e9))
+    assert strict["half"] == []
+    with safe_open(str(tmp_path / "strict.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    lax = compact_model(src, tmp_path / "lax.safetensors", body, CompactConfig(seeds=(0, 1), min_psnr_db=-1e9))
+    assert lax["half"] == ["denoiser", "normalizer"]
+    assert lax["bytes"] < 0.55 * strict["bytes"]
+    # The worst PSNR it reports is the one between the two models' samples: recompute one seed by hand.
+    a = sample_vectors(load_diffusion(src), [0])
+    b = sample_vectors(load_diffusion(tmp_path / "lax.safetensors"), [0])
+    assert (a - b).abs().max() > 0  # half precision did change the weights a little
+    assert lax["trials"][-1]["worst_psnr_db"] == pytest.approx(
+        min(_view_psnrs(a[0], b[0], load_diffusion(src), body)), abs=0.01)
+
+
+@torch.no_grad()
+def _view_psnrs(a, b, model, body) -> list[float]:
+    """PSNR per gallery view between the renders of weight vectors a and b [D], by hand."""
+    views = gallery_views(body, CompactConfig().gallery)
+    with tempfile.TemporaryDirectory() as tmp:
+        posed = [load_avatar(write_avatar(v, model.spec, model.meta, Path(tmp) / f"{i}{SUFFIX}"), body)(views.poses)
+                 for i, v in enumerate((a, b))]
+    psnrs = []
+    for p in range(views.poses.shape[0]):
+        for c in range(views.viewmats.shape[0]):
+            x, y = (render_gaussians(g.index(p), views.viewmats[c], views.Ks[c], views.size, views.size,
+                                     background=views.background)[0].clamp(0, 1) for g in posed)
+            psnrs.append(-10 * math.log10(max(float(((x - y) ** 2).mean()), 1e-10)))
+    return psnrs
