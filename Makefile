@@ -14,8 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hda render --init 0 --motion wave --frames 16 --size 256 --camera front --out out/demo
-	@echo "demo frames and contact sheet: out/demo/"
+	$(BIN)/python scripts/demo.py --out out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
