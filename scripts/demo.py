@@ -319,7 +319,8 @@ def run(args) -> dict:
 def print_summary(summary: dict, out: str) -> None:
     s = summary["seconds"]
     stages = ", ".join(f"{k} {v:.1f}" for k, v in s["blender_stages"].items())
-    print(f"demo: {len(summary['seeds'])} identities (seeds {summary['seeds'][0]}..{summary['seeds'][-1]}), "
+    n = len(summary["seeds"])
+    print(f"demo: {n} {'identity' if n == 1 else 'identities'} (seeds {summary['seeds'][0]}..{summary['seeds'][-1]}), "
           f"{summary['frames']} frames at {summary['size']}x{summary['size']} in {out}/")
     print(f"  sample {s['sample']:.1f} s | backend pictures {s['backend_pictures']:.1f} s | extension zip "
           f"{s['extension_zip']:.1f} s | blender {s['blender']:.1f} s ({stages}) | gif {s['gif']:.1f} s | "

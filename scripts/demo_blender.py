@@ -39,6 +39,8 @@ WAVER_AT = Vector((1.2, 0.9, 0.0))
 WAVER_TURN = -0.35            # radians about Z: faces a little towards the walker
 PILLAR_SIZE = (0.32, 0.32, 2.5)
 PILLAR_Y = -1.0               # between the camera and the walk line
+COLONNADE_Y = 3.4
+COLONNADE_X = (-3.9, -2.3, -0.7, 0.9, 2.5, 4.1)
 
 
 class DemoError(Exception):
@@ -129,17 +131,42 @@ def build_stage(scene) -> None:
     sun.data.angle = math.radians(4.0)
     sun.rotation_euler = (math.radians(48), math.radians(-8), math.radians(-35))
 
+    # Sky: a hazy horizon fading to blue overhead (the view direction's height picks the colour).
     world = bpy.data.worlds.new("Sky")
     world.use_nodes = True
-    background = world.node_tree.nodes["Background"]
-    background.inputs["Color"].default_value = (0.36, 0.47, 0.66, 1.0)
-    background.inputs["Strength"].default_value = 0.7
+    nodes, links = world.node_tree.nodes, world.node_tree.links
+    coords = nodes.new("ShaderNodeTexCoord")
+    height = nodes.new("ShaderNodeSeparateXYZ")
+    ramp = nodes.new("ShaderNodeValToRGB")
+    ramp.color_ramp.elements[0].color = (0.62, 0.66, 0.72, 1.0)
+    ramp.color_ramp.elements[1].position = 0.45
+    ramp.color_ramp.elements[1].color = (0.22, 0.36, 0.62, 1.0)
+    links.new(coords.outputs["Generated"], height.inputs[0])
+    links.new(height.outputs["Z"], ramp.inputs["Fac"])
+    background = nodes["Background"]
+    links.new(ramp.outputs["Color"], background.inputs["Color"])
+    background.inputs["Strength"].default_value = 0.8
     scene.world = world
 
     bpy.ops.mesh.primitive_plane_add(size=40.0, location=(0, 0, 0))
     ground = bpy.context.active_object
     ground.name = "Ground"
     ground.data.materials.append(material("Ground", (0.36, 0.34, 0.31), 0.8, checker=(0.27, 0.26, 0.24)))
+    # A colonnade behind the people: something to be in front of.
+    stone = material("Stone", (0.5, 0.45, 0.38), 0.7)
+    for x in COLONNADE_X:
+        box(f"Column {x:+.1f}", (x, COLONNADE_Y, PILLAR_SIZE[2] / 2), PILLAR_SIZE, stone)
+    span = COLONNADE_X[-1] - COLONNADE_X[0] + 1.0
+    box("Lintel", (0.5 * (COLONNADE_X[0] + COLONNADE_X[-1]), COLONNADE_Y, PILLAR_SIZE[2] + 0.15), (span, 0.5, 0.3), stone)
+
+
+def box(name: str, location, size, mat):
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=location)
+    obj = bpy.context.active_object
+    obj.name = name
+    obj.scale = size
+    obj.data.materials.append(mat)
+    return obj
 
 
 def add_person(scene, person: dict, index: int):
@@ -181,13 +208,8 @@ def centre_walk(scene, walker) -> float:
     return middle + shift
 
 
-def add_pillar(scene, x: float):
-    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(x, PILLAR_Y, PILLAR_SIZE[2] / 2))
-    pillar = bpy.context.active_object
-    pillar.name = "Pillar"
-    pillar.scale = PILLAR_SIZE
-    pillar.data.materials.append(material("Pillar", (0.55, 0.24, 0.16), 0.5))
-    return pillar
+def add_pillar(x: float):
+    return box("Pillar", (x, PILLAR_Y, PILLAR_SIZE[2] / 2), PILLAR_SIZE, material("Pillar", (0.55, 0.24, 0.16), 0.5))
 
 
 def render_frames(scene) -> list:
@@ -250,7 +272,7 @@ def main() -> dict:
     people = [add_person(scene, person, i) for i, person in enumerate(ARGS["people"])]
     stage("people")
     mid_x = centre_walk(scene, people[0])
-    add_pillar(scene, mid_x)
+    add_pillar(mid_x)
     for obj in people:
         obj.select_set(False)
     scene.frame_set(scene.frame_start)
