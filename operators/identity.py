@@ -43,8 +43,8 @@ def model_path(override: str = "") -> str | None:
 
 
 def missing_model_text() -> str:
-    return (f"No diffusion model: the extension's default model ({DEFAULT_MODEL}) is not bundled yet; point "
-            f"${ENV_MODEL} (or the operator's Model) at a model from 'hda train-diffusion'")
+    return (f"No diffusion model: the extension's default model ({DEFAULT_MODEL}) is missing from this "
+            f"install; point ${ENV_MODEL} (or the operator's Model) at a model from 'hda train-diffusion'")
 
 
 def load_model(path: str):

@@ -238,11 +238,12 @@ def test_zip_holds_the_root_module_packages_and_data_and_nothing_else(built_zip)
     root = zipfile.ZipFile(built_zip).read("__init__.py").decode()
     assert "from .blender_addon import register, unregister" in root
     assert not (REPO / "__init__.py").exists()  # the root module exists only in the zip
-    for pkg in ("hda_backend", "blender_addon", "operators"):
+    for pkg in ("hda_backend", "blender_addon", "operators", "assets/default"):
         src = {p.relative_to(REPO).as_posix() for p in (REPO / pkg).rglob("*")
                if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
         assert src and src <= names, sorted(src - names)
-    assert {"hda_backend/presets/cpu.yaml", "hda_backend/presets/tiny.yaml"} <= names
+    assert {"hda_backend/presets/cpu.yaml", "hda_backend/presets/tiny.yaml",
+            "assets/default/diffusion.safetensors"} <= names
     for bad in ("tests/", "scripts/", ".venv", "__pycache__", ".pyc", "dist/", ".git", "Makefile"):
         assert not [n for n in names if bad in n], bad
 

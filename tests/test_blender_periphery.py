@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from blender_addon import deps, fitjob
-from tests.test_blender_extension import ADDON, BPY42_PYTHON, BPY50_PYTHON, _hermetic_env, _pid_alive, _wait_for
+from tests.test_blender_extension import ADDON, BPY42_PYTHON, BPY50_PYTHON, REPO, _hermetic_env, _pid_alive, _wait_for
 from tests.test_blender_extension import built_zip  # noqa: F401 - the zip fixture, built once per module
 
 REPO = Path(__file__).resolve().parent.parent
@@ -375,7 +375,9 @@ obj.scale = (1.0, 1.0, 1.0)
 
 if args["full"]:  # version-independent parts (backend and subprocess logic): once
     # --- identity: no model, then a tiny model; the slider; a corrupt model ------------------------
-    report["identity_none"] = call(bpy.ops.hda.sample_identity)
+    report["identity_default"] = call(bpy.ops.hda.sample_identity)  # no model given: the bundled default
+    report["identity_default_seed"] = obj.hda.seed
+    report["identity_default_file"] = bpy.path.abspath(obj.hda.avatar_path)
     obj.hda.seed, obj.hda.seed_b, obj.hda.identity_mix = 5, 7, 0.0
     report["identity"] = call(bpy.ops.hda.sample_identity, model=args["model"], steps=3)
     report["identity_file"] = bpy.path.abspath(obj.hda.avatar_path)
@@ -669,7 +671,14 @@ def test_periphery_in_blender_5_0(tmp_path, built_zip, subject, diffusion_model)
     _check_motion_export_viewport(r, tmp_path)
 
     # Identity: same seed -> the same avatar the sampler writes; the slider -> noise slerp.
-    assert r["identity_none"][0] is None and "No diffusion model" in r["identity_none"][1]
+    # Out of the box, with no model named anywhere, the extension samples from the model it bundles.
+    assert r["identity_default"] == [["FINISHED"], None]
+    seed = r["identity_default_seed"]
+    assert Path(r["identity_default_file"]).name == f"identity_{seed}.hda.safetensors"
+    bundled = sample_avatars(load_diffusion(REPO / "assets" / "default" / "diffusion.safetensors"), seed, 1, None,
+                             tmp_path / "bundled")[0]
+    got, want = load_file(r["identity_default_file"]), load_file(str(bundled))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in got)
     assert r["identity"] == [["FINISHED"], None] and Path(r["identity_file"]).name == "identity_5.hda.safetensors"
     assert r["identity_loaded"] == 32
     model = load_diffusion(diffusion_model)
