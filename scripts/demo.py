@@ -158,11 +158,11 @@ def backend_pictures(paths: list[Path], seeds: list[int], out: Path) -> dict:
     from hda_backend.body import load_body, pose_body
     from hda_backend.images import contact_sheet
 
-    below = torch.tensor([0.0, 0.3, 0.0])  # aim a little under the pelvis-head midpoint: legs are longer
+    down = torch.tensor([0.0, 1.0, 0.0])  # aim under the pelvis-head midpoint: legs are longer than the rest
     body = load_body()
     pose, transl = clip_pose(*SHEET_POSE)
     joints = pose_body(body, pose[None], transl=transl[None]).joints[0]
-    viewmat, K = three_quarter_camera(0.5 * (joints[0] + joints[15]) - below, TILE, 0.98)
+    viewmat, K = three_quarter_camera(0.5 * (joints[0] + joints[15]) - 0.36 * down, TILE, 1.0)
     tiles, first = [], None
     for path in tqdm(paths, desc="contact sheet", unit="identity"):
         avatar = load_avatar(path, body).eval()
@@ -171,7 +171,7 @@ def backend_pictures(paths: list[Path], seeds: list[int], out: Path) -> dict:
     contact_sheet(tiles, min(4, len(tiles)), labels=[f"seed {s}" for s in seeds]).save(out / "contact_sheet.png")
 
     rest = pose_body(body, torch.zeros(1, 55, 3)).joints[0]
-    viewmat, K = three_quarter_camera(0.5 * (rest[0] + rest[15]) - 0.8 * below, TILE, 1.18, 15.0)
+    viewmat, K = three_quarter_camera(0.5 * (rest[0] + rest[15]) - 0.3 * down, TILE, 1.2, 15.0)
     strip = [render_tile(first, *clip_pose(name, phase), viewmat, K, TILE) for name, phase in STRIP_POSES]
     contact_sheet(strip, len(strip), labels=[f"seed {seeds[0]}: {name} {phase:.2f}" for name, phase in STRIP_POSES]
                   ).save(out / "identity_strip.png")

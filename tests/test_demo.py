@@ -220,7 +220,7 @@ def _pillar_mask(report) -> np.ndarray:
     uv = uv[:, :2] / uv[:, 2:]
     hull = _convex_hull(uv)
     image = Image.new("L", (SIZE, SIZE), 0)
-    # PIL fills pixel (x, y) when its centre (x + 0.5, y + 0.5) is inside.
+    # PIL puts pixel centres on whole coordinates; the camera's are at +0.5.
     ImageDraw.Draw(image).polygon([(float(x) - 0.5, float(y) - 0.5) for x, y in hull], fill=255)
     return np.asarray(image) > 0
 
