@@ -120,7 +120,7 @@ def _seed_avatar(obj, body):
 
 def get_avatar(obj):
     """The avatar of ``obj`` (an avatar armature): its file when ``avatar_path`` is set, else the
-    consistent-init identity of its seed (the extension ships no trained default model yet).
+    consistent-init identity of its seed (Sample Identity writes a file from the diffusion model).
     Raises HDAError (one line) for a missing or corrupt file, a wrong body, a bad device."""
     import torch
 
