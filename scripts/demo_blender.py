@@ -156,8 +156,8 @@ def build_stage(scene) -> None:
     stone = material("Stone", (0.5, 0.45, 0.38), 0.7)
     for x in COLONNADE_X:
         box(f"Column {x:+.1f}", (x, COLONNADE_Y, PILLAR_SIZE[2] / 2), PILLAR_SIZE, stone)
-    span = COLONNADE_X[-1] - COLONNADE_X[0] + 1.0
-    box("Lintel", (0.5 * (COLONNADE_X[0] + COLONNADE_X[-1]), COLONNADE_Y, PILLAR_SIZE[2] + 0.15), (span, 0.5, 0.3), stone)
+    span, middle = COLONNADE_X[-1] - COLONNADE_X[0] + 1.0, 0.5 * (COLONNADE_X[0] + COLONNADE_X[-1])
+    box("Lintel", (middle, COLONNADE_Y, PILLAR_SIZE[2] + 0.15), (span, 0.5, 0.3), stone)
 
 
 def box(name: str, location, size, mat):

@@ -114,9 +114,9 @@ def render(scene, tag):
 bpy.ops.wm.open_mainfile(filepath=args["blend"])
 scene = bpy.context.scene
 cam = scene.camera
-report["camera"] = {"matrix_world": rows(cam.matrix_world), "lens": cam.data.lens, "sensor_width": cam.data.sensor_width,
-                    "sensor_fit": cam.data.sensor_fit, "shift": [cam.data.shift_x, cam.data.shift_y],
-                    "type": cam.data.type}
+report["camera"] = {"matrix_world": rows(cam.matrix_world), "lens": cam.data.lens,
+                    "sensor_width": cam.data.sensor_width, "sensor_fit": cam.data.sensor_fit,
+                    "shift": [cam.data.shift_x, cam.data.shift_y], "type": cam.data.type}
 r = scene.render
 report["render"] = [r.resolution_x, r.resolution_y, r.resolution_percentage, r.pixel_aspect_x, r.pixel_aspect_y,
                     r.fps, scene.frame_start, scene.frame_end]
