@@ -156,10 +156,10 @@ def stage_is_current(state: dict, stage: str, paths: BuildPaths, build: DefaultB
 
 
 # ---------------------------------------------------------------------------------------------------
-# The stages: each returns what it did, recorded in build.json.
+# The stages: each returns what it did, recorded in build.json (the card also reads the record).
 
 
-def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
     from .studio.synth import SynthOptions, pending_images, synth
 
     total = build.subjects * build.cameras * build.frames
@@ -171,7 +171,7 @@ def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config) 
     return {"made": left, "found": total - left, "unit": "images"}
 
 
-def _stage_fits(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+def _stage_fits(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
     from .fit.fit_all import fit_all
 
     log = fit_all(paths.studio, paths.fits, config)
@@ -192,7 +192,7 @@ def fit_seconds(fits: Path) -> dict[str, float]:
     return out
 
 
-def _stage_diffusion(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+def _stage_diffusion(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
     from .diffusion.train import DiffusionPaths, train_diffusion
 
     paths.diffusion.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def _stage_diffusion(paths: BuildPaths, build: DefaultBuildConfig, config: Confi
             "final_loss": result.final_loss}
 
 
-def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
     from .body import load_body
     from .diffusion.compact import compact_avatar, compact_model
 
@@ -217,7 +217,7 @@ def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config) 
     return {"model": model, "references": references}
 
 
-def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config) -> dict:
+def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
     from .body import load_body
     from .diffusion.eval_gen import EvalGenConfig, evaluate_generation
     from .diffusion.gallery import GalleryConfig
@@ -234,6 +234,7 @@ def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config) ->
 
 
 def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+    state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sheet = paths.eval / "samples_vs_nearest.png"
     if sheet.is_file():
         shutil.copy2(sheet, paths.out / "samples_vs_nearest.png")
@@ -243,7 +244,7 @@ def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"studio": _stage_studio, "fits": _stage_fits,
                                         "diffusion": _stage_diffusion, "bundle": _stage_bundle,
-                                        "eval": _stage_eval}
+                                        "eval": _stage_eval, "card": _stage_card}
 
 
 def build_default(out, work, build: DefaultBuildConfig = DefaultBuildConfig(), redo: str | None = None,
@@ -269,26 +270,18 @@ def build_default(out, work, build: DefaultBuildConfig = DefaultBuildConfig(), r
         log(f"[{stage}] running")
         start = time.perf_counter()
         try:
-            if stage == "card":
-                entry["seconds"] += time.perf_counter() - start
-                entry.update(status="done", order=state["counter"] + 1)
-                state["counter"] += 1
-                state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                entry.update(_stage_card(paths, build, config, state))
-                _write_json(paths.out / "build.json", state)
-            else:
-                result = STAGE_FUNCTIONS[stage](paths, build, config)
-                entry["seconds"] += time.perf_counter() - start
-                state["counter"] += 1
-                entry.update(result, status="done", order=state["counter"])
+            result = STAGE_FUNCTIONS[stage](paths, build, config, state)
         except BaseException:
-            if entry["status"] == "running":
-                entry["seconds"] += time.perf_counter() - start
-                entry["status"] = "interrupted"
+            entry["status"] = "interrupted"
             raise
+        else:
+            state["counter"] += 1
+            entry.update(result, status="done", order=state["counter"])
         finally:
-            entry["seconds"] = round(entry["seconds"], 1)
+            entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 1)
             _write_json(paths.state, state)
+        if stage == "card":  # the bundle carries the finished record
+            _write_json(paths.out / "build.json", state)
         log(f"[{stage}] done in {entry['seconds']:.0f} s")
     return state
 

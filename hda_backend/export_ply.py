@@ -26,12 +26,12 @@ direction, so it must turn with the Gaussians).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import write_bytes
 from .avatar.gaussians import SH_COEFFS, Gaussians
 from .errors import HDAError
 from .render._projection import _sh_bases
@@ -155,22 +155,9 @@ def write_ply(path: str | os.PathLike, g: Gaussians) -> Path:
     path = Path(path)
     rows = ply_rows(g, source=str(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        write_bytes(path, ply_header(rows.shape[0]) + rows.tobytes())
     except OSError as exc:
         raise HDAError(f"{path}: cannot write here ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(ply_header(rows.shape[0]))
-            fh.write(rows.tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; exports are meant to be shared
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise HDAError(f"{path}: cannot write here ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import functools
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_bytes
 from .errors import HDAError
 
 MAGIC = 20000630
@@ -100,19 +100,7 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
 
 def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray]) -> Path:
     """Write an EXR atomically (temporary file + rename): a reader never sees half a frame."""
-    path = Path(path)
-    data = encode_exr(channels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, encode_exr(channels))
 
 
 def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> dict[str, np.ndarray]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .atomic import replacing
 
 
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -19,19 +20,10 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image) -> Path:
     """Save [H,W,3|4] floats in [0,1] (or uint8) as PNG via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else to_uint8(image)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; frames are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def contact_sheet(images: list, columns: int, labels: list[str] | None = None,

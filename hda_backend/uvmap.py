@@ -16,7 +16,6 @@ Conventions (fixed here, used everywhere):
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from smplx.lbs import batch_rodrigues
 
+from .atomic import replacing
 from .body import BodyModel, PosedBody, pose_body, vertex_normals
 from .errors import HDAError
 
@@ -139,11 +139,8 @@ def uv_layout(body: BodyModel, res: int, cache: bool = True) -> UVLayout:
 
 def _atomic_savez(path: Path, **arrays) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
+        with replacing(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs recomputation
 

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from build_extension import BuildError, build  # noqa: E402
+from hda_backend.atomic import replacing, write_text  # noqa: E402
 from hda_backend.cli_args import int_in  # noqa: E402
 from hda_backend.errors import HDAError  # noqa: E402
 
@@ -185,11 +186,9 @@ def write_gif(frames: list[Path], path: Path, fps: int) -> None:
     # One shared palette (from the middle frame) keeps the GIF from flickering between frames.
     palette = images[len(images) // 2].quantize(colors=255, method=Image.Quantize.MEDIANCUT)
     quantized = [im.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for im in images]
-    tmp = path.with_suffix(".gif.tmp")
-    quantized[0].save(tmp, format="GIF", save_all=True, append_images=quantized[1:], loop=0,
-                      duration=round(1000 / fps), optimize=False)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        quantized[0].save(tmp, format="GIF", save_all=True, append_images=quantized[1:], loop=0,
+                          duration=round(1000 / fps), optimize=False)
 
 
 # ------------------------------------------------------------------------------------ Blender side
@@ -310,9 +309,7 @@ def run(args) -> dict:
         "avatars": report["avatars"],
         "seconds": {**watch.seconds, "blender_stages": report["stages"]},
     }
-    tmp_json = out / "demo.json.tmp"
-    tmp_json.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp_json, out / "demo.json")
+    write_text(out / "demo.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import replacing
 from ..body import BodyModel
 from ..errors import HDAError
 from ..uvmap import UV_RESOLUTIONS
@@ -44,17 +44,8 @@ SUFFIX = ".hda.safetensors"
 
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
     """Write a safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; avatars are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def save_avatar(avatar: Avatar, path: str | os.PathLike, origin: str = "") -> Path:

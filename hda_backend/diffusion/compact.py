@@ -88,8 +88,9 @@ def compact_avatar(src, dst, body: BodyModel, config: CompactConfig = CompactCon
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / f"half{SUFFIX}"
-        atomic_save_safetensors({k: v.half() for k, v in tensors.items()}, candidate, metadata)
+        halved = {k: v.half() for k, v in tensors.items()}
+        atomic_save_safetensors(halved, candidate, metadata)
         worst = _render_psnr(src, candidate, body, views)
         half = worst >= config.min_psnr_db
-        atomic_save_safetensors({k: v.half() for k, v in tensors.items()} if half else tensors, dst, metadata)
+        atomic_save_safetensors(halved if half else tensors, dst, metadata)
     return {"half": half, "worst_psnr_db": round(worst, 2), "bytes": dst.stat().st_size}

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..atomic import write_text
+from ..atomic import replacing, write_text
 from ..body import JOINT_INDEX as J
 from ..body import POSE_PARTS, load_body
 from ..errors import HDAError
@@ -107,17 +106,8 @@ def _check_png(path: Path, size: int, mode: str) -> bool:
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _mesh_volume(v: np.ndarray, f: np.ndarray) -> float:
