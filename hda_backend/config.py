@@ -17,10 +17,10 @@ import yaml
 
 from .avatar.gaussians import GaussianConfig
 from .avatar.unet import UNetConfig
+from .constants import NORMALIZATIONS, PRESETS, TOKENIZERS, spoken_list  # noqa: F401 - PRESETS re-exported
 from .errors import HDAError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-PRESETS = ("tiny", "cpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -235,10 +235,10 @@ def _check(config: Config, source: str) -> None:
 
 
 def _check_diffusion(d: DiffusionConfig, bad) -> None:
-    if d.tokenizer not in ("layer", "flat1d", "layer_chunked"):
-        bad("diffusion.tokenizer", d.tokenizer, "layer, flat1d or layer_chunked")
-    if d.normalization not in ("coordinate", "layer"):
-        bad("diffusion.normalization", d.normalization, "coordinate or layer")
+    if d.tokenizer not in TOKENIZERS:
+        bad("diffusion.tokenizer", d.tokenizer, spoken_list(TOKENIZERS))
+    if d.normalization not in NORMALIZATIONS:
+        bad("diffusion.normalization", d.normalization, spoken_list(NORMALIZATIONS))
     for name, low, high in (("chunk_size", 1, 10_000_000), ("width", 1, 65536), ("blocks", 0, 1000),
                             ("heads", 1, 1024), ("ffn", 1, 1_000_000), ("timesteps", 1, 100_000),
                             ("batch", 1, 1_000_000), ("lr_decay_every", 1, 10_000_000), ("epochs", 1, 10_000_000),

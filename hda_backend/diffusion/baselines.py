@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import MAX_SAMPLES
 from ..errors import HDAError
 
 BASELINES = ("copy", "pca")
-MAX_SAMPLES = 100_000
 
 
 def _check(train: torch.Tensor, n: int, min_rows: int) -> None:

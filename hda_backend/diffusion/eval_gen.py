@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..atomic import write_text
 from ..avatar.io import SUFFIX, load_avatar
 from ..body import BodyModel
+from ..constants import MAX_EVAL_SAMPLES
 from ..errors import HDAError
 from ..images import contact_sheet, save_png, to_uint8
 from .baselines import BASELINES, baseline_samples
@@ -37,7 +38,6 @@ from .metrics import KIDConfig, coverage, fid, kid, mmd, novelty, one_nna
 from .plausibility import PlausibilityConfig, body_silhouettes, check_plausible
 from .weights import WeightSet, load_weight_set, write_avatar
 
-MAX_SAMPLES = 1000
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SAMPLE_PREFIX = "sample_"
 SHEET_TILE = 128  # minimum tile size on samples_vs_nearest.png
@@ -199,8 +199,8 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         if train_set.vectors.shape[0] < 2:
             raise HDAError(f"--train {train}: {train_set.vectors.shape[0]} avatar, expected at least 2")
     n = ref.vectors.shape[0] if config.n is None else config.n
-    if not 1 <= n <= MAX_SAMPLES:
-        raise HDAError(f"--n {n}: expected 1..{MAX_SAMPLES} samples per row")
+    if not 1 <= n <= MAX_EVAL_SAMPLES:
+        raise HDAError(f"--n {n}: expected 1..{MAX_EVAL_SAMPLES} samples per row")
     if config.steps is not None and config.steps < 1:
         raise HDAError(f"--steps {config.steps}: expected at least 1")
 
@@ -208,9 +208,9 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     for name, kind, source in rows:
         if kind == "samples":
             given[name] = load_weight_set(source)
-            if len(given[name].paths) > MAX_SAMPLES:
+            if len(given[name].paths) > MAX_EVAL_SAMPLES:
                 raise HDAError(f"--samples {name}={source}: {len(given[name].paths)} avatar files, expected at most "
-                               f"{MAX_SAMPLES}")
+                               f"{MAX_EVAL_SAMPLES}")
             _same_architecture(ref, given[name], f"--samples {name}:")
 
     views = gallery_views(body, config.gallery)

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 from ..cli_args import int_in
+from ..constants import MAX_CYCLES_SAMPLES
 from ..errors import HDAError
 
 MAX_SUBJECTS = 100_000
 MAX_CAMERAS = 256
 MAX_FRAMES = 100_000
 MAX_SIZE = 8192
-MAX_SAMPLES = 4096
 
 
 def _seed(text: str) -> int:
@@ -50,7 +50,7 @@ def add_parsers(sub) -> None:
                    help="frames per subject; a quarter of them (at least one) show the held-out test motion")
     p.add_argument("--size", type=int_in("--size", 16, MAX_SIZE), default=256, help="image width and height")
     p.add_argument("--seed", type=_seed, default=0, help="dataset seed; subject i gets its own seed from it")
-    p.add_argument("--samples", type=int_in("--samples", 1, MAX_SAMPLES), default=16,
+    p.add_argument("--samples", type=int_in("--samples", 1, MAX_CYCLES_SAMPLES), default=16,
                    help="Cycles samples per pixel (denoised)")
     p.add_argument("--background", type=_colour, default=(1.0, 1.0, 1.0), help="R,G,B in [0,1] behind the person")
     p.add_argument("--out", required=True, help="dataset folder (re-running resumes)")
