@@ -24,7 +24,7 @@ import os
 import bpy
 
 from . import layers
-from .props import scene_avatars
+from .objects import scene_avatars
 
 PREFIX = "HDA "
 NEW_API = bpy.app.version >= (5, 0, 0)

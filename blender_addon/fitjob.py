@@ -30,12 +30,16 @@ from pathlib import Path
 
 from . import deps
 
+try:
+    from ..hda_backend.constants import PRESETS
+except ImportError:  # blender_addon imported as a top-level package (its bpy-free tests): hda_backend beside it
+    from hda_backend.constants import PRESETS
+
 AVATAR_SUFFIX = ".hda.safetensors"  # hda_backend.avatar.io.SUFFIX, repeated here so no torch is imported
 ENV_SYS_PATH = "HDA_FIT_SYS_PATH"
 # The child's whole program: take Blender's module path, then run the CLI with the remaining argv.
 BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ['HDA_FIT_SYS_PATH']); "
         "from hda_backend.cli import main; sys.exit(main(sys.argv[1:]))")
-PRESETS = ("tiny", "cpu", "paper")
 _BAR = re.compile(r"\|\s*(\d+)/(\d+)\s*\[")
 _RESUMING = re.compile(r"^resuming .* at step (\d+)/(\d+)$")
 

@@ -16,16 +16,14 @@ All handlers are ``@persistent`` (they survive File > Open) and synchronous: tim
 ``blender -b``. :func:`unregister` removes exactly the functions :func:`register` added.
 """
 
-import os
 import sys
 
 import bpy
 from bpy.app.handlers import persistent
 
-from . import compositor, layers, runtime
-from .props import scene_avatars
-
-_state = {"rendering": False}
+from . import compositor, layers, runtime, session
+from .objects import scene_avatars
+from .paths import relative_path
 
 
 def _report(scene, failures) -> None:
@@ -42,7 +40,7 @@ def _playing() -> bool:
 def on_frame_change(scene, depsgraph=None):
     if not scene_avatars(scene) or depsgraph is None:
         return
-    if not _state["rendering"] and (bpy.app.background or _playing()):
+    if not session.render.rendering and (bpy.app.background or _playing()):
         return
     _report(scene, layers.update_scene(scene, depsgraph))
 
@@ -54,12 +52,12 @@ def on_render_init(scene, *_):
 
 @persistent
 def on_render_pre(scene, *_):
-    _state["rendering"] = True
+    session.render.rendering = True
 
 
 @persistent
 def on_render_post(scene, *_):
-    _state["rendering"] = False
+    session.render.rendering = False
 
 
 @persistent
@@ -81,19 +79,11 @@ def on_save_pre(filepath="", *_):
             value = getattr(obj.hda, prop).strip()
             if not value:
                 continue
-            relative = _relative_to(bpy.path.abspath(value), target)
+            relative = relative_path(bpy.path.abspath(value), target)
             if relative != value:
                 setattr(obj.hda, prop, relative)
     for scene in bpy.data.scenes:
         compositor.retarget(scene, target)
-
-
-def _relative_to(path: str, blend: str) -> str:
-    try:
-        rel = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(blend)))
-    except ValueError:  # another drive (Windows): keep it absolute
-        return path
-    return "//" + rel.replace(os.sep, "/")
 
 
 HANDLERS = (
@@ -120,4 +110,4 @@ def unregister() -> None:
         handlers = getattr(bpy.app.handlers, name)
         while func in handlers:
             handlers.remove(func)
-    _state["rendering"] = False
+    session.render.reset()

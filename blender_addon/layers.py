@@ -12,10 +12,10 @@ import os
 import bpy
 import numpy as np
 
-from . import runtime
-from ..hda_backend.errors import HDAError
 from ..hda_backend.exr import layer_channels, write_exr
-from .props import object_key, scene_avatars
+from . import runtime, session
+from .messages import error_text
+from .objects import object_key, scene_avatars
 
 LAYER_DIR = "//hda_layers"
 IMAGE_PREFIX = "HDA Layer "
@@ -70,28 +70,18 @@ def write_frame(obj, scene, depsgraph, frame: int) -> str:
     return str(write_exr(frame_path(obj, frame), layer_channels(rgba, depth)))
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for the UI: bad input as the backend words it, a missing backend with its fix."""
-    if isinstance(exc, HDAError):
-        return str(exc)
-    if isinstance(exc, ImportError):
-        return (f"the backend does not import ({exc}); see Preferences > Add-ons > HDA Avatars > "
-                "Install Backend")
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
 def update_scene(scene, depsgraph, frame: int | None = None) -> list[str]:
     """Write this frame's layer of every enabled avatar of ``scene`` and make the compositor re-read
     it. An avatar that fails (missing file, no camera) gets an empty layer and its error is kept in
-    runtime.errors and returned (the caller reports it: handlers print, operators report)."""
+    session.caches.errors and returned (the caller reports it: handlers print, operators report)."""
     frame = scene.frame_current if frame is None else frame
     failures = []
     for obj in scene_avatars(scene):
         try:
             write_frame(obj, scene, depsgraph, frame)
         except Exception as exc:  # noqa: BLE001 - one avatar failing must not stop the render
-            message = describe_error(exc)
-            runtime.errors[object_key(obj)] = message
+            message = error_text(exc)
+            session.caches.errors[object_key(obj)] = message
             failures.append(f"{obj.name}: {message}")
             write_empty(obj, scene, frame)
         image = bpy.data.images.get(image_name(obj))

@@ -6,12 +6,8 @@ import os
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import addon_id, deps, state
-
-# The extension's root folder (holds hda_backend/, blender_addon/, operators/).
-EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_added_paths: list = []  # entries this add-on appended to sys.path (removed again by unregister)
+from . import deps, session
+from .paths import EXT_ROOT, addon_id, user_dir  # noqa: F401 - EXT_ROOT: preferences.EXT_ROOT as before
 
 
 def get_prefs(context=None):
@@ -21,7 +17,7 @@ def get_prefs(context=None):
 
 def deps_dir() -> str:
     """The extension's user folder for installed backend packages (kept across upgrades)."""
-    return bpy.utils.extension_path_user(addon_id(), path="deps", create=True)
+    return user_dir("deps")
 
 
 def body_path(context=None):
@@ -45,16 +41,18 @@ def sync_sys_path(prefs=None) -> None:
     Blender's numpy wins); drop entries this add-on added earlier and no longer wants."""
     prefs = prefs or get_prefs()
     wanted = [deps_dir()] + [p for p in (environment_path(prefs),) if p]
-    stale = [p for p in _added_paths if p not in wanted]
+    added = session.registration.sys_paths  # entries this add-on appended (removed again by unregister)
+    stale = [p for p in added if p not in wanted]
     deps.remove_paths(stale)
-    _added_paths[:] = [p for p in _added_paths if p not in stale]
-    _added_paths.extend(deps.append_paths(wanted))
+    added[:] = [p for p in added if p not in stale]
+    added.extend(deps.append_paths(wanted))
     importlib.invalidate_caches()
 
 
 def forget_sys_path() -> None:
-    deps.remove_paths(_added_paths)
-    _added_paths.clear()
+    added = session.registration.sys_paths
+    deps.remove_paths(added)
+    added.clear()
 
 
 def _paths_changed(self, context):
@@ -87,7 +85,7 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
         box = layout.box()
         box.label(text="Body Model", icon='ARMATURE_DATA')
         box.prop(self, "body_path")
-        check = state.last_check
+        check = session.backend.last_check
         if check is None:
             box.label(text="Status: press Check Backend")
         else:
@@ -97,7 +95,7 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
         row = box.row()
         row.label(text="Backend", icon='SYSTEM')
         row.operator("hda.check_backend", icon='FILE_REFRESH')
-        job = state.check_job
+        job = session.backend.check_job
         if job is not None and job.running:
             box.label(text="Checking...", icon='SORTTIME')
         elif check is not None:
@@ -106,12 +104,12 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
                 box.label(text=f"from {os.path.dirname(check['torch_file'] or '')}")
             else:
                 box.label(text=f"torch does not import: {check['torch_error']}", icon='ERROR')
-        elif state.check_line:
-            box.label(text=state.check_line, icon='ERROR')
+        elif session.backend.check_line:
+            box.label(text=session.backend.check_line, icon='ERROR')
 
         box = layout.box()
         box.label(text="Backend Packages", icon='PACKAGE')
-        job = state.install_job
+        job = session.backend.install_job
         if job is not None and job.running:
             row = box.row()
             row.label(text=job.status or "installing...", icon='SORTTIME')
@@ -125,9 +123,9 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
             if not self.wheel_dir and not bpy.app.online_access:
                 col.label(text="Online access is off (Preferences > System > Network)", icon='INFO')
             col.operator("hda.install_backend", icon='IMPORT')
-            if state.install_line:
+            if session.backend.install_line:
                 ok = job is not None and job.state == deps.DONE
-                col.label(text=state.install_line, icon='CHECKMARK' if ok else 'ERROR')
+                col.label(text=session.backend.install_line, icon='CHECKMARK' if ok else 'ERROR')
         box.label(text=f"Install folder: {deps_dir()}")
         box.prop(self, "python_path")
         if self.python_path.strip() and environment_path(self) is None:

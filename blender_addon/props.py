@@ -1,16 +1,16 @@
 """Per-avatar state, saved in the .blend: ``HDAAvatarProps`` on every object as ``Object.hda``.
 
 Everything an avatar needs to be rebuilt after undo, save/reload or on a render farm lives here, on
-the armature object; the non-saved caches (loaded UNets, rendered frames) live in runtime.py, keyed
-by :func:`object_key`, never by a Python reference to the object.
+the armature object; the non-saved caches (loaded UNets, rendered frames) live in session.py, keyed
+by objects.object_key, never by a Python reference to the object.
 """
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-UV_PRESETS = (("tiny", "Tiny", "UV 32, width-16 UNet: tests and quick previews"),
-              ("cpu", "CPU", "UV 128, width-64 UNet: the default without CUDA"),
-              ("paper", "Paper", "UV 256, width-64 UNet: the paper's sizes, for CUDA"))
+from ..hda_backend.constants import PRESET_AVATAR_TEXT, PRESET_LABELS, PRESETS
+
+UV_PRESETS = tuple((name, PRESET_LABELS[name], PRESET_AVATAR_TEXT[name]) for name in PRESETS)
 DEVICES = (("cpu", "CPU", "Run the avatar and the rasterizer on the CPU"),
            ("cuda", "CUDA", "Run the avatar and gsplat's rasterizer on the NVIDIA GPU"))
 SHADINGS = (("AUTO", "Auto", "Clay for untrained (seed-initialised) avatars, colour for avatar files"),
@@ -48,35 +48,6 @@ class HDAAvatarProps(bpy.types.PropertyGroup):
     shading: EnumProperty(name="Shading", items=SHADINGS, default="AUTO")
     proxy: PointerProperty(name="Proxy Mesh", type=bpy.types.Object,
                            description="Low-poly body skinned to this armature, for selection and silhouettes")
-
-
-def object_key(obj) -> str:
-    """The session-cache key of an avatar object: its name and its saved uid (a duplicate gets the
-    same uid but another name)."""
-    return f"{obj.name}:{obj.hda.uid}"
-
-
-def avatar_of(obj):
-    """The avatar armature for ``obj`` (the armature itself or its proxy mesh), or None."""
-    while obj is not None:
-        if obj.type == 'ARMATURE' and obj.hda.is_avatar:
-            return obj
-        obj = obj.parent
-    return None
-
-
-def poll_active_avatar(cls, context) -> bool:
-    """Operator poll: true when an avatar (armature or proxy) is active, else says what to select."""
-    if avatar_of(context.active_object) is None:
-        cls.poll_message_set("Select an HDA avatar (its armature or proxy) first")
-        return False
-    return True
-
-
-def scene_avatars(scene) -> list:
-    """Enabled avatar armatures of ``scene``, by name (a stable order for compositing)."""
-    return sorted((o for o in scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar and o.hda.enabled),
-                  key=lambda o: o.name)
 
 
 CLASSES = (HDAAvatarProps,)

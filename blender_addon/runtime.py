@@ -1,6 +1,7 @@
-"""Session caches of the avatars in the open file: loaded UNets and rendered frames. Never saved.
+"""The avatars of the open file as the backend sees them: loaded UNets, poses read from the rig,
+cameras, rendered frames. The caches themselves are session.caches (never saved).
 
-Keys are :func:`props.object_key` strings (object name + saved uid), never references to Blender
+Keys are :func:`objects.object_key` strings (object name + saved uid), never references to Blender
 data: after undo or File > Open every ``bpy.types.ID`` may be a new Python object, while the key
 still finds the right entry. A cache entry also remembers the *signature* of the properties it
 was built from (avatar file and its modification time, seeds, body, preset, device), so editing a
@@ -20,25 +21,28 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import OrderedDict
 
 import numpy as np
 
 from ..hda_backend.errors import HDAError
-from .props import object_key
+from . import session
+from .objects import object_key
 
 FRAME_CACHE_BYTES = 512 * 2**20   # rendered frames kept for scrubbing back
 DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Blender's background depth)
 ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
 
-_avatars: dict = {}      # key -> (signature, Avatar)
-_bodies: dict = {}       # resolved body path -> BodyModel
-_layouts: dict = {}      # body sha256 -> rig.BoneLayout
-_frames: OrderedDict = OrderedDict()   # frame key -> (rgba, depth), least recently used first
-_frame_bytes = 0
-errors: dict = {}        # object key -> last error line, for the sidebar
-timings: dict = {}       # object key -> {stage: milliseconds} of the last frame actually rendered
-stats = {"hits": 0, "misses": 0}
+# Names scripts written before session.py read here (scripts/demo_blender.py, bench_frame.py): they
+# are session.caches' containers, looked up at each access, not copies.
+_CACHE_NAMES = (("errors", "errors"), ("timings", "timings"), ("stats", "stats"), ("_avatars", "avatars"),
+                ("_frames", "frames"))
+
+
+def __getattr__(name: str):
+    for old, new in _CACHE_NAMES:
+        if name == old:
+            return getattr(session.caches, new)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------ avatars
@@ -76,18 +80,20 @@ def get_body(path: str | None):
     from ..hda_backend.body import load_body, resolve_body_path
 
     resolved = str(resolve_body_path(path))
-    if resolved not in _bodies:
-        _bodies[resolved] = load_body(resolved)
-    return _bodies[resolved]
+    bodies = session.caches.bodies
+    if resolved not in bodies:
+        bodies[resolved] = load_body(resolved)
+    return bodies[resolved]
 
 
 def get_layout(body):
     """The armature layout (rig.BoneLayout) of ``body``."""
     from ..hda_backend import rig
 
-    if body.sha256 not in _layouts:
-        _layouts[body.sha256] = rig.bone_layout(body)
-    return _layouts[body.sha256]
+    layouts = session.caches.layouts
+    if body.sha256 not in layouts:
+        layouts[body.sha256] = rig.bone_layout(body)
+    return layouts[body.sha256]
 
 
 def _device(name: str):
@@ -126,11 +132,12 @@ def get_avatar(obj):
 
     from ..hda_backend.avatar.io import load_avatar
 
+    caches = session.caches
     key, sig = object_key(obj), signature(obj)
-    cached = _avatars.get(key)
+    cached = caches.avatars.get(key)
     if cached is not None and cached[0] == sig:
         return cached[1]
-    _drop(key)
+    caches.drop(key)
     device = _device(obj.hda.device)
     body = get_body(body_file(obj))
     path = _abspath(obj.hda.avatar_path.strip())
@@ -138,36 +145,19 @@ def get_avatar(obj):
     avatar = avatar.to(device).eval()
     # NHWC kernels: about 35% faster convolutions on the CPU (oneDNN), same values to 1e-9.
     avatar.unet.to(memory_format=torch.channels_last)
-    _avatars[key] = (sig, avatar)
-    errors.pop(key, None)
+    caches.avatars[key] = (sig, avatar)
+    caches.errors.pop(key, None)
     return avatar
 
 
 def invalidate(obj) -> None:
     """Forget the avatar and frames of ``obj`` (its file changed in place, or it was removed)."""
-    _drop(object_key(obj))
-
-
-def _drop(key: str) -> None:
-    global _frame_bytes
-    _avatars.pop(key, None)
-    timings.pop(key, None)
-    for fk in [k for k in _frames if k[0] == key]:
-        rgba, depth = _frames.pop(fk)
-        _frame_bytes -= rgba.nbytes + depth.nbytes
+    session.caches.drop(object_key(obj))
 
 
 def clear() -> None:
-    """Forget everything (unregister, File > Open, undo)."""
-    global _frame_bytes
-    _avatars.clear()
-    _bodies.clear()
-    _layouts.clear()
-    _frames.clear()
-    _frame_bytes = 0
-    errors.clear()
-    timings.clear()
-    stats.update(hits=0, misses=0)
+    """Forget every loaded avatar and rendered frame (File > Open)."""
+    session.caches.reset()
 
 
 # ------------------------------------------------------------------------------------------- frames
@@ -212,7 +202,17 @@ def shading(obj) -> str:
     return mode.lower()
 
 
-def _quantize(a) -> np.ndarray:
+def pose_gaussians(avatar, pose, transl):
+    """The avatar's Gaussians at one SMPL-X pose [165] and translation [3] (arrays, any float type;
+    run under torch.inference_mode by the caller). Returns one frame, no batch dimension."""
+    import torch
+
+    device = next(avatar.parameters()).device
+    return avatar(torch.as_tensor(pose, dtype=torch.float32, device=device).reshape(1, -1),
+                  torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(1, 3)).index(0)
+
+
+def quantize(a) -> np.ndarray:
     """Inputs rounded to 1e-6 (radians, metres, pixels), float32. Rendering from the rounded values
     makes the cache key describe the render exactly: the same pose read from another depsgraph or
     process (float noise from re-evaluating the same keyframes) gives bit-identical pixels."""
@@ -238,27 +238,26 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32 camera z, DEPTH_FAR where empty);
     both read-only and shared with the frame cache.
     """
-    global _frame_bytes
     import torch
 
     from ..hda_backend.render.frames import render_gaussians
 
+    caches = session.caches
     key = object_key(obj)
     avatar = get_avatar(obj)
     mode = shading(obj)
-    pose, transl, viewmat, K = (_quantize(a) for a in (pose, transl, viewmat, K))
-    frame_key = (key, _avatars[key][0], _digest(pose, transl), _digest(viewmat, K), int(width), int(height), mode)
-    hit = _frames.get(frame_key)
+    pose, transl, viewmat, K = (quantize(a) for a in (pose, transl, viewmat, K))
+    frame_key = (key, caches.avatars[key][0], _digest(pose, transl), _digest(viewmat, K), int(width), int(height), mode)
+    hit = caches.frames.get(frame_key)
     if hit is not None:
-        _frames.move_to_end(frame_key)
-        stats["hits"] += 1
+        caches.frames.move_to_end(frame_key)
+        caches.stats["hits"] += 1
         return hit
-    stats["misses"] += 1
+    caches.stats["misses"] += 1
     device = next(avatar.parameters()).device
     t0 = time.perf_counter()
     with torch.inference_mode():
-        g = avatar(torch.as_tensor(pose, device=device).reshape(1, -1),
-                   torch.as_tensor(transl, device=device).reshape(1, 3)).index(0)
+        g = pose_gaussians(avatar, pose, transl)
         t1 = time.perf_counter()
         out, alpha = render_gaussians(g, torch.as_tensor(viewmat, device=device), torch.as_tensor(K, device=device),
                                       int(width), int(height), shading=mode, render_mode="RGB+ED")
@@ -266,12 +265,8 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     t2 = time.perf_counter()
     rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])
     t3 = time.perf_counter()
-    timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
-    _frames[frame_key] = (rgba, depth)
-    _frame_bytes += rgba.nbytes + depth.nbytes
-    while _frame_bytes > FRAME_CACHE_BYTES and len(_frames) > 1:
-        old_rgba, old_depth = _frames.popitem(last=False)[1]
-        _frame_bytes -= old_rgba.nbytes + old_depth.nbytes
+    caches.timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
+    caches.add_frame(frame_key, rgba, depth, FRAME_CACHE_BYTES)
     return rgba, depth
 
 
@@ -306,8 +301,9 @@ def render_avatar(obj, depsgraph, camera, width: int, height: int):
     pose, transl = read_pose(obj, depsgraph, layout)
     viewmat, K = camera_matrices(obj, depsgraph, camera, width, height)
     t1 = time.perf_counter()
-    misses = stats["misses"]
+    caches = session.caches
+    misses = caches.stats["misses"]
     result = render_pose(obj, pose, transl, viewmat, K, width, height)
-    if stats["misses"] != misses:
-        timings[key]["pose"] = 1e3 * (t1 - t0)
+    if caches.stats["misses"] != misses:
+        caches.timings[key]["pose"] = 1e3 * (t1 - t0)
     return result

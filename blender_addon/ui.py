@@ -6,7 +6,8 @@ Random, Sample, the slider towards a second seed); load an avatar file; fit to a
 status (device, torch version, per-frame milliseconds, the last error) and a link to the
 preferences.
 
-``draw()`` only reads: properties, the session's job states and timings already measured. It never
+``draw()`` only reads: properties and the session (session.py: job states, errors, timings already
+measured). It never
 imports torch (the version shown is that of a torch already imported, or the last backend check)
 and never loads, renders or polls anything.
 """
@@ -16,17 +17,20 @@ import sys
 import bpy
 from bpy.props import StringProperty
 
-from . import addon_id, runtime, state, viewport
-from .props import avatar_of, object_key
+from . import session
+from .diffusion_model import model_path
+from .objects import all_avatars, avatar_of, object_key
+from .paths import addon_id
 
 
 def status_line() -> str:
-    job = state.install_job
+    backend = session.backend
+    job = backend.install_job
     if job is not None and job.running:
         return f"Installing: {job.status}"
-    if state.check_job is not None and state.check_job.running:
+    if backend.check_job is not None and backend.check_job.running:
         return "Checking backend..."
-    return state.check_line or "Backend not checked"
+    return backend.check_line or "Backend not checked"
 
 
 def torch_version() -> str | None:
@@ -34,21 +38,17 @@ def torch_version() -> str | None:
     module = sys.modules.get("torch")
     if module is not None and hasattr(module, "__version__"):
         return str(module.__version__)
-    check = state.last_check
+    check = session.backend.last_check
     return check["torch"] if check and check.get("torch") else None
 
 
 def frame_ms(obj) -> str | None:
     """'<total> ms (avatar a + raster r + ...)' of the avatar's last rendered frame, if any."""
-    stages = runtime.timings.get(object_key(obj))
+    stages = session.caches.timings.get(object_key(obj))
     if not stages:
         return None
     parts = " + ".join(f"{name} {ms:.0f}" for name, ms in stages.items())
     return f"{sum(stages.values()):.0f} ms per frame ({parts})"
-
-
-def _avatars(context) -> list:
-    return sorted((o for o in context.scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar), key=lambda o: o.name)
 
 
 class HDA_OT_select_avatar(bpy.types.Operator):
@@ -97,7 +97,7 @@ class HDA_PT_main(bpy.types.Panel):
         row = box.row()
         row.label(text="Avatars", icon='ARMATURE_DATA')
         row.operator("hda.add_avatar", text="Add", icon='ADD')
-        avatars = _avatars(context)
+        avatars = all_avatars(context.scene)
         if not avatars:
             box.label(text="No avatars in this scene")
         col = box.column(align=True)
@@ -121,8 +121,6 @@ class HDA_PT_main(bpy.types.Panel):
         col.prop(h, "seed_b")
         col.prop(h, "identity_mix", slider=True)
         box.operator("hda.sample_identity", text="Sample Identity", icon='COMMUNITY')
-        from ..operators.identity import model_path
-
         if model_path() is None:
             box.label(text="No diffusion model yet: seeds show", icon='INFO')
             box.label(text="untrained (consistent-init) identities")
@@ -133,18 +131,17 @@ class HDA_PT_main(bpy.types.Panel):
         box.label(text="Avatar File", icon='FILE')
         box.prop(h, "avatar_path", text="")
         box.operator("hda.load_avatar", icon='FILEBROWSER')
-        error = runtime.errors.get(object_key(obj))
+        error = session.caches.errors.get(object_key(obj))
         if error:
             box.label(text=error, icon='ERROR')
 
-        from ..operators import fit
-
+        fit = session.fit
         box = layout.box()
         box.label(text="Fit to a Capture", icon='OUTLINER_OB_CAMERA')
         settings = context.window_manager.hda_fit
-        job = fit.session["job"]
-        if job is not None and job.running:
-            box.label(text=f"{fit.session['subject']} onto {fit.session['avatar']}")
+        job = fit.job
+        if fit.running:
+            box.label(text=f"{fit.subject} onto {fit.avatar}")
             box.progress(factor=job.fraction, type='BAR', text=job.status())
             box.operator("hda.cancel_fit", icon='CANCEL')
         else:
@@ -153,9 +150,9 @@ class HDA_PT_main(bpy.types.Panel):
             row.prop(settings, "preset", text="")
             row.prop(settings, "steps")
             box.operator("hda.fit_subject", icon='PLAY')
-            if fit.session["line"]:
+            if fit.line:
                 ok = job is not None and job.state == "DONE"
-                box.label(text=fit.session["line"], icon='CHECKMARK' if ok else 'INFO')
+                box.label(text=fit.line, icon='CHECKMARK' if ok else 'INFO')
 
         box = layout.box()
         box.label(text="Motion and Export", icon='ANIM')
@@ -168,7 +165,7 @@ class HDA_PT_main(bpy.types.Panel):
         row = box.row()
         row.label(text="Backend", icon='SYSTEM')
         row.operator("preferences.addon_show", text="", icon='PREFERENCES').module = addon_id()
-        box.label(text=status_line(), icon='CHECKMARK' if state.check_ok else 'INFO')
+        box.label(text=status_line(), icon='CHECKMARK' if session.backend.check_ok else 'INFO')
         version = torch_version()
         box.label(text=f"torch {version}" if version else "torch: not loaded yet")
         if obj is not None:
@@ -176,7 +173,7 @@ class HDA_PT_main(bpy.types.Panel):
             timing = frame_ms(obj)
             if timing:
                 box.label(text=timing)
-            shown = viewport.stats.get(object_key(obj))
+            shown = session.viewport.stats.get(object_key(obj))
             if shown:
                 box.label(text=f"viewport: {shown['ms']:.0f} ms at {100 * shown['scale']:.0f}% size")
         box.operator("hda.check_backend", icon='FILE_REFRESH')

@@ -4,7 +4,8 @@ Each visible avatar is rendered by the backend for the viewport's own camera (th
 projection matrices, :func:`viewport_camera`) and drawn as one full-region quad: an RGBA texture
 (linear, premultiplied, as runtime.to_layer makes it) blended over the scene, and a depth texture
 from which the fragment shader writes ``gl_FragDepth``, so scene geometry in front hides the avatar
-and the avatar hides what is behind it.
+and the avatar hides what is behind it. The camera maths (the region as a backend camera, window
+depth) is hda_backend.rig's: ``viewport_camera``, ``depth_terms``, ``ndc_depth``.
 
 Interactive rates on a CPU: while the view or the pose is changing (navigation, playback) the
 avatar renders at :data:`NAV_SCALE` of the region's size; once both have been still for
@@ -15,6 +16,8 @@ a click elsewhere) draws the cached textures.
 
 Orthographic views are drawn through a pinhole camera pulled far back along the view axis (the
 rasterizer is perspective only); its depth is shifted back into the orthographic view's.
+
+What it keeps between draws (the handler, the shader, per-region images) is session.viewport.
 
 Never in background mode: ``register()`` adds nothing when ``bpy.app.background`` (no window will
 ever draw, and the ``gpu`` module refuses to draw there); shaders are built lazily in the first
@@ -29,73 +32,26 @@ import bpy
 import numpy as np
 
 from ..hda_backend.errors import HDAError
-from . import runtime
-from .props import object_key, scene_avatars
+from . import runtime, session
+from .objects import object_key, scene_avatars
 
 NAV_SCALE = 0.35         # resolution factor while the view or pose is changing
 MIN_NAV_PIXELS = 96      # ... but never below this many pixels on the short side
 SETTLE_S = 0.3           # still for this long: render at full resolution
-ORTHO_DISTANCE = 1000.0  # pinhole distance for orthographic views, in view extents
 
-_handle = None
-_gpu: dict = {}          # "shader", "batch": built lazily in the first draw
-_views: dict = {}        # region pointer -> {"key": view key, "changed": time}
-_posed: dict = {}        # object key -> (signature, pose digest, Gaussians)
-_drawn: dict = {}        # (region pointer, object key) -> (layer key, color texture, depth texture, depth terms)
-stats: dict = {}         # object key -> {"ms": last render ms, "scale": resolution factor}
-_last_pose: dict = {}    # object key -> (pose digest, time it changed)
+_MOVED_TO_RIG = ("viewport_camera", "depth_terms", "ndc_depth")  # the camera maths, now hda_backend.rig's
 
 
-# ------------------------------------------------------------------------------------ pure camera math
-def viewport_camera(view_matrix, window_matrix, width: int, height: int, object_matrix=None):
-    """The backend camera for a 3D view region.
+def __getattr__(name: str):
+    """``viewport.viewport_camera`` etc. for scripts written before the camera maths moved to rig."""
+    if name in _MOVED_TO_RIG:
+        from ..hda_backend import rig
 
-    view_matrix: [4,4] world -> view (RegionView3D.view_matrix, OpenGL); window_matrix: [4,4] the
-    region's projection (RegionView3D.window_matrix); width, height: the image size to render;
-    object_matrix: [4,4] the avatar armature's world matrix.
-
-    Returns (viewmat [4,4] OpenCV body frame -> camera, K [3,3], depth_shift): a camera-space depth d
-    of the backend is the view-space z = depth_shift - d of the region (0 for perspective views).
-    """
-    from ..hda_backend import rig
-
-    view = np.asarray(view_matrix, dtype=np.float64)
-    proj = np.asarray(window_matrix, dtype=np.float64)
-    if abs(proj[3, 3]) < 1e-9:  # perspective: exactly a Blender camera at the view's origin
-        viewmat, K = rig.camera_from_blender(np.linalg.inv(view), proj, width, height, object_matrix)
-        return viewmat, K, 0.0
-    # Orthographic: x_ndc = P00 x + P03. A pinhole D behind the plane z = z0 (through the avatar's
-    # origin) with focal P00·D sees x_ndc = P00·D·x / (D + z0 - z) + P03: exact on that plane, off
-    # by a factor (z - z0)/D elsewhere (1/1000 of the view's size per metre of depth).
-    extent = 2.0 / abs(proj[0, 0]) + 2.0 / abs(proj[1, 1])
-    distance = ORTHO_DISTANCE * extent
-    origin = np.zeros(4) if object_matrix is None else np.asarray(object_matrix, dtype=np.float64)[:, 3]
-    if object_matrix is None:
-        origin[3] = 1.0
-    z0 = float((view @ origin)[2])
-    pinhole = np.zeros((4, 4))
-    pinhole[0, 0], pinhole[0, 2] = proj[0, 0] * distance, -proj[0, 3]
-    pinhole[1, 1], pinhole[1, 2] = proj[1, 1] * distance, -proj[1, 3]
-    pinhole[2, 2], pinhole[2, 3] = -1.0, -2.0 * distance * 1e-3
-    pinhole[3, 2] = -1.0
-    pulled = np.linalg.inv(view)
-    pulled[:3, 3] += pulled[:3, 2] * (z0 + distance)  # back along the view's +Z (it looks down -Z)
-    viewmat, K = rig.camera_from_blender(pulled, pinhole, width, height, object_matrix)
-    return viewmat, K, z0 + distance
+        return getattr(rig, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def depth_terms(window_matrix) -> tuple[float, float, float, float]:
-    """(P22, P23, P32, P33) of the projection: NDC depth = (P22 z + P23) / (P32 z + P33) for view z."""
-    p = np.asarray(window_matrix, dtype=np.float64)
-    return float(p[2, 2]), float(p[2, 3]), float(p[3, 2]), float(p[3, 3])
-
-
-def ndc_depth(view_z: np.ndarray, window_matrix) -> np.ndarray:
-    """Window depth in [0, 1] (OpenGL's default range) of view-space z, as the shader computes it."""
-    a, b, c, d = depth_terms(window_matrix)
-    return 0.5 * (a * view_z + b) / (c * view_z + d) + 0.5
-
-
+# ------------------------------------------------------------------------------------ image size
 def render_size(width: int, height: int, moving: bool) -> tuple[int, int]:
     """Image size for a region: the region's, or the navigation size while the view moves."""
     if not moving:
@@ -135,7 +91,8 @@ void main()
 
 def _shader():
     """The layer shader and its full-region quad, built on first use (never in background mode)."""
-    if "shader" not in _gpu:
+    gpu_cache = session.viewport.gpu
+    if "shader" not in gpu_cache:
         import gpu
         from gpu_extras.batch import batch_for_shader
 
@@ -155,9 +112,9 @@ def _shader():
         info.vertex_source(_VERTEX)
         info.fragment_source(_FRAGMENT)
         shader = gpu.shader.create_from_info(info)
-        _gpu["shader"] = shader
-        _gpu["batch"] = batch_for_shader(shader, 'TRI_FAN', {"pos": ((-1, -1), (1, -1), (1, 1), (-1, 1))})
-    return _gpu["shader"], _gpu["batch"]
+        gpu_cache["shader"] = shader
+        gpu_cache["batch"] = batch_for_shader(shader, 'TRI_FAN', {"pos": ((-1, -1), (1, -1), (1, 1), (-1, 1))})
+    return gpu_cache["shader"], gpu_cache["batch"]
 
 
 def upload(rgba: np.ndarray, depth: np.ndarray):
@@ -173,7 +130,7 @@ def upload(rgba: np.ndarray, depth: np.ndarray):
 
 def draw_layer(color_tex, depth_tex, terms, depth_shift: float = 0.0, alpha_min: float = runtime.ALPHA_EMPTY) -> None:
     """Draw a layer over the bound framebuffer: premultiplied blending, depth-tested against and written
-    into its depth buffer. terms: :func:`depth_terms` of the projection the layer was rendered for."""
+    into its depth buffer. terms: rig.depth_terms of the projection the layer was rendered for."""
     import gpu
 
     shader, batch = _shader()
@@ -196,25 +153,24 @@ def draw_layer(color_tex, depth_tex, terms, depth_shift: float = 0.0, alpha_min:
 
 # ------------------------------------------------------------------------------------ the draw handler
 def _digest(*arrays) -> bytes:
-    return b"".join(np.round(np.asarray(a, dtype=np.float64), 6).astype(np.float32).tobytes() for a in arrays)
+    return b"".join(runtime.quantize(a).tobytes() for a in arrays)
 
 
 def _posed_gaussians(obj, depsgraph):
     """(Gaussians, pose key) of the avatar as posed now; the UNet runs only when the pose changes."""
     import torch
 
+    posed = session.viewport.posed
     key = object_key(obj)
     avatar = runtime.get_avatar(obj)
     pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))
     sig, digest = runtime.signature(obj), _digest(pose, transl)
-    cached = _posed.get(key)
+    cached = posed.get(key)
     if cached is not None and cached[0] == sig and cached[1] == digest:
         return cached[2], digest
-    device = next(avatar.parameters()).device
     with torch.inference_mode():
-        g = avatar(torch.as_tensor(pose, dtype=torch.float32, device=device).reshape(1, -1),
-                   torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(1, 3)).index(0)
-    _posed[key] = (sig, digest, g)
+        g = runtime.pose_gaussians(avatar, pose, transl)
+    posed[key] = (sig, digest, g)
     return g, digest
 
 
@@ -242,6 +198,9 @@ def _settled():
 
 
 def _draw():
+    from ..hda_backend import rig
+
+    state = session.viewport
     context = bpy.context
     region, rv3d = context.region, context.region_data
     if region is None or rv3d is None or context.scene is None:
@@ -254,41 +213,41 @@ def _draw():
     view = np.array(rv3d.view_matrix), np.array(rv3d.window_matrix)
     view_key = _digest(*view) + bytes(f"{region.width}x{region.height}", "ascii")
     rkey = region.as_pointer()
-    seen = _views.setdefault(rkey, {"key": None, "changed": 0.0})
+    seen = state.views.setdefault(rkey, {"key": None, "changed": 0.0})
     if seen["key"] != view_key:
         seen.update(key=view_key, changed=now)
     for obj in avatars:
         key = object_key(obj)
         try:
             g, pose_key = _posed_gaussians(obj, depsgraph)
-            last = _last_pose.get(key)
+            last = state.last_pose.get(key)
             if last is None or last[0] != pose_key:
-                _last_pose[key] = last = (pose_key, now)
+                state.last_pose[key] = last = (pose_key, now)
             moving = now - max(seen["changed"], last[1]) < SETTLE_S
             width, height = render_size(region.width, region.height, moving)
             layer_key = (view_key, pose_key, runtime.signature(obj), width, height, runtime.shading(obj))
-            drawn = _drawn.get((rkey, key))
+            drawn = state.drawn.get((rkey, key))
             if drawn is None or drawn[0] != layer_key:
                 t0 = time.perf_counter()
                 matrix = np.array(obj.evaluated_get(depsgraph).matrix_world)
-                viewmat, K, shift = viewport_camera(view[0], view[1], width, height, matrix)
+                viewmat, K, shift = rig.viewport_camera(view[0], view[1], width, height, matrix)
                 rgba, depth = render_layer(obj, g, viewmat, K, width, height)
                 color_tex, depth_tex = upload(rgba, depth)
-                drawn = (layer_key, color_tex, depth_tex, depth_terms(view[1]), shift)
-                _drawn[(rkey, key)] = drawn
-                stats[key] = {"ms": 1e3 * (time.perf_counter() - t0), "scale": width / max(1, region.width)}
+                drawn = (layer_key, color_tex, depth_tex, rig.depth_terms(view[1]), shift)
+                state.drawn[(rkey, key)] = drawn
+                state.stats[key] = {"ms": 1e3 * (time.perf_counter() - t0), "scale": width / max(1, region.width)}
                 if moving and not bpy.app.timers.is_registered(_settled):
                     bpy.app.timers.register(_settled, first_interval=SETTLE_S)
             draw_layer(drawn[1], drawn[2], drawn[3], drawn[4])
-            runtime.errors.pop(key, None)
+            session.caches.errors.pop(key, None)
         except Exception as exc:  # noqa: BLE001 - a draw callback must never raise (it would on every redraw)
-            runtime.errors[key] = str(exc) if isinstance(exc, HDAError) else f"{type(exc).__name__}: {exc}"
+            session.caches.errors[key] = str(exc) if isinstance(exc, HDAError) else f"{type(exc).__name__}: {exc}"
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
 @bpy.app.handlers.persistent
 def _on_load_post(*_):
-    clear()
+    session.viewport.forget_images()
 
 
 def _background() -> bool:
@@ -298,30 +257,19 @@ def _background() -> bool:
 
 
 def register() -> None:
-    global _handle
-    if _background() or _handle is not None:
+    state = session.viewport
+    if _background() or state.handle is not None:
         return
-    _handle = bpy.types.SpaceView3D.draw_handler_add(_draw, (), 'WINDOW', 'POST_VIEW')
+    state.handle = bpy.types.SpaceView3D.draw_handler_add(_draw, (), 'WINDOW', 'POST_VIEW')
     bpy.app.handlers.load_post.append(_on_load_post)
 
 
 def unregister() -> None:
-    global _handle
-    if _handle is not None:
-        bpy.types.SpaceView3D.draw_handler_remove(_handle, 'WINDOW')
-        _handle = None
+    state = session.viewport
+    if state.handle is not None:
+        bpy.types.SpaceView3D.draw_handler_remove(state.handle, 'WINDOW')
     while _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
     while bpy.app.timers.is_registered(_settled):
         bpy.app.timers.unregister(_settled)
-    clear()
-    _gpu.clear()
-
-
-def clear() -> None:
-    """Forget cached poses, images and textures (File > Open, undo, unregister)."""
-    _views.clear()
-    _posed.clear()
-    _drawn.clear()
-    _last_pose.clear()
-    stats.clear()
+    state.reset()  # the handle, the shader and every cached image and texture

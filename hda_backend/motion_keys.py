@@ -12,8 +12,9 @@ Up axis: SMPL-X motions in the body frame stand along +Y; AMASS motions carry a 
 root orientation. The armature's space is the body frame turned +Y → +Z (rig.AXIS_YUP_TO_ZUP), so a
 +Z-up motion is first expressed in the body frame (:func:`zup_to_yup`), or it would lie on its back.
 
-BVH: :func:`pose_from_world_rotations` turns per-joint rotations relative to a rest pose (as read
-from an armature Blender's BVH importer made) back into SMPL-X axis-angles and translation.
+BVH: :func:`pose_from_armature` evaluates the armature Blender's BVH importer made (its keys, through
+rig.armature_pose) and :func:`pose_from_world_rotations` turns the per-joint rotations relative to
+its rest pose back into SMPL-X axis-angles and translation.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import numpy as np
 
 from . import rig
-from .body.skeleton import NUM_JOINTS, PARENTS
+from .body.skeleton import JOINT_NAMES, NUM_JOINTS, PARENTS
 
 FPS_MODES = ("RESAMPLE", "SCENE_FPS")
 
@@ -122,3 +123,26 @@ def pose_from_world_rotations(world: np.ndarray, root_offset: np.ndarray) -> tup
     local = np.swapaxes(parent_world, -1, -2) @ world
     pose = rig.quaternion_to_axis_angle(rig.matrix_to_quaternion(local))
     return pose, np.asarray(root_offset, dtype=np.float64)
+
+
+def pose_from_armature(parents: dict, rest: dict, quats: dict, locations: dict) -> tuple[np.ndarray, np.ndarray]:
+    """SMPL-X pose and translation of an animated armature whose bones carry SMPL-X joint names (a
+    BVH import), for a rest pose that is SMPL-X's T-pose.
+
+    parents, rest, quats, locations: the armature's bones, rest matrices and channels as
+    rig.armature_pose takes them (Blender's Z-up armature space). Each joint's rotation relative to
+    its rest orientation becomes the body frame's; a joint the armature lacks follows its parent
+    rigidly; the pelvis' displacement from rest is the translation. Returns (pose [F,55,3], transl [F,3]).
+    """
+    posed = rig.armature_pose(parents, rest, quats, locations)
+    root = JOINT_NAMES[0]
+    count = posed[root].shape[0]
+    world = np.tile(np.eye(3), (count, NUM_JOINTS, 1, 1))
+    for j, name in enumerate(JOINT_NAMES):
+        if name in posed:  # rotation relative to rest, armature space (Z up) -> body frame (Y up)
+            delta = posed[name][:, :3, :3] @ rest[name][:3, :3].T
+            world[:, j] = rig.rotation_to_body(delta)
+        elif j > 0:  # a joint the armature lacks follows its parent rigidly
+            world[:, j] = world[:, PARENTS[j]]
+    offset = rig.to_body(posed[root][:, :3, 3] - rest[root][:3, 3])
+    return pose_from_world_rotations(world, offset)

@@ -46,7 +46,15 @@ right, y down, z forward), world-to-camera, with pixel centres at +0.5. :func:`c
 converts ``camera.matrix_world`` and the projection matrix Blender computes for the render
 (``Object.calc_matrix_camera``: lens, sensor fit, shift, pixel aspect) and folds in the avatar
 object's own transform, giving a view matrix that takes the avatar's *body frame* straight to the
-camera.
+camera. :func:`viewport_camera` does the same for a 3D view region (its view and window matrices),
+including orthographic views, which it draws through a distant pinhole; :func:`depth_terms` and
+:func:`ndc_depth` give the region's window depth of a view-space z, as the viewport's shader writes it.
+
+Forward kinematics
+------------------
+:func:`armature_pose` evaluates an armature as Blender does (``pose_bone.matrix`` from the rest
+``bone.matrix_local`` and the channels of ``pose_bone.matrix_basis``), for any armature: the BVH
+import reads its temporary armature's keys through it (motion_keys.pose_from_armature).
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ MAIN_CHILD = {"pelvis": "spine1", "spine3": "neck", "left_wrist": "left_middle1"
               "right_wrist": "right_middle1", "head": None}
 LEAF_LENGTH = 0.5     # a leaf bone's length relative to the segment from its parent joint
 MIN_BONE_LENGTH = 0.005  # metres: Blender deletes zero-length bones
+ORTHO_DISTANCE = 1000.0  # viewport_camera: pinhole distance for orthographic views, in view extents
 
 
 class BoneLayout(NamedTuple):
@@ -330,14 +339,110 @@ def camera_from_blender(matrix_world, projection, width: int, height: int,
     cam_rigid = np.eye(4)
     cam_rigid[:3, :3] = orthonormalize(cam[:3, :3])
     cam_rigid[:3, 3] = cam[:3, 3]
-    body_to_object = np.eye(4)
-    body_to_object[:3, :3] = AXIS_YUP_TO_ZUP
     gl_to_cv = np.eye(4)
     gl_to_cv[:3, :3] = GL_TO_CV
-    viewmat = gl_to_cv @ np.linalg.inv(cam_rigid) @ obj @ body_to_object
+    viewmat = gl_to_cv @ np.linalg.inv(cam_rigid) @ body_to_world(obj)
     # NDC x = P00 x/(-z) + P02 z/(-z) = P00 X/Z - P02 in OpenCV's (X, Y, Z); pixels span [0, W].
     w, h = float(width), float(height)
     K = np.array([[0.5 * w * proj[0, 0], 0.0, 0.5 * w * (1.0 - proj[0, 2])],
                   [0.0, 0.5 * h * proj[1, 1], 0.5 * h * (1.0 + proj[1, 2])],
                   [0.0, 0.0, 1.0]])
     return viewmat, K
+
+
+def body_to_world(object_matrix) -> np.ndarray:
+    """[4,4] the avatar's body frame (Y up) -> Blender world: the armature object's world matrix
+    ``object_matrix`` [4,4] after the rig's +Y-up to +Z-up turn."""
+    body_to_object = np.eye(4)
+    body_to_object[:3, :3] = AXIS_YUP_TO_ZUP
+    return np.asarray(object_matrix, dtype=np.float64) @ body_to_object
+
+
+def viewport_camera(view_matrix, window_matrix, width: int, height: int, object_matrix=None,
+                    ortho_distance: float = ORTHO_DISTANCE):
+    """The backend camera for a 3D view region.
+
+    view_matrix: [4,4] world -> view (RegionView3D.view_matrix, OpenGL); window_matrix: [4,4] the
+    region's projection (RegionView3D.window_matrix); width, height: the image size to render;
+    object_matrix: [4,4] the avatar armature's world matrix.
+
+    Returns (viewmat [4,4] OpenCV body frame -> camera, K [3,3], depth_shift): a camera-space depth d
+    of the backend is the view-space z = depth_shift - d of the region (0 for perspective views).
+    Orthographic views are seen through a pinhole ``ortho_distance`` view extents behind the plane
+    through the avatar's origin (the rasterizer is perspective only).
+    """
+    view = np.asarray(view_matrix, dtype=np.float64)
+    proj = np.asarray(window_matrix, dtype=np.float64)
+    if abs(proj[3, 3]) < 1e-9:  # perspective: exactly a Blender camera at the view's origin
+        viewmat, K = camera_from_blender(np.linalg.inv(view), proj, width, height, object_matrix)
+        return viewmat, K, 0.0
+    # Orthographic: x_ndc = P00 x + P03. A pinhole D behind the plane z = z0 (through the avatar's
+    # origin) with focal P00·D sees x_ndc = P00·D·x / (D + z0 - z) + P03: exact on that plane, off
+    # by a factor (z - z0)/D elsewhere (1/1000 of the view's size per metre of depth).
+    extent = 2.0 / abs(proj[0, 0]) + 2.0 / abs(proj[1, 1])
+    distance = ortho_distance * extent
+    origin = np.zeros(4) if object_matrix is None else np.asarray(object_matrix, dtype=np.float64)[:, 3]
+    if object_matrix is None:
+        origin[3] = 1.0
+    z0 = float((view @ origin)[2])
+    pinhole = np.zeros((4, 4))
+    pinhole[0, 0], pinhole[0, 2] = proj[0, 0] * distance, -proj[0, 3]
+    pinhole[1, 1], pinhole[1, 2] = proj[1, 1] * distance, -proj[1, 3]
+    pinhole[2, 2], pinhole[2, 3] = -1.0, -2.0 * distance * 1e-3
+    pinhole[3, 2] = -1.0
+    pulled = np.linalg.inv(view)
+    pulled[:3, 3] += pulled[:3, 2] * (z0 + distance)  # back along the view's +Z (it looks down -Z)
+    viewmat, K = camera_from_blender(pulled, pinhole, width, height, object_matrix)
+    return viewmat, K, z0 + distance
+
+
+def depth_terms(window_matrix) -> tuple[float, float, float, float]:
+    """(P22, P23, P32, P33) of the projection: NDC depth = (P22 z + P23) / (P32 z + P33) for view z."""
+    p = np.asarray(window_matrix, dtype=np.float64)
+    return float(p[2, 2]), float(p[2, 3]), float(p[3, 2]), float(p[3, 3])
+
+
+def ndc_depth(view_z: np.ndarray, window_matrix) -> np.ndarray:
+    """Window depth in [0, 1] (OpenGL's default range) of view-space z, as the viewport's shader computes it."""
+    a, b, c, d = depth_terms(window_matrix)
+    return 0.5 * (a * view_z + b) / (c * view_z + d) + 0.5
+
+
+# ----------------------------------------------------------------------------- forward kinematics
+def parents_first(parents: dict) -> list:
+    """The bones of ``parents`` ({bone: parent bone or None}, in the armature's order) with every
+    parent before its children, otherwise in the given order."""
+    order, seen = [], set()
+
+    def visit(name):
+        if name in seen:
+            return
+        if parents[name] is not None:
+            visit(parents[name])
+        seen.add(name)
+        order.append(name)
+
+    for name in parents:
+        visit(name)
+    return order
+
+
+def armature_pose(parents: dict, rest: dict, quats: dict, locations: dict) -> dict:
+    """Blender's armature evaluation: armature-space pose-bone matrices of every bone and frame.
+
+    parents: {bone: parent bone or None}; rest: {bone: [4,4] ``bone.matrix_local``}; quats: {bone:
+    [F,4] wxyz ``rotation_quaternion``}; locations: {bone: [F,3] ``location``}. A bone's channels
+    make ``matrix_basis`` = [R(q) | location], and down the chain
+    ``M_j = M_parent · rest_parent⁻¹ · rest_j · basis_j`` (``M_root = rest_root · basis_root``).
+    Returns {bone: [F,4,4] ``pose_bone.matrix``}.
+    """
+    posed: dict = {}
+    for name in parents_first(parents):
+        q = np.asarray(quats[name], dtype=np.float64)
+        basis = np.tile(np.eye(4), (q.shape[0], 1, 1))
+        basis[:, :3, :3] = quaternion_to_matrix(q)
+        basis[:, :3, 3] = locations[name]
+        parent = parents[name]
+        local = rest[name] if parent is None else np.linalg.inv(rest[parent]) @ rest[name]
+        posed[name] = (local @ basis) if parent is None else posed[parent] @ local @ basis
+    return posed

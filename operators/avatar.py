@@ -15,23 +15,11 @@ import numpy as np
 from bpy.props import IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from ..blender_addon import compositor, runtime
-from ..blender_addon.layers import describe_error
-from ..blender_addon.props import avatar_of
+from ..blender_addon.api import avatar_of, compositor, error_text, preferences, relative_path, runtime
 from ..hda_backend.errors import HDAError
 
 PROXY_FACES = 3000     # triangles of the proxy mesh
 PROXY_WEIGHTS = 4      # strongest skinning weights kept per proxy vertex
-
-
-def _relative(path: str) -> str:
-    """``path`` as a '//'-relative path when the .blend is saved (Blender keeps it portable)."""
-    if path and bpy.data.filepath and not path.startswith("//"):
-        try:
-            return bpy.path.relpath(path)
-        except ValueError:  # another drive on Windows
-            return path
-    return path
 
 
 def build_armature(context, name: str, layout) -> bpy.types.Object:
@@ -122,10 +110,8 @@ class HDA_OT_add_avatar(bpy.types.Operator):
         return context.mode == 'OBJECT' and context.scene is not None
 
     def execute(self, context):
-        from ..blender_addon.preferences import body_path
-
         try:
-            body = runtime.get_body(body_path(context))
+            body = runtime.get_body(preferences.body_path(context))
             layout = runtime.get_layout(body)
             path = self.filepath.strip()
             if path:
@@ -133,7 +119,7 @@ class HDA_OT_add_avatar(bpy.types.Operator):
 
                 load_avatar(os.path.abspath(bpy.path.abspath(path)), body)  # refuse a bad file up front
         except (HDAError, ImportError) as exc:  # bad input or no backend: a report, never a traceback
-            self.report({'ERROR'}, describe_error(exc))
+            self.report({'ERROR'}, error_text(exc))
             return {'CANCELLED'}
         armature = build_armature(context, "HDA_Avatar", layout)
         # The rest body stands on the 3D cursor: its lowest vertex at the cursor's height.
@@ -143,7 +129,7 @@ class HDA_OT_add_avatar(bpy.types.Operator):
         h.is_avatar = True
         h.uid = uuid.uuid4().hex[:12]
         h.seed = self.seed
-        h.avatar_path = _relative(self.filepath.strip())
+        h.avatar_path = relative_path(self.filepath.strip(), bpy.data.filepath)
         h.proxy = build_proxy(context, armature, body)
         context.view_layer.objects.active = armature
         compositor.sync(context.scene)
@@ -169,14 +155,14 @@ class HDA_OT_load_avatar(ImportHelper, bpy.types.Operator):
         obj = avatar_of(context.active_object)
         h = obj.hda
         previous = h.avatar_path
-        h.avatar_path = _relative(self.filepath)
+        h.avatar_path = relative_path(self.filepath, bpy.data.filepath)
         try:
             runtime.invalidate(obj)
             runtime.get_avatar(obj)
         except (HDAError, ImportError) as exc:
             h.avatar_path = previous
             runtime.invalidate(obj)
-            self.report({'ERROR'}, describe_error(exc))
+            self.report({'ERROR'}, error_text(exc))
             return {'CANCELLED'}
         self.report({'INFO'}, f"Loaded {os.path.basename(self.filepath)} onto {obj.name}")
         return {'FINISHED'}

@@ -14,8 +14,8 @@ import time
 import bpy
 from bpy.props import StringProperty
 
-from ..blender_addon import deps, probe, state
-from ..blender_addon import preferences as prefs_mod
+from ..blender_addon.api import deps, probe, session
+from ..blender_addon.api import preferences as prefs_mod
 
 CHECK_TIMEOUT_S = 180.0     # importing torch the first time after an install can be slow
 INSTALL_TIMEOUT_S = 3600.0  # background mode only (the UI install can be cancelled by hand)
@@ -37,21 +37,21 @@ def _redraw(context=None):
 
 def _finish_check(job):
     result = probe.parse(job.lines)
-    state.last_check = result
-    state.check_ok, state.check_line = probe.describe(result, job.lines)
+    session.backend.last_check = result
+    session.backend.check_ok, session.backend.check_line = probe.describe(result, job.lines)
     if job.state == deps.CANCELLED:
-        state.check_line = "backend check cancelled"
+        session.backend.check_line = "backend check cancelled"
     elif result is None:
         job.state = deps.FAILED
     else:
         job.state = deps.DONE
-    job.message = state.check_line
+    job.message = session.backend.check_line
 
 
 def start_check(context):
     argv, env = probe.command(sys.path, prefs_mod.EXT_ROOT, prefs_mod.body_path(context))
     job = deps.Job(argv, env=env, describe=None, on_exit=_finish_check).start()
-    state.check_job = job
+    session.backend.check_job = job
     return job
 
 
@@ -67,7 +67,7 @@ class HDA_OT_check_backend(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return state.check_job is None or not state.check_job.running
+        return session.backend.check_job is None or not session.backend.check_job.running
 
     def execute(self, context):
         try:
@@ -96,7 +96,7 @@ class HDA_OT_check_backend(bpy.types.Operator):
     def modal(self, context, event):
         if event.type != 'TIMER':
             return {'PASS_THROUGH'}
-        job = state.check_job
+        job = session.backend.check_job
         if job is None:  # add-on disabled meanwhile
             self._remove_timer(context)
             return {'CANCELLED'}
@@ -108,9 +108,9 @@ class HDA_OT_check_backend(bpy.types.Operator):
         return self._done(context)
 
     def cancel(self, context):
-        if state.check_job is not None and state.check_job.running:
-            state.check_job.cancel()
-            state.check_job.wait(timeout=10)  # joins the reader so the job ends as CANCELLED
+        if session.backend.check_job is not None and session.backend.check_job.running:
+            session.backend.check_job.cancel()
+            session.backend.check_job.wait(timeout=10)  # joins the reader so the job ends as CANCELLED
         self._remove_timer(context)
 
     def _remove_timer(self, context):
@@ -120,18 +120,18 @@ class HDA_OT_check_backend(bpy.types.Operator):
 
     def _done(self, context):
         _redraw(context)
-        job = state.check_job
+        job = session.backend.check_job
         if job.state != deps.DONE:
-            self.report({'ERROR'}, state.check_line)
+            self.report({'ERROR'}, session.backend.check_line)
             return {'CANCELLED'}
-        body_ok = bool(state.last_check and state.last_check["body_ok"])
-        self.report({'INFO'} if state.check_ok and body_ok else {'WARNING'}, state.check_line)
+        body_ok = bool(session.backend.last_check and session.backend.last_check["body_ok"])
+        self.report({'INFO'} if session.backend.check_ok and body_ok else {'WARNING'}, session.backend.check_line)
         return {'FINISHED'}
 
 
 def _install_tick():
     """bpy.app.timers callback: poll the install job, redraw, finish when it ends."""
-    job = state.install_job
+    job = session.backend.install_job
     if job is None:
         return None
     if job.poll() == deps.RUNNING:
@@ -143,11 +143,11 @@ def _install_tick():
 
 
 def _after_install(job):
-    state.install_line = job.message
+    session.backend.install_line = job.message
     if job.state == deps.DONE:
         prefs_mod.sync_sys_path()
         if "torch" in sys.modules:
-            state.install_line += "; restart Blender to use the new packages"
+            session.backend.install_line += "; restart Blender to use the new packages"
     print(f"HDA Avatars: backend install {job.state.lower()}: {job.message}")
 
 
@@ -165,7 +165,7 @@ class HDA_OT_install_backend(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return state.install_job is None or not state.install_job.running
+        return session.backend.install_job is None or not session.backend.install_job.running
 
     def execute(self, context):
         prefs = prefs_mod.get_prefs(context)
@@ -184,7 +184,7 @@ class HDA_OT_install_backend(bpy.types.Operator):
         except (OSError, RuntimeError, ValueError) as exc:
             self.report({'ERROR'}, f"Could not start pip: {exc}")
             return {'CANCELLED'}
-        state.install_job, state.install_line = job, ""
+        session.backend.install_job, session.backend.install_line = job, ""
         if _must_block():  # no timers run: install synchronously
             job.wait(timeout=INSTALL_TIMEOUT_S)
             _after_install(job)
@@ -209,20 +209,20 @@ class HDA_OT_cancel_install(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return state.install_job is not None and state.install_job.running
+        return session.backend.install_job is not None and session.backend.install_job.running
 
     def execute(self, context):
-        state.install_job.cancel()
+        session.backend.install_job.cancel()
         self.report({'INFO'}, "Backend install cancelled")
         return {'FINISHED'}
 
 
 def stop_jobs():
-    """Unregister: cancel running child processes, remove the timer, forget the session's state."""
-    for job in (state.install_job, state.check_job):
+    """Unregister: cancel running child processes and remove the timer (unregister then forgets the
+    session's state, session.reset)."""
+    for job in (session.backend.install_job, session.backend.check_job):
         if job is not None and job.running:
             job.cancel()
             job.wait(timeout=10)
     while bpy.app.timers.is_registered(_install_tick):
         bpy.app.timers.unregister(_install_tick)
-    state.reset()

@@ -8,8 +8,7 @@ what a render script calls in ``blender -b``, where no timer or modal operator r
 import bpy
 from bpy.props import IntProperty
 
-from ..blender_addon import compositor, layers
-from ..blender_addon.props import scene_avatars
+from ..blender_addon.api import compositor, layers, scene_avatars
 
 
 class HDA_OT_bake_layer(bpy.types.Operator):

@@ -15,17 +15,8 @@ import numpy as np
 from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
-from ..blender_addon import runtime
-from ..blender_addon.props import avatar_of, poll_active_avatar
+from ..blender_addon.api import avatar_of, error_text, poll_active_avatar, runtime
 from ..hda_backend.errors import HDAError
-
-
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, HDAError):
-        return str(exc)
-    if isinstance(exc, ImportError):
-        return f"the backend does not import ({exc}); see Preferences > Add-ons > HDA Avatars > Install Backend"
-    raise exc
 
 
 def world_matrix(obj, depsgraph) -> np.ndarray:
@@ -33,9 +24,7 @@ def world_matrix(obj, depsgraph) -> np.ndarray:
     rig's +Y-up to +Z-up turn."""
     from ..hda_backend import rig
 
-    body_to_object = np.eye(4)
-    body_to_object[:3, :3] = rig.AXIS_YUP_TO_ZUP
-    return np.array(obj.evaluated_get(depsgraph).matrix_world, dtype=np.float64) @ body_to_object
+    return rig.body_to_world(np.array(obj.evaluated_get(depsgraph).matrix_world, dtype=np.float64))
 
 
 def frame_gaussians(obj, depsgraph, coords: str = "WORLD"):
@@ -51,10 +40,8 @@ def frame_gaussians(obj, depsgraph, coords: str = "WORLD"):
             raise HDAError(f"armature '{obj.name}': scale {tuple(round(float(v), 4) for v in scale)}, expected a "
                            "uniform scale for World coordinates (Gaussians cannot shear); export Body coordinates")
     pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))
-    device = next(avatar.parameters()).device
     with torch.inference_mode():
-        g = avatar(torch.as_tensor(pose, dtype=torch.float32, device=device).reshape(1, -1),
-                   torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(1, 3)).index(0)
+        g = runtime.pose_gaussians(avatar, pose, transl)
         g = type(g)(*(t.cpu() for t in g))
         if coords == "WORLD":
             g = transform_gaussians(g, torch.as_tensor(world_matrix(obj, depsgraph)))
@@ -127,7 +114,7 @@ class HDA_OT_export_ply(ExportHelper, bpy.types.Operator):
         try:
             written = export_frames(context, obj, path, frames, self.coords)
         except Exception as exc:  # noqa: BLE001 - bad avatar files, paths, transforms become a report
-            self.report({'ERROR'}, _error_text(exc))
+            self.report({'ERROR'}, error_text(exc, unexpected="raise"))
             return {'CANCELLED'}
         self.report({'INFO'}, f"Wrote {len(written)} .ply file{'s' if len(written) > 1 else ''}: {written[0]}"
                               + (f" ... {os.path.basename(written[-1])}" if len(written) > 1 else ""))

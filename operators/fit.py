@@ -24,18 +24,13 @@ import os
 import bpy
 from bpy.props import EnumProperty, IntProperty, PointerProperty, StringProperty
 
-from ..blender_addon import deps, fitjob, runtime
-from ..blender_addon.props import avatar_of, poll_active_avatar
+from ..blender_addon.api import (EXT_ROOT, avatar_of, avatar_output_dir, deps, fitjob, poll_active_avatar,
+                                 relative_path, runtime, session, user_dir)
+from ..hda_backend.constants import FIT_MENU_ORDER, PRESET_FIT_TEXT, PRESET_LABELS
 
-PRESETS = (("cpu", "CPU", "UV 128, width-64 UNet, 2000 steps (800 from another avatar): minutes on a laptop"),
-           ("paper", "Paper", "UV 256, the paper's schedule: for CUDA machines"),
-           ("tiny", "Tiny", "UV 32, 30 steps: a quick check that fitting works"))
+PRESETS = tuple((name, PRESET_LABELS[name], PRESET_FIT_TEXT[name]) for name in FIT_MENU_ORDER)
 TICK_S = 0.25
 BACKGROUND_TIMEOUT_S = 24 * 3600.0
-
-# The session's fit (one at a time): the running or last job and the avatar it is for. Never saved;
-# the avatar is remembered by name and uid, never by a reference to the object.
-session = {"job": None, "avatar": "", "uid": "", "subject": "", "line": ""}
 
 
 def _must_block() -> bool:
@@ -43,28 +38,8 @@ def _must_block() -> bool:
     return bpy.app.background
 
 
-def relative_path(path: str) -> str:
-    """``path`` '//'-relative to the saved .blend (absolute while unsaved or on another drive)."""
-    if path and bpy.data.filepath and not path.startswith("//"):
-        try:
-            return bpy.path.relpath(path)
-        except ValueError:
-            return path
-    return path
-
-
-def avatar_output_dir() -> str:
-    """Where new avatar files go: ``hda_avatars/`` beside the saved .blend, else the extension's user folder."""
-    if bpy.data.filepath:
-        return os.path.join(os.path.dirname(os.path.abspath(bpy.data.filepath)), "hda_avatars")
-    from ..blender_addon import addon_id
-
-    return bpy.utils.extension_path_user(addon_id(), path="avatars", create=True)
-
-
 def running() -> bool:
-    job = session["job"]
-    return job is not None and job.running
+    return session.fit.running
 
 
 def _find_avatar(name: str, uid: str):
@@ -84,51 +59,48 @@ def _redraw(context=None):
 
 def start(context, obj, subject: str, *, preset: str = "cpu", steps: int = 0, output: str = "",
           init_from: str = "") -> fitjob.FitJob:
-    """Start fitting ``subject`` for the avatar ``obj``; the job is in ``session``."""
-    from ..blender_addon.preferences import EXT_ROOT
-
+    """Start fitting ``subject`` for the avatar ``obj``; the job is in ``session.fit``."""
     subject = os.path.abspath(bpy.path.abspath(subject)).rstrip(os.sep)
     name = os.path.basename(subject) or "subject"
     out = (os.path.abspath(bpy.path.abspath(output)) if output.strip()
            else os.path.join(avatar_output_dir(), f"{name}{fitjob.AVATAR_SUFFIX}"))
     init = os.path.abspath(bpy.path.abspath(init_from)) if init_from.strip() else None
-    from ..blender_addon import addon_id
-
-    cache = bpy.utils.extension_path_user(addon_id(), path="numba_fit", create=True)
+    cache = user_dir("numba_fit")
     job = fitjob.start_fit(subject, out, EXT_ROOT, preset=preset, steps=steps or None, init_from=init,
                            backend=obj.hda.device, numba_cache=cache)
-    session.update(job=job, avatar=obj.name, uid=obj.hda.uid, subject=name, line="")
+    fit = session.fit
+    fit.job, fit.avatar, fit.uid, fit.subject, fit.line = job, obj.name, obj.hda.uid, name, ""
     return job
 
 
 def step(context) -> str:
     """One tick: poll the job; when it has ended, load the result onto its avatar. Returns the job's
-    state (deps.RUNNING, DONE, FAILED, CANCELLED); ``session['line']`` holds the outcome."""
-    job = session["job"]
+    state (deps.RUNNING, DONE, FAILED, CANCELLED); ``session.fit.line`` holds the outcome."""
+    fit = session.fit
+    job = fit.job
     if job is None:
         return deps.CANCELLED
     state = job.poll()
     if state == deps.RUNNING:
         return state
     if state != deps.DONE:
-        session["line"] = job.message
+        fit.line = job.message
         return state
-    obj = _find_avatar(session["avatar"], session["uid"])
+    obj = _find_avatar(fit.avatar, fit.uid)
     if obj is None:
-        session["line"] = f"{job.message}; the avatar '{session['avatar']}' is gone, load the file by hand"
+        fit.line = f"{job.message}; the avatar '{fit.avatar}' is gone, load the file by hand"
         return deps.FAILED
-    obj.hda.avatar_path = relative_path(str(job.files.avatar))
+    obj.hda.avatar_path = relative_path(str(job.files.avatar), bpy.data.filepath)
     runtime.invalidate(obj)
-    session["line"] = f"fitted {session['subject']} onto {obj.name}" + (
+    fit.line = f"fitted {fit.subject} onto {obj.name}" + (
         f" (training-view PSNR {job.psnr:.1f} dB)" if job.psnr is not None else "")
     return state
 
 
 def cancel() -> None:
     """Stop the running fit (the Cancel button, Esc, unregister)."""
-    job = session["job"]
-    if job is not None and job.running:
-        job.cancel()
+    if session.fit.running:
+        session.fit.job.cancel()
 
 
 class HDA_FitSettings(bpy.types.PropertyGroup):
@@ -195,7 +167,7 @@ class HDA_OT_fit_subject(bpy.types.Operator):
     def execute(self, context):
         if not self._start(context):
             return {'CANCELLED'}
-        session["job"].wait(timeout=BACKGROUND_TIMEOUT_S)
+        session.fit.job.wait(timeout=BACKGROUND_TIMEOUT_S)
         return self._done(step(context))
 
     def invoke(self, context, event):
@@ -217,7 +189,7 @@ class HDA_OT_fit_subject(bpy.types.Operator):
         if event.type != 'TIMER':
             return {'PASS_THROUGH'}
         state = step(context)
-        job = session["job"]
+        job = session.fit.job
         context.window_manager.progress_update(int(100 * job.fraction) if job else 0)
         _redraw(context)
         if state == deps.RUNNING:
@@ -239,9 +211,9 @@ class HDA_OT_fit_subject(bpy.types.Operator):
     def _done(self, state):
         _redraw()
         if state == deps.DONE:
-            self.report({'INFO'}, session["line"])
+            self.report({'INFO'}, session.fit.line)
             return {'FINISHED'}
-        self.report({'WARNING'} if state == deps.CANCELLED else {'ERROR'}, session["line"])
+        self.report({'WARNING'} if state == deps.CANCELLED else {'ERROR'}, session.fit.line)
         return {'CANCELLED'}
 
 
@@ -267,10 +239,8 @@ def register_properties():
 
 def unregister_properties():
     cancel()
-    job = session["job"]
-    if job is not None and job.running:
-        job.wait(timeout=10)
-    session.update(job=None, avatar="", uid="", subject="", line="")
+    if session.fit.running:
+        session.fit.job.wait(timeout=10)
     if hasattr(bpy.types.WindowManager, "hda_fit"):
         del bpy.types.WindowManager.hda_fit
 

@@ -8,9 +8,9 @@ slider is a person of its own rather than a cross-fade. The sampled avatar is wr
 while the file is unsaved) and becomes the avatar's file.
 
 The diffusion model: the operator's ``model`` path, else ``$HDA_DIFFUSION_MODEL``, else the model the
-extension bundles (:data:`DEFAULT_MODEL`, ``assets/default/diffusion.safetensors`` in the extension).
-Without any, the operator says so and changes nothing; the avatar keeps showing its seed's
-consistent-initialisation identity, which the slider blends live in weight space (runtime.get_avatar).
+extension bundles (``assets/default/diffusion.safetensors`` in the extension; blender_addon/diffusion_model.py,
+which also keeps loaded models in the session). Without any, the operator says so and changes nothing;
+the avatar keeps showing its seed's consistent-initialisation identity, which the slider blends live in weight space (runtime.get_avatar).
 """
 
 import os
@@ -19,52 +19,10 @@ import secrets
 import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 
-from ..blender_addon import runtime
-from ..blender_addon.props import avatar_of, poll_active_avatar
-from ..hda_backend.errors import HDAError
-from .fit import avatar_output_dir, relative_path
+from ..blender_addon.api import (ENV_MODEL, avatar_of, avatar_output_dir, error_text, load_model, missing_model_text,
+                                 model_path, poll_active_avatar, relative_path, runtime)
 
-DEFAULT_MODEL = os.path.join("assets", "default", "diffusion.safetensors")
-ENV_MODEL = "HDA_DIFFUSION_MODEL"
 MAX_SEED = 2 ** 31 - 1  # IntProperty's range
-
-_models: dict = {}  # path -> ((mtime, size), DiffusionModel): loaded once per session and file
-
-
-def model_path(override: str = "") -> str | None:
-    """The diffusion model to sample from (see the module docstring), or None when there is none."""
-    from ..blender_addon.preferences import EXT_ROOT
-
-    for candidate in (override.strip(), os.environ.get(ENV_MODEL, "").strip()):
-        if candidate:
-            return os.path.abspath(bpy.path.abspath(candidate))
-    bundled = os.path.join(EXT_ROOT, DEFAULT_MODEL)
-    return bundled if os.path.isfile(bundled) else None
-
-
-def missing_model_text() -> str:
-    return (f"No diffusion model: the extension's default model ({DEFAULT_MODEL}) is missing from this "
-            f"install; point ${ENV_MODEL} (or the operator's Model) at a model from 'hda train-diffusion'")
-
-
-def load_model(path: str):
-    """A DiffusionModel, loaded once per session and file version."""
-    from ..hda_backend.diffusion.sample import load_diffusion
-
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise HDAError(f"diffusion model file not found: {path}") from None
-    stamp = (st.st_mtime_ns, st.st_size)
-    cached = _models.get(path)
-    if cached is None or cached[0] != stamp:
-        _models[path] = (stamp, load_diffusion(path))
-    return _models[path][1]
-
-
-def clear() -> None:
-    """Forget loaded diffusion models (unregister)."""
-    _models.clear()
 
 
 def identity_file(seed: int, seed_b: int, mix: float) -> str:
@@ -119,19 +77,13 @@ class HDA_OT_sample_identity(bpy.types.Operator):
             h.seed = secrets.randbelow(MAX_SEED + 1)
         try:
             written = sample_identity(obj, load_model(path), steps=self.steps or None)
-            h.avatar_path = relative_path(written)
+            h.avatar_path = relative_path(written, bpy.data.filepath)
             runtime.invalidate(obj)
             runtime.get_avatar(obj)  # refuse a sample made for another body now, not at render time
         except Exception as exc:  # noqa: BLE001 - bad models, wrong bodies, a missing backend become a report
             h.seed, h.avatar_path = previous
             runtime.invalidate(obj)
-            if isinstance(exc, ImportError):
-                self.report({'ERROR'}, f"the backend does not import ({exc}); see Preferences > Add-ons > "
-                                       "HDA Avatars > Install Backend")
-            elif isinstance(exc, HDAError):
-                self.report({'ERROR'}, str(exc))
-            else:
-                raise
+            self.report({'ERROR'}, error_text(exc, unexpected="raise"))
             return {'CANCELLED'}
         self.report({'INFO'}, f"{obj.name}: identity {os.path.basename(written)}")
         return {'FINISHED'}

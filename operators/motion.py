@@ -25,21 +25,12 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from ..blender_addon import runtime
-from ..blender_addon.props import avatar_of, poll_active_avatar
+from ..blender_addon.api import avatar_of, error_text, poll_active_avatar, runtime
 from ..hda_backend.errors import HDAError
 
 INTERPOLATIONS = (("LINEAR", "Linear", "Straight lines between keys (dense motion capture)"),
                   ("BEZIER", "Bezier", "Smooth curves (may overshoot between sparse keys)"),
                   ("CONSTANT", "Constant", "Hold each key until the next"))
-
-
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, HDAError):
-        return str(exc)
-    if isinstance(exc, ImportError):
-        return f"the backend does not import ({exc}); see Preferences > Add-ons > HDA Avatars > Install Backend"
-    raise exc
 
 
 def scene_fps(scene) -> float:
@@ -129,9 +120,8 @@ def bvh_frame_rate(path: str) -> tuple[int, float]:
 def read_bvh(path: str) -> tuple[np.ndarray, np.ndarray, float]:
     """SMPL-X (pose [F,55,3], transl [F,3], fps) of a BVH with SMPL-X joint names, through Blender's
     BVH importer; the temporary armature it creates is removed again."""
-    from ..hda_backend import rig
-    from ..hda_backend.body.skeleton import JOINT_NAMES, NUM_JOINTS
-    from ..hda_backend.motion_keys import pose_from_world_rotations
+    from ..hda_backend.body.skeleton import JOINT_NAMES
+    from ..hda_backend.motion_keys import pose_from_armature
 
     count, fps = bvh_frame_rate(path)
     before = set(bpy.data.objects)
@@ -166,25 +156,8 @@ def read_bvh(path: str) -> tuple[np.ndarray, np.ndarray, float]:
             elif fc.data_path.endswith("location"):
                 loc[name][:, fc.array_index] = values
         rest = {n: np.array(b.matrix_local, dtype=np.float64) for n, b in bones.items()}
-        # Armature-space pose matrices down the chain: M_j = M_parent · rest_parent⁻¹ · rest_j · basis_j.
-        posed: dict = {}
-        for name in _parents_first(bones):
-            basis = np.tile(np.eye(4), (count, 1, 1))
-            basis[:, :3, :3] = rig.quaternion_to_matrix(quat[name])
-            basis[:, :3, 3] = loc[name]
-            parent = bones[name].parent
-            local = rest[name] if parent is None else np.linalg.inv(rest[parent.name]) @ rest[name]
-            posed[name] = (local @ basis) if parent is None else posed[parent.name] @ local @ basis
-        world = np.tile(np.eye(3), (count, NUM_JOINTS, 1, 1))
-        for j, name in enumerate(JOINT_NAMES):
-            if name in posed:  # rotation relative to rest, armature space (Z up) -> body frame (Y up)
-                delta = posed[name][:, :3, :3] @ rest[name][:3, :3].T
-                world[:, j] = rig.rotation_to_body(delta)
-            elif j > 0:  # a joint the file lacks follows its parent rigidly
-                world[:, j] = world[:, rig.PARENTS[j]]
-        root = JOINT_NAMES[0]
-        offset = rig.to_body(posed[root][:, :3, 3] - rest[root][:3, 3])
-        pose, transl = pose_from_world_rotations(world, offset)
+        parents = {n: (b.parent.name if b.parent is not None else None) for n, b in bones.items()}
+        pose, transl = pose_from_armature(parents, rest, quat, loc)  # Blender's FK, then SMPL-X's pose
         return pose, transl, fps
     finally:
         for obj in created:
@@ -195,22 +168,6 @@ def read_bvh(path: str) -> tuple[np.ndarray, np.ndarray, float]:
                 bpy.data.armatures.remove(data)
             if action is not None and action.users == 0:
                 bpy.data.actions.remove(action)
-
-
-def _parents_first(bones) -> list[str]:
-    order, seen = [], set()
-
-    def visit(bone):
-        if bone.name in seen:
-            return
-        if bone.parent is not None:
-            visit(bone.parent)
-        seen.add(bone.name)
-        order.append(bone.name)
-
-    for bone in bones:
-        visit(bone)
-    return order
 
 
 # -------------------------------------------------------------------------------------- the operator
@@ -301,7 +258,7 @@ class HDA_OT_import_motion(ImportHelper, bpy.types.Operator):
                                  frame_start=self.frame_start, set_frame_range=self.set_frame_range,
                                  interpolation=self.interpolation)
         except Exception as exc:  # noqa: BLE001 - bad files and a missing backend become a report
-            self.report({'ERROR'}, _error_text(exc))
+            self.report({'ERROR'}, error_text(exc, unexpected="raise"))
             return {'CANCELLED'}
         self.report({'INFO'}, f"{os.path.basename(path)}: {info['source_frames']} frames at {info['fps']:g} fps "
                               f"-> {info['keys']} keys at {info['scene_fps']:g} fps on {obj.name} ({info['up']} up)")

@@ -90,6 +90,11 @@ def modules():
     return rt, rig
 
 
+def caches():
+    """The session's avatar caches (blender_addon/session.py)."""
+    return sys.modules[ADDON + ".blender_addon.session"].caches
+
+
 def add_keyed_avatar(scene, seed=3):
     bpy.ops.hda.add_avatar(seed=seed)
     arm = bpy.context.active_object
@@ -118,8 +123,8 @@ def key_render(scene, arm):
     arm.hda.enabled = True
     render("avatar")
     rt, _ = modules()
-    report["errors"] = dict(rt.errors)
-    report["timings"] = dict(rt.timings)
+    report["errors"] = dict(caches().errors)
+    report["timings"] = dict(caches().timings)
     arrays["matrix_world"] = np.array(arm.matrix_world)
 
 
@@ -183,9 +188,9 @@ def phase_main():
     report["render_size"] = [w, h]
 
     key_render(scene, arm)
-    misses = rt.stats["misses"]
+    misses = caches().stats["misses"]
     render("again")
-    report["again_misses"] = rt.stats["misses"] - misses
+    report["again_misses"] = caches().stats["misses"] - misses
 
     bpy.ops.mesh.primitive_cube_add(size=0.35, location=args["cube"])
     cube = bpy.context.active_object
@@ -207,7 +212,7 @@ def phase_main():
     scene.frame_set(1)
     render("two", frames=(1,))
     report["checksum_7"] = float(sum(p.double().sum() for p in rt.get_avatar(second).unet.parameters()))
-    report["cache_keys"] = sorted({k for k in rt._avatars})
+    report["cache_keys"] = sorted({k for k in caches().avatars})
     report["nodes_two"] = sorted(n.name for n in compositor_nodes)
     second.hda.enabled = False
     report["nodes_disabled"] = sorted(n.name for n in compositor_nodes)
@@ -228,7 +233,7 @@ def phase_main():
     # A missing avatar file at render time: an empty layer and a one-line error, the render goes on.
     arm.hda.avatar_path = os.path.join(OUT, "nowhere.hda.safetensors")
     render("missing", frames=(1,))
-    report["missing_errors"] = dict(rt.errors)
+    report["missing_errors"] = dict(caches().errors)
     arm.hda.avatar_path = ""
 
     report["save"] = call(bpy.ops.wm.save_as_mainfile, filepath=args["blend"])
@@ -241,7 +246,7 @@ def phase_main():
     after = handler_snapshot()
     report["handlers_left"] = {k: [before.get(k), after[k]] for k in after if before.get(k) != after[k]}
     report["object_hda_left"] = hasattr(bpy.types.Object, "hda")
-    report["runtime_after_disable"] = [len(rt._avatars), len(rt._frames)]
+    report["runtime_after_disable"] = [len(caches().avatars), len(caches().frames)]
 
 
 def phase_reload():

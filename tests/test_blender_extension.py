@@ -293,7 +293,8 @@ report["deps_dir"] = deps_dir
 report["deps_on_path_after_numpy"] = (deps_dir in sys.path and sys.path.index(deps_dir) > max(
     i for i, p in enumerate(sys.path) if os.path.dirname(numpy.__file__).startswith(p)))
 backend = sys.modules[ADDON + ".operators.backend"]
-state = sys.modules[ADDON + ".blender_addon.state"]
+session = sys.modules[ADDON + ".blender_addon.session"]
+state = session.backend
 
 # "Use an existing Python environment": appended while set, removed when cleared.
 prefs.python_path = args["env_dir"]
@@ -346,7 +347,7 @@ for run in range(2):
         report["after_cancel"] = [state.install_line, sorted(os.listdir(deps_dir))]
 report["pids"] = pids
 tick = backend._install_tick
-classes = list(sys.modules[ADDON + ".blender_addon"]._registered)
+classes = list(session.registration.classes)
 report["classes"] = sorted(c.__name__ for c in classes)
 report["disable"] = sorted(bpy.ops.preferences.addon_disable(module=ADDON))
 after = snapshot()

@@ -273,21 +273,22 @@ report["version"] = list(bpy.app.version)
 motion_op, export_op, fit_op, identity_op = (mod("operators.motion"), mod("operators.export"),
                                              mod("operators.fit"), mod("operators.identity"))
 viewport, runtime, ui = mod("blender_addon.viewport"), mod("blender_addon.runtime"), mod("blender_addon.ui")
+session = mod("blender_addon.session")
 rig = mod("hda_backend.rig")
 report["ops"] = sorted(dir(bpy.ops.hda))
 report["panels"] = sorted(t for t in dir(bpy.types) if t.startswith("HDA_PT"))
 
 # --- viewport: nothing in background mode; the handler is added and removed when allowed -------
-report["vp_background_handle"] = viewport._handle
+report["vp_background_handle"] = session.viewport.handle
 viewport._background = lambda: False
 viewport.register()
-handle = viewport._handle
+handle = session.viewport.handle
 viewport.unregister()
 try:
     bpy.types.SpaceView3D.draw_handler_remove(handle, 'WINDOW')
     report["vp_removed"] = False
 except ValueError:
-    report["vp_removed"] = handle is not None and viewport._handle is None
+    report["vp_removed"] = handle is not None and session.viewport.handle is None
 viewport._background = lambda: bpy.app.background
 
 mark('install_and_enable')
@@ -404,7 +405,7 @@ if args["full"]:
     bpy.context.window_manager.hda_fit.preset = "tiny"
     report["fit"] = call(bpy.ops.hda.fit_subject)
     report["fit_path"] = bpy.path.abspath(obj.hda.avatar_path)
-    report["fit_line"] = fit_op.session["line"]
+    report["fit_line"] = session.fit.line
     report["fit_loaded"] = runtime.get_avatar(obj).uv_res
     path_before = obj.hda.avatar_path
     job = fit_op.start(bpy.context, obj, args["subject"], preset="tiny", steps=400,
@@ -420,7 +421,7 @@ if args["full"]:
         if bpy.ops.hda.cancel_fit.poll():  # the Cancel button (resuming is tested on the runner itself)
             bpy.ops.hda.cancel_fit()
         time.sleep(0.05)
-    report["fit_cancel"] = [state, fit_op.session["line"], obj.hda.avatar_path == path_before]
+    report["fit_cancel"] = [state, session.fit.line, obj.hda.avatar_path == path_before]
     report["fit_tick_ms"] = [1e3 * max(ticks), 1e3 * float(np.median(ticks)), len(ticks)]
 
 mark('fit_with_numba_jit_in_child')
@@ -437,7 +438,7 @@ scene.frame_set(3)
 depsgraph = bpy.context.evaluated_depsgraph_get()
 proj = np.array(cam.calc_matrix_camera(depsgraph, x=64, y=48))
 obj_m = np.array(obj.matrix_world)
-vm, K, shift = viewport.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
+vm, K, shift = rig.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
 vm_ref, K_ref = rig.camera_from_blender(np.array(cam.matrix_world), proj, 64, 48, obj_m)
 report["vp_persp"] = [float(np.abs(vm - vm_ref).max()), float(np.abs(K - K_ref).max()), shift]
 # An orthographic view: pixels and depths of points through the pinhole stand-in vs the true ortho map.
@@ -445,7 +446,7 @@ cam_data.type = 'ORTHO'
 cam_data.ortho_scale = 2.5
 ortho = np.array(cam.calc_matrix_camera(bpy.context.evaluated_depsgraph_get(), x=64, y=48))
 report["ortho_w"] = float(ortho[3, 3])
-vm, K, shift = viewport.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), ortho, 64, 48, obj_m)
+vm, K, shift = rig.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), ortho, 64, 48, obj_m)
 pts_body = np.random.default_rng(0).normal(0, 0.4, (50, 3)) + np.array([0.0, -0.3, 0.0])
 pts_world = (obj_m @ np.c_[rig.to_blender(pts_body), np.ones(50)].T).T
 view = np.linalg.inv(np.array(cam.matrix_world)) @ pts_world.T
@@ -454,21 +455,21 @@ px_true = np.stack([(ndc[0] + 1) * 32, (1 - ndc[1]) * 24], 1)
 cv = vm @ np.c_[pts_body, np.ones(50)].T
 px_ours = (K @ cv[:3]).T
 px_ours = px_ours[:, :2] / px_ours[:, 2:]
-depth_true = viewport.ndc_depth(view[2], ortho)
-depth_ours = viewport.ndc_depth(shift - cv[2], ortho)
+depth_true = rig.ndc_depth(view[2], ortho)
+depth_ours = rig.ndc_depth(shift - cv[2], ortho)
 report["vp_ortho"] = [float(np.abs(px_true - px_ours).max()), float(np.abs(depth_true - depth_ours).max())]
 cam_data.type = 'PERSP'
 depsgraph = bpy.context.evaluated_depsgraph_get()
 
 obj.hda.shading = "FLAT"
 g, _ = viewport._posed_gaussians(obj, depsgraph)
-vm, K, shift = viewport.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
+vm, K, shift = rig.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
 rgba, depth = viewport.render_layer(obj, g, vm, K, 64, 48)
 np.save(os.path.join(args["tmp"], "layer_rgba.npy"), rgba)
 np.save(os.path.join(args["tmp"], "layer_depth.npy"), depth)
 np.save(os.path.join(args["tmp"], "proj.npy"), proj)
 covered = depth < 1e9
-clear_depth = float(np.median(viewport.ndc_depth(-depth[covered], proj))) if covered.any() else 0.5
+clear_depth = float(np.median(rig.ndc_depth(-depth[covered], proj))) if covered.any() else 0.5
 report["clear_depth"] = clear_depth
 
 
@@ -485,7 +486,7 @@ class OffscreenProbe(bpy.types.RenderEngine):
                 fb = gpu.state.active_framebuffer_get()
                 fb.clear(color=(0.2, 0.3, 0.4, 1.0), depth=clear_depth)
                 color_tex, depth_tex = viewport.upload(rgba, depth)
-                viewport.draw_layer(color_tex, depth_tex, viewport.depth_terms(proj), 0.0)
+                viewport.draw_layer(color_tex, depth_tex, rig.depth_terms(proj), 0.0)
                 color = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
                 zbuf = np.array(fb.read_depth(0, 0, 64, 48).to_list(), dtype=np.float32)
             off.free()

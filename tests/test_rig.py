@@ -208,3 +208,140 @@ def test_bad_input_is_one_line(layout):
         rig.camera_from_blender(np.eye(4), _gl_projection(50, 36, 8, 8), 0, 64)
     with pytest.raises(HDAError, match="NaN"):
         rig.camera_from_blender(np.full((4, 4), np.inf), _gl_projection(50, 36, 8, 8), 8, 8)
+
+
+# ------------------------------------------------------------------ viewport cameras (from viewport.py)
+def _ortho_projection(scale, width, height, near=0.1, far=100.0, shift_x=0.0):
+    """An OpenGL orthographic projection written from its definition: the view's extent ``scale`` on
+    the larger side, centred (plus a shift)."""
+    size = max(width, height)
+    half_w, half_h = 0.5 * scale * width / size, 0.5 * scale * height / size
+    dx = shift_x * scale
+    left, right, bottom, top = -half_w + dx, half_w + dx, -half_h, half_h
+    return np.array([[2 / (right - left), 0, 0, -(right + left) / (right - left)],
+                     [0, 2 / (top - bottom), 0, -(top + bottom) / (top - bottom)],
+                     [0, 0, -2 / (far - near), -(far + near) / (far - near)],
+                     [0, 0, 0, 1.0]])
+
+
+def _project(points_body, obj, view, proj, width, height):
+    """Pixels (OpenGL pipeline by hand: clip -> NDC -> pixels, rows down) and view-space z."""
+    world = (obj @ np.c_[rig.to_blender(points_body), np.ones(len(points_body))].T)
+    eye = view @ world
+    clip = proj @ eye
+    ndc = clip[:3] / clip[3]
+    return np.stack([(ndc[0] + 1) * width / 2, (1 - ndc[1]) * height / 2], 1), eye[2]
+
+
+def _backend_pixels(points_body, viewmat, K):
+    cam = (viewmat @ np.c_[points_body, np.ones(len(points_body))].T)[:3]
+    uv = K @ cam
+    return (uv[:2] / uv[2]).T, cam[2]
+
+
+def test_viewport_camera_perspective_is_the_region_as_a_camera():
+    width, height = 80, 60
+    cam = _look([0.9, -3.5, 1.6], [1.35, 0.0, 0.25])
+    obj = _look([0.4, -0.2, 0.9], [0.0, 0.0, 0.5])
+    proj = _gl_projection(50.0, 36.0, width, height, shift_x=0.05)
+    view = np.linalg.inv(cam)
+    viewmat, K, shift = rig.viewport_camera(view, proj, width, height, obj)
+    assert shift == 0.0
+    pts = np.random.default_rng(4).normal(0, 0.4, (40, 3))
+    px_ref, z_ref = _project(pts, obj, view, proj, width, height)
+    px, depth = _backend_pixels(pts, viewmat, K)
+    assert np.abs(px - px_ref).max() < 1e-9 and np.abs(depth + z_ref).max() < 1e-12  # OpenCV depth = -view z
+
+
+def test_viewport_camera_orthographic_through_a_far_pinhole():
+    width, height = 64, 48
+    cam = _look([0.9, -3.5, 1.6], [1.35, 0.0, 0.25])
+    obj = _look([0.4, -0.2, 0.9], [0.0, 0.0, 0.5])
+    proj = _ortho_projection(2.5, width, height, shift_x=0.03)
+    view = np.linalg.inv(cam)
+    viewmat, K, shift = rig.viewport_camera(view, proj, width, height, obj)
+    pts = np.random.default_rng(0).normal(0, 0.4, (50, 3)) + np.array([0.0, -0.3, 0.0])
+    px_ref, z_ref = _project(pts, obj, view, proj, width, height)
+    px, depth = _backend_pixels(pts, viewmat, K)
+    # Exact on the plane through the avatar's origin, off by (z - z0)/D elsewhere: well under a pixel here.
+    assert np.abs(px - px_ref).max() < 0.05
+    assert np.abs((shift - depth) - z_ref).max() < 1e-9  # the region's view z from the backend's depth
+    assert np.abs(rig.ndc_depth(shift - depth, proj) - rig.ndc_depth(z_ref, proj)).max() < 1e-9
+    # The avatar's origin itself lands exactly where the orthographic view puts it.
+    origin_px, _ = _project(np.zeros((1, 3)), obj, view, proj, width, height)
+    ours, _ = _backend_pixels(np.zeros((1, 3)), viewmat, K)
+    assert np.abs(ours - origin_px).max() < 1e-9
+
+
+def test_ndc_depth_is_the_projection_applied_in_full():
+    z = -np.linspace(0.2, 90.0, 50)
+    for proj in (_gl_projection(35.0, 36.0, 64, 48), _ortho_projection(3.0, 64, 48)):
+        clip = proj @ np.stack([np.zeros_like(z), np.zeros_like(z), z, np.ones_like(z)])
+        expected = 0.5 * clip[2] / clip[3] + 0.5
+        assert np.allclose(rig.ndc_depth(z, proj), expected, rtol=0, atol=1e-12)
+        assert rig.depth_terms(proj) == (proj[2, 2], proj[2, 3], proj[3, 2], proj[3, 3])
+
+
+def test_body_to_world_places_body_points_through_the_object():
+    obj = _look([0.2, 0.3, 1.1], [0.1, 0.0, math.radians(30)])
+    obj[:3, :3] *= 1.5
+    pts = np.random.default_rng(5).normal(0, 0.5, (20, 3))
+    expected = (obj @ np.c_[rig.to_blender(pts), np.ones(20)].T).T[:, :3]
+    got = (rig.body_to_world(obj) @ np.c_[pts, np.ones(20)].T).T[:, :3]
+    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+# -------------------------------------------------------- forward kinematics (from operators/motion.py)
+def _armature(layout, names=None):
+    names = list(layout.names) if names is None else names
+    parents = {n: (layout.names[layout.parents[j]] if layout.parents[j] >= 0 else None)
+               for n, j in ((n, layout.names.index(n)) for n in names)}
+    rest = {}
+    for n in names:
+        j = layout.names.index(n)
+        rest[n] = np.eye(4)
+        rest[n][:3, :3], rest[n][:3, 3] = layout.matrices[j], layout.heads[j]
+    return parents, rest
+
+
+def test_armature_pose_is_blenders_armature_formula(layout):
+    rng = np.random.default_rng(6)
+    quats = rng.normal(0, 1, (4, 55, 4))
+    locations = rng.normal(0, 0.1, (4, 55, 3))
+    expected = blender_fk(quats, locations, layout)
+    order = list(layout.names)[::-1]  # children before parents: the evaluation must reorder
+    parents, rest = _armature(layout, order)
+    posed = rig.armature_pose(parents, rest, {n: quats[:, layout.names.index(n)] for n in order},
+                              {n: locations[:, layout.names.index(n)] for n in order})
+    got = np.stack([posed[n] for n in layout.names], 1)
+    assert np.abs(got - expected).max() < 1e-12
+    assert rig.parents_first(parents).index("pelvis") == 0
+
+
+def test_pose_from_armature_recovers_the_smplx_pose(body, layout):
+    from hda_backend import motion_keys
+
+    pose, transl = random_poses(5, seed=7, scale=0.5)
+    quats, root = rig.bone_rotations_from_pose(pose, transl, layout)
+    parents, rest = _armature(layout)
+    q = {n: quats[:, j] for j, n in enumerate(layout.names)}
+    loc = {n: np.zeros((5, 3)) for n in layout.names}
+    loc["pelvis"] = root
+    # The armature's posed heads are smplx's LBS joints (an independent evaluation of the same pose).
+    posed = rig.armature_pose(parents, rest, q, loc)
+    lbs = pose_body(body, torch.tensor(pose, dtype=torch.float32), transl=torch.tensor(transl, dtype=torch.float32))
+    heads = np.stack([posed[n][:, :3, 3] for n in layout.names], 1)
+    assert np.abs(heads - lbs.joints.double().numpy() @ rig.AXIS_YUP_TO_ZUP.T).max() < 2e-5
+    got, got_transl = motion_keys.pose_from_armature(parents, rest, q, loc)
+    assert got.shape == (5, 55, 3) and got_transl.shape == (5, 3)
+    ref = rig.axis_angle_to_matrix(pose.reshape(5, 55, 3))
+    assert np.abs(rig.axis_angle_to_matrix(got) - ref).max() < 1e-9
+    assert np.abs(got_transl - transl).max() < 1e-12
+    # Joints the armature lacks (the hands) follow their parents rigidly: no rotation of their own.
+    keep = [n for n in layout.names if "index" not in n]
+    parents, rest = _armature(layout, keep)
+    part, _ = motion_keys.pose_from_armature(parents, rest, {n: q[n] for n in keep}, {n: loc[n] for n in keep})
+    missing = [j for j, n in enumerate(layout.names) if "index" in n]
+    assert np.abs(part[:, missing]).max() < 1e-12
+    kept = [j for j, n in enumerate(layout.names) if n in keep]
+    assert np.abs(rig.axis_angle_to_matrix(part[:, kept]) - ref[:, kept]).max() < 1e-9

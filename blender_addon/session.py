@@ -1,0 +1,133 @@
+"""The add-on's session state, all of it: one Blender session's, never saved anywhere, no bpy.
+
+Everything the add-on remembers between calls lives here and nowhere else, so that the sidebar, the
+preferences, the handlers and the operators read and write the same objects, and unregister forgets
+all of it with one :func:`reset`. It is kept out of Blender properties so that a stale status is
+never saved into a .blend or userpref.blend.
+
+- :data:`backend`: the last *Check backend* result, the running check, the running or last install.
+- :data:`caches`: loaded bodies, bone layouts and avatars, rendered frames, per-avatar errors and
+  timings (runtime.py). Keys are runtime's object keys (name + saved uid), never Blender references.
+- :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region images (viewport.py).
+- :data:`render`: whether Blender is rendering (handlers.py).
+- :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
+- :data:`models`: loaded diffusion models (Sample Identity; diffusion_model.py).
+- :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
+
+Running child processes (checks, installs, fits) must be stopped by the caller before :func:`reset`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+
+
+class _Part:
+    def reset(self) -> None:
+        """Back to the state of a fresh session (new, empty containers)."""
+        fresh = type(self)()
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+
+
+@dataclass
+class Backend(_Part):
+    last_check: dict | None = None   # probe result (see probe.run) of the last "Check backend"
+    check_ok: bool = False
+    check_line: str = ""             # one-line summary of the last check
+    check_job: object = None         # deps.Job of a running check
+    install_job: object = None       # deps.Job of the running or last install
+    install_line: str = ""           # last install outcome ("installed ..." / pip's error / "cancelled")
+
+
+@dataclass
+class Caches(_Part):
+    avatars: dict = field(default_factory=dict)      # object key -> (signature, Avatar)
+    bodies: dict = field(default_factory=dict)       # resolved body path -> BodyModel
+    layouts: dict = field(default_factory=dict)      # body sha256 -> rig.BoneLayout
+    frames: OrderedDict = field(default_factory=OrderedDict)  # frame key -> (rgba, depth), least recent first
+    frame_bytes: int = 0
+    errors: dict = field(default_factory=dict)       # object key -> last error line, for the sidebar
+    timings: dict = field(default_factory=dict)      # object key -> {stage: ms} of the last frame rendered
+    stats: dict = field(default_factory=lambda: {"hits": 0, "misses": 0})
+
+    def add_frame(self, key, rgba, depth, budget: int) -> None:
+        """Keep a rendered frame; drop the least recently used ones beyond ``budget`` bytes (one stays)."""
+        self.frames[key] = (rgba, depth)
+        self.frame_bytes += rgba.nbytes + depth.nbytes
+        while self.frame_bytes > budget and len(self.frames) > 1:
+            old_rgba, old_depth = self.frames.popitem(last=False)[1]
+            self.frame_bytes -= old_rgba.nbytes + old_depth.nbytes
+
+    def drop(self, key: str) -> None:
+        """Forget the avatar, timings and frames of one object key."""
+        self.avatars.pop(key, None)
+        self.timings.pop(key, None)
+        for fk in [k for k in self.frames if k[0] == key]:
+            rgba, depth = self.frames.pop(fk)
+            self.frame_bytes -= rgba.nbytes + depth.nbytes
+
+
+@dataclass
+class Viewport(_Part):
+    handle: object = None                            # the SpaceView3D draw handler
+    gpu: dict = field(default_factory=dict)          # "shader", "batch": built lazily in the first draw
+    views: dict = field(default_factory=dict)        # region pointer -> {"key": view key, "changed": time}
+    posed: dict = field(default_factory=dict)        # object key -> (signature, pose digest, Gaussians)
+    drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, textures, terms, shift)
+    stats: dict = field(default_factory=dict)        # object key -> {"ms": last render ms, "scale": factor}
+    last_pose: dict = field(default_factory=dict)    # object key -> (pose digest, time it changed)
+
+    def forget_images(self) -> None:
+        """Forget cached poses, images and textures (File > Open); the handler and shader stay."""
+        for d in (self.views, self.posed, self.drawn, self.last_pose, self.stats):
+            d.clear()
+
+
+@dataclass
+class Render(_Part):
+    rendering: bool = False          # between render_pre and render_post/complete/cancel
+
+
+@dataclass
+class Fit(_Part):
+    """The session's fit (one at a time): the avatar is remembered by name and uid, never by reference."""
+
+    job: object = None               # fitjob.FitJob, running or last
+    avatar: str = ""
+    uid: str = ""
+    subject: str = ""
+    line: str = ""                   # the outcome, for the sidebar and the operator's report
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+
+@dataclass
+class Models(_Part):
+    loaded: dict = field(default_factory=dict)       # path -> ((mtime, size), DiffusionModel)
+
+
+@dataclass
+class Registration(_Part):
+    classes: list = field(default_factory=list)      # registered bpy classes, in order
+    sys_paths: list = field(default_factory=list)    # sys.path entries the add-on appended
+
+
+backend = Backend()
+caches = Caches()
+viewport = Viewport()
+render = Render()
+fit = Fit()
+models = Models()
+registration = Registration()
+
+PARTS = (backend, caches, viewport, render, fit, models, registration)
+
+
+def reset() -> None:
+    """Forget everything (unregister). Child processes, handlers and timers must be gone already."""
+    for part in PARTS:
+        part.reset()
