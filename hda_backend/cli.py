@@ -17,7 +17,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .cli_args import add_config_args, config_from_args, int_in  # noqa: E402
+from .cli_args import Parser, add_config_args, config_from_args, int_in  # noqa: E402
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
 from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
@@ -28,11 +28,6 @@ from .studio.cli import add_parsers as add_studio_parsers  # noqa: E402
 MAX_SIZE = 8192
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default prints usage over two lines and exits
-        raise HDAError(f"{self.prog}: {message} (see --help)")
-
-
 def _positive(name: str, limit: int):
     return int_in(name, 1, limit)
 
@@ -41,8 +36,8 @@ _size = _positive("--size", MAX_SIZE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hda", description="Hyper Diffusion Avatars: animatable Gaussian human avatars.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="hda", description="Hyper Diffusion Avatars: animatable Gaussian human avatars.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("render", help="render an avatar through a motion to RGBA PNG frames")
     src = p.add_mutually_exclusive_group(required=True)
@@ -100,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
 
     p = sub.add_parser("bench", help="benchmarks (print timings)")
-    bench = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bench = p.add_subparsers(dest="bench", required=True, parser_class=Parser)
     b = bench.add_parser("raster", help="CPU rasterizer ms per frame, forward and forward+backward")
     b.add_argument("--counts", default="10000,60000", help="comma-separated Gaussian counts")
     b.add_argument("--sizes", default="256,512", help="comma-separated image sizes")

@@ -5,7 +5,16 @@ Kept apart from ``hda_backend/cli.py`` because that module imports the subcomman
 
 from __future__ import annotations
 
+import argparse
+
 from .errors import HDAError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the ``hda`` command and every subcommand parser."""
+
+    def error(self, message):  # argparse's default prints usage over two lines and exits
+        raise HDAError(f"{self.prog}: {message} (see --help)")
 
 
 def int_in(name: str, low: int, high: int):

@@ -244,8 +244,7 @@ def load_subject(path) -> Subject:
     meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise HDAError(f"{meta_path}: expected a JSON object")
-    fmt = _field(meta_path, meta, "format", str, lambda v: v == FORMAT, repr(FORMAT))
-    del fmt
+    _field(meta_path, meta, "format", str, lambda v: v == FORMAT, repr(FORMAT))
     _field(meta_path, meta, "format_version", int, lambda v: v == FORMAT_VERSION, str(FORMAT_VERSION))
     name = _field(meta_path, meta, "name", str)
     seed = _field(meta_path, meta, "seed", int)

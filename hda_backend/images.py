@@ -18,6 +18,12 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def unpremultiply(rgb: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A render's premultiplied rgb [...,3] and alpha [...,1] -> straight-alpha RGBA [...,4], as PNG expects
+    (colour divided by alpha, floored at ``eps`` where nothing covers the pixel)."""
+    return torch.cat([rgb / alpha.clamp_min(eps), alpha], dim=-1)
+
+
 def save_png(path: str | os.PathLike, image) -> Path:
     """Save [H,W,3|4] floats in [0,1] (or uint8) as PNG via a temporary file and a rename."""
     array = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else to_uint8(image)

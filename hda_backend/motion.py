@@ -121,8 +121,142 @@ def load_motion_npz(path: str | Path) -> Motion:
     return Motion(path.stem, torch.tensor(poses, dtype=torch.float32), torch.tensor(transl, dtype=torch.float32), fps)
 
 
+# Axis conventions of SMPL-X's rest frame: hip flexion is -X, knee flexion +X, lowering the left arm -Z
+# (right +Z), left elbow flexion -Y (right +Y). Every clip starts from the arms hanging by ARMS_DOWN.
+ARMS_DOWN = 1.2
+J = JOINT_INDEX
+
+
+def _walk(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    s = torch.sin(phase)
+    swing = 0.45 * s
+    poses[:, J["left_hip"], 0] = -swing
+    poses[:, J["right_hip"], 0] = swing
+    poses[:, J["left_knee"], 0] = 0.6 * torch.clamp(torch.sin(phase + math.pi / 2), min=0) + 0.1
+    poses[:, J["right_knee"], 0] = 0.6 * torch.clamp(torch.sin(phase - math.pi / 2), min=0) + 0.1
+    poses[:, J["left_shoulder"], 0] = 0.4 * s
+    poses[:, J["right_shoulder"], 0] = -0.4 * s
+    poses[:, J["left_elbow"], 1] = -0.3
+    poses[:, J["right_elbow"], 1] = 0.3
+    poses[:, J["spine2"], 1] = 0.1 * s
+    transl[:, 2] = torch.linspace(0, 0.9, len(phase), dtype=torch.float64)
+    transl[:, 1] = 0.015 * torch.cos(2 * phase)
+
+
+def _wave(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    s = torch.sin(phase)
+    poses[:, J["right_shoulder"], 2] = -1.3 + 0.1 * s
+    poses[:, J["right_elbow"], 1] = 0.4
+    poses[:, J["right_elbow"], 2] = -0.8 + 0.5 * s
+    poses[:, J["right_wrist"], 2] = 0.3 * s
+    poses[:, J["head"], 1] = -0.2
+    poses[:, J["spine3"], 2] = 0.05 * s
+
+
+def _squat(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    depth = 0.5 - 0.5 * torch.cos(phase)
+    poses[:, J["left_hip"], 0] = -1.3 * depth
+    poses[:, J["right_hip"], 0] = -1.3 * depth
+    poses[:, J["left_knee"], 0] = 2.0 * depth
+    poses[:, J["right_knee"], 0] = 2.0 * depth
+    poses[:, J["left_ankle"], 0] = -0.6 * depth
+    poses[:, J["right_ankle"], 0] = -0.6 * depth
+    poses[:, J["spine1"], 0] = 0.3 * depth
+    poses[:, J["left_shoulder"], 0] = -1.2 * depth
+    poses[:, J["right_shoulder"], 0] = -1.2 * depth
+    poses[:, J["left_shoulder"], 2] = -ARMS_DOWN * (1 - depth)
+    poses[:, J["right_shoulder"], 2] = ARMS_DOWN * (1 - depth)
+    transl[:, 1] = -0.38 * depth
+
+
+def _turn(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    s = torch.sin(phase)
+    poses[:, 0, 1] = phase
+    poses[:, J["spine2"], 1] = 0.2 * s
+    poses[:, J["head"], 1] = 0.3 * s
+    poses[:, J["left_elbow"], 1] = -0.5
+    poses[:, J["right_elbow"], 1] = 0.5
+
+
+def _arm_raise(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    """Lateral raises, the arms half a cycle apart: hanging (-Z left / +Z right) to overhead."""
+    left = 0.5 - 0.5 * torch.cos(phase)
+    right = 0.5 - 0.5 * torch.cos(phase + math.pi)
+    poses[:, J["left_shoulder"], 2] = -ARMS_DOWN + 2.5 * left
+    poses[:, J["right_shoulder"], 2] = ARMS_DOWN - 2.5 * right
+    poses[:, J["left_elbow"], 1] = -0.25 - 0.5 * left
+    poses[:, J["right_elbow"], 1] = 0.25 + 0.5 * right
+    poses[:, J["spine3"], 2] = 0.08 * (left - right)
+
+
+def _kick(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    """Right front kick: chamber (hip and knee flex), extend at the top, return; arms guard."""
+    lift = 0.5 - 0.5 * torch.cos(phase)
+    poses[:, J["right_hip"], 0] = -1.4 * lift
+    poses[:, J["right_knee"], 0] = 1.3 * torch.sin(phase) ** 2 * (1 - lift) + 0.08
+    poses[:, J["right_ankle"], 0] = 0.3 * lift
+    poses[:, J["left_knee"], 0] = 0.15 * lift
+    poses[:, J["left_hip"], 0] = -0.1 * lift
+    poses[:, J["spine1"], 0] = -0.15 * lift
+    poses[:, J["left_elbow"], 1] = -1.6
+    poses[:, J["right_elbow"], 1] = 1.6
+    poses[:, J["left_shoulder"], 0] = -0.5
+    poses[:, J["right_shoulder"], 0] = -0.5
+    transl[:, 1] = -0.02 * lift
+
+
+def _jumping_jack(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    """Arms from hanging to overhead while the legs spread (left hip +Z, right hip -Z), with a hop."""
+    open_ = 0.5 - 0.5 * torch.cos(phase)
+    poses[:, J["left_shoulder"], 2] = -ARMS_DOWN + 2.6 * open_
+    poses[:, J["right_shoulder"], 2] = ARMS_DOWN - 2.6 * open_
+    poses[:, J["left_hip"], 2] = 0.35 * open_
+    poses[:, J["right_hip"], 2] = -0.35 * open_
+    poses[:, J["left_ankle"], 2] = -0.3 * open_
+    poses[:, J["right_ankle"], 2] = 0.3 * open_
+    poses[:, J["left_knee"], 0] = 0.25 * torch.sin(2 * phase) ** 2
+    poses[:, J["right_knee"], 0] = 0.25 * torch.sin(2 * phase) ** 2
+    transl[:, 1] = 0.06 * torch.sin(2 * phase).abs()
+
+
+def _bow(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    """Tip the pelvis forward (+X on the root) with the hips flexing back (-X) so the legs stay upright,
+    bend the spine forward (+X), arms hanging, then straighten."""
+    depth = 0.5 - 0.5 * torch.cos(phase)
+    poses[:, 0, 0] = 0.6 * depth
+    for spine in ("spine1", "spine2", "spine3"):
+        poses[:, J[spine], 0] = 0.25 * depth
+    poses[:, J["left_hip"], 0] = -0.6 * depth
+    poses[:, J["right_hip"], 0] = -0.6 * depth
+    poses[:, J["head"], 0] = 0.2 * depth
+    poses[:, J["left_elbow"], 1] = -0.2 * depth
+    poses[:, J["right_elbow"], 1] = 0.2 * depth
+
+
+def _lunge(poses: torch.Tensor, transl: torch.Tensor, phase: torch.Tensor) -> None:
+    """Alternating forward lunges: front hip flexes (-X) and knee bends, the back knee drops."""
+    for side, sign, offset in (("left", 1.0, 0.0), ("right", -1.0, math.pi)):
+        step = torch.clamp(torch.sin(phase + offset), min=0)
+        other = "right" if side == "left" else "left"
+        poses[:, J[f"{side}_hip"], 0] += -1.1 * step
+        poses[:, J[f"{side}_knee"], 0] += 1.3 * step
+        poses[:, J[f"{other}_hip"], 0] += 0.35 * step
+        poses[:, J[f"{other}_knee"], 0] += 1.1 * step
+        poses[:, J["spine2"], 1] += 0.15 * sign * step
+    poses[:, J["left_elbow"], 1] = -0.4
+    poses[:, J["right_elbow"], 1] = 0.4
+    transl[:, 1] = -0.21 * torch.sin(phase).abs()
+
+
+# The built-in clips: each writes its keyframes into poses [F,55,3] and transl [F,3] (float64, the arms
+# already hanging) for phases [F] over one cycle [0, 2π).
+CLIPS = {"walk": _walk, "wave": _wave, "squat": _squat, "turn": _turn, "arm_raise": _arm_raise, "kick": _kick,
+         "jumping_jack": _jumping_jack, "bow": _bow, "lunge": _lunge}
+assert tuple(CLIPS) == BUILTIN
+
+
 def procedural(name: str, frames: int = 30, fps: float = 30.0) -> Motion:
-    """Built-in looping clips keyframed on the SMPL-X skeleton; ``frames`` covers one cycle."""
+    """Built-in looping clips keyframed on the SMPL-X skeleton (:data:`CLIPS`); ``frames`` covers one cycle."""
     if name not in BUILTIN:
         raise HDAError(f"motion '{name}': expected one of {', '.join(BUILTIN)}")
     if not 1 <= frames <= MAX_FRAMES:
@@ -130,111 +264,15 @@ def procedural(name: str, frames: int = 30, fps: float = 30.0) -> Motion:
     phase = torch.arange(frames, dtype=torch.float64) / max(frames, 1) * 2 * math.pi
     poses = torch.zeros(frames, NUM_JOINTS, 3, dtype=torch.float64)
     transl = torch.zeros(frames, 3, dtype=torch.float64)
-    j = JOINT_INDEX
-    s = torch.sin(phase)
-    # Axis conventions of SMPL-X's rest frame: hip flexion is -X, knee flexion +X, lowering the left
-    # arm -Z (right +Z), left elbow flexion -Y (right +Y).
-    arms_down = 1.2
-    poses[:, j["left_shoulder"], 2] = -arms_down
-    poses[:, j["right_shoulder"], 2] = arms_down
-    if name == "walk":
-        swing = 0.45 * s
-        poses[:, j["left_hip"], 0] = -swing
-        poses[:, j["right_hip"], 0] = swing
-        poses[:, j["left_knee"], 0] = 0.6 * torch.clamp(torch.sin(phase + math.pi / 2), min=0) + 0.1
-        poses[:, j["right_knee"], 0] = 0.6 * torch.clamp(torch.sin(phase - math.pi / 2), min=0) + 0.1
-        poses[:, j["left_shoulder"], 0] = 0.4 * s
-        poses[:, j["right_shoulder"], 0] = -0.4 * s
-        poses[:, j["left_elbow"], 1] = -0.3
-        poses[:, j["right_elbow"], 1] = 0.3
-        poses[:, j["spine2"], 1] = 0.1 * s
-        transl[:, 2] = torch.linspace(0, 0.9, frames, dtype=torch.float64)
-        transl[:, 1] = 0.015 * torch.cos(2 * phase)
-    elif name == "wave":
-        poses[:, j["right_shoulder"], 2] = -1.3 + 0.1 * s
-        poses[:, j["right_elbow"], 1] = 0.4
-        poses[:, j["right_elbow"], 2] = -0.8 + 0.5 * s
-        poses[:, j["right_wrist"], 2] = 0.3 * s
-        poses[:, j["head"], 1] = -0.2
-        poses[:, j["spine3"], 2] = 0.05 * s
-    elif name == "squat":
-        depth = 0.5 - 0.5 * torch.cos(phase)
-        poses[:, j["left_hip"], 0] = -1.3 * depth
-        poses[:, j["right_hip"], 0] = -1.3 * depth
-        poses[:, j["left_knee"], 0] = 2.0 * depth
-        poses[:, j["right_knee"], 0] = 2.0 * depth
-        poses[:, j["left_ankle"], 0] = -0.6 * depth
-        poses[:, j["right_ankle"], 0] = -0.6 * depth
-        poses[:, j["spine1"], 0] = 0.3 * depth
-        poses[:, j["left_shoulder"], 0] = -1.2 * depth
-        poses[:, j["right_shoulder"], 0] = -1.2 * depth
-        poses[:, j["left_shoulder"], 2] = -arms_down * (1 - depth)
-        poses[:, j["right_shoulder"], 2] = arms_down * (1 - depth)
-        transl[:, 1] = -0.38 * depth
-    elif name == "turn":
-        poses[:, 0, 1] = phase
-        poses[:, j["spine2"], 1] = 0.2 * s
-        poses[:, j["head"], 1] = 0.3 * s
-        poses[:, j["left_elbow"], 1] = -0.5
-        poses[:, j["right_elbow"], 1] = 0.5
-    elif name == "arm_raise":
-        # Lateral raises, the arms half a cycle apart: hanging (-Z left / +Z right) to overhead.
-        left = 0.5 - 0.5 * torch.cos(phase)
-        right = 0.5 - 0.5 * torch.cos(phase + math.pi)
-        poses[:, j["left_shoulder"], 2] = -arms_down + 2.5 * left
-        poses[:, j["right_shoulder"], 2] = arms_down - 2.5 * right
-        poses[:, j["left_elbow"], 1] = -0.25 - 0.5 * left
-        poses[:, j["right_elbow"], 1] = 0.25 + 0.5 * right
-        poses[:, j["spine3"], 2] = 0.08 * (left - right)
-    elif name == "kick":
-        # Right front kick: chamber (hip and knee flex), extend at the top, return; arms guard.
-        lift = 0.5 - 0.5 * torch.cos(phase)
-        poses[:, j["right_hip"], 0] = -1.4 * lift
-        poses[:, j["right_knee"], 0] = 1.3 * torch.sin(phase) ** 2 * (1 - lift) + 0.08
-        poses[:, j["right_ankle"], 0] = 0.3 * lift
-        poses[:, j["left_knee"], 0] = 0.15 * lift
-        poses[:, j["left_hip"], 0] = -0.1 * lift
-        poses[:, j["spine1"], 0] = -0.15 * lift
-        poses[:, j["left_elbow"], 1] = -1.6
-        poses[:, j["right_elbow"], 1] = 1.6
-        poses[:, j["left_shoulder"], 0] = -0.5
-        poses[:, j["right_shoulder"], 0] = -0.5
-        transl[:, 1] = -0.02 * lift
-    elif name == "jumping_jack":
-        # Arms from hanging to overhead while the legs spread (left hip +Z, right hip -Z), with a hop.
-        open_ = 0.5 - 0.5 * torch.cos(phase)
-        poses[:, j["left_shoulder"], 2] = -arms_down + 2.6 * open_
-        poses[:, j["right_shoulder"], 2] = arms_down - 2.6 * open_
-        poses[:, j["left_hip"], 2] = 0.35 * open_
-        poses[:, j["right_hip"], 2] = -0.35 * open_
-        poses[:, j["left_ankle"], 2] = -0.3 * open_
-        poses[:, j["right_ankle"], 2] = 0.3 * open_
-        poses[:, j["left_knee"], 0] = 0.25 * torch.sin(2 * phase) ** 2
-        poses[:, j["right_knee"], 0] = 0.25 * torch.sin(2 * phase) ** 2
-        transl[:, 1] = 0.06 * torch.sin(2 * phase).abs()
-    elif name == "bow":
-        # Tip the pelvis forward (+X on the root) with the hips flexing back (-X) so the legs stay
-        # upright, bend the spine forward (+X), arms hanging, then straighten.
-        depth = 0.5 - 0.5 * torch.cos(phase)
-        poses[:, 0, 0] = 0.6 * depth
-        for spine in ("spine1", "spine2", "spine3"):
-            poses[:, j[spine], 0] = 0.25 * depth
-        poses[:, j["left_hip"], 0] = -0.6 * depth
-        poses[:, j["right_hip"], 0] = -0.6 * depth
-        poses[:, j["head"], 0] = 0.2 * depth
-        poses[:, j["left_elbow"], 1] = -0.2 * depth
-        poses[:, j["right_elbow"], 1] = 0.2 * depth
-    elif name == "lunge":
-        # Alternating forward lunges: front hip flexes (-X) and knee bends, the back knee drops.
-        for side, sign, offset in (("left", 1.0, 0.0), ("right", -1.0, math.pi)):
-            step = torch.clamp(torch.sin(phase + offset), min=0)
-            other = "right" if side == "left" else "left"
-            poses[:, j[f"{side}_hip"], 0] += -1.1 * step
-            poses[:, j[f"{side}_knee"], 0] += 1.3 * step
-            poses[:, j[f"{other}_hip"], 0] += 0.35 * step
-            poses[:, j[f"{other}_knee"], 0] += 1.1 * step
-            poses[:, j["spine2"], 1] += 0.15 * sign * step
-        poses[:, j["left_elbow"], 1] = -0.4
-        poses[:, j["right_elbow"], 1] = 0.4
-        transl[:, 1] = -0.21 * torch.sin(phase).abs()
+    poses[:, J["left_shoulder"], 2] = -ARMS_DOWN
+    poses[:, J["right_shoulder"], 2] = ARMS_DOWN
+    CLIPS[name](poses, transl, phase)
     return Motion(name, poses.float(), transl.float(), fps)
+
+
+def pose_at(name: str, phase: float, cycle: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pose [55,3], transl [3]) of the built-in clip ``name`` at ``phase`` in [0, 1) of its cycle: frame
+    round(phase · cycle) mod cycle of the clip sampled at ``cycle`` frames per cycle."""
+    clip = procedural(name, cycle)
+    f = round(phase * cycle) % cycle
+    return clip.poses[f], clip.transl[f]

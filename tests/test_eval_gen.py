@@ -225,6 +225,45 @@ def test_novelty_by_hand():
 # Baselines
 
 
+def test_span_measures_by_hand():
+    # Training set on the x axis: mean (1, 0, 0), spread mean |x - m|^2 = 1, span = the x axis,
+    # nearest-neighbour distances 2 and 2 (median 2).
+    train = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    samples = np.array([[1.0, 0.0, 0.0], [3.0, 0.0, 4.0], [0.0, 0.0, 0.0]])
+    got = metrics.span_measures(samples, train)
+    np.testing.assert_allclose(got.in_span, [0.0, 2.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(got.off_span, [0.0, 4.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(got.nn_ratio, [0.5, math.sqrt(17) / 2, 0.0], atol=1e-12)
+    # Three points spanning a plane (z = 0): mean (1, 1, 0), spread (|(-1,-1)|^2 + |(1,-1)|^2 + |(0,2)|^2)/3 = 8/3.
+    train = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 3.0, 0.0]])
+    got = metrics.span_measures(np.array([[1.0, 1.0, 2.0], [5.0, 4.0, 0.0]]), train)
+    np.testing.assert_allclose(got.in_span, [0.0, 5.0 / math.sqrt(8 / 3)], atol=1e-12)
+    np.testing.assert_allclose(got.off_span, [2.0 / math.sqrt(8 / 3), 0.0], atol=1e-12)
+    # nearest-neighbour distances in the set: 2, 2, sqrt(10) -> median 2; samples' nearest: sqrt(6), sqrt(17)
+    np.testing.assert_allclose(got.nn_ratio, [math.sqrt(6) / 2, math.sqrt(17) / 2], atol=1e-12)
+
+
+def test_span_measures_match_least_squares_and_loops():
+    rng = np.random.default_rng(3)
+    train, samples = rng.normal(size=(6, 20)), rng.normal(size=(4, 20))
+    got = metrics.span_measures(samples, train)
+    mean = train.mean(0)
+    spread = math.sqrt(sum(float(((row - mean) ** 2).sum()) for row in train) / len(train))
+    for i, s in enumerate(samples):
+        coef = np.linalg.lstsq((train - mean).T, s - mean, rcond=None)[0]  # nearest point of the affine span
+        foot = (train - mean).T @ coef
+        assert got.in_span[i] == pytest.approx(np.linalg.norm(foot) / spread, rel=1e-9)
+        assert got.off_span[i] == pytest.approx(np.linalg.norm(s - mean - foot) / spread, rel=1e-9)
+        nearest = min(math.dist(s, t) for t in train)
+        within = sorted(min(math.dist(a, b) for j, b in enumerate(train) if j != k) for k, a in enumerate(train))
+        assert got.nn_ratio[i] == pytest.approx(nearest / ((within[2] + within[3]) / 2), rel=1e-9)
+    assert metrics.span_measures(train, train).off_span == pytest.approx(np.zeros(6), abs=1e-9)
+    with pytest.raises(HDAError, match="expected \\[G, D\\]"):
+        metrics.span_measures(samples[:, :3], train)
+    with pytest.raises(HDAError, match="all equal"):
+        metrics.span_measures(samples, np.ones((3, 20)))
+
+
 def test_copy_baseline_draws_training_rows_without_repeats():
     train = torch.randn(5, 7)
     samples, index = baselines.copy_samples(train, 12, seed=4)

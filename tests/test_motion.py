@@ -75,3 +75,50 @@ def test_builtin_clips_move_as_named(bundled):
     turn = _joints(bundled, procedural("turn", 4))
     left = turn[:, J["left_hip"]] - turn[:, J["right_hip"]]
     assert left[0, 0] > 0 and left[2, 0] < 0  # half a turn later the left hip points to -X
+
+
+# sha256 of every clip's poses and transl bytes (float32) at 1, 7, 30 and 48 frames, taken before the
+# clips became a table of functions (motion.CLIPS): the table must reproduce them bit for bit.
+CLIP_SHA256 = {
+    "walk": "eca4c8231eaa7be31c8159813a65e679cf223eb0f89b2e39ca292b9b92e39ba0",
+    "wave": "7c5631574c4c25f63d8d661bc3d63ad315be688afcbd933520a06c3d726707e6",
+    "squat": "21e21ae2944289973cd9f70d6ecf5b8db12247a68d6f85d8a121f3761f538e0b",
+    "turn": "7998f805f8a354d96920825b28cdcc9cc85a38576463ee307ff07c4129d67d2d",
+    "arm_raise": "58e3dbbceb9e53fef1a57fd785f70733d6a3c480ca4c93006e0a12420f9a7e1e",
+    "kick": "211ae110a48e10c51de1fc469f0148556e5dccbc086f2ce5a73c8a777fb2663a",
+    "jumping_jack": "ebbdb75ab6cad4cfd2c94cbef6d941e566e03d63287bc656a17ca84470e9cfeb",
+    "bow": "ca352ef091cb3773a313a52660031cfd395cb4c459806fe58e9c4cbd15bb0d60",
+    "lunge": "12546f5a226de49f0e76b08c3669bec0976142921e86b24565d5bda194b0aff8",
+}
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_clips_are_bit_identical_to_their_recorded_values(name):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for frames in (1, 7, 30, 48):
+        m = procedural(name, frames)
+        assert m.poses.dtype == torch.float32 and m.transl.dtype == torch.float32
+        digest.update(m.poses.numpy().tobytes())
+        digest.update(m.transl.numpy().tobytes())
+    assert digest.hexdigest() == CLIP_SHA256[name]
+
+
+def test_pose_at_is_the_cycle_frame_nearest_the_phase():
+    from hda_backend.motion import pose_at
+
+    walk = procedural("walk", 100)
+    for phase, frame in ((0.0, 0), (0.25, 25), (0.333, 33), (0.996, 0), (0.5, 50)):
+        pose, transl = pose_at("walk", phase, 100)
+        assert torch.equal(pose, walk.poses[frame]) and torch.equal(transl, walk.transl[frame])
+    assert torch.equal(pose_at("squat", 0.5, 64)[0], procedural("squat", 64).poses[32])
+
+
+def test_unpremultiply_divides_colour_by_alpha():
+    from hda_backend.images import unpremultiply
+
+    rgb = torch.tensor([[[0.2, 0.4, 0.1], [0.0, 0.0, 0.0]]])
+    alpha = torch.tensor([[[0.5], [0.0]]])
+    expected = torch.tensor([[[0.4, 0.8, 0.2, 0.5], [0.0, 0.0, 0.0, 0.0]]])
+    assert torch.allclose(unpremultiply(rgb, alpha), expected)

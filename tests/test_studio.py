@@ -188,3 +188,43 @@ def test_cli_bad_arguments(argv, message, capsys):
     assert studio_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hda: error:") and message in err and "\n" not in err
+
+
+def test_blender_camera_maths_by_hand():
+    from hda_backend.studio.blender_render import blender_camera_matrix, blender_lens, over_background
+
+    # fx 500 px over 512 px on a 36 mm sensor: 35.15625 mm; the principal point 56 px left of centre moves
+    # the frame right by 56/512 of the larger side, 10 px below centre moves it down (Blender's +y is up).
+    lens, sx, sy = blender_lens([[500.0, 0, 200.0], [0, 500.0, 202.0], [0, 0, 1]], 512, 384)
+    assert (lens, sx, sy) == pytest.approx((35.15625, 56 / 512, 10 / 512))
+    with pytest.raises(ValueError, match="fx != fy"):
+        blender_lens([[500.0, 0, 256], [0, 400.0, 192], [0, 0, 1]], 512, 384)
+    # A camera at (0, 1, 5) looking at -Z (world), OpenCV up = world -Y: Blender's camera sits at the same
+    # place, looks down its own -Z = world -Z, its +Y is world +Y.
+    R = np.diag([1.0, -1.0, -1.0])
+    t = -R @ np.array([0.0, 1.0, 5.0])
+    m = blender_camera_matrix(R, t)
+    np.testing.assert_allclose(m[:3, 3], [0, 1, 5], atol=1e-12)
+    np.testing.assert_allclose(-m[:3, 2], [0, 0, -1], atol=1e-12)
+    np.testing.assert_allclose(m[:3, 1], [0, 1, 0], atol=1e-12)
+    # Straight alpha over a grey background, rounded to 8 bits; the mask is the alpha.
+    rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [200, 100, 0, 128]]], np.uint8)
+    rgb, mask = over_background(rgba, (0.5, 0.5, 0.5))
+    a = 128 / 255
+    expected = [[255, 0, 0], [128, 128, 128], [round(200 * a + 127.5 * (1 - a)), round(100 * a + 127.5 * (1 - a)),
+                                               round(127.5 * (1 - a))]]
+    assert rgb.tolist() == [expected] and mask.tolist() == [[255, 0, 128]]
+
+
+def test_mvhumannet_composite_view_by_hand():
+    from hda_backend.studio.convert_mvhumannet import composite_view
+
+    rgb = np.full((1, 3, 3), 0.8)
+    soft = np.array([[0.0, 0.5, 1.0]])
+    out, m = composite_view(rgb, soft, (0.0, 0.2, 1.0))
+    np.testing.assert_allclose(out[0, 1], [0.4, 0.5, 0.9])
+    np.testing.assert_allclose(m, soft)
+    binary = np.array([[0.0, 0.2, 0.2]])  # two levels: any non-zero value is the person
+    out, m = composite_view(rgb, binary, (0.0, 0.0, 0.0))
+    np.testing.assert_allclose(m, [[0.0, 1.0, 1.0]])
+    np.testing.assert_allclose(out[0, 2], [0.8, 0.8, 0.8])

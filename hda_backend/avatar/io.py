@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..atomic import replacing
+from ..atomic import atomic_save_safetensors
 from ..body import BodyModel
 from ..errors import HDAError
 from ..uvmap import UV_RESOLUTIONS
@@ -40,12 +39,6 @@ from .unet import UNetConfig
 FORMAT = "hda-avatar"
 FORMAT_VERSION = "1"
 SUFFIX = ".hda.safetensors"
-
-
-def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
-    """Write a safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
-    with replacing(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def save_avatar(avatar: Avatar, path: str | os.PathLike, origin: str = "") -> Path:

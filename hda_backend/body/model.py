@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import HDAError
-from .skeleton import JOINT_NAMES, NUM_JOINTS, PARENTS
+from .skeleton import NUM_JOINTS, PARENTS
 
 BUNDLED_BODY = Path(__file__).parent / "assets" / "hda_body.npz"
 ENV_VAR = "HDA_SMPLX_PATH"
@@ -186,8 +186,3 @@ def _fingerprint(*arrays: np.ndarray) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def joint_name_array() -> np.ndarray:
-    """The joint names as a fixed-width unicode array, storable in npz without pickle."""
-    return np.array(JOINT_NAMES)

@@ -92,7 +92,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_interpolate(args) -> None:
-    from .sample import interpolate_avatars, interpolate_noise, load_diffusion
+    from .model_io import load_diffusion
+    from .sample import interpolate_avatars, interpolate_noise
     from .weights import write_avatar
 
     by_seed = args.model is not None or args.seed_a is not None or args.seed_b is not None
@@ -114,7 +115,8 @@ def cmd_interpolate(args) -> None:
 
 
 def cmd_bench_sample(args) -> None:
-    from .sample import DiffusionModel, bench_sample, load_diffusion
+    from .model_io import DiffusionModel, load_diffusion
+    from .sample import bench_sample
 
     if args.model:
         if args.tokenizer:
@@ -123,7 +125,7 @@ def cmd_bench_sample(args) -> None:
     else:
         import torch
 
-        from .train import denoiser_config
+        from .model_io import denoiser_config
         from .transformer import WeightDenoiser
         from .weights import AvatarMeta, LayerSpec, Normalizer
 

@@ -15,12 +15,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..avatar.io import SUFFIX, atomic_save_safetensors, load_avatar, read_avatar_file
+from ..atomic import atomic_save_safetensors
+from ..avatar.io import SUFFIX, load_avatar, read_avatar_file
 from ..body import BodyModel
 from ..errors import HDAError
 from .gallery import GalleryConfig, gallery_views, mse_matrix, psnr_distance, render_gallery
-from .sample import load_diffusion, sample_vectors
-from .train import read_tensors
+from .model_io import load_diffusion, read_model_file
+from .sample import sample_vectors
 from .weights import write_avatar
 
 GROUPS = {"denoiser": "model.", "normalizer": "normalizer."}
@@ -54,7 +55,7 @@ def compact_model(src, dst, body: BodyModel, config: CompactConfig = CompactConf
     module docstring). Returns {"half": kept groups, "trials": [{"groups", "worst_psnr_db"}], "bytes"}."""
     src, dst = Path(src), Path(dst)
     reference = load_diffusion(src)
-    metadata, tensors = read_tensors(src, "diffusion model")
+    metadata, tensors = read_model_file(src)
     views = gallery_views(body, config.gallery)
     want = sample_vectors(reference, list(config.seeds))
     kept: tuple[str, ...] = ()

@@ -172,22 +172,20 @@ def _nearest(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, d[np.arange(d.shape[0]), index]
 
 
-def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike, body: BodyModel,
-                        models: dict[str, Path] | None = None, samples: dict[str, Path] | None = None,
-                        train: str | os.PathLike | None = None, config: EvalGenConfig = EvalGenConfig(),
-                        lpips: Callable | None = None, inception: Callable | None = None,
-                        notes: tuple[str, ...] = (), progress: bool = True) -> dict:
-    """Evaluate every row against the reference avatars; write the report files; return the JSON dict.
+@dataclass
+class _Inputs:
+    """What evaluate_generation checked and read before rendering anything."""
 
-    reference / train: folders (or files) of ``*.hda.safetensors``; ``train`` (what the models and the
-    baselines were fitted on, the novelty reference) defaults to the reference set. models: row name ->
-    diffusion model file; samples: row name -> folder of generated avatar files. lpips(x [V,3,H,W],
-    y [V,3,H,W]) -> mean LPIPS; inception(images [N,H,W,3]) -> features [N,F] (see
-    :func:`.gallery.load_inception`); either may be None (that column is left out). notes: one-line
-    notes (e.g. why LPIPS is off) copied into the report.
-    """
-    out_dir = Path(out_dir)
-    rows = _check_rows(models or {}, samples or {}, tuple(config.baselines))
+    rows: list  # (name, kind, source)
+    ref: WeightSet
+    train_set: WeightSet
+    n: int
+    given: dict  # --samples row name -> its WeightSet
+
+
+def _check_inputs(reference, train, models: dict, samples: dict, config: EvalGenConfig) -> _Inputs:
+    """Checking and reading: the rows, the reference and training sets, n, the --samples folders."""
+    rows = _check_rows(models, samples, tuple(config.baselines))
     if not rows:
         raise HDAError("eval-gen: nothing to evaluate, expected --model, --samples or a baseline")
     ref = load_weight_set(reference)
@@ -203,7 +201,6 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         raise HDAError(f"--n {n}: expected 1..{MAX_EVAL_SAMPLES} samples per row")
     if config.steps is not None and config.steps < 1:
         raise HDAError(f"--steps {config.steps}: expected at least 1")
-
     given = {}  # --samples rows, read and checked before any rendering
     for name, kind, source in rows:
         if kind == "samples":
@@ -212,6 +209,114 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
                 raise HDAError(f"--samples {name}={source}: {len(given[name].paths)} avatar files, expected at most "
                                f"{MAX_EVAL_SAMPLES}")
             _same_architecture(ref, given[name], f"--samples {name}:")
+    return _Inputs(rows, ref, train_set, n, given)
+
+
+def _row_avatars(name: str, kind: str, source, inputs: _Inputs, folder: Path, config: EvalGenConfig,
+                 progress: bool) -> tuple[list[Path], float | None, WeightSet]:
+    """The avatar files of one row (drawn, sampled or given): (files, seconds per identity, their weights)."""
+    start = time.perf_counter()
+    if kind == "baseline":
+        vectors, origins = baseline_samples(name, inputs.train_set.vectors, inputs.n, config.seed)
+        files = _write_row(vectors, origins, inputs.ref, folder)
+    elif kind == "model":
+        files = _sample_model(source, inputs.n, config.seed, config.steps, folder, progress)
+    else:
+        files = inputs.given[name].paths
+    seconds = (time.perf_counter() - start) / len(files) if kind != "samples" else None
+    gen = inputs.given[name] if kind == "samples" else load_weight_set(files)
+    _same_architecture(inputs.ref, gen, f"row {name}:")
+    return files, seconds, gen
+
+
+def _render_row(gen: WeightSet, body: BodyModel, views, masks, config: EvalGenConfig, progress: bool,
+                desc: str) -> tuple[Gallery, list]:
+    """Every avatar of a row in the gallery views, with its plausibility verdict."""
+    backend = config.gallery.backend
+    images, alphas, verdicts = [], [], []
+    for path in tqdm(gen.paths, desc=desc, unit="avatar", disable=not progress):
+        avatar = load_avatar(path, body)
+        rgb, alpha = render_avatar(avatar, views, backend)
+        verdicts.append(check_plausible(avatar, views, config.plausibility, alpha=alpha, body_masks=masks,
+                                        backend=backend))
+        images.append(rgb)
+        alphas.append(alpha)
+    return Gallery(torch.stack(images), torch.stack(alphas)), verdicts
+
+
+@dataclass
+class _Sets:
+    """The reference and training sides and their within-set distances, computed once for all rows."""
+
+    ref: _Side
+    train: _Side
+    mse_rr: torch.Tensor
+    lpips_rr: np.ndarray | None
+    mse_tt: torch.Tensor
+    w_tt: np.ndarray
+    separate_train: bool
+
+
+def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[Path], sets: _Sets, config,
+                 lpips: Callable | None, inception: Callable | None) -> tuple[dict, list, np.ndarray, np.ndarray]:
+    """The maths of one row: MMD, COV, 1-NNA (PSNR, LPIPS), FID/KID, novelty, plausibility; returns (the
+    row's metric fields, per-sample details, each sample's nearest reference and its distance)."""
+    ref = sets.ref
+    mse_gr = mse_matrix(gallery.images, ref.gallery.images)
+    mse_gg = mse_matrix(gallery.images, gallery.images)
+    d_gr, d_gg, d_rr = psnr_distance(mse_gr), psnr_distance(mse_gg), psnr_distance(sets.mse_rr)
+    row = {"mmd_psnr_db": -mmd(d_gr), "cov_psnr": coverage(d_gr), "one_nna_psnr": one_nna(d_gg, d_gr, d_rr)}
+    if lpips is not None:
+        l_gr = lpips_matrix(gallery.images, ref.gallery.images, lpips)
+        l_gg = lpips_matrix(gallery.images, gallery.images, lpips)
+        row.update(mmd_lpips=mmd(l_gr), cov_lpips=coverage(l_gr), one_nna_lpips=one_nna(l_gg, l_gr, sets.lpips_rr))
+    if inception is not None:
+        feats = inception(gallery.images.flatten(0, 1).numpy())
+        kid_mean, kid_std = kid(feats, ref.features, config.kid)
+        row.update(fid=fid(feats, ref.features), kid=kid_mean, kid_std=kid_std)
+    mse_gt = mse_matrix(gallery.images, sets.train.gallery.images) if sets.separate_train else mse_gr
+    nov_w = novelty(weight_distance_matrix(gen.vectors, sets.train.weights.vectors), sets.w_tt)
+    nov_i = novelty(np.sqrt(mse_gt), np.sqrt(sets.mse_tt))
+    nearest, nearest_d = _nearest(d_gr)
+    row.update(novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(),
+               plausible_fraction=float(np.mean([v.ok for v in verdicts])))
+    details = [{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
+                "nearest_reference": ref.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
+                "novelty_weight_ratio": float(nov_w.ratios[i]), "novelty_image_ratio": float(nov_i.ratios[i])}
+               for i in range(len(files))]
+    return row, details, nearest, nearest_d
+
+
+def _write_report(out_dir: Path, report: dict, sheet_tiles: list, sheet_labels: list, config: EvalGenConfig) -> None:
+    """eval_gen.json, eval_gen.md and samples_vs_nearest.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "eval_gen.json", json.dumps(report, indent=2))
+    write_text(out_dir / "eval_gen.md", format_report(report))
+    columns = 2 * min(config.contact_pairs, max(len(r["files"]) for r in report["rows"]))
+    # Small galleries are enlarged (nearest neighbour) so that the labels fit above each tile.
+    zoom = -(-SHEET_TILE // config.gallery.size)
+    tiles = [np.repeat(np.repeat(to_uint8(t), zoom, axis=0), zoom, axis=1) for t in sheet_tiles]
+    sheet = contact_sheet(tiles, columns=max(columns, 2), labels=sheet_labels)
+    save_png(out_dir / "samples_vs_nearest.png", np.asarray(sheet))
+
+
+def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike, body: BodyModel,
+                        models: dict[str, Path] | None = None, samples: dict[str, Path] | None = None,
+                        train: str | os.PathLike | None = None, config: EvalGenConfig = EvalGenConfig(),
+                        lpips: Callable | None = None, inception: Callable | None = None,
+                        notes: tuple[str, ...] = (), progress: bool = True) -> dict:
+    """Evaluate every row against the reference avatars; write the report files; return the JSON dict.
+
+    reference / train: folders (or files) of ``*.hda.safetensors``; ``train`` (what the models and the
+    baselines were fitted on, the novelty reference) defaults to the reference set. models: row name ->
+    diffusion model file; samples: row name -> folder of generated avatar files. lpips(x [V,3,H,W],
+    y [V,3,H,W]) -> mean LPIPS; inception(images [N,H,W,3]) -> features [N,F] (see
+    :func:`.gallery.load_inception`); either may be None (that column is left out). notes: one-line
+    notes (e.g. why LPIPS is off) copied into the report.
+    """
+    out_dir = Path(out_dir)
+    inputs = _check_inputs(reference, train, models or {}, samples or {}, config)
+    ref, train_set = inputs.ref, inputs.train_set
 
     views = gallery_views(body, config.gallery)
     backend = config.gallery.backend
@@ -224,64 +329,20 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     if inception is not None:
         ref_side.features = inception(ref_side.gallery.images.flatten(0, 1).numpy())
     mse_rr = mse_matrix(ref_side.gallery.images, ref_side.gallery.images)
-    lpips_rr = lpips_matrix(ref_side.gallery.images, ref_side.gallery.images, lpips) if lpips else None
-    mse_tt = mse_rr if train is None else mse_matrix(train_side.gallery.images, train_side.gallery.images)
-    w_tt = weight_distance_matrix(train_set.vectors, train_set.vectors)
+    sets = _Sets(ref_side, train_side, mse_rr,
+                 lpips_matrix(ref_side.gallery.images, ref_side.gallery.images, lpips) if lpips else None,
+                 mse_rr if train is None else mse_matrix(train_side.gallery.images, train_side.gallery.images),
+                 weight_distance_matrix(train_set.vectors, train_set.vectors), train is not None)
 
     results, sheet_tiles, sheet_labels = [], [], []
-    for name, kind, source in rows:
-        folder = out_dir / "samples" / name
-        start = time.perf_counter()
-        if kind == "baseline":
-            vectors, origins = baseline_samples(name, train_set.vectors, n, config.seed)
-            files = _write_row(vectors, origins, ref, folder)
-        elif kind == "model":
-            files = _sample_model(source, n, config.seed, config.steps, folder, progress)
-        else:
-            files = given[name].paths
-        seconds = (time.perf_counter() - start) / len(files) if kind != "samples" else None
-        gen = given[name] if kind == "samples" else load_weight_set(files)
-        _same_architecture(ref, gen, f"row {name}:")
-
-        images, alphas, verdicts = [], [], []
-        for path in tqdm(gen.paths, desc=name, unit="avatar", disable=not progress):
-            avatar = load_avatar(path, body)
-            rgb, alpha = render_avatar(avatar, views, backend)
-            verdicts.append(check_plausible(avatar, views, config.plausibility, alpha=alpha, body_masks=masks,
-                                            backend=backend))
-            images.append(rgb)
-            alphas.append(alpha)
-        gallery = Gallery(torch.stack(images), torch.stack(alphas))
-        del images, alphas
-
-        mse_gr = mse_matrix(gallery.images, ref_side.gallery.images)
-        mse_gg = mse_matrix(gallery.images, gallery.images)
-        d_gr, d_gg, d_rr = psnr_distance(mse_gr), psnr_distance(mse_gg), psnr_distance(mse_rr)
-        row = {"name": name, "kind": kind, "source": None if source is None else str(source),
-               "count": len(files), "files": [str(p) for p in files],
-               "mmd_psnr_db": -mmd(d_gr), "cov_psnr": coverage(d_gr), "one_nna_psnr": one_nna(d_gg, d_gr, d_rr)}
-        if lpips is not None:
-            l_gr = lpips_matrix(gallery.images, ref_side.gallery.images, lpips)
-            l_gg = lpips_matrix(gallery.images, gallery.images, lpips)
-            row.update(mmd_lpips=mmd(l_gr), cov_lpips=coverage(l_gr), one_nna_lpips=one_nna(l_gg, l_gr, lpips_rr))
-        if inception is not None:
-            feats = inception(gallery.images.flatten(0, 1).numpy())
-            kid_mean, kid_std = kid(feats, ref_side.features, config.kid)
-            row.update(fid=fid(feats, ref_side.features), kid=kid_mean, kid_std=kid_std)
-        mse_gt = mse_gr if train is None else mse_matrix(gallery.images, train_side.gallery.images)
-        nov_w = novelty(weight_distance_matrix(gen.vectors, train_set.vectors), w_tt)
-        nov_i = novelty(np.sqrt(mse_gt), np.sqrt(mse_tt))
-        nearest, nearest_d = _nearest(d_gr)
-        row.update(
-            novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(),
-            plausible_fraction=float(np.mean([v.ok for v in verdicts])),
-            seconds_per_identity=seconds,
-            samples=[{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
-                      "nearest_reference": ref_side.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
-                      "novelty_weight_ratio": float(nov_w.ratios[i]), "novelty_image_ratio": float(nov_i.ratios[i])}
-                     for i in range(len(files))])
-        results.append(row)
-
+    for name, kind, source in inputs.rows:
+        files, seconds, gen = _row_avatars(name, kind, source, inputs, out_dir / "samples" / name, config, progress)
+        gallery, verdicts = _render_row(gen, body, views, masks, config, progress, name)
+        metrics, details, nearest, nearest_d = _row_metrics(gallery, gen, verdicts, files, sets, config, lpips,
+                                                            inception)
+        results.append({"name": name, "kind": kind, "source": None if source is None else str(source),
+                        "count": len(files), "files": [str(p) for p in files], **metrics,
+                        "seconds_per_identity": seconds, "samples": details})
         for i in range(min(config.contact_pairs, len(files))):
             sheet_tiles += [gallery.images[i, 0], ref_side.gallery.images[int(nearest[i]), 0]]
             sheet_labels += [f"{name} {i}" + ("" if verdicts[i].ok else " (!)"),
@@ -293,19 +354,11 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         "reference": {"source": str(reference), "count": ref.vectors.shape[0], "files": [str(p) for p in ref.paths]},
         "train": {"source": str(train if train is not None else reference), "count": train_set.vectors.shape[0],
                   "same_as_reference": train is None},
-        "n": n, "config": config.to_dict(), "notes": list(notes),
+        "n": inputs.n, "config": config.to_dict(), "notes": list(notes),
         "columns": {"lpips": lpips is not None, "fid_kid": inception is not None},
         "rows": results,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "eval_gen.json", json.dumps(report, indent=2))
-    write_text(out_dir / "eval_gen.md", format_report(report))
-    columns = 2 * min(config.contact_pairs, max(len(r["files"]) for r in results))
-    # Small galleries are enlarged (nearest neighbour) so that the labels fit above each tile.
-    zoom = -(-SHEET_TILE // config.gallery.size)
-    tiles = [np.repeat(np.repeat(to_uint8(t), zoom, axis=0), zoom, axis=1) for t in sheet_tiles]
-    sheet = contact_sheet(tiles, columns=max(columns, 2), labels=sheet_labels)
-    save_png(out_dir / "samples_vs_nearest.png", np.asarray(sheet))
+    _write_report(out_dir, report, sheet_tiles, sheet_labels, config)
     return report
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..avatar.model import Avatar
 from ..body import BodyModel, pose_body
 from ..errors import HDAError
-from ..motion import BUILTIN, procedural
+from ..motion import BUILTIN, pose_at
 from ..render.camera import intrinsics, look_at
 from ..render.frames import render_gaussians
 
@@ -90,7 +90,7 @@ def parse_pose(spec: str) -> torch.Tensor:
     if clip not in BUILTIN or not 0.0 <= phase < 1.0:
         raise HDAError(f"gallery pose {spec!r}: expected 'clip@phase' with clip one of {', '.join(BUILTIN)} "
                        "and phase in [0, 1)")
-    return procedural(clip, CLIP_FRAMES).poses[round(phase * CLIP_FRAMES) % CLIP_FRAMES]
+    return pose_at(clip, phase, CLIP_FRAMES)[0]
 
 
 def check_gallery_config(config: GalleryConfig) -> None:

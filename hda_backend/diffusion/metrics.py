@@ -231,3 +231,57 @@ def novelty(d_gt: np.ndarray, d_tt: np.ndarray) -> Novelty:
     ratios = nearest / scale if scale > 0 else np.where(nearest > 0, np.inf, 0.0)
     return Novelty(ratios, float(np.median(ratios)), float((nearest < train_nn.min()).mean()), scale,
                    float(train_nn.min()))
+
+
+@dataclass(frozen=True)
+class SpanMeasures:
+    """Where generated weight vectors lie relative to the training set (one value per sample, [G] each).
+
+    - ``in_span``: the length of the sample's component inside the training set's affine span (from the
+      mean), over the set's RMS spread: the training avatars are about 1, samples collapsed onto the mean 0;
+    - ``off_span``: the sample's distance to that span over the same spread: 0 on the span, about 1 as far
+      off as a typical avatar is from the mean;
+    - ``nn_ratio``: the distance to the nearest training vector over the median nearest-neighbour distance
+      within the training set: about 0 for copies, about 1 as novel as the training avatars are among
+      themselves.
+    """
+
+    in_span: np.ndarray
+    off_span: np.ndarray
+    nn_ratio: np.ndarray
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0))
+
+
+def span_measures(samples: np.ndarray, train: np.ndarray) -> SpanMeasures:
+    """samples: [G, D], train: [N, D] (N >= 2, not all equal) weight vectors -> :class:`SpanMeasures`.
+
+    With m the training mean, spread = mean_n |x_n - m|², P the orthogonal projector onto the span of
+    {x_n - m} (directions of singular value above the usual rank tolerance): in_span = |P(s - m)| /
+    sqrt(spread), off_span = |(I - P)(s - m)| / sqrt(spread), nn_ratio = min_n |s - x_n| / median_n
+    min_{k != n} |x_n - x_k|.
+    """
+    s = np.atleast_2d(np.asarray(samples, np.float64))
+    x = np.atleast_2d(np.asarray(train, np.float64))
+    if x.shape[0] < 2 or s.shape[0] < 1 or s.shape[1] != x.shape[1]:
+        raise HDAError(f"span measures: samples {s.shape} and training set {x.shape}, expected [G, D] and "
+                       "[N >= 2, D]")
+    if not (np.isfinite(s).all() and np.isfinite(x).all()):
+        raise HDAError("span measures: NaN or inf in the weight vectors")
+    mean = x.mean(0)
+    centred = x - mean
+    spread = (centred ** 2).sum(1).mean()
+    if spread <= 0:
+        raise HDAError("span measures: the training vectors are all equal, expected a spread")
+    u, sv, _ = np.linalg.svd(centred.T, full_matrices=False)  # u: [D, N], the span's directions
+    basis = u[:, sv > sv.max() * max(centred.shape) * np.finfo(np.float64).eps]
+    offset = s - mean
+    inside = offset @ basis
+    within = _pairwise(x, x)
+    np.fill_diagonal(within, np.inf)
+    train_nn = np.median(within.min(1))
+    return SpanMeasures(in_span=np.linalg.norm(inside, axis=1) / np.sqrt(spread),
+                        off_span=np.linalg.norm(offset - inside @ basis.T, axis=1) / np.sqrt(spread),
+                        nn_ratio=_pairwise(s, x).min(1) / train_nn)

@@ -14,104 +14,21 @@ linearly in weight space (meaningful because all fits share one consistent initi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..avatar.io import SUFFIX as AVATAR_SUFFIX
-from ..config import DiffusionConfig
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED
+from .model_io import DiffusionModel, load_diffusion
 from .schedule import ScheduleConfig, alphas_cumprod, ddim_step, ddim_timesteps
-from .train import MODEL_FORMAT, MODEL_FORMAT_VERSION, denoiser_config, read_tensors, schedule_config
 from .tokenizers import Tokenizer
 from .transformer import WeightDenoiser
-from .weights import AvatarMeta, LayerSpec, Normalizer, load_weight_set, write_avatar
-
-
-@dataclass
-class DiffusionModel:
-    """A loaded model: the denoiser (EMA weights, eval mode) and what is needed to turn samples into avatars."""
-
-    denoiser: WeightDenoiser
-    normalizer: Normalizer
-    spec: LayerSpec
-    meta: AvatarMeta
-    config: DiffusionConfig
-    path: Path
-    _composites: list | None = None  # Tokenizer.composites(), computed at the first sample
-
-    @property
-    def schedule(self) -> ScheduleConfig:
-        return schedule_config(self.config)
-
-    @property
-    def composites(self) -> list:
-        if self._composites is None:
-            self._composites = self.denoiser.tokenizer.composites()
-        return self._composites
-
-
-def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
-    """Read and check a ``DIFF.safetensors`` written by ``hda train-diffusion``; nothing is cached."""
-    path = Path(path)
-    if not path.is_file():
-        raise HDAError(f"diffusion model file not found: {path}")
-    metadata, tensors = read_tensors(path, "diffusion model")
-    if metadata.get("format") != MODEL_FORMAT:
-        raise HDAError(f"diffusion model {path}: field 'format' is {metadata.get('format')!r}, expected "
-                       f"'{MODEL_FORMAT}'")
-    if metadata.get("format_version") != MODEL_FORMAT_VERSION:
-        raise HDAError(f"diffusion model {path}: field 'format_version' is {metadata.get('format_version')!r}, "
-                       f"expected '{MODEL_FORMAT_VERSION}'")
-    source = f"diffusion model {path}"
-    for name in ("diffusion", "layer_spec", "avatar_meta", "normalization"):
-        if name not in metadata:
-            raise HDAError(f"{source}: field '{name}' is missing")
-    try:
-        config = DiffusionConfig(**json.loads(metadata["diffusion"]))
-    except (json.JSONDecodeError, TypeError):
-        raise HDAError(f"{source}: field 'diffusion' is not valid JSON of a diffusion config") from None
-    spec = LayerSpec.from_json(metadata["layer_spec"], source)
-    meta = AvatarMeta.from_json(metadata["avatar_meta"], source)
-    try:
-        expected = LayerSpec.for_unet(meta.unet_config)
-    except TypeError:
-        raise HDAError(f"{source}: field 'avatar_meta' has unet {meta.unet}, expected width, levels, "
-                       "in_channels, out_channels") from None
-    if spec != expected:
-        raise HDAError(f"{source}: field 'layer_spec' ({len(spec.layers)} layers, {spec.dim} values) does not match "
-                       f"the avatar UNet {meta.unet} ({len(expected.layers)} layers, {expected.dim} values); the "
-                       "model was trained for a different avatar architecture")
-    try:
-        scale = float(metadata.get("norm_scale", "1"))
-    except ValueError:
-        raise HDAError(f"{source}: field 'norm_scale' is {metadata['norm_scale']!r}, expected a number") from None
-    normalizer = Normalizer.from_tensors(tensors, metadata["normalization"], spec.dim, source, scale)
-    denoiser = WeightDenoiser(spec, denoiser_config(config))
-    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    expected_state = denoiser.state_dict()
-    for key, ref in expected_state.items():
-        if key not in state:
-            raise HDAError(f"{source}: tensor 'model.{key}' is missing for a {config.tokenizer} denoiser of width "
-                           f"{config.width} and {config.blocks} blocks")
-        if state[key].shape != ref.shape:
-            raise HDAError(f"{source}: tensor 'model.{key}' has shape {tuple(state[key].shape)}, expected "
-                           f"{tuple(ref.shape)}")
-        if not torch.isfinite(state[key]).all():
-            raise HDAError(f"{source}: tensor 'model.{key}' contains NaN/inf")
-    extra = sorted(set(state) - set(expected_state))
-    if extra:
-        raise HDAError(f"{source}: tensor 'model.{extra[0]}' is unexpected for this denoiser")
-    denoiser.load_state_dict(state)
-    denoiser.eval()
-    return DiffusionModel(denoiser, normalizer, spec, meta, config, path)
+from .weights import load_weight_set, write_avatar
 
 
 def check_steps(model: DiffusionModel, steps: int | None) -> int:

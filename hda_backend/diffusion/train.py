@@ -33,22 +33,21 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from ..avatar.io import atomic_save_safetensors
+from .. import checkpoint
+from ..avatar.io import SUFFIX as AVATAR_SUFFIX
 from ..config import DiffusionConfig
 from ..errors import HDAError
 from ..images import line_plot
-from ..steplog import read_step_log, write_step_log
-from .schedule import ScheduleConfig, add_noise, alphas_cumprod
-from .transformer import DenoiserConfig, WeightDenoiser
+from ..outputs import CHECKPOINT, beside, output_stem
+from ..steplog import append_step_log, due, read_step_log, write_step_log
+from .model_io import SUFFIX, denoiser_config, save_model, schedule_config
+from .schedule import add_noise, alphas_cumprod
+from .transformer import WeightDenoiser
 from .weights import Normalizer, WeightSet, load_weight_set
 
-MODEL_FORMAT = "hda-diffusion"
-MODEL_FORMAT_VERSION = "1"
 CHECKPOINT_FORMAT = "hda-diffusion-checkpoint"
-SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,9 @@ class DiffusionPaths:
 
     @classmethod
     def for_output(cls, out: str | os.PathLike) -> "DiffusionPaths":
-        out = Path(out)
-        if not out.name.endswith(SUFFIX) or out.name.endswith(".hda.safetensors") or out.name == SUFFIX:
-            raise HDAError(f"--out {out}: expected a file name ending in {SUFFIX} (and not .hda.safetensors, "
-                           "which is an avatar)")
-        stem = out.parent / out.name[: -len(SUFFIX)]
-        return cls(out, Path(f"{stem}.ckpt{SUFFIX}"), Path(f"{stem}.loss.jsonl"), Path(f"{stem}.curve.png"))
+        """The files of ``--out DIFF.safetensors``, named by :mod:`hda_backend.outputs`' rule."""
+        stem = output_stem(out, SUFFIX, {AVATAR_SUFFIX: "an avatar"})
+        return cls(Path(out), beside(stem, CHECKPOINT), beside(stem, "loss.jsonl"), beside(stem, "curve.png"))
 
 
 @dataclass
@@ -76,15 +72,6 @@ class TrainResult:
     final_loss: float
     parameters: int
     norm_scale: float  # the global factor of the normalisation (diffusion.norm_scale, or the automatic one)
-
-
-def denoiser_config(d: DiffusionConfig) -> DenoiserConfig:
-    return DenoiserConfig(tokenizer=d.tokenizer, chunk_size=d.chunk_size, width=d.width, blocks=d.blocks,
-                          heads=d.heads, ffn=d.ffn, dropout=d.dropout)
-
-
-def schedule_config(d: DiffusionConfig) -> ScheduleConfig:
-    return ScheduleConfig(timesteps=d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
 
 
 def steps_per_epoch(num_avatars: int, batch: int) -> int:
@@ -146,77 +133,22 @@ def _device(world: int) -> torch.device:
     return torch.device("cpu")
 
 
-def read_tensors(path: Path, what: str) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {}), {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise HDAError(f"{what} {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-
-
 def save_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, normalizer: Normalizer, data: WeightSet, d: DiffusionConfig,
                     step: int, seconds: float, fingerprint: str) -> None:
-    state = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.data"] = generator.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():  # dropout on the GPU draws from the device's generator
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    tensors.update(normalizer.to_tensors())
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "seconds": f"{seconds:.3f}",
-                "param_groups": json.dumps(state["param_groups"]), "fingerprint": fingerprint,
-                "diffusion": json.dumps(dataclasses.asdict(d), sort_keys=True), "layer_spec": data.spec.to_json(),
+    """:func:`checkpoint.save` with the EMA (restored on resume), torch's RNGs (dropout) and, for reading
+    only, the normaliser and what the model file will carry."""
+    metadata = {"diffusion": json.dumps(dataclasses.asdict(d), sort_keys=True), "layer_spec": data.spec.to_json(),
                 "avatar_meta": data.meta.to_json(), "normalization": normalizer.mode,
                 "norm_scale": f"{normalizer.scale:.9g}"}
-    atomic_save_safetensors(tensors, path, metadata)
+    checkpoint.save(path, model.state_dict(), optimizer, generator, step, seconds, fingerprint, CHECKPOINT_FORMAT,
+                    groups={"ema": ema}, tensors=normalizer.to_tensors(), metadata=metadata, global_rng=True)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, fingerprint: str) -> tuple[int, float]:
-    metadata, tensors = read_tensors(path, "checkpoint")
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise HDAError(f"checkpoint {path}: field 'format' is {metadata.get('format')!r}, "
-                       f"expected '{CHECKPOINT_FORMAT}'")
-    if metadata.get("fingerprint") != fingerprint:
-        raise HDAError(f"checkpoint {path}: field 'fingerprint' differs from this run's diffusion config, avatars or "
-                       "steps; resume with the same arguments, or delete the checkpoint to start over")
-    try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        for key in ema:
-            ema[key].copy_(tensors[f"ema.{key}"])
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-        generator.set_state(tensors["rng.data"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available() and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        return int(metadata["step"]), float(metadata["seconds"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise HDAError(f"checkpoint {path}: does not fit this model ({str(exc).splitlines()[0]}); "
-                       "delete it to start over") from None
-
-
-def save_model(path: Path, ema: dict, normalizer: Normalizer, data: WeightSet, d: DiffusionConfig,
-               steps: int, final_loss: float) -> None:
-    """The trained model: EMA weights (``model.*``) + normaliser + metadata (JSON) for sampling."""
-    tensors = {f"model.{k}": v for k, v in ema.items()}
-    tensors.update(normalizer.to_tensors())
-    metadata = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-                "diffusion": json.dumps(dataclasses.asdict(d), sort_keys=True), "layer_spec": data.spec.to_json(),
-                "avatar_meta": data.meta.to_json(), "normalization": normalizer.mode,
-                "norm_scale": f"{normalizer.scale:.9g}", "steps": str(steps),
-                "num_avatars": str(len(data.paths)), "final_loss": f"{final_loss:.6g}",
-                "sources": json.dumps([p.name for p in data.paths])}
-    atomic_save_safetensors(tensors, path, metadata)
+    return checkpoint.load(path, model, optimizer, generator, fingerprint, CHECKPOINT_FORMAT, groups={"ema": ema},
+                           global_rng=True, started_with="diffusion config, avatars or steps")
 
 
 def train_diffusion(fits, out, d: DiffusionConfig, resume: bool = False, steps: int | None = None,
@@ -237,6 +169,111 @@ def train_diffusion(fits, out, d: DiffusionConfig, resume: bool = False, steps: 
             dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """What one training run holds: the data, the model, its EMA and optimiser, the RNG, the log."""
+
+    d: DiffusionConfig
+    data: WeightSet
+    paths: DiffusionPaths
+    normalizer: Normalizer
+    z: torch.Tensor  # the normalised training set [N, D]
+    abar: torch.Tensor
+    model: WeightDenoiser
+    net: torch.nn.Module  # the model, wrapped in DDP under torchrun (after a resume has loaded it)
+    ema: dict
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    fingerprint: str
+    total: int
+    per_epoch: int
+    device: torch.device
+    rank: int
+    world: int
+    history: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # trained before this process, from the checkpoint
+    clock: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.clock
+
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else math.nan
+
+
+def _setup(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, total: int, per_epoch: int,
+           rank: int, world: int) -> _Run:
+    device = _device(world)
+    normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps)
+    abar = alphas_cumprod(schedule_config(d))
+    scale = d.norm_scale or terminal_scale(normalizer.encode(data.vectors), abar[-1].item())
+    normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps, scale)
+    torch.manual_seed(d.seed)  # model initialisation (and dropout): identical on every rank
+    model = WeightDenoiser(data.spec, denoiser_config(d)).to(device)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # The fused AdamW kernel is several times faster on the large per-layer projections.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, fused=True)
+    return _Run(d, data, paths, normalizer, normalizer.encode(data.vectors), abar, model, model, ema, optimizer,
+                torch.Generator().manual_seed(d.seed), _fingerprint(d, data, total), total, per_epoch, device,
+                rank, world)
+
+
+def _step(run: _Run, step: int, lr: float, ema_live: list, live: list) -> float:
+    """One optimiser step on the global batch of ``step`` (this rank's rows), then the EMA; the mean loss."""
+    d = run.d
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    rows = slice(run.rank * d.batch // run.world, (run.rank + 1) * d.batch // run.world)
+    x0, noise, t = draw_batch(run.generator, run.z, d.batch, d.timesteps)
+    x0, noise, t = x0[rows].to(run.device), noise[rows].to(run.device), t[rows].to(run.device)
+    loss = torch.nn.functional.mse_loss(run.net(add_noise(x0, noise, t, run.abar), t), x0)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    done = step + 1
+    with torch.no_grad():
+        decay = min(d.ema_decay, done / (done + 9))
+        torch._foreach_lerp_(ema_live, live, 1.0 - decay)
+        value = loss.detach()
+        if run.world > 1:
+            dist.all_reduce(value)
+            value /= run.world
+    value = float(value)
+    if not math.isfinite(value):
+        raise HDAError(f"train-diffusion: loss became {value} at step {step}; lower diffusion.lr "
+                       f"(now {d.lr}) and --resume from the last checkpoint {run.paths.checkpoint}")
+    return value
+
+
+def _log(run: _Run, done: int, lr: float, running: list[float]) -> dict:
+    row = {"step": done, "epoch": round(done / run.per_epoch, 3), "lr": lr, "loss": sum(running) / len(running),
+           "seconds": round(run.elapsed(), 3)}
+    run.history.append(row)
+    if run.rank == 0:
+        append_step_log(run.paths.log, row)
+    return row
+
+
+def _checkpoint(run: _Run, done: int) -> None:
+    if run.rank == 0:
+        save_checkpoint(run.paths.checkpoint, run.model, run.ema, run.optimizer, run.generator, run.normalizer,
+                        run.data, run.d, done, run.elapsed(), run.fingerprint)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _finish(run: _Run) -> None:
+    """The model file and the loss curve (rank 0)."""
+    if run.rank == 0:
+        d, history = run.d, run.history
+        save_model(run.paths.model, {k: v.cpu() for k, v in run.ema.items()}, run.normalizer, run.data, d,
+                   run.total, run.final_loss())
+        line_plot([(f"diffusion loss (x0 MSE, {d.tokenizer} tokens)", [r["step"] for r in history],
+                    [r["loss"] for r in history])], log_y=(True,)).save(run.paths.curve)
+    if run.world > 1:
+        dist.barrier()
+
+
 def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, steps, progress, log, stop_after,
            rank: int, world: int) -> TrainResult:
     if d.batch % world:
@@ -246,86 +283,40 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
     if paths.checkpoint.exists() and not resume:
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, "
                        "or delete it to start over")
-    device = _device(world)
-    normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps)
-    abar = alphas_cumprod(schedule_config(d))
-    scale = d.norm_scale or terminal_scale(normalizer.encode(data.vectors), abar[-1].item())
-    normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps, scale)
-    z = normalizer.encode(data.vectors)
-    torch.manual_seed(d.seed)  # model initialisation (and dropout): identical on every rank
-    model = WeightDenoiser(data.spec, denoiser_config(d)).to(device)
-    parameters = sum(p.numel() for p in model.parameters())
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # The fused AdamW kernel is several times faster on the large per-layer projections.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, fused=True)
-    generator = torch.Generator().manual_seed(d.seed)
-    fingerprint = _fingerprint(d, data, total)
-    start, seconds = 0, 0.0
+    run = _setup(data, paths, d, total, per_epoch, rank, world)
+    parameters = sum(p.numel() for p in run.model.parameters())
+    start = 0
     if resume and paths.checkpoint.exists():
-        start, seconds = load_checkpoint(paths.checkpoint, model, ema, optimizer, generator, fingerprint)
+        start, run.seconds = load_checkpoint(paths.checkpoint, run.model, run.ema, run.optimizer, run.generator,
+                                             run.fingerprint)
         log(f"resuming diffusion training at step {start}/{total}")
-    history = read_step_log(paths.log, start)
+    run.history = read_step_log(paths.log, start)
     if rank == 0:
-        write_step_log(paths.log, history)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    rows = slice(rank * d.batch // world, (rank + 1) * d.batch // world)
-    params = dict(model.named_parameters())
-    ema_live = [ema[k] for k in params]  # the state dict holds parameters only (buffers are not persistent)
+        write_step_log(paths.log, run.history)
+    if world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(run.model)
+    params = dict(run.model.named_parameters())
+    ema_live = [run.ema[k] for k in params]  # the state dict holds parameters only (buffers are not persistent)
     live = [p.detach() for p in params.values()]
     running: list[float] = []
-    clock = time.perf_counter()
+    run.clock = time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=f"train-diffusion ({d.tokenizer})", unit="step", disable=not progress)
-    model.train()
+    run.model.train()
     for step in range(start, total):
         lr = learning_rate(d, step, per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x0, noise, t = draw_batch(generator, z, d.batch, d.timesteps)
-        x0, noise, t = x0[rows].to(device), noise[rows].to(device), t[rows].to(device)
-        x_t = add_noise(x0, noise, t, abar)
-        loss = torch.nn.functional.mse_loss(net(x_t, t), x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        running.append(_step(run, step, lr, ema_live, live))
         done = step + 1
-        with torch.no_grad():
-            decay = min(d.ema_decay, done / (done + 9))
-            torch._foreach_lerp_(ema_live, live, 1.0 - decay)
-            value = loss.detach()
-            if world > 1:
-                dist.all_reduce(value)
-                value /= world
-        if not math.isfinite(float(value)):
-            raise HDAError(f"train-diffusion: loss became {float(value)} at step {step}; lower diffusion.lr "
-                           f"(now {d.lr}) and --resume from the last checkpoint {paths.checkpoint}")
-        running.append(float(value))
         bar.update(1)
-        if done % d.log_every == 0 or done == total:
-            row = {"step": done, "epoch": round(done / per_epoch, 3), "lr": lr, "loss": sum(running) / len(running),
-                   "seconds": round(seconds + time.perf_counter() - clock, 3)}
+        if due(done, d.log_every, total):
+            row = _log(run, done, lr, running)
             running = []
-            history.append(row)
-            if rank == 0:
-                with paths.log.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-        if done % d.checkpoint_every == 0 or done == total:
-            if rank == 0:
-                save_checkpoint(paths.checkpoint, model, ema, optimizer, generator, normalizer, data, d, done,
-                                seconds + time.perf_counter() - clock, fingerprint)
-            if world > 1:
-                dist.barrier()
+        if due(done, d.checkpoint_every, total):
+            _checkpoint(run, done)
             if stop_after is not None and stop_after <= done < total:
                 bar.close()
-                return TrainResult(paths, done, seconds + time.perf_counter() - clock,
-                                   history[-1]["loss"] if history else math.nan, parameters, scale)
+                return TrainResult(paths, done, run.elapsed(), run.final_loss(), parameters, run.normalizer.scale)
     bar.close()
-    seconds += time.perf_counter() - clock
-    final_loss = history[-1]["loss"] if history else math.nan
-    if rank == 0:
-        save_model(paths.model, {k: v.cpu() for k, v in ema.items()}, normalizer, data, d, total, final_loss)
-        line_plot([(f"diffusion loss (x0 MSE, {d.tokenizer} tokens)", [r["step"] for r in history],
-                    [r["loss"] for r in history])], log_y=(True,)).save(paths.curve)
-    if world > 1:
-        dist.barrier()
-    return TrainResult(paths, total, seconds, final_loss, parameters, scale)
+    seconds = run.elapsed()
+    _finish(run)
+    return TrainResult(paths, total, seconds, run.final_loss(), parameters, run.normalizer.scale)

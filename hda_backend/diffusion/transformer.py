@@ -86,7 +86,3 @@ class WeightDenoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t: [B, D] noisy normalised weights; t: [B] long timesteps -> x0 prediction [B, D]."""
         return self.tokenizer.decode(self.hidden(self.tokenizer.project(x_t), t))
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

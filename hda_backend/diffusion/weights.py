@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..avatar.io import FORMAT, FORMAT_VERSION, SUFFIX, atomic_save_safetensors, read_avatar_file
+from ..atomic import atomic_save_safetensors
+from ..avatar.io import FORMAT, FORMAT_VERSION, SUFFIX, read_avatar_file
 from ..avatar.unet import AvatarUNet, UNetConfig
 from ..errors import HDAError
 from ..uvmap import UV_RESOLUTIONS

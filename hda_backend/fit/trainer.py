@@ -25,7 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from ..avatar.io import SUFFIX, atomic_save_safetensors, load_avatar, save_avatar
+from ..atomic import atomic_save_safetensors
+from ..avatar.io import SUFFIX, load_avatar, save_avatar
 from ..avatar.model import Avatar
 from ..body import load_body
 from ..config import Config

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from ..avatar.gaussians import SH_DEGREE, Gaussians
 from ..body import pose_body
 from ..avatar.model import Avatar
-from ..images import contact_sheet, save_png, to_uint8
+from ..images import contact_sheet, save_png, to_uint8, unpremultiply
 from ..motion import Motion
 from ..rotations import quat_to_matrix
 from .camera import follow_cameras
@@ -62,8 +62,7 @@ def render_motion(avatar: Avatar, motion: Motion, out_dir: str | Path, size: int
     for f in tqdm(range(motion.num_frames), desc=f"render {motion.name}", unit="frame", disable=not progress):
         g = avatar(motion.poses[f:f + 1], motion.transl[f:f + 1]).index(0)
         rgb, alpha = render_gaussians(g, viewmats[f], Ks[f], size, size, shading=shading, backend=backend)
-        # Straight (unpremultiplied) alpha, as PNG expects.
-        rgba = torch.cat([rgb / alpha.clamp_min(1e-6), alpha], dim=-1)
+        rgba = unpremultiply(rgb, alpha)
         paths.append(save_png(out_dir / f"frame_{f:04d}.png", rgba))
         tiles.append(to_uint8(rgba))
     step = max(1, len(tiles) // 8)

@@ -163,12 +163,42 @@ def make_material(name: str, spec: dict):
 
 # --- scene ---------------------------------------------------------------------------------------------
 
-def build_scene(spec: dict, arrays):
-    import bpy
-    from mathutils import Matrix, Vector
+# --- camera and image maths (numpy only) -------------------------------------------------------------
 
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene = bpy.context.scene
+SENSOR_WIDTH = 36.0  # mm, horizontal sensor fit
+CV_TO_BLENDER_CAMERA = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV camera axes -> Blender's (y up, looking down -z)
+
+
+def blender_lens(K, width: int, height: int) -> tuple[float, float, float]:
+    """OpenCV intrinsics K [3,3] (fx = fy) of a width x height image -> Blender's (lens mm, shift_x, shift_y)
+    for a camera of SENSOR_WIDTH mm with horizontal sensor fit (shifts in units of the larger side)."""
+    k = np.asarray(K, np.float64)
+    if abs(k[0][0] - k[1][1]) > 1e-6 * k[0][0]:
+        raise ValueError("fx != fy is not supported")
+    larger = max(width, height)
+    return (float(k[0][0] / width * SENSOR_WIDTH), float((width / 2 - k[0][2]) / larger),
+            float((k[1][2] - height / 2) / larger))
+
+
+def blender_camera_matrix(R, t) -> np.ndarray:
+    """World-to-camera R [3,3], t [3] (OpenCV) -> the Blender camera object's matrix_world [4,4]."""
+    view = np.eye(4)
+    view[:3, :3], view[:3, 3] = np.asarray(R, np.float64), np.asarray(t, np.float64)
+    return np.linalg.inv(view) @ CV_TO_BLENDER_CAMERA
+
+
+def over_background(rgba: np.ndarray, background) -> tuple[np.ndarray, np.ndarray]:
+    """A render's straight-alpha RGBA [H,W,4] uint8 -> (RGB over ``background`` (0..1 RGB) [H,W,3] uint8,
+    mask [H,W] uint8 = alpha)."""
+    rgba = np.asarray(rgba, np.float64)
+    alpha = rgba[..., 3:4] / 255.0
+    rgb = rgba[..., :3] * alpha + np.asarray(background, np.float64) * 255.0 * (1.0 - alpha)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), rgba[..., 3].astype(np.uint8)
+
+
+# --- the scene --------------------------------------------------------------------------------------------
+
+def _render_settings(scene, spec: dict) -> None:
     render = scene.render
     render.engine = "CYCLES"
     render.resolution_x, render.resolution_y = spec["width"], spec["height"]
@@ -198,12 +228,16 @@ def build_scene(spec: dict, arrays):
     cycles.transmission_bounces, cycles.transparent_max_bounces = 0, 2
     cycles.caustics_reflective = cycles.caustics_refractive = False
 
+
+def _add_world_and_lights(scene, spec: dict) -> None:
+    import bpy
+    from mathutils import Vector
+
     world = bpy.data.worlds.new("studio")
     world.use_nodes = True
     world.node_tree.nodes["Background"].inputs["Color"].default_value = (*srgb_to_linear(spec["ambient"]), 1.0)
     world.node_tree.nodes["Background"].inputs["Strength"].default_value = 1.0
     scene.world = world
-
     for i, light in enumerate(spec["lights"]):
         data = bpy.data.lights.new(f"light{i}", "SUN")
         data.energy = light["strength"]
@@ -212,6 +246,11 @@ def build_scene(spec: dict, arrays):
         travel = -Vector(light["towards"]).normalized()
         obj.rotation_euler = travel.to_track_quat("-Z", "Y").to_euler()
         scene.collection.objects.link(obj)
+
+
+def _add_meshes(scene, spec: dict, arrays) -> list:
+    """The spec's meshes at their rest coordinates; returns [(mesh, per-frame vertices [F,V,3])]."""
+    import bpy
 
     materials = {name: make_material(name, m) for name, m in spec["materials"].items()}
     meshes = []
@@ -235,27 +274,38 @@ def build_scene(spec: dict, arrays):
         obj = bpy.data.objects.new(item["name"], mesh)
         scene.collection.objects.link(obj)
         meshes.append((mesh, arrays[item["name"] + "/frames"]))
+    return meshes
+
+
+def _add_cameras(scene, spec: dict) -> list:
+    import bpy
+    from mathutils import Matrix
 
     cameras = []
-    flip = Matrix(((1, 0, 0, 0), (0, -1, 0, 0), (0, 0, -1, 0), (0, 0, 0, 1)))
     for cam in spec["cameras"]:
         data = bpy.data.cameras.new(cam["name"])
         data.sensor_fit = "HORIZONTAL"
-        data.sensor_width = 36.0
-        k = cam["K"]
-        if abs(k[0][0] - k[1][1]) > 1e-6 * k[0][0]:
-            raise ValueError(f"camera {cam['name']}: fx != fy is not supported")
-        data.lens = k[0][0] / spec["width"] * 36.0
-        data.shift_x = (spec["width"] / 2 - k[0][2]) / max(spec["width"], spec["height"])
-        data.shift_y = (k[1][2] - spec["height"] / 2) / max(spec["width"], spec["height"])
+        data.sensor_width = SENSOR_WIDTH
+        try:
+            data.lens, data.shift_x, data.shift_y = blender_lens(cam["K"], spec["width"], spec["height"])
+        except ValueError as exc:
+            raise ValueError(f"camera {cam['name']}: {exc}") from None
         data.clip_start, data.clip_end = 0.05, 100.0
         obj = bpy.data.objects.new(cam["name"], data)
-        view = np.eye(4)
-        view[:3, :3], view[:3, 3] = np.array(cam["R"]), np.array(cam["t"])
-        obj.matrix_world = Matrix(np.linalg.inv(view).tolist()) @ flip  # OpenCV camera -> Blender camera
+        obj.matrix_world = Matrix(blender_camera_matrix(cam["R"], cam["t"]).tolist())
         scene.collection.objects.link(obj)
         cameras.append(obj)
-    return scene, meshes, cameras
+    return cameras
+
+
+def build_scene(spec: dict, arrays):
+    import bpy
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    _render_settings(scene, spec)
+    _add_world_and_lights(scene, spec)
+    return scene, _add_meshes(scene, spec, arrays), _add_cameras(scene, spec)
 
 
 def main(work_dir: str) -> int:
@@ -266,7 +316,6 @@ def main(work_dir: str) -> int:
     arrays = dict(np.load(work / "scene.npz", allow_pickle=False))
     scene, meshes, cameras = build_scene(spec, arrays)
     out = Path(spec["out_dir"])
-    background = np.array(spec["background"], np.float64) * 255.0
     todo: dict[int, list[int]] = {}
     for c, f in spec["todo"]:
         todo.setdefault(f, []).append(c)
@@ -280,12 +329,10 @@ def main(work_dir: str) -> int:
             scene.camera = cameras[c]
             bpy.ops.render.render(write_still=True)
             with Image.open(tmp_png) as im:
-                rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
-            alpha = rgba[..., 3:4] / 255.0
-            rgb = rgba[..., :3] * alpha + background * (1.0 - alpha)
+                rgb, mask = over_background(np.asarray(im.convert("RGBA")), spec["background"])
             cam, frame = spec["cameras"][c]["name"], spec["frames"][f]
-            save_png_atomic(out / "masks" / cam / f"{frame}.png", rgba[..., 3].astype(np.uint8))
-            save_png_atomic(out / "images" / cam / f"{frame}.png", np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+            save_png_atomic(out / "masks" / cam / f"{frame}.png", mask)
+            save_png_atomic(out / "images" / cam / f"{frame}.png", rgb)
             print(f"HDA-DONE {c} {f}", flush=True)
     return 0
 

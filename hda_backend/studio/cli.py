@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_args import int_in
+from ..cli_args import Parser, int_in
 from ..constants import MAX_CYCLES_SAMPLES
 from ..errors import HDAError
 
@@ -97,10 +97,8 @@ STUDIO_COMMANDS = {"synth": cmd_synth, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import _Parser
-
-    parser = _Parser(prog="hda", description="the HDA capture studio")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="hda", description="the HDA capture studio")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_parsers(sub)
     try:
         args = parser.parse_args(argv)
