@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("avatars", nargs="+", help="avatar files to compare (e.g. an avatar and its --static baseline)")
     p.add_argument("--frames", type=_positive("--frames", 10_000), default=8, help="frames per split")
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--png", help="the side-by-side picture (ground truth, each avatar, its error) on held-out-motion "
+                                 "frames (default: <first avatar>.eval.png)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     add_config_args(p)
 
@@ -172,8 +174,13 @@ def cmd_eval_fit(args) -> None:
     from .avatar.io import load_avatar
     from .body import load_body
     from .dataset import load_subject
-    from .fit.evaluate import evaluate, format_table
+    import numpy as np
+
+    from .atomic import write_text
+    from .avatar.io import SUFFIX
+    from .fit.evaluate import comparison_sheet, evaluate, format_table
     from .fit.losses import load_lpips
+    from .images import save_png
 
     config = config_from_args(args)
     subject = load_subject(args.subject)
@@ -181,15 +188,19 @@ def cmd_eval_fit(args) -> None:
     perceptual, status = load_lpips(config.fit.lpips_alexnet)
     if perceptual is None:
         print(status)
-    rows = []
+    rows, avatars = [], []
+    backend = args.backend or config.render.backend
     for path in args.avatars:
         avatar = load_avatar(path, body)
-        name = Path(path).name + (" (static)" if avatar.static else "")
-        rows.append((name, evaluate(subject, avatar, config.fit.crop_margin, args.frames,
-                                    args.backend or config.render.backend, perceptual, progress=True)))
+        name = Path(path).name.removesuffix(SUFFIX) + (" (static)" if avatar.static else "")
+        avatars.append((name, avatar))
+        rows.append((name, evaluate(subject, avatar, args.frames, backend, perceptual, progress=True)))
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({n: r for n, r in rows}, indent=2))
+        write_text(Path(args.json), json.dumps({n: r for n, r in rows}, indent=2))
+    png = Path(args.png or Path(args.avatars[0]).parent / f"{Path(args.avatars[0]).name.removesuffix(SUFFIX)}.eval.png")
+    save_png(png, np.asarray(comparison_sheet(subject, avatars, backend=backend)))
+    print(f"side by side: {png}")
 
 
 def cmd_fit_all(args) -> None:

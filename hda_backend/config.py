@@ -56,6 +56,13 @@ class FitConfig:
     crop_margin: float = 0.1  # crop around the mask's bounding box, as a fraction of its size
     pose_jitter: float = 0.0  # std (radians) of noise on the pose the UNet sees, per joint, per step
     sh_degree_every: int = 0  # SH warm-up (as 3DGS): one more band every n steps up to gaussians.sh_degree; 0: all at once
+    # The appearance stage (fit/appearance.py): a raw map fitted directly, then the UNet regressed onto it.
+    map_steps: int = 0  # steps fitting the per-texel map by rendering (0: no appearance stage)
+    regress_steps: int = 0  # UNet regression steps onto the map, from a fresh initialisation
+    init_regress_steps: int = 0  # the same with --init-from
+    regress_lr: float = 1e-3
+    cameras_per_step: int = 1  # training cameras of one frame rendered per step (one UNet forward)
+    precision: str = "float32"  # of the UNet: auto (bfloat16 where the CPU/GPU runs it natively) | float32 | bfloat16
     checkpoint_every: int = 100
     log_every: int = 10
     lpips_alexnet: typing.Optional[str] = None  # torchvision-format AlexNet weights on disk
@@ -218,6 +225,17 @@ def _check(config: Config, source: str) -> None:
         bad("fit.sh_degree_every", config.fit.sh_degree_every, "0..10000000")
     if not 0.0 < config.render.fov_deg < 170.0:
         bad("render.fov_deg", config.render.fov_deg, "in (0, 170)")
+    from .precision import PRECISIONS
+
+    if config.fit.precision not in PRECISIONS:
+        bad("fit.precision", config.fit.precision, " | ".join(PRECISIONS))
+    for name in ("map_steps", "regress_steps", "init_regress_steps"):
+        if not 0 <= getattr(config.fit, name) <= 10_000_000:
+            bad(f"fit.{name}", getattr(config.fit, name), "0..10000000")
+    if not 1 <= config.fit.cameras_per_step <= 64:
+        bad("fit.cameras_per_step", config.fit.cameras_per_step, "1..64")
+    if not 0.0 < config.fit.regress_lr < 1.0:
+        bad("fit.regress_lr", config.fit.regress_lr, "in (0, 1)")
     for name in ("steps", "init_steps", "checkpoint_every", "log_every"):
         if not 1 <= getattr(config.fit, name) <= 10_000_000:
             bad(f"fit.{name}", getattr(config.fit, name), "1..10000000")

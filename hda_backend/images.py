@@ -32,6 +32,22 @@ def save_png(path: str | os.PathLike, image) -> Path:
     return Path(path)
 
 
+def error_heat(render: torch.Tensor, image: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
+    """[H,W,3] picture of |render - image| (mean over RGB, x ``gain``): white where below 1 %, else from
+    blue (small) to red (large)."""
+    err = ((render - image).abs().mean(-1, keepdim=True) * gain).clamp(0, 1)
+    heat = torch.cat([err, err * 0.3, 1 - err], -1)
+    return torch.where(err > 0.01, heat, torch.ones_like(heat))
+
+
+def pad_to(image: np.ndarray, height: int, width: int, value: int = 255) -> np.ndarray:
+    """A uint8 [h,w,C] image centred on a ``value``-filled [height,width,C] canvas (h <= height, w <= width)."""
+    out = np.full((height, width, image.shape[2]), value, dtype=np.uint8)
+    y, x = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+    out[y:y + image.shape[0], x:x + image.shape[1]] = image
+    return out
+
+
 def contact_sheet(images: list, columns: int, labels: list[str] | None = None,
                   background=(255, 255, 255)) -> Image.Image:
     """Tile equally sized [H,W,C] images (RGBA composited over ``background``) into one picture."""

@@ -22,7 +22,7 @@ from hda_backend.cli import main
 from hda_backend.config import load_config
 from hda_backend.dataset import load_subject
 from hda_backend.errors import HDAError
-from hda_backend.fit.evaluate import evaluate
+from hda_backend.fit.evaluate import evaluate, evaluation_views
 from hda_backend.fit.losses import ssim
 from hda_backend.fit.trainer import crop_box, fit_subject, render_view
 from tests.teacher import teacher_avatar, write_teacher_subject
@@ -77,12 +77,15 @@ def test_teacher_scores_itself_perfectly(subject_dir):
 
 
 def test_full_image_psnr_counts_the_background(subject_dir):
-    """psnr_full is over the whole frame, psnr over the mask's crop; the background lifts the former."""
+    """psnr_full is over the whole frame, psnr inside the mask's bounding box dilated by 8 px; the
+    background lifts the former."""
     subject = load_subject(subject_dir)
     fresh = Avatar.from_init(load_body(), 32, UNetConfig(width=16, levels=2), GaussianConfig(), seed=0)
     result = evaluate(subject, fresh, max_frames=1)["novel view"]
     cam, frame = subject.test_cameras[0], subject.train_frames[0]
-    x0, y0, x1, y1 = crop_box(subject.mask(cam, frame), 0.1)
+    mask = subject.mask(cam, frame).numpy()
+    ys, xs = np.nonzero(mask > 0.5)  # the box, found independently
+    y0, y1, x0, x1 = max(ys.min() - 8, 0), min(ys.max() + 9, mask.shape[0]), max(xs.min() - 8, 0), min(xs.max() + 9, mask.shape[1])
     rgb, _ = render_view(fresh, subject, cam, frame)
     gt = subject.image(cam, frame)
     err = (rgb - gt).detach().numpy().astype(np.float64) ** 2
@@ -233,3 +236,47 @@ def test_schedules_warm_up_then_decay():
     assert [sh_degree(fit, config, s) for s in (0, 4, 5, 10, 15, 100)] == [0, 0, 1, 2, 2, 2]
     constant = load_config("tiny", {"fit": {"warmup_steps": 0}}).fit
     assert {learning_rate(constant, s, 30) for s in range(30)} == {constant.lr}
+
+
+def test_eval_fit_splits_table_and_side_by_side(subject_dir, tmp_path, capsys):
+    subject = load_subject(subject_dir)
+    splits = evaluation_views(subject, max_frames=2)
+    assert set(splits) == {"train", "novel view", "novel pose"}
+    assert all(c in subject.train_cameras and f in subject.train_frames for c, f in splits["train"])
+    assert all(c in subject.test_cameras for c, _ in splits["novel view"])
+    assert all(f in subject.test_frames for _, f in splits["novel pose"])
+    teacher, static = tmp_path / "t.hda.safetensors", tmp_path / "s.hda.safetensors"
+    save_avatar(teacher_avatar(), teacher)
+    fresh = Avatar.from_init(load_body(), 32, UNetConfig(16, 2), load_config("tiny").gaussians, seed=0, static=True)
+    save_avatar(fresh, static)
+    code = main(["eval-fit", str(subject_dir), str(teacher), str(static), "--frames", "2", "--preset", "tiny",
+                 "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith("| avatar"))
+    assert header.index("train PSNR box") < header.index("train PSNR full") < header.index("novel view PSNR box")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["t"]["novel pose"]["psnr"] > 45 and result["s (static)"]["novel pose"]["psnr"] < 30
+    png = tmp_path / "t.eval.png"
+    from PIL import Image
+    with Image.open(png) as im:  # 4 rows of ground truth + 2 avatars x (render, error)
+        assert im.size[0] % 5 == 0 and im.size[1] > 4 * 14
+
+
+def test_appearance_stage_starts_the_unet_near_the_fitted_map(subject_dir, tmp_path, capsys):
+    """With the appearance stage the first end-to-end steps already beat a fit without it."""
+    plain = tmp_path / "a.hda.safetensors"
+    staged = tmp_path / "b.hda.safetensors"
+    assert main(["fit", str(subject_dir), "--out", str(plain), "--config",
+                 str(_config(tmp_path, steps=10, log_every=5, cameras_per_step=2))]) == 0
+    config = _config(tmp_path, steps=10, log_every=5, cameras_per_step=2, map_steps=40, regress_steps=60,
+                     regress_lr=0.003, precision="auto")
+    assert main(["fit", str(subject_dir), "--out", str(staged), "--config", str(config)]) == 0
+    rows = _rows(tmp_path / "b.metrics.jsonl")
+    maps = [r for r in rows if r.get("stage") == "maps"]
+    regress = [r for r in rows if r.get("stage") == "regress"]
+    assert maps[-1]["psnr"] > maps[0]["psnr"] and regress[-1]["regression"] < regress[0]["regression"]
+    assert [r["step"] for r in rows if "stage" not in r] == [5, 10]
+    first = {name: _rows(tmp_path / f"{name}.metrics.jsonl") for name in "ab"}
+    assert [r for r in first["b"] if "stage" not in r][0]["psnr"] > [r for r in first["a"] if "stage" not in r][0]["psnr"]
+    assert "fit teacher: UNet in " in capsys.readouterr().out

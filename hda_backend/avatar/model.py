@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..body import BodyModel, check_pose
-from ..uvmap import global_transform, pose_maps, uv_layout
+from ..body import BodyModel, check_pose, pose_body
+from ..precision import autocast
+from ..uvmap import global_transform, local_pose, pose_maps, uv_layout
 from .gaussians import GaussianConfig, Gaussians, bind_texels, decode, gather_texels
 from .unet import AvatarUNet, UNetConfig, init_unet
 
@@ -31,6 +32,9 @@ class Avatar(nn.Module):
         self.layout = uv_layout(body, uv_res)
         self.binding = bind_texels(body, self.layout, gaussian_config)
         self.unet = AvatarUNet(unet_config)
+        # The UNet's arithmetic (see ``hda_backend.precision``): "float32", or "bfloat16" autocast. Only
+        # the UNet runs in it; skinning and decoding stay float32.
+        self.precision = "float32"
 
     @classmethod
     def from_init(cls, body: BodyModel, uv_res: int, unet_config: UNetConfig, gaussian_config: GaussianConfig,
@@ -65,6 +69,20 @@ class Avatar(nn.Module):
             maps = self._rest_maps(maps)
         elif input_pose is not None:
             maps, _ = self.pose_inputs(check_pose(input_pose).to(device))
-        raw = gather_texels(self.unet(maps), self.binding)
+        with autocast(self.precision, device)():
+            out = self.unet(maps)
+        raw = gather_texels(out.float(), self.binding)
+        return self.skin(raw, pose, transl, posed)
+
+    def skin(self, raw: torch.Tensor, pose: torch.Tensor, transl=None, posed=None) -> Gaussians:
+        """Per-texel raw parameters [B,M,59] (or [M,59] for every pose) -> Gaussians posed by ``pose``
+        [B,55,3]; ``posed``: the template already posed by :meth:`pose_inputs` for that pose, if at hand.
+        The UNet's output takes this path, and so do maps fitted directly (``fit.appearance``)."""
+        device = raw.device
+        pose = check_pose(pose).to(device)
+        if posed is None:
+            posed = pose_body(self.body, local_pose(pose))
+        if raw.ndim == 2:
+            raw = raw.expand(pose.shape[0], -1, -1)
         transforms = global_transform(self.body, pose, transl)[:, None] @ posed.transforms
         return decode(raw, self.binding, posed.rest_vertices, transforms, self.gaussian_config)

@@ -32,9 +32,12 @@ from ..body import load_body
 from ..config import Config
 from ..dataset import Subject, load_subject
 from ..errors import HDAError
-from ..images import contact_sheet, line_plot, to_uint8
+from ..images import contact_sheet, error_heat, line_plot, to_uint8
 from ..render.frames import render_gaussians
 from ..steplog import read_step_log, write_step_log
+from ..precision import autocast as autocast_factory
+from ..precision import resolve as resolve_precision
+from .appearance import fit_maps, initial_map, regress_unet
 from .losses import load_lpips, photometric_loss, psnr
 
 CHECKPOINT_FORMAT = "hda-fit-checkpoint"
@@ -86,16 +89,21 @@ def render_view(avatar: Avatar, subject: Subject, cam: int, frame: int, box=None
 
     ``sh_degree``: the SH bands to evaluate (default: the avatar's ``gaussians.sh_degree``).
     ``pose_jitter``: [55,3] added to the pose the UNet sees (not to the pose it is skinned into)."""
-    x0, y0, x1, y1 = box or (0, 0, subject.width, subject.height)
-    K = subject.Ks[cam].clone()
-    K[0, 2] -= x0
-    K[1, 2] -= y0
     pose = subject.poses[frame:frame + 1]
     seen = None if pose_jitter is None else pose + pose_jitter
     g = avatar(pose, subject.transl[frame:frame + 1], input_pose=seen).index(0)
     degree = avatar.gaussian_config.sh_degree if sh_degree is None else sh_degree
+    return render_posed(g, subject, cam, box, backend, degree)
+
+
+def render_posed(g, subject: Subject, cam: int, box=None, backend: str = "auto", sh_degree: int = 3):
+    """Render Gaussians already posed for a frame as camera ``cam`` sees them: (rgb [h,w,3], alpha [h,w])."""
+    x0, y0, x1, y1 = box or (0, 0, subject.width, subject.height)
+    K = subject.Ks[cam].clone()
+    K[0, 2] -= x0
+    K[1, 2] -= y0
     rgb, alpha = render_gaussians(g, subject.viewmats[cam], K, x1 - x0, y1 - y0,
-                                  background=subject.background, backend=backend, sh_degree=degree)
+                                  background=subject.background, backend=backend, sh_degree=sh_degree)
     return rgb, alpha[..., 0]
 
 
@@ -192,15 +200,18 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     if paths.checkpoint.exists() and not resume:
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
     avatar = initial_avatar(config, body, init_from, static)
+    precision = avatar.precision = resolve_precision(fit.precision)
+    autocast = autocast_factory(precision)
     optimizer = torch.optim.AdamW(avatar.unet.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
     generator = torch.Generator().manual_seed(fit.seed)
     fingerprint = _fingerprint(config, subject, init_from, static, total)
     start, seconds = 0, 0.0
-    if resume and paths.checkpoint.exists():
+    resuming = resume and paths.checkpoint.exists()
+    if resuming:
         start, seconds = load_checkpoint(paths.checkpoint, avatar, optimizer, generator, fingerprint)
         log(f"resuming {subject.name} at step {start}/{total}")
     paths.avatar.parent.mkdir(parents=True, exist_ok=True)
-    history = read_step_log(paths.metrics, start)
+    history = read_step_log(paths.metrics, start) if resuming else []
     write_step_log(paths.metrics, history)
     perceptual, status = load_lpips(fit.lpips_alexnet) if fit.lambda_lpips > 0 else (None, "LPIPS off: weight 0")
     if perceptual is None:
@@ -209,34 +220,59 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
     data = _Views(subject)
     backend = backend or config.render.backend
-    running: dict = {}
     clock = time.perf_counter()
+
+    def view_loss(g, cam: int, frame: int, degree: int):
+        image, mask = data(cam, frame)
+        x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
+        rgb, alpha = render_posed(g, subject, cam, box, backend, degree)
+        gt = image[y0:y1, x0:x1]
+        loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
+        with torch.no_grad():
+            terms["psnr"] = psnr(rgb, gt)
+        return loss, terms
+
+    if not resuming and fit.map_steps > 0:
+        appearance_stage(avatar, subject, config, init_from, views, data, view_loss, generator, autocast,
+                         history, paths, progress, log)
+        seconds = time.perf_counter() - clock
+        save_checkpoint(paths.checkpoint, avatar, optimizer, generator, 0, seconds, fingerprint)
+        clock = time.perf_counter()
+    log(f"fit {subject.name}: UNet in {precision}, {fit.cameras_per_step} camera(s) per step")
+    by_frame: dict = {}
+    for cam, frame in views:
+        by_frame.setdefault(frame, []).append(cam)
+    frames = sorted(by_frame)
+    running: dict = {}
     bar = tqdm(total=total, initial=start, desc=f"fit {subject.name}", unit="step", disable=not progress)
     step = start
     for step in range(start, total):
         lr = learning_rate(fit, step, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        cam, frame = views[int(torch.randint(len(views), (1,), generator=generator))]
-        image, mask = data(cam, frame)
-        x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
+        frame = frames[int(torch.randint(len(frames), (1,), generator=generator))]
+        cams = by_frame[frame]
+        picks = torch.randperm(len(cams), generator=generator)[:fit.cameras_per_step].tolist()
         jitter = None
         if fit.pose_jitter > 0 and not static:
             jitter = torch.randn(55, 3, generator=generator) * fit.pose_jitter
-        rgb, alpha = render_view(avatar, subject, cam, frame, box, backend, sh_degree(fit, config, step), jitter)
-        gt = image[y0:y1, x0:x1]
-        loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
+        pose = subject.poses[frame:frame + 1]
+        g = avatar(pose, subject.transl[frame:frame + 1], input_pose=None if jitter is None else pose + jitter).index(0)
+        loss, terms = 0.0, {}
+        for i in picks:
+            one, parts = view_loss(g, cams[i], frame, sh_degree(fit, config, step))
+            loss = loss + one / len(picks)
+            for key, value in parts.items():
+                terms[key] = terms.get(key, 0.0) + value.detach() / len(picks)
         if not torch.isfinite(loss):
             raise HDAError(f"fit {subject.name}: loss became {loss.item()} at step {step}; lower fit.lr "
                            f"(now {fit.lr}) and --resume from the last checkpoint {paths.checkpoint}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            terms["loss"] = loss
-            terms["psnr"] = psnr(rgb, gt)
+        terms["loss"] = loss.detach()
         for key, value in terms.items():
-            running.setdefault(key, []).append(float(value.detach()))
+            running.setdefault(key, []).append(float(value))
         done = step + 1
         bar.update(1)
         if done % fit.log_every == 0 or done == total:
@@ -257,11 +293,74 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     seconds += time.perf_counter() - clock
     origin = f"fit:{subject.name}" + (f" init:{Path(init_from).name}" if init_from else "")
     save_avatar(avatar, paths.avatar, origin=origin)
-    line_plot([("loss (L1 + SSIM + mask)", [r["step"] for r in history], [r["loss"] for r in history]),
-               ("training-view PSNR (dB)", [r["step"] for r in history], [r["psnr"] for r in history])],
+    line_plot([("loss (L1 + SSIM + mask)", [r["step"] for r in history if "loss" in r],
+                [r["loss"] for r in history if "loss" in r]),
+               ("training-view PSNR (dB)", [r["step"] for r in history if "psnr" in r],
+                [r["psnr"] for r in history if "psnr" in r])],
               log_y=(True, False)).save(paths.curve)
     side_by_side(avatar, subject, backend).save(paths.views)
     return FitResult(avatar, total, seconds, _last_psnr(history), paths)
+
+
+def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from, views: list, data, view_loss,
+                     generator: torch.Generator, autocast, history: list, paths: FitPaths, progress: bool,
+                     log: Callable[[str], None]) -> None:
+    """Stages 1 and 2 of the recipe (``fit/appearance.py``): the projected and fitted raw map, then the
+    UNet regressed onto it. Their log rows go to the step log with ``stage`` set and step 0."""
+    fit = config.fit
+    clock = time.perf_counter()
+
+    def camera(cam):
+        return subject.viewmats[cam], subject.Ks[cam], subject.width, subject.height
+
+    def pose(frame):
+        return subject.poses[frame:frame + 1], subject.transl[frame:frame + 1]
+
+    spread = subject.train_frames[:: max(1, len(subject.train_frames) // 8)]
+    projected = [(c, f) for c in subject.train_cameras for f in spread]
+    raw = initial_map(avatar, subject.betas, projected, camera, pose, data)
+    log(f"fit {subject.name}: colours projected from {len(projected)} views in {time.perf_counter() - clock:.1f} s")
+    bar = tqdm(total=fit.map_steps, desc=f"maps {subject.name}", unit="step", disable=not progress)
+    running: dict = {}
+    degree = config.gaussians.sh_degree
+
+    def log_map(step, terms):
+        bar.update(1)
+        for k, v in terms.items():
+            running.setdefault(k, []).append(v)
+        if step % fit.log_every == 0 or step == fit.map_steps:
+            row = {"stage": "maps", "stage_step": step, "step": 0,
+                   **{k: sum(v) / len(v) for k, v in running.items()},
+                   "seconds": round(time.perf_counter() - clock, 3)}
+            running.clear()
+            history.append(row)
+            with paths.metrics.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.set_postfix(psnr=f"{row['psnr']:.2f}")
+
+    raw = fit_maps(avatar, raw, views, pose, lambda g, c, f: view_loss(g, c, f, degree), fit.map_steps,
+                   generator=generator, cameras_per_step=fit.cameras_per_step, log=log_map)
+    bar.close()
+    regress = fit.init_regress_steps if init_from else fit.regress_steps
+    frames = subject.train_frames
+    maps = avatar._rest_maps(torch.zeros(1, 6, avatar.uv_res, avatar.uv_res)).clone() if avatar.static else \
+        torch.cat([avatar.pose_inputs(subject.poses[frames[i:i + 16]])[0] for i in range(0, len(frames), 16)])
+    bar = tqdm(total=regress, desc=f"regress {subject.name}", unit="step", disable=not progress)
+
+    def log_regress(step, terms):
+        bar.update(1)
+        if step % fit.log_every == 0 or step == regress:
+            row = {"stage": "regress", "stage_step": step, "step": 0, **terms,
+                   "seconds": round(time.perf_counter() - clock, 3)}
+            history.append(row)
+            with paths.metrics.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{terms['regression']:.4f}")
+
+    regress_unet(avatar, raw, maps, regress, fit.regress_lr, generator=generator, autocast=autocast, log=log_regress)
+    bar.close()
+    log(f"fit {subject.name}: appearance stage (maps {fit.map_steps}, regression {regress} steps) "
+        f"in {time.perf_counter() - clock:.1f} s")
 
 
 def learning_rate(fit, step: int, total: int) -> float:
@@ -297,8 +396,7 @@ def side_by_side(avatar: Avatar, subject: Subject, backend: str = "auto", count:
     for cam, frame in picks:
         rgb, _ = render_view(avatar, subject, cam, frame, backend=backend)
         gt = subject.image(cam, frame)
-        err = ((rgb - gt).abs().mean(-1, keepdim=True) * 4).clamp(0, 1)
-        heat = torch.cat([err, err * 0.3, 1 - err], -1) * (err > 0.01) + (err <= 0.01) * 1.0
+        heat = error_heat(rgb, gt)
         split = "novel pose" if frame in subject.test_frames else "novel view"
         tiles += [to_uint8(gt), to_uint8(rgb), to_uint8(heat)]
         labels += [f"{split} cam {subject.camera_names[cam]} f{subject.frame_names[frame]}: ground truth",

@@ -99,22 +99,27 @@ def sample_attributes(seed: int, num_betas: int = 16) -> dict:
             bottom.update(length=float(rng.uniform(0.3, 0.8)), flare=float(rng.uniform(0.05, 0.35)))
     shoe_kind = SHOES[rng.integers(len(SHOES))]
     shoes = {"kind": shoe_kind, "colour": _colour(rng), "sole": [(0.95, 0.95, 0.93), (0.1, 0.1, 0.1)][rng.integers(2)]}
-    train, test = rng.choice(len(LIBRARY), size=2, replace=False)
+    _, test = rng.choice(len(LIBRARY), size=2, replace=False)
+    test_phase = float(rng.uniform(0, 1))
     motions = {
-        "train": {"clip": LIBRARY[int(train)], "phase": float(rng.uniform(0, 1))},
-        "test": {"clip": LIBRARY[int(test)], "phase": float(rng.uniform(0, 1))},
+        "test": {"clip": LIBRARY[int(test)], "phase": test_phase},
         "yaw": float(rng.uniform(-0.6, 0.6)),
         "finger_curl": float(rng.uniform(0.1, 0.5)),
     }
     light = {"key_azimuth": float(rng.uniform(-1.0, 1.0)), "key_elevation": float(rng.uniform(0.7, 1.1)),
              "key_strength": float(rng.uniform(3.0, 4.5)), "camera_azimuth": float(rng.uniform(0, 2 * math.pi))}
+    fold_phase = float(rng.uniform(0, 2 * math.pi))
+    # Training motion: every other clip of the library, in a random order, each from a random phase.
+    # A UNet that saw one clip cannot learn how appearance follows pose; the test clip stays unseen.
+    others = [LIBRARY[i] for i in rng.permutation(len(LIBRARY)) if i != int(test)]
+    motions["train"] = [{"clip": clip, "phase": float(rng.uniform(0, 1))} for clip in others]
     return {
         "betas": [float(b) for b in betas],
         "skin": {"tone_index": skin_index, "colour": SKIN_TONES[skin_index]},
         "hair": {"style": hair_style, "colour": HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))],
                  "length": float(rng.uniform(0.05, 0.25))},
         "top": top, "bottom": bottom, "shoes": shoes, "motions": motions, "light": light,
-        "fold_phase": float(rng.uniform(0, 2 * math.pi)),
+        "fold_phase": fold_phase,
     }
 
 
@@ -128,11 +133,25 @@ def sample_clip(name: str, frames: int, phase: float) -> tuple[torch.Tensor, tor
     return motion.poses[idx].clone(), motion.transl[idx].clone()
 
 
+def training_motion(clips: list[dict], frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``frames`` poses over several clips ([{"clip", "phase"}, ...]), as evenly as they divide, each
+    clip's share spread over its cycle; the clips' translations are made to start where the previous
+    clip ended, so the subject stays in the middle of the ring."""
+    share = [frames // len(clips) + (i < frames % len(clips)) for i in range(len(clips))]
+    poses, transl = [], []
+    for clip, n in zip(clips, share):
+        if n:
+            p, t = sample_clip(clip["clip"], n, clip["phase"])
+            poses.append(p)
+            transl.append(t - t[:1] * torch.tensor([1.0, 0.0, 1.0]))
+    return torch.cat(poses), torch.cat(transl)
+
+
 def subject_motion(body: BodyModel, attrs: dict, n_train: int, n_test: int):
     """poses [F,55,3] and transl [F,3] of the training then the held-out test frames, turned by the
     subject's yaw about the pelvis, with relaxed fingers."""
     m = attrs["motions"]
-    p1, t1 = sample_clip(m["train"]["clip"], n_train, m["train"]["phase"])
+    p1, t1 = training_motion(m["train"], n_train)
     p2, t2 = sample_clip(m["test"]["clip"], n_test, m["test"]["phase"]) if n_test else (p1[:0], t1[:0])
     poses, transl = torch.cat([p1, p2]), torch.cat([t1, t2])
     curl = m["finger_curl"]
