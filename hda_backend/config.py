@@ -58,6 +58,7 @@ class FitConfig:
     sh_degree_every: int = 0  # SH warm-up (as 3DGS): one more band every n steps up to gaussians.sh_degree; 0: all at once
     # The appearance stage (fit/appearance.py): a raw map fitted directly, then the UNet regressed onto it.
     map_steps: int = 0  # steps fitting the per-texel map by rendering (0: no appearance stage)
+    init_map_steps: int = 0  # the same with --init-from
     regress_steps: int = 0  # UNet regression steps onto the map, from a fresh initialisation
     init_regress_steps: int = 0  # the same with --init-from
     regress_lr: float = 1e-3
@@ -207,6 +208,8 @@ def _check(config: Config, source: str) -> None:
         bad("uv.res", config.uv.res, f"one of {UV_RESOLUTIONS}")
     if (config.unet.in_channels, config.unet.out_channels) != (6, 59):
         bad("unet.in_channels/out_channels", (config.unet.in_channels, config.unet.out_channels), "(6, 59)")
+    if not 0.0 < config.unet.position_scale <= 1000.0:
+        bad("unet.position_scale", config.unet.position_scale, "in (0, 1000]")
     if not 1 <= config.unet.width <= 1024:
         bad("unet.width", config.unet.width, "1..1024")
     if not 1 <= config.unet.levels <= 6 or config.uv.res % (2 ** config.unet.levels):
@@ -229,7 +232,7 @@ def _check(config: Config, source: str) -> None:
 
     if config.fit.precision not in PRECISIONS:
         bad("fit.precision", config.fit.precision, " | ".join(PRECISIONS))
-    for name in ("map_steps", "regress_steps", "init_regress_steps"):
+    for name in ("map_steps", "init_map_steps", "regress_steps", "init_regress_steps"):
         if not 0 <= getattr(config.fit, name) <= 10_000_000:
             bad(f"fit.{name}", getattr(config.fit, name), "0..10000000")
     if not 1 <= config.fit.cameras_per_step <= 64:

@@ -221,3 +221,17 @@ def test_static_avatar_sees_the_rest_pose_but_is_skinned_into_the_pose(body, tmp
     loaded = load_avatar(save_avatar(static, tmp_path / "s.hda.safetensors"), body)
     assert loaded.static and read_avatar_file(tmp_path / "s.hda.safetensors")[0]["pose_input"] == "rest"
     assert torch.equal(loaded(pose).means, posed.means)
+
+
+def test_position_scale_is_a_change_of_units_at_the_input():
+    """A UNet with position_scale s on maps in metres equals the same weights at scale 1 on maps whose
+    positions were multiplied by s; no parameter depends on it."""
+    scaled = AvatarUNet(UNetConfig(width=8, levels=2, position_scale=20.0))
+    plain = AvatarUNet(UNetConfig(width=8, levels=2))
+    init_unet(plain, seed=2)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 6, 16, 16)
+    by_hand = torch.cat([x[:, :3], 20.0 * x[:, 3:]], 1)
+    assert torch.allclose(scaled(x), plain(by_hand), atol=1e-6)
+    assert not torch.allclose(scaled(x), plain(x), atol=1e-3)
+    assert num_parameters(scaled) == num_parameters(plain)

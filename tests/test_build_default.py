@@ -147,8 +147,10 @@ def test_compact_keeps_float32_where_half_would_change_the_renders(built, tmp_pa
     a = sample_vectors(load_diffusion(src), [0])
     b = sample_vectors(load_diffusion(tmp_path / "lax.safetensors"), [0])
     assert (a - b).abs().max() > 0  # half precision did change the weights a little
-    assert lax["trials"][-1]["worst_psnr_db"] == pytest.approx(
-        min(_view_psnrs(a[0], b[0], load_diffusion(src), body)), abs=0.01)
+    # Above ~90 dB two renders differ by float rounding alone (MSE < 1e-9), where the two computations
+    # may round differently; both saturate there.
+    assert min(lax["trials"][-1]["worst_psnr_db"], 90.0) == pytest.approx(
+        min(min(_view_psnrs(a[0], b[0], load_diffusion(src), body)), 90.0), abs=0.01)
 
 
 @torch.no_grad()

@@ -24,6 +24,11 @@ class UNetConfig:
     levels: int = 3  # number of 2x downsamplings; the UV resolution must be divisible by 2**levels
     in_channels: int = IN_CHANNELS
     out_channels: int = OUT_CHANNELS
+    # Units of the position maps at the input: metres x position_scale. Neighbouring texels are about
+    # 1 cm apart, so in metres a texel-sized detail needs first-layer weights ~100x their initial size,
+    # which takes tens of thousands of steps to grow; in decimetres and below the UNet reaches the
+    # detail of a fitted map in hundreds (README, Fitting). No parameter depends on it.
+    position_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +53,10 @@ class AvatarUNet(nn.Module):
         return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.Conv2d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B,6,R,R] (normals, positions) -> [B,59,R,R] raw Gaussian parameters."""
+        """x: [B,6,R,R] (normals, positions in metres) -> [B,59,R,R] raw Gaussian parameters."""
+        if self.config.position_scale != 1.0:
+            x = torch.cat([x[:, :3], x[:, 3:] * self.config.position_scale], 1)
+
         def block(convs, h):
             for conv in convs:
                 h = F.silu(conv(h))

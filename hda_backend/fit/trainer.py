@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from ..atomic import atomic_save_safetensors
+from .. import checkpoint
 from ..avatar.io import SUFFIX, load_avatar, save_avatar
 from ..avatar.model import Avatar
 from ..body import load_body
@@ -33,10 +32,11 @@ from ..config import Config
 from ..dataset import Subject, load_subject
 from ..errors import HDAError
 from ..images import contact_sheet, error_heat, line_plot, to_uint8
-from ..render.frames import render_gaussians
-from ..steplog import read_step_log, write_step_log
+from ..outputs import CHECKPOINT, beside, output_stem
 from ..precision import autocast as autocast_factory
 from ..precision import resolve as resolve_precision
+from ..render.frames import render_gaussians
+from ..steplog import read_step_log, write_step_log
 from .appearance import fit_maps, initial_map, regress_unet
 from .losses import load_lpips, photometric_loss, psnr
 
@@ -53,12 +53,9 @@ class FitPaths:
 
     @classmethod
     def for_output(cls, out: str | os.PathLike) -> "FitPaths":
-        out = Path(out)
-        if not out.name.endswith(SUFFIX):
-            raise HDAError(f"--out {out}: expected a file name ending in {SUFFIX}")
-        stem = out.parent / out.name[: -len(SUFFIX)]
-        return cls(out, Path(f"{stem}.ckpt.safetensors"), Path(f"{stem}.metrics.jsonl"),
-                   Path(f"{stem}.curve.png"), Path(f"{stem}.views.png"))
+        stem = output_stem(out, SUFFIX)
+        return cls(Path(out), beside(stem, CHECKPOINT), beside(stem, "metrics.jsonl"), beside(stem, "curve.png"),
+                   beside(stem, "views.png"))
 
 
 @dataclass
@@ -132,44 +129,6 @@ def _fingerprint(config: Config, subject: Subject, init_from, static: bool, tota
     return json.dumps(data, sort_keys=True)
 
 
-def save_checkpoint(path: Path, avatar: Avatar, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    step: int, seconds: float, fingerprint: str) -> None:
-    state = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in avatar.unet.state_dict().items()}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng"] = generator.get_state()
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "seconds": f"{seconds:.3f}",
-                "param_groups": json.dumps(state["param_groups"]), "fingerprint": fingerprint}
-    atomic_save_safetensors(tensors, path, metadata)
-
-
-def load_checkpoint(path: Path, avatar: Avatar, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    fingerprint: str) -> tuple[int, float]:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise HDAError(f"checkpoint {path}: not a readable safetensors file ({str(exc).splitlines()[0]}); "
-                       "delete it to start over") from None
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise HDAError(f"checkpoint {path}: field 'format' is {metadata.get('format')!r}, expected '{CHECKPOINT_FORMAT}'")
-    if metadata.get("fingerprint") != fingerprint:
-        raise HDAError(f"checkpoint {path}: field 'fingerprint' differs from this run's config, subject or "
-                       "--init-from; resume with the same arguments, or delete the checkpoint to start over")
-    avatar.unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    generator.set_state(tensors["rng"])
-    return int(metadata["step"]), float(metadata["seconds"])
-
-
 def initial_avatar(config: Config, body, init_from=None, static: bool = False) -> Avatar:
     """The consistently initialised avatar, or a copy of ``init_from``'s weights (same architecture only)."""
     if init_from is None:
@@ -208,7 +167,8 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     start, seconds = 0, 0.0
     resuming = resume and paths.checkpoint.exists()
     if resuming:
-        start, seconds = load_checkpoint(paths.checkpoint, avatar, optimizer, generator, fingerprint)
+        start, seconds = checkpoint.load(paths.checkpoint, avatar.unet, optimizer, generator, fingerprint,
+                                         CHECKPOINT_FORMAT, started_with="config, subject or --init-from")
         log(f"resuming {subject.name} at step {start}/{total}")
     paths.avatar.parent.mkdir(parents=True, exist_ok=True)
     history = read_step_log(paths.metrics, start) if resuming else []
@@ -232,11 +192,12 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
             terms["psnr"] = psnr(rgb, gt)
         return loss, terms
 
-    if not resuming and fit.map_steps > 0:
+    if not resuming and (fit.init_map_steps if init_from else fit.map_steps) > 0:
         appearance_stage(avatar, subject, config, init_from, views, data, view_loss, generator, autocast,
                          history, paths, progress, log)
         seconds = time.perf_counter() - clock
-        save_checkpoint(paths.checkpoint, avatar, optimizer, generator, 0, seconds, fingerprint)
+        checkpoint.save(paths.checkpoint, avatar.unet.state_dict(), optimizer, generator, 0, seconds, fingerprint,
+                        CHECKPOINT_FORMAT)
         clock = time.perf_counter()
     log(f"fit {subject.name}: UNet in {precision}, {fit.cameras_per_step} camera(s) per step")
     by_frame: dict = {}
@@ -284,8 +245,8 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
                 fh.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.2f}")
         if done % fit.checkpoint_every == 0 or done == total:
-            save_checkpoint(paths.checkpoint, avatar, optimizer, generator, done,
-                            seconds + time.perf_counter() - clock, fingerprint)
+            checkpoint.save(paths.checkpoint, avatar.unet.state_dict(), optimizer, generator, done,
+                            seconds + time.perf_counter() - clock, fingerprint, CHECKPOINT_FORMAT)
             if stop_after is not None and done >= stop_after and done < total:
                 bar.close()
                 return FitResult(avatar, done, seconds + time.perf_counter() - clock, _last_psnr(history), paths)
@@ -320,7 +281,8 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
     projected = [(c, f) for c in subject.train_cameras for f in spread]
     raw = initial_map(avatar, subject.betas, projected, camera, pose, data)
     log(f"fit {subject.name}: colours projected from {len(projected)} views in {time.perf_counter() - clock:.1f} s")
-    bar = tqdm(total=fit.map_steps, desc=f"maps {subject.name}", unit="step", disable=not progress)
+    map_steps = fit.init_map_steps if init_from else fit.map_steps
+    bar = tqdm(total=map_steps, desc=f"maps {subject.name}", unit="step", disable=not progress)
     running: dict = {}
     degree = config.gaussians.sh_degree
 
@@ -328,7 +290,7 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
         bar.update(1)
         for k, v in terms.items():
             running.setdefault(k, []).append(v)
-        if step % fit.log_every == 0 or step == fit.map_steps:
+        if step % fit.log_every == 0 or step == map_steps:
             row = {"stage": "maps", "stage_step": step, "step": 0,
                    **{k: sum(v) / len(v) for k, v in running.items()},
                    "seconds": round(time.perf_counter() - clock, 3)}
@@ -338,7 +300,7 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
                 fh.write(json.dumps(row) + "\n")
             bar.set_postfix(psnr=f"{row['psnr']:.2f}")
 
-    raw = fit_maps(avatar, raw, views, pose, lambda g, c, f: view_loss(g, c, f, degree), fit.map_steps,
+    raw = fit_maps(avatar, raw, views, pose, lambda g, c, f: view_loss(g, c, f, degree), map_steps,
                    generator=generator, cameras_per_step=fit.cameras_per_step, log=log_map)
     bar.close()
     regress = fit.init_regress_steps if init_from else fit.regress_steps
@@ -359,7 +321,7 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
 
     regress_unet(avatar, raw, maps, regress, fit.regress_lr, generator=generator, autocast=autocast, log=log_regress)
     bar.close()
-    log(f"fit {subject.name}: appearance stage (maps {fit.map_steps}, regression {regress} steps) "
+    log(f"fit {subject.name}: appearance stage (maps {map_steps}, regression {regress} steps) "
         f"in {time.perf_counter() - clock:.1f} s")
 
 
