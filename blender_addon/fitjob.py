@@ -31,11 +31,13 @@ from pathlib import Path
 from . import deps
 
 try:
-    from ..hda_backend.constants import PRESETS
+    from ..hda_backend.constants import AVATAR_SUFFIX, PRESETS
+    from ..hda_backend.errors import HDAError
+    from ..hda_backend.outputs import CHECKPOINT, beside, output_stem
 except ImportError:  # blender_addon imported as a top-level package (its bpy-free tests): hda_backend beside it
-    from hda_backend.constants import PRESETS
-
-AVATAR_SUFFIX = ".hda.safetensors"  # hda_backend.avatar.io.SUFFIX, repeated here so no torch is imported
+    from hda_backend.constants import AVATAR_SUFFIX, PRESETS
+    from hda_backend.errors import HDAError
+    from hda_backend.outputs import CHECKPOINT, beside, output_stem
 ENV_SYS_PATH = "HDA_FIT_SYS_PATH"
 # The child's whole program: take Blender's module path, then run the CLI with the remaining argv.
 BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ['HDA_FIT_SYS_PATH']); "
@@ -54,11 +56,11 @@ class FitFiles:
 
     @classmethod
     def for_output(cls, out: str | os.PathLike) -> "FitFiles":
-        out = Path(out)
-        if not out.name.endswith(AVATAR_SUFFIX) or out.name == AVATAR_SUFFIX:
-            raise ValueError(f"fit output {out}: expected a file name ending in {AVATAR_SUFFIX}")
-        stem = out.parent / out.name[: -len(AVATAR_SUFFIX)]
-        return cls(out, Path(f"{stem}.ckpt.safetensors"), Path(f"{stem}.metrics.jsonl"))
+        try:
+            stem = output_stem(out, AVATAR_SUFFIX)
+        except HDAError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(Path(out), beside(stem, CHECKPOINT), beside(stem, "metrics.jsonl"))
 
 
 def fit_command(subject: str | os.PathLike, out: str | os.PathLike, ext_root: str | os.PathLike, *,

@@ -32,19 +32,6 @@ FRAME_CACHE_BYTES = 512 * 2**20   # rendered frames kept for scrubbing back
 DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Blender's background depth)
 ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
 
-# Names scripts written before session.py read here (scripts/demo_blender.py, bench_frame.py): they
-# are session.caches' containers, looked up at each access, not copies.
-_CACHE_NAMES = (("errors", "errors"), ("timings", "timings"), ("stats", "stats"), ("_avatars", "avatars"),
-                ("_frames", "frames"))
-
-
-def __getattr__(name: str):
-    for old, new in _CACHE_NAMES:
-        if name == old:
-            return getattr(session.caches, new)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------------ avatars
 def _abspath(path: str) -> str:
     import bpy

@@ -39,18 +39,6 @@ NAV_SCALE = 0.35         # resolution factor while the view or pose is changing
 MIN_NAV_PIXELS = 96      # ... but never below this many pixels on the short side
 SETTLE_S = 0.3           # still for this long: render at full resolution
 
-_MOVED_TO_RIG = ("viewport_camera", "depth_terms", "ndc_depth")  # the camera maths, now hda_backend.rig's
-
-
-def __getattr__(name: str):
-    """``viewport.viewport_camera`` etc. for scripts written before the camera maths moved to rig."""
-    if name in _MOVED_TO_RIG:
-        from ..hda_backend import rig
-
-        return getattr(rig, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------ image size
 def render_size(width: int, height: int, moving: bool) -> tuple[int, int]:
     """Image size for a region: the region's, or the navigation size while the view moves."""

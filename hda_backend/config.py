@@ -1,9 +1,11 @@
 """Configuration: YAML files mapped onto dataclasses, with presets.
 
-Presets live in ``hda_backend/presets/<name>.yaml``: ``tiny`` (tests), ``cpu`` (default without CUDA)
-and ``paper`` (the paper's sizes). A user config file may name a preset to start from
-(``preset: cpu``) and override any field. Unknown fields and wrong types are refused with the file and
-the dotted field name.
+The dataclasses' defaults are the ``cpu`` preset (the default without CUDA): ``Config()`` is
+``load_config("cpu")``, and each of its values is written once, here. The other presets live in
+``hda_backend/presets/<name>.yaml`` as changes from it: ``tiny`` (tests) and ``paper`` (the paper's
+sizes and recipe); ``cpu.yaml`` is empty. A user config file may name a preset to start from
+(``preset: paper``) and override any field. Unknown fields and wrong types are refused with the file
+and the dotted field name.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ class RenderConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    steps: int = 2000  # optimisation steps from a fresh (seeded) initialisation
-    init_steps: int = 800  # steps when starting from another subject's weights (--init-from)
-    lr: float = 1e-4
-    warmup_steps: int = 100  # linear learning-rate warm-up
-    lr_final: float = 1.0  # cosine decay after the warm-up to lr * lr_final at the last step (1: constant)
+    # A shorter schedule with a higher learning rate than the paper's, after the appearance stage below,
+    # so that a subject fits in about ten minutes on two cores (README, Fitting).
+    steps: int = 600  # end-to-end steps from a fresh (seeded) initialisation
+    init_steps: int = 200  # end-to-end steps when starting from another subject's weights (--init-from)
+    lr: float = 5e-4
+    warmup_steps: int = 50  # linear learning-rate warm-up
+    lr_final: float = 0.1  # cosine decay after the warm-up to lr * lr_final at the last step (1: constant)
     weight_decay: float = 0.01
     lambda_l1: float = 1.0  # paper Eq. 9 weights
     lambda_ssim: float = 0.1
@@ -57,13 +61,13 @@ class FitConfig:
     pose_jitter: float = 0.0  # std (radians) of noise on the pose the UNet sees, per joint, per step
     sh_degree_every: int = 0  # SH warm-up (as 3DGS): one more band every n steps up to gaussians.sh_degree; 0: all at once
     # The appearance stage (fit/appearance.py): a raw map fitted directly, then the UNet regressed onto it.
-    map_steps: int = 0  # steps fitting the per-texel map by rendering (0: no appearance stage)
-    init_map_steps: int = 0  # the same with --init-from
-    regress_steps: int = 0  # UNet regression steps onto the map, from a fresh initialisation
-    init_regress_steps: int = 0  # the same with --init-from
+    map_steps: int = 1000  # steps fitting the per-texel map by rendering (0: no appearance stage)
+    init_map_steps: int = 400  # the same with --init-from
+    regress_steps: int = 600  # UNet regression steps onto the map, from a fresh initialisation
+    init_regress_steps: int = 200  # the same with --init-from
     regress_lr: float = 1e-3
-    cameras_per_step: int = 1  # training cameras of one frame rendered per step (one UNet forward)
-    precision: str = "float32"  # of the UNet: auto (bfloat16 where the CPU/GPU runs it natively) | float32 | bfloat16
+    cameras_per_step: int = 3  # training cameras of one frame rendered per step (one UNet forward)
+    precision: str = "auto"  # of the UNet: auto (bfloat16 where the CPU/GPU runs it natively) | float32 | bfloat16
     checkpoint_every: int = 100
     log_every: int = 10
     lpips_alexnet: typing.Optional[str] = None  # torchvision-format AlexNet weights on disk
@@ -76,10 +80,12 @@ class DiffusionConfig:
 
     tokenizer: str = "layer"  # layer (one token per conv layer, paper) | flat1d (ablation) | layer_chunked
     chunk_size: int = 4096  # values per token for flat1d / layer_chunked
-    width: int = 512  # token width; not stated in the paper
-    blocks: int = 12
-    heads: int = 16
-    ffn: int = 2048
+    # Stage 2 in minutes on 2 CPU cores for ~24 avatars: a 4-block width-64 transformer (the paper's is
+    # 12 blocks of width 512, see presets/paper.yaml).
+    width: int = 64  # token width; not stated in the paper
+    blocks: int = 4
+    heads: int = 4
+    ffn: int = 256
     dropout: float = 0.0
     timesteps: int = 500  # T
     beta_start: float = 1e-4
@@ -89,16 +95,16 @@ class DiffusionConfig:
     batch: int = 16  # global batch (split over torchrun ranks); drawn with replacement when fewer avatars
     lr_decay: float = 0.9  # lr x lr_decay every lr_decay_every epochs
     lr_decay_every: int = 200
-    epochs: int = 6000  # an epoch is ceil(N / batch) steps
-    ema_decay: float = 0.999
-    checkpoint_every: int = 1000  # steps
+    epochs: int = 300  # an epoch is ceil(N / batch) steps
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100  # steps
     log_every: int = 10  # steps
     normalization: str = "coordinate"  # the std per coordinate, or pooled per layer (the mean is per coordinate)
     norm_eps: float = 1e-3  # std floor, relative to the layer's pooled std
     # Global factor after standardising. None: 1/sqrt(ᾱ_{T-1} λ_max), at most 1, so that DDIM's starting noise
     # N(0, I) matches the noised data along its strongest direction (λ_max: its variance there).
     norm_scale: typing.Optional[float] = None
-    sample_steps: int = 500  # DDIM steps K
+    sample_steps: int = 50  # DDIM steps K
     seed: int = 0
 
 
@@ -107,8 +113,13 @@ class Config:
     preset: str = "cpu"
     body: BodyConfig = field(default_factory=BodyConfig)
     uv: UVConfig = field(default_factory=UVConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
+    # position_scale: the position maps enter the UNet in units of 5 cm rather than metres, so that it
+    # learns texel-sized detail in hundreds of steps (README, Fitting). Avatar files without the field
+    # (made before it) keep UNetConfig's own default of 1.
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(position_scale=20.0))
+    # SH degree 1: with a ring of cameras, degree 3 fits view-dependent colour that held-out cameras
+    # disagree with (README, Fitting).
+    gaussians: GaussianConfig = field(default_factory=lambda: GaussianConfig(sh_degree=1))
     render: RenderConfig = field(default_factory=RenderConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -163,7 +174,8 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _build(cls, data, source: str, prefix: str):
+def _build(cls, data, source: str, prefix: str, base=None):
+    """``base`` (default: ``cls()``, so the ``cpu`` preset for :class:`Config`) with the fields in ``data``."""
     if not isinstance(data, dict):
         raise HDAError(f"config {source}: field '{prefix.rstrip('.')}' should be a mapping")
     hints = typing.get_type_hints(cls)
@@ -171,14 +183,15 @@ def _build(cls, data, source: str, prefix: str):
     for key in data:
         if key not in names:
             raise HDAError(f"config {source}: unknown field '{prefix}{key}', expected one of {', '.join(names)}")
+    base = cls() if base is None else base
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
+            kwargs[key] = _build(hint, value, source, f"{prefix}{key}.", getattr(base, key))
         else:
             kwargs[key] = _coerce(hint, value, source, prefix + key)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(hint, value, source: str, name: str):

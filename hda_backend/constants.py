@@ -15,11 +15,14 @@ PRESET_AVATAR_TEXT = {"tiny": "UV 32, width-16 UNet: tests and quick previews",
                       "paper": "UV 256, width-64 UNet: the paper's sizes, for CUDA"}
 # What fitting with each preset does (the add-on's Fit Subject menu).
 PRESET_FIT_TEXT = {"tiny": "UV 32, 30 steps: a quick check that fitting works",
-                   "cpu": "UV 128, width-64 UNet, 2000 steps (800 from another avatar): minutes on a laptop",
+                   "cpu": "UV 128, width-64 UNet, staged recipe: about 10 minutes on a laptop (3 from another avatar)",
                    "paper": "UV 256, the paper's schedule: for CUDA machines"}
 # The Fit Subject menu's order. Blender saves an enum property as its item's index, so this order is
 # part of saved files and stays as it is.
 FIT_MENU_ORDER = ("cpu", "paper", "tiny")
+
+# ------------------------------------------------------------------------------------------ files
+AVATAR_SUFFIX = ".hda.safetensors"  # an avatar file (hda_backend/avatar/io.py)
 
 # -------------------------------------------------------------------------- stage 2: weight diffusion
 TOKENIZERS = ("layer", "flat1d", "layer_chunked")   # diffusion.tokenizer

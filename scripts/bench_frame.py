@@ -42,6 +42,7 @@ def _child(args) -> None:
     bpy.ops.extensions.package_install_files(filepath=args.zip, repo="user_default", enable_on_install=True)
     runtime = sys.modules[ADDON + ".blender_addon.runtime"]
     layers = sys.modules[ADDON + ".blender_addon.layers"]
+    session = sys.modules[ADDON + ".blender_addon.session"]
     rig = importlib.import_module(ADDON + ".hda_backend.rig")
     gaussians = importlib.import_module(ADDON + ".hda_backend.avatar.gaussians")
     uvmap = importlib.import_module(ADDON + ".hda_backend.uvmap")
@@ -97,7 +98,8 @@ def _child(args) -> None:
             rgba, depth = runtime.to_layer(img[..., :3], alpha, img[..., 3])
             exr.write_exr(out, exr.layer_channels(rgba, depth))
             t6 = time.perf_counter()
-        runtime._frames.clear()  # the handler path below must render, not hit the cache
+        session.caches.frames.clear()
+        session.caches.frame_bytes = 0  # the handler path below must render, not hit the cache
         t7 = time.perf_counter()
         layers.write_frame(arm, scene, dg, f + 100)
         t8 = time.perf_counter()

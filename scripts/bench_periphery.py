@@ -39,6 +39,8 @@ def main(zip_path: str) -> None:
     tmp = tempfile.mkdtemp(prefix="hda_bench_")
     bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
     vp = importlib.import_module(ADDON + ".blender_addon.viewport")
+    session = importlib.import_module(ADDON + ".blender_addon.session")
+    rig = importlib.import_module(ADDON + ".hda_backend.rig")
     motion_op = importlib.import_module(ADDON + ".operators.motion")
     scene = bpy.context.scene
     scene.render.fps = 30
@@ -80,7 +82,7 @@ def main(zip_path: str) -> None:
     g, _ = vp._posed_gaussians(obj, depsgraph)  # warm-up: numba JIT, UV layout, caches
 
     def pose_again():
-        vp._posed.clear()
+        session.viewport.posed.clear()
         vp._posed_gaussians(obj, depsgraph)
 
     print("pose -> UNet -> Gaussians (cpu preset, %d Gaussians): median %.1f ms, min %.1f ms"
@@ -88,7 +90,7 @@ def main(zip_path: str) -> None:
     layers = {}
     for moving in (False, True):
         w, h = vp.render_size(WIDTH, HEIGHT, moving)
-        viewmat, K, shift = vp.viewport_camera(view, proj, w, h, obj_matrix)
+        viewmat, K, shift = rig.viewport_camera(view, proj, w, h, obj_matrix)
         vp.render_layer(obj, g, viewmat, K, w, h)
         layers[(w, h)] = vp.render_layer(obj, g, viewmat, K, w, h) + (shift,)
         print("rasterize + layer %dx%d: median %.1f ms, min %.1f ms"
@@ -107,7 +109,7 @@ def main(zip_path: str) -> None:
                 with off.bind():
                     def upload_and_draw():
                         color_tex, depth_tex = vp.upload(rgba, depth)
-                        vp.draw_layer(color_tex, depth_tex, vp.depth_terms(proj), shift)
+                        vp.draw_layer(color_tex, depth_tex, rig.depth_terms(proj), shift)
                         gpu.state.active_framebuffer_get().read_color(0, 0, 1, 1, 4, 0, 'FLOAT')  # wait for it
                     upload_and_draw()
                     print("upload + draw %dx%d (%s): median %.1f ms, min %.1f ms"

@@ -8,7 +8,9 @@ def test_presets():
     sizes = {name: load_config(name) for name in PRESETS}
     assert (sizes["tiny"].uv.res, sizes["cpu"].uv.res, sizes["paper"].uv.res) == (32, 128, 256)
     assert sizes["paper"].unet.width == 64 and sizes["paper"].unet.levels == 3
-    assert sizes["cpu"].unet == sizes["paper"].unet
+    # the same architecture (598,011 weights); the cpu recipe feeds it positions in 5 cm units
+    assert (sizes["cpu"].unet.width, sizes["cpu"].unet.levels) == (sizes["paper"].unet.width, sizes["paper"].unet.levels)
+    assert (sizes["cpu"].unet.position_scale, sizes["paper"].unet.position_scale) == (20.0, 1.0)
 
 
 def test_user_file_overrides_its_preset(tmp_path):
@@ -40,3 +42,15 @@ def test_bad_configs(tmp_path, text, message):
 def test_unknown_preset():
     with pytest.raises(HDAError, match="preset 'huge': unknown"):
         load_config("huge")
+
+
+def test_the_code_defaults_are_the_cpu_preset():
+    """Config() is the cpu preset (each value written once, in config.py); tiny and paper are changes from it."""
+    from hda_backend.config import Config
+
+    assert Config() == load_config("cpu")
+    assert load_config("cpu").fit.map_steps > 0 and load_config("cpu").unet.position_scale == 20.0
+    paper = load_config("paper")
+    assert (paper.unet.position_scale, paper.gaussians.sh_degree, paper.fit.map_steps, paper.fit.lr) == (1.0, 3, 0, 1e-4)
+    tiny = load_config("tiny")
+    assert (tiny.unet.width, tiny.fit.map_steps, tiny.fit.precision) == (16, 0, "float32")

@@ -34,11 +34,12 @@ from ..errors import HDAError
 from ..uvmap import UV_RESOLUTIONS
 from .gaussians import GaussianConfig
 from .model import Avatar
+from ..constants import AVATAR_SUFFIX
 from .unet import UNetConfig
 
 FORMAT = "hda-avatar"
 FORMAT_VERSION = "1"
-SUFFIX = ".hda.safetensors"
+SUFFIX = AVATAR_SUFFIX
 
 
 def save_avatar(avatar: Avatar, path: str | os.PathLike, origin: str = "") -> Path:
