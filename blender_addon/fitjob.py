@@ -43,6 +43,9 @@ ENV_SYS_PATH = "HDA_FIT_SYS_PATH"
 BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ['HDA_FIT_SYS_PATH']); "
         "from hda_backend.cli import main; sys.exit(main(sys.argv[1:]))")
 _BAR = re.compile(r"\|\s*(\d+)/(\d+)\s*\[")
+# The fit's progress bars, one per stage, named by their description's first word (fit/trainer.py).
+STAGES = {"maps": "colour maps", "regress": "UNet regression", "fit": "end to end"}
+_STAGE = re.compile(r"^\s*(" + "|".join(STAGES) + r") ")
 _RESUMING = re.compile(r"^resuming .* at step (\d+)/(\d+)$")
 
 
@@ -150,6 +153,7 @@ class FitJob:
     metrics: MetricsReader
     step: int = 0
     total: int = 0
+    stage: str = ""            # which of STAGES the progress bar counts
     outcome: str = ""          # the CLI's final line (wrote ... / hda: error: ...)
     lines: list = field(default_factory=list)
 
@@ -185,7 +189,7 @@ class FitJob:
             return self.message
         if not self.total:
             return "starting the fit..."
-        text = f"step {self.step}/{self.total}"
+        text = f"{self.stage}: step {self.step}/{self.total}" if self.stage else f"step {self.step}/{self.total}"
         if self.psnr is not None:
             text += f", PSNR {self.psnr:.1f} dB"
         return text
@@ -208,6 +212,8 @@ class FitJob:
         m = _BAR.search(line) or _RESUMING.match(line.strip())
         if m:
             self.step, self.total = int(m.group(1)), int(m.group(2))
+            stage = _STAGE.match(line.split("\r")[-1]) if _BAR.search(line) else None
+            self.stage = STAGES[stage.group(1)] if stage else STAGES["fit"]
         return None
 
     def _finish(self, job: deps.Job) -> None:

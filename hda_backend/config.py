@@ -235,37 +235,32 @@ def _check(config: Config, source: str) -> None:
         bad("gaussians.init_opacity", config.gaussians.init_opacity, "in (0, 1)")
     if not 0 <= config.gaussians.sh_degree <= 3:
         bad("gaussians.sh_degree", config.gaussians.sh_degree, "0..3")
-    if not 0.0 <= config.fit.pose_jitter <= 1.0:
-        bad("fit.pose_jitter", config.fit.pose_jitter, "0..1 radians")
-    if not 0 <= config.fit.sh_degree_every <= 10_000_000:
-        bad("fit.sh_degree_every", config.fit.sh_degree_every, "0..10000000")
     if not 0.0 < config.render.fov_deg < 170.0:
         bad("render.fov_deg", config.render.fov_deg, "in (0, 170)")
-    from .precision import PRECISIONS
-
-    if config.fit.precision not in PRECISIONS:
-        bad("fit.precision", config.fit.precision, " | ".join(PRECISIONS))
-    for name in ("map_steps", "init_map_steps", "regress_steps", "init_regress_steps"):
-        if not 0 <= getattr(config.fit, name) <= 10_000_000:
-            bad(f"fit.{name}", getattr(config.fit, name), "0..10000000")
-    if not 1 <= config.fit.cameras_per_step <= 64:
-        bad("fit.cameras_per_step", config.fit.cameras_per_step, "1..64")
-    if not 0.0 < config.fit.regress_lr < 1.0:
-        bad("fit.regress_lr", config.fit.regress_lr, "in (0, 1)")
-    for name in ("steps", "init_steps", "checkpoint_every", "log_every"):
-        if not 1 <= getattr(config.fit, name) <= 10_000_000:
-            bad(f"fit.{name}", getattr(config.fit, name), "1..10000000")
-    if not 0.0 < config.fit.lr < 1.0:
-        bad("fit.lr", config.fit.lr, "in (0, 1)")
-    if not 0.0 <= config.fit.lr_final <= 1.0:
-        bad("fit.lr_final", config.fit.lr_final, "0..1")
-    if not 0 <= config.fit.warmup_steps <= 10_000_000:
-        bad("fit.warmup_steps", config.fit.warmup_steps, "0..10000000")
-    if not 0.0 <= config.fit.crop_margin <= 2.0:
-        bad("fit.crop_margin", config.fit.crop_margin, "0..2")
     if not 1 <= config.body.num_betas <= 300:
         bad("body.num_betas", config.body.num_betas, "1..300")
+    _check_fit(config.fit, bad)
     _check_diffusion(config.diffusion, bad)
+
+
+def _check_fit(f: FitConfig, bad) -> None:
+    from .precision import PRECISIONS
+
+    if f.precision not in PRECISIONS:
+        bad("fit.precision", f.precision, " | ".join(PRECISIONS))
+    many = 10_000_000
+    for name, low, high in (("steps", 1, many), ("init_steps", 1, many), ("checkpoint_every", 1, many),
+                            ("log_every", 1, many), ("warmup_steps", 0, many), ("sh_degree_every", 0, many),
+                            ("map_steps", 0, many), ("init_map_steps", 0, many), ("regress_steps", 0, many),
+                            ("init_regress_steps", 0, many), ("cameras_per_step", 1, 64)):
+        if not low <= getattr(f, name) <= high:
+            bad(f"fit.{name}", getattr(f, name), f"{low}..{high}")
+    for name in ("lr", "regress_lr"):
+        if not 0.0 < getattr(f, name) < 1.0:
+            bad(f"fit.{name}", getattr(f, name), "in (0, 1)")
+    for name, high, unit in (("lr_final", 1.0, ""), ("pose_jitter", 1.0, " radians"), ("crop_margin", 2.0, "")):
+        if not 0.0 <= getattr(f, name) <= high:
+            bad(f"fit.{name}", getattr(f, name), f"0..{high:g}{unit}")
 
 
 def _check_diffusion(d: DiffusionConfig, bad) -> None:

@@ -102,6 +102,21 @@ def test_fit_in_a_subprocess_reports_progress_and_writes_a_loadable_avatar(tmp_p
     assert avatar.uv_res == 32
 
 
+def test_fit_status_names_the_stage_of_the_progress_bar(tmp_path):
+    """The trainer's three bars (fit/trainer.py: 'maps', 'regress', 'fit') read back as stages."""
+    job = fitjob.FitJob(None, fitjob.FitFiles.for_output(tmp_path / "a.hda.safetensors"),
+                        fitjob.MetricsReader(tmp_path / "a.metrics.jsonl"))
+    for line, stage, step, total in (
+            ("maps teacher:  53%|█████▎    | 530/1000 [00:10<00:09, 50.0step/s, psnr=22.09]", "colour maps", 530, 1000),
+            ("regress teacher:  20%|██        | 120/600 [00:30<01:30, 4.0step/s]", "UNet regression", 120, 600),
+            ("fit teacher:   5%|▌         | 30/600 [00:07<02:20, 4.1step/s]", "end to end", 30, 600),
+            ("resuming teacher at step 100/600", "end to end", 100, 600)):
+        job._describe(line)
+        assert (job.stage, job.step, job.total) == (stage, step, total)
+    job._describe("LPIPS off: weight 0")  # not a bar: nothing changes
+    assert (job.stage, job.step) == ("end to end", 100)
+
+
 def test_fit_errors_come_back_as_one_line(tmp_path):
     job = fitjob.start_fit(tmp_path / "nowhere", tmp_path / "o.hda.safetensors", REPO, preset="tiny")
     assert job.wait(timeout=120) == deps.FAILED

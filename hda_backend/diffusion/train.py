@@ -41,7 +41,8 @@ from ..config import DiffusionConfig
 from ..errors import HDAError
 from ..images import line_plot
 from ..outputs import CHECKPOINT, beside, output_stem
-from ..steplog import append_step_log, due, read_step_log, write_step_log
+from ..steplog import append_step_log, read_step_log, write_step_log
+from ..steps import run_steps
 from .model_io import SUFFIX, denoiser_config, save_model, schedule_config
 from .schedule import add_noise, alphas_cumprod
 from .transformer import WeightDenoiser
@@ -245,8 +246,8 @@ def _step(run: _Run, step: int, lr: float, ema_live: list, live: list) -> float:
     return value
 
 
-def _log(run: _Run, done: int, lr: float, running: list[float]) -> dict:
-    row = {"step": done, "epoch": round(done / run.per_epoch, 3), "lr": lr, "loss": sum(running) / len(running),
+def _log(run: _Run, done: int, lr: float, loss: float) -> dict:
+    row = {"step": done, "epoch": round(done / run.per_epoch, 3), "lr": lr, "loss": loss,
            "seconds": round(run.elapsed(), 3)}
     run.history.append(row)
     if run.rank == 0:
@@ -298,24 +299,23 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
     params = dict(run.model.named_parameters())
     ema_live = [run.ema[k] for k in params]  # the state dict holds parameters only (buffers are not persistent)
     live = [p.detach() for p in params.values()]
-    running: list[float] = []
     run.clock = time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=f"train-diffusion ({d.tokenizer})", unit="step", disable=not progress)
     run.model.train()
-    for step in range(start, total):
-        lr = learning_rate(d, step, per_epoch)
-        running.append(_step(run, step, lr, ema_live, live))
-        done = step + 1
-        bar.update(1)
-        if due(done, d.log_every, total):
-            row = _log(run, done, lr, running)
-            running = []
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-        if due(done, d.checkpoint_every, total):
-            _checkpoint(run, done)
-            if stop_after is not None and stop_after <= done < total:
-                bar.close()
-                return TrainResult(paths, done, run.elapsed(), run.final_loss(), parameters, run.normalizer.scale)
+
+    def step(index: int) -> dict:
+        return {"loss": _step(run, index, learning_rate(d, index, per_epoch), ema_live, live)}
+
+    def on_log(done: int, means: dict) -> None:
+        lr = learning_rate(d, done - 1, per_epoch)
+        row = _log(run, done, lr, means["loss"])
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+
+    done = run_steps(start, total, step, d.log_every, d.checkpoint_every, on_log, lambda n: _checkpoint(run, n),
+                     stop_after, bar)
+    if done < total:
+        bar.close()
+        return TrainResult(paths, done, run.elapsed(), run.final_loss(), parameters, run.normalizer.scale)
     bar.close()
     seconds = run.elapsed()
     _finish(run)

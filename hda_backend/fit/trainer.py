@@ -36,7 +36,8 @@ from ..outputs import CHECKPOINT, beside, output_stem
 from ..precision import autocast as autocast_factory
 from ..precision import resolve as resolve_precision
 from ..render.frames import render_gaussians
-from ..steplog import read_step_log, write_step_log
+from ..steplog import append_step_log, due, read_step_log, write_step_log
+from ..steps import run_steps
 from .appearance import fit_maps, initial_map, regress_unet
 from .losses import load_lpips, photometric_loss, psnr
 
@@ -204,13 +205,11 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     for cam, frame in views:
         by_frame.setdefault(frame, []).append(cam)
     frames = sorted(by_frame)
-    running: dict = {}
     bar = tqdm(total=total, initial=start, desc=f"fit {subject.name}", unit="step", disable=not progress)
-    step = start
-    for step in range(start, total):
-        lr = learning_rate(fit, step, total)
+
+    def step(index: int) -> dict:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = learning_rate(fit, index, total)
         frame = frames[int(torch.randint(len(frames), (1,), generator=generator))]
         cams = by_frame[frame]
         picks = torch.randperm(len(cams), generator=generator)[:fit.cameras_per_step].tolist()
@@ -221,46 +220,48 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         g = avatar(pose, subject.transl[frame:frame + 1], input_pose=None if jitter is None else pose + jitter).index(0)
         loss, terms = 0.0, {}
         for i in picks:
-            one, parts = view_loss(g, cams[i], frame, sh_degree(fit, config, step))
+            one, parts = view_loss(g, cams[i], frame, sh_degree(fit, config, index))
             loss = loss + one / len(picks)
             for key, value in parts.items():
                 terms[key] = terms.get(key, 0.0) + value.detach() / len(picks)
         if not torch.isfinite(loss):
-            raise HDAError(f"fit {subject.name}: loss became {loss.item()} at step {step}; lower fit.lr "
+            raise HDAError(f"fit {subject.name}: loss became {loss.item()} at step {index}; lower fit.lr "
                            f"(now {fit.lr}) and --resume from the last checkpoint {paths.checkpoint}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        terms["loss"] = loss.detach()
-        for key, value in terms.items():
-            running.setdefault(key, []).append(float(value))
-        done = step + 1
-        bar.update(1)
-        if done % fit.log_every == 0 or done == total:
-            row = {"step": done, "lr": lr, **{k: sum(v) / len(v) for k, v in running.items()},
-                   "seconds": round(seconds + time.perf_counter() - clock, 3)}
-            running = {}
-            history.append(row)
-            with paths.metrics.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.2f}")
-        if done % fit.checkpoint_every == 0 or done == total:
-            checkpoint.save(paths.checkpoint, avatar.unet.state_dict(), optimizer, generator, done,
-                            seconds + time.perf_counter() - clock, fingerprint, CHECKPOINT_FORMAT)
-            if stop_after is not None and done >= stop_after and done < total:
-                bar.close()
-                return FitResult(avatar, done, seconds + time.perf_counter() - clock, _last_psnr(history), paths)
+        return {key: float(value) for key, value in terms.items()} | {"loss": float(loss.detach())}
+
+    def on_log(done: int, means: dict) -> None:
+        row = {"step": done, "lr": learning_rate(fit, done - 1, total), **means,
+               "seconds": round(seconds + time.perf_counter() - clock, 3)}
+        history.append(row)
+        append_step_log(paths.metrics, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.2f}")
+
+    def on_checkpoint(done: int) -> None:
+        checkpoint.save(paths.checkpoint, avatar.unet.state_dict(), optimizer, generator, done,
+                        seconds + time.perf_counter() - clock, fingerprint, CHECKPOINT_FORMAT)
+
+    done = run_steps(start, total, step, fit.log_every, fit.checkpoint_every, on_log, on_checkpoint, stop_after, bar)
+    if done < total:
+        bar.close()
+        return FitResult(avatar, done, seconds + time.perf_counter() - clock, _last_psnr(history), paths)
     bar.close()
     seconds += time.perf_counter() - clock
+    _finish(avatar, subject, paths, history, init_from, backend)
+    return FitResult(avatar, total, seconds, _last_psnr(history), paths)
+
+
+def _finish(avatar: Avatar, subject: Subject, paths: FitPaths, history: list, init_from, backend: str) -> None:
+    """The avatar file, the curve of the end-to-end steps and the held-out side-by-side."""
     origin = f"fit:{subject.name}" + (f" init:{Path(init_from).name}" if init_from else "")
     save_avatar(avatar, paths.avatar, origin=origin)
-    line_plot([("loss (L1 + SSIM + mask)", [r["step"] for r in history if "loss" in r],
-                [r["loss"] for r in history if "loss" in r]),
-               ("training-view PSNR (dB)", [r["step"] for r in history if "psnr" in r],
-                [r["psnr"] for r in history if "psnr" in r])],
+    rows = [r for r in history if "stage" not in r]
+    line_plot([("loss (L1 + SSIM + mask)", [r["step"] for r in rows], [r["loss"] for r in rows]),
+               ("training-view PSNR (dB)", [r["step"] for r in rows], [r["psnr"] for r in rows])],
               log_y=(True, False)).save(paths.curve)
     side_by_side(avatar, subject, backend).save(paths.views)
-    return FitResult(avatar, total, seconds, _last_psnr(history), paths)
 
 
 def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from, views: list, data, view_loss,
@@ -290,14 +291,13 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
         bar.update(1)
         for k, v in terms.items():
             running.setdefault(k, []).append(v)
-        if step % fit.log_every == 0 or step == map_steps:
+        if due(step, fit.log_every, map_steps):
             row = {"stage": "maps", "stage_step": step, "step": 0,
                    **{k: sum(v) / len(v) for k, v in running.items()},
                    "seconds": round(time.perf_counter() - clock, 3)}
             running.clear()
             history.append(row)
-            with paths.metrics.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_step_log(paths.metrics, row)
             bar.set_postfix(psnr=f"{row['psnr']:.2f}")
 
     raw = fit_maps(avatar, raw, views, pose, lambda g, c, f: view_loss(g, c, f, degree), map_steps,
@@ -311,12 +311,11 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
 
     def log_regress(step, terms):
         bar.update(1)
-        if step % fit.log_every == 0 or step == regress:
+        if due(step, fit.log_every, regress):
             row = {"stage": "regress", "stage_step": step, "step": 0, **terms,
                    "seconds": round(time.perf_counter() - clock, 3)}
             history.append(row)
-            with paths.metrics.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_step_log(paths.metrics, row)
             bar.set_postfix(loss=f"{terms['regression']:.4f}")
 
     regress_unet(avatar, raw, maps, regress, fit.regress_lr, generator=generator, autocast=autocast, log=log_regress)
