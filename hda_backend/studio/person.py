@@ -285,93 +285,126 @@ def _hull_radius(v, mask, centre, y, n_ang, band=0.02):
     return (r + np.roll(r, 1) + np.roll(r, -1)) / 3
 
 
-def build_parts(body: BodyModel, attrs: dict) -> tuple[np.ndarray, list[Part]]:
-    """The shaped body's rest vertices [V,3] and the person's garment, shoe and hair parts."""
+@dataclass
+class _Shape:
+    """The shaped body the garments are cut from: rest vertices, faces, skinning weights, joints, normals,
+    body-region masks and the limb coordinates the cuts are measured in."""
+
+    v: np.ndarray
+    f: np.ndarray
+    w: np.ndarray
+    jr: np.ndarray
+    n: np.ndarray
+    arm: np.ndarray
+    leg: np.ndarray
+    head: np.ndarray
+    hands: np.ndarray
+    x_abs: np.ndarray
+    t_arm: np.ndarray  # 0 at the shoulder to 1 at the wrist
+    t_leg: np.ndarray  # 0 at the hip to 1 at the ankle
+    y_waist: float
+
+
+def _shape(body: BodyModel, attrs: dict) -> _Shape:
     betas = torch.tensor(attrs["betas"], dtype=torch.float32)[: body.num_betas]
     v = (body.v_template + body.shapedirs[:, :, : len(betas)] @ betas).double().numpy()
     f = body.faces.numpy()
     w = body.weights.double().numpy()
     jr = body.J_regressor.double().numpy() @ v
-    n = _vertex_normals(v, f)
-    arm = w[:, ARM_JOINTS].sum(1) > 0.5
-    leg = w[:, LEG_JOINTS].sum(1) > 0.5
-    head = w[:, HEAD_JOINTS].sum(1) > 0.5
-    hands = w[:, 25:55].sum(1) + w[:, 20] + w[:, 21] > 0.5
-    parts: list[Part] = []
     x_abs = np.abs(v[:, 0])
-    t_arm = (x_abs - jr[16, 0]) / (jr[20, 0] - jr[16, 0])
-    t_leg = (jr[1, 1] - v[:, 1]) / (jr[1, 1] - jr[7, 1])
-    y_waist = jr[3, 1] - 0.02
-    top, bottom = attrs["top"], attrs["bottom"]
+    return _Shape(v, f, w, jr, _vertex_normals(v, f), arm=w[:, ARM_JOINTS].sum(1) > 0.5,
+                  leg=w[:, LEG_JOINTS].sum(1) > 0.5, head=w[:, HEAD_JOINTS].sum(1) > 0.5,
+                  hands=w[:, 25:55].sum(1) + w[:, 20] + w[:, 21] > 0.5, x_abs=x_abs,
+                  t_arm=(x_abs - jr[16, 0]) / (jr[20, 0] - jr[16, 0]),
+                  t_leg=(jr[1, 1] - v[:, 1]) / (jr[1, 1] - jr[7, 1]), y_waist=jr[3, 1] - 0.02)
 
-    # Top: torso down to the hem, sleeves to the chosen length, a neckline.
+
+def build_parts(body: BodyModel, attrs: dict) -> tuple[np.ndarray, list[Part]]:
+    """The shaped body's rest vertices [V,3] and the person's garment, shoe and hair parts."""
+    b = _shape(body, attrs)
+    parts = [_top(b, attrs["top"]), _bottom(b, attrs["bottom"], attrs["top"]), _shoes(b, attrs["shoes"])]
+    if attrs["hair"]["style"] != "bald":
+        parts.append(_hair(b, attrs["hair"]))
+    return b.v, parts
+
+
+def _top(b: _Shape, top: dict) -> Part:
+    """Torso down to the hem, sleeves to the chosen length, a neckline."""
+    v, jr, x_abs = b.v, b.jr, b.x_abs
     neck_y = jr[12, 1] - 0.025
     depth = {"crew": 0.0, "scoop": 0.07, "v": 0.11}[top["neckline"]]
     front = v[:, 2] > jr[9, 2] + 0.02
     neck_cut = neck_y - np.where(front, depth * np.clip(1 - x_abs / 0.09, 0, 1) ** (0.5 if top["neckline"] == "v" else 2), 0)
-    hem_y = jr[0, 1] - 0.06 if top["kind"] != "dress" else y_waist - 0.03
-    in_top = (v[:, 1] < neck_cut) & (v[:, 1] > hem_y) & ~head & ~hands & ~leg
+    hem_y = jr[0, 1] - 0.06 if top["kind"] != "dress" else b.y_waist - 0.03
+    in_top = (v[:, 1] < neck_cut) & (v[:, 1] > hem_y) & ~b.head & ~b.hands & ~b.leg
     sleeve = top["sleeve"]
-    in_top &= ~arm | (t_arm <= sleeve) if sleeve > 0.02 else ~arm
+    in_top &= ~b.arm | (b.t_arm <= sleeve) if sleeve > 0.02 else ~b.arm
     if sleeve <= 0.02:  # tank tops leave the shoulder cap and the armpit free
         in_top &= ~((x_abs > jr[16, 0] - 0.03) & (v[:, 1] > jr[16, 1] - 0.12))
     loose = top["looseness"]
     thick = 0.008 + 0.006 * loose * np.clip((jr[6, 1] - v[:, 1]) / 0.3, 0, 1)
-    parts.append(_shell("top", "top", v, n, f, w, in_top, thick, loose))
+    return _shell("top", "top", v, b.n, b.f, b.w, in_top, thick, loose)
 
-    # Bottom: trousers/shorts as shells; skirts as a loose tube.
+
+def _bottom(b: _Shape, bottom: dict, top: dict) -> Part:
+    """Trousers and shorts as shells; skirts (and a dress's skirt) as a loose tube."""
+    v, jr = b.v, b.jr
     if bottom["kind"] in ("pants", "shorts"):
-        in_bottom = (v[:, 1] < y_waist) & ~arm & ~hands & (~leg | (t_leg <= bottom["length"]) | (v[:, 1] > jr[1, 1] - 0.02))
-        parts.append(_shell("bottom", "bottom", v, n, f, w, in_bottom, 0.005, 0.8))
-    else:
-        y_hip = jr[1, 1]
-        y_hem = y_hip - bottom["length"] * (jr[1, 1] - jr[7, 1])
-        rings = np.linspace(y_waist + (0.0 if top["kind"] != "dress" else 0.01), y_hem, 28)
-        centre = (0.0, float(jr[0, 2]))
-        n_ang = 96
-        torso_legs = ~arm & ~hands
-        radius = np.zeros((len(rings), n_ang))
-        running = np.zeros(n_ang)
-        for k, y in enumerate(rings):
-            running = np.maximum(running, _hull_radius(v, torso_legs, centre, y, n_ang))
-            radius[k] = running + 0.012 + bottom["flare"] * max(0.0, y_hip + 0.05 - y)
+        in_bottom = (v[:, 1] < b.y_waist) & ~b.arm & ~b.hands & (~b.leg | (b.t_leg <= bottom["length"]) | (v[:, 1] > jr[1, 1] - 0.02))
+        return _shell("bottom", "bottom", v, b.n, b.f, b.w, in_bottom, 0.005, 0.8)
+    y_hip = jr[1, 1]
+    y_hem = y_hip - bottom["length"] * (jr[1, 1] - jr[7, 1])
+    rings = np.linspace(b.y_waist + (0.0 if top["kind"] != "dress" else 0.01), y_hem, 28)
+    centre = (0.0, float(jr[0, 2]))
+    n_ang = 96
+    torso_legs = ~b.arm & ~b.hands
+    radius = np.zeros((len(rings), n_ang))
+    running = np.zeros(n_ang)
+    for k, y in enumerate(rings):
+        running = np.maximum(running, _hull_radius(v, torso_legs, centre, y, n_ang))
+        radius[k] = running + 0.012 + bottom["flare"] * max(0.0, y_hip + 0.05 - y)
+    return _tube("skirt", "bottom", rings, radius, centre, _skirt_weights, 1.0,
+                 {"folds": 9 + 4 * bottom["flare"] / 0.35})
 
-        def skirt_weights(rest, d):
-            out = np.zeros((len(rest), 55))
-            side = np.clip(0.5 + rest[:, 0] / 0.24, 0, 1)
-            follow = 0.55 * np.clip(d * 1.3, 0, 1)
-            out[:, J["pelvis"]] = 1 - follow - 0.25 * (1 - d) * (d < 0.15)
-            out[:, J["spine1"]] = 0.25 * (1 - d) * (d < 0.15)
-            out[:, J["left_hip"]] = follow * side
-            out[:, J["right_hip"]] = follow * (1 - side)
-            return out
 
-        parts.append(_tube("skirt", "bottom", rings, radius, centre, skirt_weights, 1.0,
-                           {"folds": 9 + 4 * bottom["flare"] / 0.35}))
+def _skirt_weights(rest: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Skinning weights of skirt vertices: the pelvis at the waist, following the hips towards the hem."""
+    out = np.zeros((len(rest), 55))
+    side = np.clip(0.5 + rest[:, 0] / 0.24, 0, 1)
+    follow = 0.55 * np.clip(d * 1.3, 0, 1)
+    out[:, J["pelvis"]] = 1 - follow - 0.25 * (1 - d) * (d < 0.15)
+    out[:, J["spine1"]] = 0.25 * (1 - d) * (d < 0.15)
+    out[:, J["left_hip"]] = follow * side
+    out[:, J["right_hip"]] = follow * (1 - side)
+    return out
 
-    # Shoes: the feet up to the ankle (boots higher).
-    top_y = jr[7, 1] + (0.16 if attrs["shoes"]["kind"] == "boots" else (0.01 if attrs["shoes"]["kind"] == "flats" else 0.05))
-    in_shoes = leg & (v[:, 1] < top_y)
-    if attrs["shoes"]["kind"] == "flats":
+
+def _shoes(b: _Shape, shoes: dict) -> Part:
+    """The feet up to the ankle (boots higher, flats lower with an open instep)."""
+    v, jr = b.v, b.jr
+    top_y = jr[7, 1] + (0.16 if shoes["kind"] == "boots" else (0.01 if shoes["kind"] == "flats" else 0.05))
+    in_shoes = b.leg & (v[:, 1] < top_y)
+    if shoes["kind"] == "flats":
         in_shoes &= ~((v[:, 1] > jr[10, 1] - 0.005) & (v[:, 2] > jr[7, 2] + 0.02))  # open instep
-    parts.append(_shell("shoes", "shoes", v, n, f, w, in_shoes, 0.009, 0.3, subdivide=False))
+    return _shell("shoes", "shoes", v, b.n, b.f, b.w, in_shoes, 0.009, 0.3, subdivide=False)
 
-    # Hair: a shell over the scalp, down the back of the neck for longer styles.
-    style = attrs["hair"]["style"]
-    if style != "bald":
-        rel_z = v[:, 2] - jr[15, 2]
-        line = jr[15, 1] + 0.06 + 0.45 * np.clip(rel_z, -0.15, 0.15)
-        if style in ("bob", "long"):
-            line = np.where(rel_z < 0.02, jr[15, 1] - 0.02, line)
-        scalp = (v[:, 1] > line) & (head | (w[:, 12] > 0.3))
-        if style == "long":
-            drop = attrs["hair"]["length"]
-            back = (v[:, 2] < jr[9, 2] - 0.02) & (x_abs < 0.11) & (v[:, 1] > jr[12, 1] - drop) & ~arm
-            scalp |= back & (v[:, 1] > jr[9, 1] - 0.05)
-        thickness = {"buzz": 0.003, "short": 0.012, "bob": 0.02, "long": 0.018}[style]
-        hair_t = thickness * np.clip(0.6 + 3 * (v[:, 1] - jr[15, 1]), 0.4, 1.2)
-        parts.append(_shell("hair", "hair", v, n, f, w, scalp, hair_t, 0.0, subdivide=style != "buzz"))
-    return v, parts
+
+def _hair(b: _Shape, hair: dict) -> Part:
+    """A shell over the scalp, down the back of the neck for longer styles."""
+    v, jr, w = b.v, b.jr, b.w
+    style = hair["style"]
+    rel_z = v[:, 2] - jr[15, 2]
+    line = jr[15, 1] + 0.06 + 0.45 * np.clip(rel_z, -0.15, 0.15)
+    if style in ("bob", "long"):
+        line = np.where(rel_z < 0.02, jr[15, 1] - 0.02, line)
+    scalp = (v[:, 1] > line) & (b.head | (w[:, 12] > 0.3))
+    if style == "long":
+        drop = hair["length"]
+        back = (v[:, 2] < jr[9, 2] - 0.02) & (b.x_abs < 0.11) & (v[:, 1] > jr[12, 1] - drop) & ~b.arm
+        scalp |= back & (v[:, 1] > jr[9, 1] - 0.05)
+    thickness = {"buzz": 0.003, "short": 0.012, "bob": 0.02, "long": 0.018}[style]
+    hair_t = thickness * np.clip(0.6 + 3 * (v[:, 1] - jr[15, 1]), 0.4, 1.2)
+    return _shell("hair", "hair", v, b.n, b.f, w, scalp, hair_t, 0.0, subdivide=style != "buzz")
 
 
 # --- pose-dependent folds ------------------------------------------------------------------------------
