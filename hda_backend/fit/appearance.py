@@ -50,6 +50,16 @@ class MapGroups:
     sh_rest: float = 5e-4
 
 
+_SH = CHANNELS["sh"]
+# The UNet's output channels by what they control, in channel order; each group gets its own learning
+# rate when the map is fitted and its own weight when the UNet is regressed onto it.
+GROUPS = {"offset": CHANNELS["offset"], "log_scale": CHANNELS["log_scale"], "quat": CHANNELS["quat"],
+          "opacity": CHANNELS["opacity"], "sh_dc": slice(_SH.start, _SH.start + 3),
+          "sh_rest": slice(_SH.start + 3, _SH.start + 3 * SH_COEFFS)}
+# Offsets and base colour decide the render; the other groups stay near their fitted values anyway.
+REGRESSION_WEIGHTS = {"offset": 1.0, "log_scale": 0.3, "quat": 0.3, "opacity": 0.3, "sh_dc": 1.0, "sh_rest": 0.3}
+
+
 def colour_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:
     """The DC SH coefficient that renders as ``rgb`` (the rasterizer maps SH to colour + 0.5)."""
     return (rgb - 0.5) / SH_C0
@@ -84,7 +94,7 @@ def visible_texels(means: torch.Tensor, normals: torch.Tensor, viewmat: torch.Te
     cx = (xy[:, 0] / cell).floor().clamp(0, cols - 1).long()
     cy = (xy[:, 1] / cell).floor().clamp(0, rows - 1).long()
     index = cy * cols + cx
-    nearest = torch.full((rows * cols,), float("inf"), dtype=z.dtype)
+    nearest = torch.full((rows * cols,), float("inf"), dtype=z.dtype, device=z.device)
     nearest = nearest.scatter_reduce(0, index[inside], z[inside], reduce="amin")
     seen = inside & (z <= nearest[index] + tolerance)
     return xy, seen, facing
@@ -128,42 +138,33 @@ def initial_map(avatar: Avatar, betas: torch.Tensor, views: list, camera: Callab
                 data: Callable, fallback: tuple = (0.5, 0.5, 0.5)) -> torch.Tensor:
     """The stage-1 starting map [M,59]: template Gaussians moved to the subject's shape, coloured by
     projection; texels no training view sees take the mean colour of those seen (else ``fallback``)."""
-    raw = torch.zeros(avatar.num_gaussians, avatar.unet.config.out_channels)
-    raw[:, CHANNELS["offset"]] = shape_offsets(avatar, betas)
+    device = next(avatar.unet.parameters()).device
+    raw = torch.zeros(avatar.num_gaussians, avatar.unet.config.out_channels, device=device)
+    raw[:, CHANNELS["offset"]] = shape_offsets(avatar, betas).to(device)
     colour, weight = project_colours(avatar, raw, views, camera, pose, data)
     seen = weight > 0
-    mean = colour[seen].mean(0) if seen.any() else torch.tensor(fallback)
+    mean = colour[seen].mean(0) if seen.any() else colour.new_tensor(fallback)
     colour = torch.where(seen[:, None], colour, mean)
-    raw[:, CHANNELS["sh"].start:CHANNELS["sh"].start + 3] = colour_to_sh_dc(colour)
+    raw[:, GROUPS["sh_dc"]] = colour_to_sh_dc(colour)
     return raw
 
 
 def map_parameters(raw: torch.Tensor, rates: MapGroups) -> tuple[dict, list]:
     """Split a raw map [M,59] into one leaf tensor per output group and Adam parameter groups."""
-    sh = CHANNELS["sh"]
-    slices = {"offset": CHANNELS["offset"], "log_scale": CHANNELS["log_scale"], "quat": CHANNELS["quat"],
-              "opacity": CHANNELS["opacity"], "sh_dc": slice(sh.start, sh.start + 3),
-              "sh_rest": slice(sh.start + 3, sh.start + 3 * SH_COEFFS)}
-    leaves = {k: raw[:, s].clone().requires_grad_(True) for k, s in slices.items()}
-    groups = [{"params": [leaves[k]], "lr": getattr(rates, k), "name": k} for k in slices]
+    leaves = {k: raw[:, s].clone().requires_grad_(True) for k, s in GROUPS.items()}
+    groups = [{"params": [leaves[k]], "lr": getattr(rates, k), "name": k} for k in GROUPS]
     return leaves, groups
 
 
 def join_map(leaves: dict) -> torch.Tensor:
     """The raw map [M,59] from :func:`map_parameters`' leaves, in channel order."""
-    return torch.cat([leaves[k] for k in ("offset", "log_scale", "quat", "opacity", "sh_dc", "sh_rest")], 1)
-
-
-REGRESSION_WEIGHTS = {"offset": 1.0, "log_scale": 0.3, "quat": 0.3, "opacity": 0.3, "sh_dc": 1.0, "sh_rest": 0.3}
+    return torch.cat([leaves[k] for k in GROUPS], 1)
 
 
 def regression_weights(channels: int = 59) -> torch.Tensor:
     """[59] per-channel weights of :func:`regression_loss`: offsets and base colour count most."""
-    sh = CHANNELS["sh"]
     w = torch.empty(channels)
-    for name, s in (("offset", CHANNELS["offset"]), ("log_scale", CHANNELS["log_scale"]),
-                    ("quat", CHANNELS["quat"]), ("opacity", CHANNELS["opacity"]),
-                    ("sh_dc", slice(sh.start, sh.start + 3)), ("sh_rest", slice(sh.start + 3, sh.stop))):
+    for name, s in GROUPS.items():
         w[s] = REGRESSION_WEIGHTS[name]
     return w
 
@@ -222,9 +223,9 @@ def regress_unet(avatar: Avatar, target: torch.Tensor, maps: torch.Tensor, steps
     maps: [F,6,R,R] the UV pose maps of the training frames, ``batch`` of them per step; ``autocast``:
     a context-manager factory for the UNet forward (bf16 where the CPU has it), None for float32."""
     generator = generator or torch.Generator().manual_seed(0)
-    weights = regression_weights(target.shape[1])
+    weights = regression_weights(target.shape[1]).to(target.device)
     optimizer = torch.optim.Adam(avatar.unet.parameters(), lr=lr)
-    texels = avatar.binding.texels
+    texels = avatar.binding.texels.to(target.device)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * cosine(step, steps)
