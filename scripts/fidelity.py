@@ -33,7 +33,9 @@ from hda_backend.config import load_config  # noqa: E402
 from hda_backend.dataset import list_subjects, load_subject  # noqa: E402
 from hda_backend.errors import HDAError  # noqa: E402
 from hda_backend.fit.evaluate import comparison_sheet, evaluate  # noqa: E402
-from hda_backend.fit.trainer import fit_subject  # noqa: E402
+from hda_backend.checkpoint import read_safetensors  # noqa: E402
+from hda_backend.fit.appearance import MapAvatar  # noqa: E402
+from hda_backend.fit.trainer import FitPaths, fit_map_only, fit_subject, initial_avatar  # noqa: E402
 from hda_backend.images import save_png  # noqa: E402
 from hda_backend.studio.synth import SynthOptions, synth  # noqa: E402
 
@@ -55,6 +57,14 @@ def fit_one(subject_dir: Path, out: Path, config, init_from: Path | None, static
             "resumed": resume}
     write_text(record, json.dumps(info))
     return info
+
+
+def fitted_map(subject_dir: Path, fits: Path, config, body, init_from) -> MapAvatar:
+    """The pose-dependent fit's stage-1 map (its ``*.map.safetensors``), fitted again if the file is missing."""
+    path = FitPaths.for_output(fits / f"{subject_dir.name}.pose{SUFFIX}").map
+    if path.is_file():
+        return MapAvatar(initial_avatar(config, body), read_safetensors(path, "fit map")[1]["raw"])
+    return MapAvatar(*fit_map_only(subject_dir, config, init_from, log=lambda line: print(f"  {line}", flush=True)))
 
 
 def main(argv=None) -> int:
@@ -89,6 +99,9 @@ def main(argv=None) -> int:
             avatars = [(kind, load_avatar(fits / f"{subject_dir.name}.{kind}{SUFFIX}", body)) for kind in KINDS]
             for kind, avatar in avatars:
                 row["eval"][kind] = evaluate(subject, avatar, args.eval_frames)
+            # The ceiling of the representation: stage 1's map, posed by LBS alone, without the UNet.
+            init = None if i == 0 else fits / f"{subjects[0].name}.pose{SUFFIX}"
+            row["eval"]["map"] = evaluate(subject, fitted_map(subject_dir, fits, config, body, init), args.eval_frames)
             save_png(args.work / f"{subject_dir.name}.side_by_side.png", np.asarray(comparison_sheet(subject, avatars)))
             results.append(row)
             write_text(args.work / "fidelity.json", json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
@@ -104,20 +117,22 @@ def table(results: list[dict]) -> str:
     """Per subject and mean: box PSNR of each split, the pose-dependent gain on the held-out motion, fit
     minutes and the load average."""
     head = ("| subject | train | held-out cameras | held-out motion | static: held-out motion | gain | "
-            "fit min (pose / static) | load avg |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "map, no UNet: train / held-out motion | fit min (pose / static) | load avg |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     columns = []
     for r in results:
-        pose, static = r["eval"]["pose"], r["eval"]["static"]
+        pose, static, ceiling = r["eval"]["pose"], r["eval"]["static"], r["eval"]["map"]
         values = [pose["train"]["psnr"], pose["novel view"]["psnr"], pose["novel pose"]["psnr"],
-                  static["novel pose"]["psnr"], pose["novel pose"]["psnr"] - static["novel pose"]["psnr"]]
+                  static["novel pose"]["psnr"], pose["novel pose"]["psnr"] - static["novel pose"]["psnr"],
+                  ceiling["train"]["psnr"], ceiling["novel pose"]["psnr"]]
         columns.append(values)
         f = r["fits"]
-        lines.append(f"| {r['subject']} | " + " | ".join(f"{v:.2f}" for v in values)
+        lines.append(f"| {r['subject']} | " + " | ".join(f"{v:.2f}" for v in values[:5])
+                     + f" | {values[5]:.2f} / {values[6]:.2f}"
                      + f" | {f['pose']['seconds'] / 60:.1f} / {f['static']['seconds'] / 60:.1f}"
                      + f" | {f['pose']['load_before']:.2f} |")
     mean = np.mean(np.array(columns), 0)
-    lines.append("| **mean** | " + " | ".join(f"**{v:.2f}**" for v in mean) + " | | |")
+    lines.append("| **mean** | " + " | ".join(f"**{v:.2f}**" for v in mean[:5]) + f" | {mean[5]:.2f} / {mean[6]:.2f} | | |")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ from hda_backend.dataset import load_subject
 from hda_backend.errors import HDAError
 from hda_backend.fit.evaluate import evaluate, evaluation_views
 from hda_backend.fit.losses import ssim
-from hda_backend.fit.trainer import crop_box, fit_subject, render_view
+from hda_backend.fit.appearance import MapAvatar
+from hda_backend.fit.trainer import FitPaths, crop_box, fit_map_only, fit_subject, render_view
 from tests.teacher import teacher_avatar, write_teacher_subject
 
 
@@ -280,3 +281,12 @@ def test_appearance_stage_starts_the_unet_near_the_fitted_map(subject_dir, tmp_p
     first = {name: _rows(tmp_path / f"{name}.metrics.jsonl") for name in "ab"}
     assert [r for r in first["b"] if "stage" not in r][0]["psnr"] > [r for r in first["a"] if "stage" not in r][0]["psnr"]
     assert "fit teacher: UNet in " in capsys.readouterr().out
+    # the stage-1 map is kept beside the avatar, and fitting it alone gives the same map
+    saved = FitPaths.for_output(staged).map
+    with safe_open(str(saved), framework="pt") as fh:
+        raw = fh.get_tensor("raw")
+    avatar, again = fit_map_only(subject_dir, load_config(config))
+    assert torch.equal(raw, again) and raw.shape == (avatar.num_gaussians, 59)
+    subject = load_subject(subject_dir)
+    as_map = evaluate(subject, MapAvatar(avatar, raw), max_frames=1)  # posed by LBS alone
+    assert as_map["train"]["psnr"] > evaluate(subject, avatar, max_frames=1)["train"]["psnr"]

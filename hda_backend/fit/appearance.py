@@ -238,3 +238,18 @@ def regress_unet(avatar: Avatar, target: torch.Tensor, maps: torch.Tensor, steps
         loss.backward()
         optimizer.step()
         log(step + 1, {"regression": float(loss.detach())})
+
+
+class MapAvatar(torch.nn.Module):
+    """A fitted raw map [M,59] posed by LBS alone: what any avatar of this UV layout can show with no
+    pose-dependence, the reference a UNet's fit is measured against (``scripts/fidelity.py``). Called
+    like :class:`Avatar` (``input_pose`` is ignored: there is no UNet to feed)."""
+
+    def __init__(self, avatar: Avatar, raw: torch.Tensor):
+        super().__init__()
+        self.avatar = avatar
+        self.raw = raw
+        self.gaussian_config = avatar.gaussian_config
+
+    def forward(self, pose, transl=None, input_pose=None):
+        return self.avatar.skin(self.raw, pose, transl)

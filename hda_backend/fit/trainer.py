@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .. import checkpoint
+from ..atomic import atomic_save_safetensors
 from ..avatar.io import SUFFIX, load_avatar, save_avatar
 from ..avatar.model import Avatar
 from ..body import load_body
@@ -42,6 +43,7 @@ from .appearance import fit_maps, initial_map, regress_unet
 from .losses import load_lpips, photometric_loss, psnr
 
 CHECKPOINT_FORMAT = "hda-fit-checkpoint"
+MAP_FORMAT = "hda-fit-map"
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,13 @@ class FitPaths:
     metrics: Path
     curve: Path
     views: Path
+    map: Path  # the appearance stage's fitted per-texel map (fit/appearance.py), for diagnosis
 
     @classmethod
     def for_output(cls, out: str | os.PathLike) -> "FitPaths":
         stem = output_stem(out, SUFFIX)
         return cls(Path(out), beside(stem, CHECKPOINT), beside(stem, "metrics.jsonl"), beside(stem, "curve.png"),
-                   beside(stem, "views.png"))
+                   beside(stem, "views.png"), beside(stem, "map.safetensors"))
 
 
 @dataclass
@@ -177,21 +180,11 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     perceptual, status = load_lpips(fit.lpips_alexnet) if fit.lambda_lpips > 0 else (None, "LPIPS off: weight 0")
     if perceptual is None:
         log(status)
-    weights = {"l1": fit.lambda_l1, "ssim": fit.lambda_ssim, "lpips": fit.lambda_lpips, "mask": fit.lambda_mask}
     views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
     data = _Views(subject)
     backend = backend or config.render.backend
+    view_loss = view_scorer(subject, data, fit, backend, perceptual)
     clock = time.perf_counter()
-
-    def view_loss(g, cam: int, frame: int, degree: int):
-        image, mask = data(cam, frame)
-        x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
-        rgb, alpha = render_posed(g, subject, cam, box, backend, degree)
-        gt = image[y0:y1, x0:x1]
-        loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
-        with torch.no_grad():
-            terms["psnr"] = psnr(rgb, gt)
-        return loss, terms
 
     if not resuming and (fit.init_map_steps if init_from else fit.map_steps) > 0:
         appearance_stage(avatar, subject, config, init_from, views, data, view_loss, generator, autocast,
@@ -264,11 +257,29 @@ def _finish(avatar: Avatar, subject: Subject, paths: FitPaths, history: list, in
     side_by_side(avatar, subject, backend).save(paths.views)
 
 
-def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from, views: list, data, view_loss,
-                     generator: torch.Generator, autocast, history: list, paths: FitPaths, progress: bool,
-                     log: Callable[[str], None]) -> None:
-    """Stages 1 and 2 of the recipe (``fit/appearance.py``): the projected and fitted raw map, then the
-    UNet regressed onto it. Their log rows go to the step log with ``stage`` set and step 0."""
+def view_scorer(subject: Subject, data: "_Views", fit, backend: str, perceptual=None) -> Callable:
+    """view_loss(gaussians, cam, frame, sh_degree) -> (loss, terms): one training view rendered over the
+    crop around its mask and scored by the paper's Eq. 9 (terms include its PSNR)."""
+    weights = {"l1": fit.lambda_l1, "ssim": fit.lambda_ssim, "lpips": fit.lambda_lpips, "mask": fit.lambda_mask}
+
+    def view_loss(g, cam: int, frame: int, degree: int):
+        image, mask = data(cam, frame)
+        x0, y0, x1, y1 = box = crop_box(mask, fit.crop_margin)
+        rgb, alpha = render_posed(g, subject, cam, box, backend, degree)
+        gt = image[y0:y1, x0:x1]
+        loss, terms = photometric_loss(rgb, alpha, gt, mask[y0:y1, x0:x1], weights, perceptual)
+        with torch.no_grad():
+            terms["psnr"] = psnr(rgb, gt)
+        return loss, terms
+
+    return view_loss
+
+
+def fitted_map(avatar: Avatar, subject: Subject, config: Config, init_from, views: list, data, view_loss,
+               generator: torch.Generator, progress: bool = False, log: Callable[[str], None] = print,
+               on_row: Callable[[dict], None] = lambda row: None) -> torch.Tensor:
+    """Stage 1 of the recipe: the raw map [M,59] initialised by projection and fitted by rendering the
+    training views; ``on_row`` receives its log rows (``stage`` "maps", step 0)."""
     fit = config.fit
     clock = time.perf_counter()
 
@@ -296,13 +307,43 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
                    **{k: sum(v) / len(v) for k, v in running.items()},
                    "seconds": round(time.perf_counter() - clock, 3)}
             running.clear()
-            history.append(row)
-            append_step_log(paths.metrics, row)
+            on_row(row)
             bar.set_postfix(psnr=f"{row['psnr']:.2f}")
 
     raw = fit_maps(avatar, raw, views, pose, lambda g, c, f: view_loss(g, c, f, degree), map_steps,
                    generator=generator, cameras_per_step=fit.cameras_per_step, log=log_map)
     bar.close()
+    return raw
+
+
+def fit_map_only(subject_dir, config: Config, init_from=None, progress: bool = False,
+                 log: Callable[[str], None] = print) -> tuple[Avatar, torch.Tensor]:
+    """(avatar, raw map) of stage 1 alone, exactly as :func:`fit_subject` fits it (same views, seed and
+    steps), without the UNet: the ceiling of the template-bound map for ``scripts/fidelity.py``."""
+    subject = load_subject(subject_dir)
+    fit = config.fit
+    avatar = initial_avatar(config, load_body(config.body.path, config.body.num_betas), init_from)
+    views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
+    data = _Views(subject)
+    view_loss = view_scorer(subject, data, fit, config.render.backend)
+    generator = torch.Generator().manual_seed(fit.seed)
+    return avatar, fitted_map(avatar, subject, config, init_from, views, data, view_loss, generator, progress, log)
+
+
+def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from, views: list, data, view_loss,
+                     generator: torch.Generator, autocast, history: list, paths: FitPaths, progress: bool,
+                     log: Callable[[str], None]) -> None:
+    """Stages 1 and 2 of the recipe (``fit/appearance.py``): the projected and fitted raw map, then the
+    UNet regressed onto it. Their log rows go to the step log with ``stage`` set and step 0."""
+    fit = config.fit
+    clock = time.perf_counter()
+
+    def on_row(row):
+        history.append(row)
+        append_step_log(paths.metrics, row)
+
+    raw = fitted_map(avatar, subject, config, init_from, views, data, view_loss, generator, progress, log, on_row)
+    atomic_save_safetensors({"raw": raw.contiguous()}, paths.map, {"format": MAP_FORMAT, "subject": subject.name})
     regress = fit.init_regress_steps if init_from else fit.regress_steps
     frames = subject.train_frames
     maps = avatar._rest_maps(torch.zeros(1, 6, avatar.uv_res, avatar.uv_res)).clone() if avatar.static else \
@@ -314,13 +355,13 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
         if due(step, fit.log_every, regress):
             row = {"stage": "regress", "stage_step": step, "step": 0, **terms,
                    "seconds": round(time.perf_counter() - clock, 3)}
-            history.append(row)
-            append_step_log(paths.metrics, row)
+            on_row(row)
             bar.set_postfix(loss=f"{terms['regression']:.4f}")
 
     regress_unet(avatar, raw, maps, regress, fit.regress_lr, generator=generator, autocast=autocast, log=log_regress)
     bar.close()
-    log(f"fit {subject.name}: appearance stage (maps {map_steps}, regression {regress} steps) "
+    log(f"fit {subject.name}: appearance stage (maps {fit.init_map_steps if init_from else fit.map_steps}, "
+        f"regression {regress} steps) "
         f"in {time.perf_counter() - clock:.1f} s")
 
 
