@@ -103,19 +103,19 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 @torch.no_grad()
 def comparison_sheet(subject: Subject, avatars: list[tuple[str, Avatar]], count: int = 4, backend: str = "auto"):
     """A PNG-ready sheet of held-out-motion frames (training motion if there is none): one row per view,
-    ground truth, then each avatar's render and its error, all cropped to the mask's box."""
+    ground truth ("cam f<frame> test"), then each avatar's render (its box PSNR) and its error x4, all
+    cropped to the mask's box."""
     frames = subject.test_frames or subject.train_frames
     picks = [(i * 5 % subject.num_cameras, frames[(i * len(frames)) // count]) for i in range(count)]
     tiles, labels = [], []
     for cam, frame in picks:
         image, mask = subject.image(cam, frame), subject.mask(cam, frame)
         x0, y0, x1, y1 = mask_box(mask)
-        split = "novel pose" if frame in subject.test_frames else "train motion"
-        tiles.append(to_uint8(image[y0:y1, x0:x1]))
-        labels.append(f"{split} {subject.camera_names[cam]} f{subject.frame_names[frame]}: ground truth")
+        tiles.append(to_uint8(image[y0:y1, x0:x1]))  # labels stay short: a tile is about 100 px wide
+        labels.append(f"{subject.camera_names[cam]} f{subject.frame_names[frame]}{' test' if frame in subject.test_frames else ''}")
         for name, avatar in avatars:
             full, _ = render_view(avatar, subject, cam, frame, backend=backend)
             tiles += [to_uint8(full[y0:y1, x0:x1]), to_uint8(error_heat(full, image)[y0:y1, x0:x1])]
-            labels += [f"{name}: {score_view(full, image, mask)['psnr']:.1f} dB box", "error x4"]
+            labels += [f"{name} {score_view(full, image, mask)['psnr']:.1f}dB", "error x4"]
     height, width = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
     return contact_sheet([pad_to(t, height, width) for t in tiles], columns=1 + 2 * len(avatars), labels=labels)
