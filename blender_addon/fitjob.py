@@ -43,9 +43,10 @@ ENV_SYS_PATH = "HDA_FIT_SYS_PATH"
 BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ['HDA_FIT_SYS_PATH']); "
         "from hda_backend.cli import main; sys.exit(main(sys.argv[1:]))")
 _BAR = re.compile(r"\|\s*(\d+)/(\d+)\s*\[")
-# The fit's progress bars, one per stage, named by their description's first word (fit/trainer.py).
-STAGES = {"maps": "colour maps", "regress": "UNet regression", "fit": "end to end"}
-_STAGE = re.compile(r"^\s*(" + "|".join(STAGES) + r") ")
+# The fit's progress bars, one per stage, named by their description's first word (fit/trainer.py):
+# (that word, what the sidebar calls the stage).
+STAGES = (("maps", "colour maps"), ("regress", "UNet regression"), ("fit", "end to end"))
+_STAGE = re.compile(r"^\s*(" + "|".join(word for word, _ in STAGES) + r") ")
 _RESUMING = re.compile(r"^resuming .* at step (\d+)/(\d+)$")
 
 
@@ -213,7 +214,8 @@ class FitJob:
         if m:
             self.step, self.total = int(m.group(1)), int(m.group(2))
             stage = _STAGE.match(line.split("\r")[-1]) if _BAR.search(line) else None
-            self.stage = STAGES[stage.group(1)] if stage else STAGES["fit"]
+            word = stage.group(1) if stage else "fit"
+            self.stage = next(name for key, name in STAGES if key == word)
         return None
 
     def _finish(self, job: deps.Job) -> None:

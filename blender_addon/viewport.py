@@ -42,12 +42,9 @@ SETTLE_S = 0.3           # still for this long: render at full resolution
 # ------------------------------------------------------------------------------------ image size
 def render_size(width: int, height: int, moving: bool) -> tuple[int, int]:
     """Image size for a region: the region's, or the navigation size while the view moves."""
-    if not moving:
-        return int(width), int(height)
-    scale = max(NAV_SCALE, MIN_NAV_PIXELS / max(1, min(width, height)))
-    if scale >= 1.0:
-        return int(width), int(height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    from ..hda_backend import rig
+
+    return rig.navigation_size(width, height, moving, NAV_SCALE, MIN_NAV_PIXELS)
 
 
 # ------------------------------------------------------------------------------------------ drawing

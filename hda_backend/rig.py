@@ -446,3 +446,22 @@ def armature_pose(parents: dict, rest: dict, quats: dict, locations: dict) -> di
         local = rest[name] if parent is None else np.linalg.inv(rest[parent]) @ rest[name]
         posed[name] = (local @ basis) if parent is None else posed[parent] @ local @ basis
     return posed
+
+
+def navigation_size(width: int, height: int, moving: bool, scale: float, min_pixels: int) -> tuple[int, int]:
+    """A viewport region's image size: the region's own, or ``scale`` of it (never below ``min_pixels`` on
+    the short side, never above the region) while the view or pose moves."""
+    if not moving:
+        return int(width), int(height)
+    factor = max(scale, min_pixels / max(1, min(width, height)))
+    if factor >= 1.0:
+        return int(width), int(height)
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def is_uniform_scale(scale) -> bool:
+    """Whether a matrix's per-axis scale [3] is positive and the same on every axis (to 1e-4, relative):
+    the only world transforms a Gaussian survives without shearing."""
+    scale = np.asarray(scale, dtype=np.float64)
+    return bool((scale > 0).all() and np.abs(scale - scale.mean()).max() <= 1e-4 * np.abs(scale).max())
+

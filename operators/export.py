@@ -35,8 +35,10 @@ def frame_gaussians(obj, depsgraph, coords: str = "WORLD"):
 
     avatar = runtime.get_avatar(obj)
     if coords == "WORLD":
-        scale = np.array(obj.evaluated_get(depsgraph).matrix_world.to_scale())
-        if np.abs(scale - scale.mean()).max() > 1e-4 * np.abs(scale).max() or (scale <= 0).any():
+        from ..hda_backend import rig
+
+        scale = tuple(obj.evaluated_get(depsgraph).matrix_world.to_scale())
+        if not rig.is_uniform_scale(scale):
             raise HDAError(f"armature '{obj.name}': scale {tuple(round(float(v), 4) for v in scale)}, expected a "
                            "uniform scale for World coordinates (Gaussians cannot shear); export Body coordinates")
     pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))

@@ -252,8 +252,8 @@ def encode_video(frames: list, fps: int, path: str) -> None:
 
 
 def runtime_errors() -> dict:
-    rt = sys.modules.get(ARGS["addon"] + ".blender_addon.runtime")
-    return dict(rt.errors) if rt is not None else {}
+    session = sys.modules.get(ARGS["addon"] + ".blender_addon.session")
+    return dict(session.caches.errors) if session is not None else {}
 
 
 def main() -> dict:

@@ -345,3 +345,20 @@ def test_pose_from_armature_recovers_the_smplx_pose(body, layout):
     assert np.abs(part[:, missing]).max() < 1e-12
     kept = [j for j, n in enumerate(layout.names) if n in keep]
     assert np.abs(rig.axis_angle_to_matrix(part[:, kept]) - ref[:, kept]).max() < 1e-9
+
+
+def test_navigation_size_shrinks_while_moving_but_not_below_the_floor():
+    from hda_backend.rig import navigation_size
+
+    assert navigation_size(1280, 720, False, 0.35, 96) == (1280, 720)
+    assert navigation_size(1280, 720, True, 0.35, 96) == (448, 252)  # 0.35 x both sides
+    assert navigation_size(400, 200, True, 0.35, 96) == (192, 96)    # the short side held at 96
+    assert navigation_size(120, 80, True, 0.35, 96) == (120, 80)     # never above the region
+
+
+def test_uniform_scale_accepts_only_equal_positive_axes():
+    from hda_backend.rig import is_uniform_scale
+
+    assert is_uniform_scale((2.0, 2.0, 2.0)) and is_uniform_scale((1.0, 1.00005, 1.0))
+    assert not is_uniform_scale((1.0, 1.01, 1.0)) and not is_uniform_scale((-1.0, -1.0, -1.0))
+    assert not is_uniform_scale((0.0, 0.0, 0.0))
