@@ -17,7 +17,6 @@ input, so the trainer can checkpoint between them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -27,9 +26,11 @@ import torch.nn.functional as F
 
 from ..avatar.gaussians import CHANNELS, SH_COEFFS
 from ..avatar.model import Avatar
+from ..precision import autocast
 from smplx.lbs import blend_shapes
 from ..render._projection import _SH_C0 as SH_C0
 from ..rotations import quat_to_matrix
+from ..steps import run_steps
 
 # Pixels per cell of the depth buffer that decides which Gaussians a camera sees. The texels of a
 # UV-128 map land about two pixels apart at 256², so a 3-pixel cell always holds a front texel.
@@ -179,24 +180,33 @@ def cosine(step: int, total: int, final: float = 0.1) -> float:
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def views_by_frame(views: list) -> dict:
+    """{frame: [cam, ...]} of (cam, frame) pairs: a step poses one frame and renders some of its cameras."""
+    by_frame: dict = {}
+    for cam, frame in views:
+        by_frame.setdefault(frame, []).append(cam)
+    return by_frame
+
+
 def fit_maps(avatar: Avatar, raw: torch.Tensor, views: list, pose: Callable, view_loss: Callable,
              steps: int, rates: MapGroups = MapGroups(), generator: torch.Generator | None = None,
-             cameras_per_step: int = 1, log: Callable[[int, dict], None] = lambda step, terms: None) -> torch.Tensor:
+             cameras_per_step: int = 1, log_every: int = 10,
+             on_log: Callable[[int, dict], None] = lambda step, means: None) -> torch.Tensor:
     """Stage 1: optimise the raw map [M,59] directly by rendering; returns the fitted map.
 
     views: (cam, frame) training pairs; pose(frame) -> (pose [1,55,3], transl [1,3]);
     view_loss(gaussians, cam, frame) -> (loss, terms) renders one view and scores it. Each step poses
-    the map for one frame and renders ``cameras_per_step`` of that frame's cameras."""
+    the map for one frame and renders ``cameras_per_step`` of that frame's cameras; ``on_log`` gets the
+    terms averaged over every ``log_every`` steps."""
     generator = generator or torch.Generator().manual_seed(0)
     leaves, groups = map_parameters(raw, rates)
     optimizer = torch.optim.Adam(groups, eps=1e-15)
-    by_frame: dict = {}
-    for cam, frame in views:
-        by_frame.setdefault(frame, []).append(cam)
+    by_frame = views_by_frame(views)
     frames = sorted(by_frame)
-    for step in range(steps):
+
+    def step(index: int) -> dict:
         for group in optimizer.param_groups:
-            group["lr"] = getattr(rates, group["name"]) * cosine(step, steps)
+            group["lr"] = getattr(rates, group["name"]) * cosine(index, steps)
         frame = frames[int(torch.randint(len(frames), (1,), generator=generator))]
         cams = by_frame[frame]
         order = torch.randperm(len(cams), generator=generator)[:cameras_per_step]
@@ -211,33 +221,39 @@ def fit_maps(avatar: Avatar, raw: torch.Tensor, views: list, pose: Callable, vie
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        log(step + 1, terms)
+        return terms
+
+    run_steps(0, steps, step, log_every, steps, on_log, lambda done: None)
     return join_map(leaves).detach()
 
 
 def regress_unet(avatar: Avatar, target: torch.Tensor, maps: torch.Tensor, steps: int, lr: float,
-                 batch: int = 2, generator: torch.Generator | None = None, autocast=None,
-                 log: Callable[[int, dict], None] = lambda step, terms: None) -> None:
+                 batch: int = 2, generator: torch.Generator | None = None, log_every: int = 10,
+                 on_log: Callable[[int, dict], None] = lambda step, means: None) -> None:
     """Stage 2: regress the avatar's UNet onto the raw map ``target`` [M,59] (in place, no rendering).
 
-    maps: [F,6,R,R] the UV pose maps of the training frames, ``batch`` of them per step; ``autocast``:
-    a context-manager factory for the UNet forward (bf16 where the CPU has it), None for float32."""
+    maps: [F,6,R,R] the UV pose maps of the training frames, ``batch`` of them per step. The UNet runs
+    in the avatar's ``precision``; ``on_log`` gets the loss averaged over every ``log_every`` steps."""
     generator = generator or torch.Generator().manual_seed(0)
     weights = regression_weights(target.shape[1]).to(target.device)
     optimizer = torch.optim.Adam(avatar.unet.parameters(), lr=lr)
     texels = avatar.binding.texels.to(target.device)
-    for step in range(steps):
+    unet_arithmetic = autocast(avatar.precision, target.device)
+
+    def step(index: int) -> dict:
         for group in optimizer.param_groups:
-            group["lr"] = lr * cosine(step, steps)
+            group["lr"] = lr * cosine(index, steps)
         pick = torch.randint(maps.shape[0], (batch,), generator=generator)
-        with (autocast or contextlib.nullcontext)():
+        with unet_arithmetic():
             out = avatar.unet(maps[pick])
         pred = out.float().flatten(2)[:, :, texels].transpose(1, 2)
         loss = regression_loss(pred, target[None], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        log(step + 1, {"regression": float(loss.detach())})
+        return {"regression": float(loss.detach())}
+
+    run_steps(0, steps, step, log_every, steps, on_log, lambda done: None)
 
 
 class MapAvatar(torch.nn.Module):

@@ -23,7 +23,7 @@ from ..avatar.model import Avatar
 from ..dataset import Subject
 from ..images import contact_sheet, error_heat, pad_to, to_uint8
 from .losses import psnr, ssim
-from .trainer import render_view
+from .trainer import mask_bounds, render_view
 
 BOX_DILATION = 8  # pixels added on every side of the ground-truth mask's bounding box
 SPLITS = ("train", "novel view", "novel pose")
@@ -33,12 +33,11 @@ def mask_box(mask: torch.Tensor, dilation: int = BOX_DILATION) -> tuple[int, int
     """(x0, y0, x1, y1): the bounding box of mask > 0.5 grown by ``dilation`` px and clipped to the
     image; the whole image when the mask is empty."""
     height, width = mask.shape
-    rows = torch.nonzero(mask.amax(1) > 0.5)
-    cols = torch.nonzero(mask.amax(0) > 0.5)
-    if rows.numel() == 0:
+    bounds = mask_bounds(mask)
+    if bounds is None:
         return 0, 0, width, height
-    return (max(0, int(cols[0]) - dilation), max(0, int(rows[0]) - dilation),
-            min(width, int(cols[-1]) + 1 + dilation), min(height, int(rows[-1]) + 1 + dilation))
+    x0, y0, x1, y1 = bounds
+    return max(0, x0 - dilation), max(0, y0 - dilation), min(width, x1 + dilation), min(height, y1 + dilation)
 
 
 def evaluation_views(subject: Subject, max_frames: int = 8) -> dict[str, list[tuple[int, int]]]:

@@ -34,12 +34,11 @@ from ..dataset import Subject, load_subject
 from ..errors import HDAError
 from ..images import contact_sheet, error_heat, line_plot, to_uint8
 from ..outputs import CHECKPOINT, beside, output_stem
-from ..precision import autocast as autocast_factory
 from ..precision import resolve as resolve_precision
 from ..render.frames import render_gaussians
-from ..steplog import append_step_log, due, read_step_log, write_step_log
+from ..steplog import append_step_log, read_step_log, write_step_log
 from ..steps import run_steps
-from .appearance import fit_maps, initial_map, regress_unet
+from .appearance import fit_maps, initial_map, regress_unet, views_by_frame
 from .losses import load_lpips, photometric_loss, psnr
 
 CHECKPOINT_FORMAT = "hda-fit-checkpoint"
@@ -71,14 +70,22 @@ class FitResult:
     paths: FitPaths
 
 
-def crop_box(mask: torch.Tensor, margin: float, minimum: int = 16) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) around mask > 0.5, grown by ``margin`` of its size; the whole image if empty."""
-    height, width = mask.shape
+def mask_bounds(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), the bounding box of mask [H,W] > 0.5 (x1, y1 exclusive); None if it is empty."""
     rows = torch.nonzero(mask.amax(1) > 0.5)
     cols = torch.nonzero(mask.amax(0) > 0.5)
     if rows.numel() == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def crop_box(mask: torch.Tensor, margin: float, minimum: int = 16) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around mask > 0.5, grown by ``margin`` of its size; the whole image if empty."""
+    height, width = mask.shape
+    bounds = mask_bounds(mask)
+    if bounds is None:
         return 0, 0, width, height
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    x0, y0, x1, y1 = bounds
     grow_y = max(int(margin * (y1 - y0)), (minimum - (y1 - y0) + 1) // 2, 0)
     grow_x = max(int(margin * (x1 - x0)), (minimum - (x1 - x0) + 1) // 2, 0)
     return max(0, x0 - grow_x), max(0, y0 - grow_y), min(width, x1 + grow_x), min(height, y1 + grow_y)
@@ -164,7 +171,6 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
     avatar = initial_avatar(config, body, init_from, static)
     precision = avatar.precision = resolve_precision(fit.precision)
-    autocast = autocast_factory(precision)
     optimizer = torch.optim.AdamW(avatar.unet.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
     generator = torch.Generator().manual_seed(fit.seed)
     fingerprint = _fingerprint(config, subject, init_from, static, total)
@@ -187,16 +193,14 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     clock = time.perf_counter()
 
     if not resuming and (fit.init_map_steps if init_from else fit.map_steps) > 0:
-        appearance_stage(avatar, subject, config, init_from, views, data, view_loss, generator, autocast,
-                         history, paths, progress, log)
+        appearance_stage(avatar, subject, config, init_from, views, data, view_loss, generator, history, paths,
+                         progress, log)
         seconds = time.perf_counter() - clock
         checkpoint.save(paths.checkpoint, avatar.unet.state_dict(), optimizer, generator, 0, seconds, fingerprint,
                         CHECKPOINT_FORMAT)
         clock = time.perf_counter()
     log(f"fit {subject.name}: UNet in {precision}, {fit.cameras_per_step} camera(s) per step")
-    by_frame: dict = {}
-    for cam, frame in views:
-        by_frame.setdefault(frame, []).append(cam)
+    by_frame = views_by_frame(views)
     frames = sorted(by_frame)
     bar = tqdm(total=total, initial=start, desc=f"fit {subject.name}", unit="step", disable=not progress)
 
@@ -295,23 +299,17 @@ def fitted_map(avatar: Avatar, subject: Subject, config: Config, init_from, view
     log(f"fit {subject.name}: colours projected from {len(projected)} views in {time.perf_counter() - clock:.1f} s")
     map_steps = fit.init_map_steps if init_from else fit.map_steps
     bar = tqdm(total=map_steps, desc=f"maps {subject.name}", unit="step", disable=not progress)
-    running: dict = {}
     degree = config.gaussians.sh_degree
 
-    def log_map(step, terms):
-        bar.update(1)
-        for k, v in terms.items():
-            running.setdefault(k, []).append(v)
-        if due(step, fit.log_every, map_steps):
-            row = {"stage": "maps", "stage_step": step, "step": 0,
-                   **{k: sum(v) / len(v) for k, v in running.items()},
-                   "seconds": round(time.perf_counter() - clock, 3)}
-            running.clear()
-            on_row(row)
-            bar.set_postfix(psnr=f"{row['psnr']:.2f}")
+    def log_map(step, means):
+        on_row({"stage": "maps", "stage_step": step, "step": 0, **means,
+                "seconds": round(time.perf_counter() - clock, 3)})
+        bar.update(step - bar.n)
+        bar.set_postfix(psnr=f"{means['psnr']:.2f}")
 
     raw = fit_maps(avatar, raw, views, pose, lambda g, c, f: view_loss(g, c, f, degree), map_steps,
-                   generator=generator, cameras_per_step=fit.cameras_per_step, log=log_map)
+                   generator=generator, cameras_per_step=fit.cameras_per_step, log_every=fit.log_every,
+                   on_log=log_map)
     bar.close()
     return raw
 
@@ -331,7 +329,7 @@ def fit_map_only(subject_dir, config: Config, init_from=None, progress: bool = F
 
 
 def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from, views: list, data, view_loss,
-                     generator: torch.Generator, autocast, history: list, paths: FitPaths, progress: bool,
+                     generator: torch.Generator, history: list, paths: FitPaths, progress: bool,
                      log: Callable[[str], None]) -> None:
     """Stages 1 and 2 of the recipe (``fit/appearance.py``): the projected and fitted raw map, then the
     UNet regressed onto it. Their log rows go to the step log with ``stage`` set and step 0."""
@@ -345,20 +343,19 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
     raw = fitted_map(avatar, subject, config, init_from, views, data, view_loss, generator, progress, log, on_row)
     atomic_save_safetensors({"raw": raw.contiguous()}, paths.map, {"format": MAP_FORMAT, "subject": subject.name})
     regress = fit.init_regress_steps if init_from else fit.regress_steps
-    frames = subject.train_frames
-    maps = avatar._rest_maps(torch.zeros(1, 6, avatar.uv_res, avatar.uv_res)).clone() if avatar.static else \
-        torch.cat([avatar.pose_inputs(subject.poses[frames[i:i + 16]])[0] for i in range(0, len(frames), 16)])
+    # The UNet's inputs: the training poses' maps, or the rest pose's alone for a static avatar.
+    poses = torch.zeros(1, 55, 3) if avatar.static else subject.poses[subject.train_frames]
+    maps = torch.cat([avatar.pose_inputs(poses[i:i + 16])[0] for i in range(0, len(poses), 16)])
     bar = tqdm(total=regress, desc=f"regress {subject.name}", unit="step", disable=not progress)
 
-    def log_regress(step, terms):
-        bar.update(1)
-        if due(step, fit.log_every, regress):
-            row = {"stage": "regress", "stage_step": step, "step": 0, **terms,
-                   "seconds": round(time.perf_counter() - clock, 3)}
-            on_row(row)
-            bar.set_postfix(loss=f"{terms['regression']:.4f}")
+    def log_regress(step, means):
+        on_row({"stage": "regress", "stage_step": step, "step": 0, **means,
+                "seconds": round(time.perf_counter() - clock, 3)})
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{means['regression']:.4f}")
 
-    regress_unet(avatar, raw, maps, regress, fit.regress_lr, generator=generator, autocast=autocast, log=log_regress)
+    regress_unet(avatar, raw, maps, regress, fit.regress_lr, generator=generator, log_every=fit.log_every,
+                 on_log=log_regress)
     bar.close()
     log(f"fit {subject.name}: appearance stage (maps {fit.init_map_steps if init_from else fit.map_steps}, "
         f"regression {regress} steps) "
