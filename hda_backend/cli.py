@@ -106,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-gen", help="generation metrics (MMD/COV/1-NNA, FID/KID, novelty, plausibility) "
                                         "of diffusion models and baselines against reference avatars")
     p.add_argument("--reference", required=True, help="folder of reference avatars (*.hda.safetensors)")
-    p.add_argument("--train", help="folder of the training avatars, if not the reference set (novelty, baselines)")
+    p.add_argument("--train", help="folder of the training avatars, if not the reference set (novelty, baselines, "
+                                        "memorisation); the reference set is then held out")
     p.add_argument("--model", action="append", metavar="NAME=DIFF.safetensors", help="a diffusion model row (repeatable)")
     p.add_argument("--samples", action="append", metavar="NAME=DIR", help="a row of already generated avatars (repeatable)")
-    p.add_argument("--baselines", default="copy,pca", help="comma-separated baselines (copy, pca) or 'none'")
+    p.add_argument("--baselines", default="copy,pca,blend", help="comma-separated baselines (copy, pca, blend) or 'none'")
     p.add_argument("--n", type=int, help="samples per generated row (default: as many as reference avatars)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="DDIM steps for model rows (default: the model's)")

@@ -17,10 +17,11 @@ from hda_backend.avatar.unet import UNetConfig
 from hda_backend.body import load_body, pose_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
-from hda_backend.diffusion import baselines, metrics
+from hda_backend.diffusion import baselines, image_stats, metrics
 from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation
 from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, pairwise,
-                                           parse_pose, psnr_distance, render_avatar, weight_distance_matrix)
+                                           parse_pose, psnr_distance, render_avatar, render_avatar_parts,
+                                           weight_distance_matrix)
 from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible, mesh_silhouette
 from hda_backend.diffusion.sample import sample_avatars
 from hda_backend.diffusion.train import train_diffusion
@@ -206,6 +207,43 @@ def test_inception_loader_uses_the_torchscript_convention(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Improved precision and recall
+
+
+def brute_precision_recall(real, fake, k):
+    def radius(points, i):
+        return sorted(np.linalg.norm(points[i] - points[j]) for j in range(len(points)) if j != i)[k - 1]
+
+    def inside(x, points):
+        return any(np.linalg.norm(x - points[i]) <= radius(points, i) for i in range(len(points)))
+
+    return (sum(inside(f, real) for f in fake) / len(fake), sum(inside(r, fake) for r in real) / len(real))
+
+
+def test_precision_recall_by_hand():
+    real = np.array([[0.0], [1.0], [3.0], [10.0]])
+    fake = np.array([[0.0], [0.5], [20.0], [21.0]])
+    # k=1: real radii 1, 1, 2, 7; fake radii 0.5, 0.5, 1, 1. Fake 0 and 0.5 lie in the ball of real 0;
+    # 20 and 21 are 10 and 11 from real 10 (radius 7). Real 0 and 1 lie within 0.5 of fake 0.5 (1 on
+    # the boundary counts); real 3 and 10 are in no fake ball.
+    assert metrics.precision_recall(real, fake, k=1) == (0.5, 0.5)
+    # k=2: real radii 3, 2, 3, 9: 20 is still 10 > 9 from real 10; fake radii 20, 19.5, 19.5, 20.5 cover
+    # every real point.
+    assert metrics.precision_recall(real, fake, k=2) == (0.5, 1.0)
+    assert metrics.precision_recall(real, real, k=3) == (1.0, 1.0)
+    with pytest.raises(HDAError, match="k=4"):
+        metrics.precision_recall(real, fake, k=4)
+    with pytest.raises(HDAError, match="widths differ"):
+        metrics.precision_recall(real, np.zeros((4, 2)), k=1)
+
+
+def test_precision_recall_match_brute_force():
+    for g, r, k in ((9, 12, 3), (15, 6, 2)):
+        real, fake = rng.normal(size=(r, 4)), rng.normal(0.4, 1.3, size=(g, 4))
+        assert metrics.precision_recall(real, fake, k) == pytest.approx(brute_precision_recall(real, fake, k))
+
+
+# ------------------------------------------------------------------------------------------------
 # Novelty
 
 
@@ -293,6 +331,27 @@ def test_pca_baseline_spans_the_training_set_with_its_variances():
     assert torch.equal(baselines.pca_samples(train, 3, seed=1), baselines.pca_samples(train, 3, seed=1))
     with pytest.raises(HDAError, match="N >= 2"):
         baselines.pca_samples(train[:1], 3, seed=0)
+
+
+def test_blend_baseline_averages_two_distinct_training_avatars():
+    train = torch.randn(3, 9, dtype=torch.float64)
+    samples, pairs = baselines.blend_samples(train, 600, seed=5)
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    for s_, (i, j) in zip(samples[:20], pairs[:20]):
+        torch.testing.assert_close(s_, (train[i] + train[j]) / 2, rtol=0, atol=1e-15)
+    counts = {(i, j): int(((pairs[:, 0] == i) & (pairs[:, 1] == j)).sum()) for i in range(3) for j in range(3) if i != j}
+    assert all(60 <= c <= 140 for c in counts.values()), counts  # 6 ordered pairs, ~100 each
+    again, _ = baselines.blend_samples(train, 600, seed=5)
+    assert torch.equal(samples, again)
+    two = torch.randn(2, 4)
+    mid, _ = baselines.blend_samples(two, 3, seed=0)  # two subjects: always their midpoint
+    torch.testing.assert_close(mid, ((two[0] + two[1]) / 2).expand(3, 4))
+    vectors, origins = baselines.baseline_samples("blend", train.float(), 2, seed=5)
+    first = baselines.blend_pairs(3, 2, seed=5)
+    assert origins == [f"baseline:blend:{int(i)}:{int(j)}" for i, j in first]
+    torch.testing.assert_close(vectors, ((train[first[:, 0]] + train[first[:, 1]]) / 2).float())
+    with pytest.raises(HDAError, match="N >= 2"):
+        baselines.blend_samples(train[:1], 3, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,14 +486,34 @@ def evaluated(tmp_path_factory):
 def test_eval_gen_copy_row_is_memorisation(evaluated):
     _, _, report, _ = evaluated
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["diff", "given", "copy", "pca"]
+    assert list(rows) == ["diff", "given", "copy", "pca", "blend"]
     for name in ("copy", "given"):  # the reference files themselves, drawn or given
         row = rows[name]
         assert row["one_nna_psnr"] == 0.0 and row["cov_psnr"] == 1.0 and row["mmd_psnr_db"] == 100.0
         assert row["novelty_weight"]["median_ratio"] == 0.0 and row["novelty_weight"]["copy_fraction"] == 1.0
         assert row["novelty_image"]["median_ratio"] == 0.0
         assert row["plausible_fraction"] == 1.0
+        # The same six avatars as the references: every image statistic matches exactly.
+        assert row["colourfulness_ratio"] == pytest.approx(1.0) and row["sharpness_ratio"] == pytest.approx(1.0)
+        assert row["colour_fd"] == pytest.approx(0.0, abs=1e-6)
+        assert (row["precision"], row["recall"], row["pr_k"]) == (1.0, 1.0, 3)
+        assert row["nearest_train_rms"] == 0.0 and not row["no_copies"]
     assert rows["given"]["seconds_per_identity"] is None and rows["copy"]["seconds_per_identity"] > 0
+    assert report["reference_stats"]["colourfulness"] == pytest.approx(rows["copy"]["colourfulness"])
+
+
+def test_eval_gen_blend_row_is_pairwise_averages(evaluated):
+    ref, out, report, _ = evaluated
+    row = next(r for r in report["rows"] if r["name"] == "blend")
+    train = load_weight_set(ref)
+    samples = load_weight_set(out / "samples" / "blend")
+    for i, path in enumerate(samples.paths):
+        meta, _ = read_avatar_file(path)
+        a, b = (int(x) for x in meta["origin"].split(":")[2:4])
+        assert a != b
+        torch.testing.assert_close(samples.vectors[i], (train.vectors[a] + train.vectors[b]) / 2)
+    assert row["count"] == 6
+    assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0 and row["colour_fd"] > 0.0
 
 
 def test_eval_gen_pca_row_is_new_and_in_the_training_span(evaluated):
@@ -462,7 +541,7 @@ def test_eval_gen_writes_table_sheet_and_sample_files(evaluated):
     assert "| copy (baseline, 6) | 100.00 | 100.0 | 0.0 |" in table
     assert "FID/KID off" in table and "## Protocol" in table
     sheet = Image.open(out / "samples_vs_nearest.png")
-    assert sheet.size[0] == 12 * 144 and sheet.size[1] == 4 * (144 + 14)  # 6 pairs per row, tiles zoomed 3x
+    assert sheet.size[0] == 12 * 144 and sheet.size[1] == 5 * (144 + 14)  # 5 rows of 6 pairs, tiles zoomed 3x
     files = sorted((out / "samples" / "copy").glob("*.hda.safetensors"))
     assert len(files) == 6
     meta, _ = read_avatar_file(files[0])
@@ -565,5 +644,28 @@ def test_eval_gen_held_out_reference_with_injected_lpips_and_features(tmp_path):
     fg, fr = features(gen.flatten(0, 1).numpy()), features(ref.flatten(0, 1).numpy())
     assert row["fid"] == pytest.approx(metrics.fid(fg, fr), rel=1e-5)
     assert row["kid"] == pytest.approx(metrics.kid(fg, fr, config.kid)[0], rel=1e-5)
+    # Against the training set the copies are copies: memorisation in every column, and no "no copies".
+    t = row["vs_train"]
+    assert (t["mmd_psnr_db"], t["cov_psnr"], t["one_nna_psnr"], t["precision"], t["recall"]) == (100.0, 1.0, 0.0, 1.0, 1.0)
+    assert t["pr_k"] == 2 and row["nearest_train_rms"] == 0.0 and not row["no_copies"]
+    # Colour FD and precision/recall against the held-out set, from independently rendered galleries.
+    def stats(files):
+        out = []
+        for f in files:
+            rgb, alpha, labels = render_avatar_parts(load_avatar(Path(f), body), views)
+            out.append(image_stats.avatar_stats(rgb.numpy(), alpha.numpy(), labels.numpy(), GALLERY.background))
+        return out
+
+    sg, sr = stats(row["files"]), stats(sorted(held.glob("*.hda.safetensors")))
+    fg, fr = np.stack([s.features for s in sg]), np.stack([s.features for s in sr])
+    cols = image_stats.MEAN_COLOUR_COLUMNS
+    assert row["colour_fd"] == pytest.approx(max(0.0, metrics.fid(255 * fg[:, cols], 255 * fr[:, cols])), rel=1e-6)
+    want = metrics.precision_recall(image_stats.standardise(fr, fr), image_stats.standardise(fg, fr), 2)
+    assert (row["precision"], row["recall"]) == pytest.approx(want)
+    assert row["colourfulness_ratio"] == pytest.approx(np.mean([s.colourfulness for s in sg])
+                                                       / np.mean([s.colourfulness for s in sr]), rel=1e-6)
+    assert row["sharpness_ratio"] == pytest.approx(np.mean([s.sharpness for s in sg])
+                                                   / np.mean([s.sharpness for s in sr]), rel=1e-6)
     table = (tmp_path / "out" / "eval_gen.md").read_text()
     assert "MMD-LPIPS" in table and "KID×1000" in table and "held-out" in table
+    assert "## Against the training set (memorisation)" in table and "| **no** |" in table

@@ -7,6 +7,8 @@
   component's coefficient drawn from N(0, observed variance), reconstructed. It only works because
   every fit starts from the same initialisation (weights of different subjects are aligned); it is the
   simplest generative model a diffusion model has to beat.
+- ``blend``: the average of two distinct training avatars drawn at random: what a model that only
+  interpolates between subjects produces. A new person has to beat it on colour fidelity and precision.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from ..constants import MAX_SAMPLES
 from ..errors import HDAError
 
-BASELINES = ("copy", "pca")
+BASELINES = ("copy", "pca", "blend")
 
 
 def _check(train: torch.Tensor, n: int, min_rows: int) -> None:
@@ -72,6 +74,22 @@ def pca_samples(train: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return (mean + (z * variances.sqrt()) @ components).to(torch.float32)
 
 
+def blend_pairs(num_train: int, n: int, seed: int) -> torch.Tensor:
+    """[n,2] pairs of distinct training indices, each pair drawn uniformly from the seeded generator."""
+    gen = torch.Generator().manual_seed(int(seed))
+    first = torch.randint(num_train, (n,), generator=gen)
+    # An offset in 1..N-1 makes the second index differ from the first, uniformly over the others.
+    second = (first + torch.randint(1, num_train, (n,), generator=gen)) % num_train
+    return torch.stack([first, second], dim=1)
+
+
+def blend_samples(train: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """train: [N,D] (N >= 2) -> (samples [n,D] = (train[i] + train[j]) / 2, pairs [n,2] = (i, j), i != j)."""
+    _check(train, n, 2)
+    pairs = blend_pairs(train.shape[0], n, seed)
+    return ((train[pairs[:, 0]].double() + train[pairs[:, 1]].double()) / 2).to(train.dtype), pairs
+
+
 def baseline_samples(name: str, train: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """A baseline's samples [n,D] and each sample's origin string (written into the avatar files)."""
     if name == "copy":
@@ -79,4 +97,7 @@ def baseline_samples(name: str, train: torch.Tensor, n: int, seed: int) -> tuple
         return samples, [f"baseline:copy:{int(i)}" for i in index]
     if name == "pca":
         return pca_samples(train, n, seed), [f"baseline:pca:{seed}:{i}" for i in range(n)]
+    if name == "blend":
+        samples, pairs = blend_samples(train, n, seed)
+        return samples, [f"baseline:blend:{int(i)}:{int(j)}" for i, j in pairs]
     raise HDAError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")

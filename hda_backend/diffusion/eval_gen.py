@@ -1,10 +1,14 @@
 """`hda eval-gen`: unconditional-generation metrics of weight-space diffusion models (paper §5.1, Tables 1-2).
 
 Rows: each diffusion model (sampled through :func:`hda_backend.diffusion.sample.sample_avatars`), each
-folder of already generated avatars, and the baselines ``copy`` and ``pca`` fitted on the training set.
-Columns: MMD, COV and 1-NNA with the PSNR distance of :mod:`.gallery` (and LPIPS where it is available),
-FID/KID on Inception features (where local weights are given), novelty in weight and image space, the
-fraction of plausible samples (:mod:`.plausibility`) and the sampling time per identity.
+folder of already generated avatars, and the baselines ``copy``, ``pca`` and ``blend`` fitted on the
+training set. Columns: MMD, COV and 1-NNA with the PSNR distance of :mod:`.gallery` (and LPIPS where it
+is available), FID/KID on Inception features (where local weights are given), the colour Fréchet
+distance over per-part mean colours, the colourfulness and sharpness ratios, improved precision and
+recall on per-part colour and texture statistics (:mod:`.image_stats`), novelty in weight and image
+space, the fraction of plausible samples (:mod:`.plausibility`) and the sampling time per identity.
+With a separate training set (``train``) the reference set is held out, and MMD/COV/1-NNA and
+precision/recall are also computed against the training set (memorisation), with the no-copies check.
 
 Outputs in the output folder: ``eval_gen.md`` (table and protocol), ``eval_gen.json`` (every number,
 per-sample plausibility and nearest references), ``samples_vs_nearest.png`` (each sample beside its
@@ -33,8 +37,9 @@ from ..errors import HDAError
 from ..images import contact_sheet, save_png, to_uint8
 from .baselines import BASELINES, baseline_samples
 from .gallery import (Gallery, GalleryConfig, gallery_views, lpips_matrix, mse_matrix, psnr_distance,
-                      render_avatar, render_gallery, weight_distance_matrix)
-from .metrics import KIDConfig, coverage, fid, kid, mmd, novelty, one_nna
+                      render_avatar_parts, render_gallery, weight_distance_matrix)
+from .image_stats import MEAN_COLOUR_COLUMNS, avatar_stats, standardise
+from .metrics import KIDConfig, coverage, fid, kid, mmd, novelty, one_nna, precision_recall
 from .plausibility import PlausibilityConfig, body_silhouettes, check_plausible
 from .weights import WeightSet, load_weight_set, write_avatar
 
@@ -50,6 +55,7 @@ class EvalGenConfig:
     steps: int | None = None  # DDIM steps for diffusion rows; None: the model's own default
     baselines: tuple = BASELINES
     contact_pairs: int = 6  # samples per row on samples_vs_nearest.png
+    pr_k: int = 3  # k of the k-NN manifolds of precision/recall (Kynkäänniemi et al.'s default)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)
     kid: KIDConfig = field(default_factory=KIDConfig)
@@ -59,12 +65,30 @@ class EvalGenConfig:
 
 
 @dataclass
+class _Stats:
+    """Per-avatar image statistics of a set (:mod:`.image_stats`): colourfulness [N], sharpness [N],
+    part features [N,F]."""
+
+    colourfulness: np.ndarray
+    sharpness: np.ndarray
+    features: np.ndarray
+
+
+def _gallery_stats(gallery: Gallery, background) -> _Stats:
+    per = [avatar_stats(gallery.images[i].numpy(), gallery.alpha[i].numpy(), gallery.labels[i].numpy(), background)
+           for i in range(gallery.images.shape[0])]
+    return _Stats(np.array([s.colourfulness for s in per]), np.array([s.sharpness for s in per]),
+                  np.stack([s.features for s in per]))
+
+
+@dataclass
 class _Side:
-    """A set of avatars with everything the metrics need: weights [N,D], gallery, names."""
+    """A set of avatars with everything the metrics need: weights [N,D], gallery, names, image statistics."""
 
     weights: WeightSet
     gallery: Gallery
     names: list[str]
+    stats: _Stats
     features: np.ndarray | None = None
 
 
@@ -91,6 +115,21 @@ PROTOCOL = """\
   dimensions, a blend of several subjects (e.g. a `pca` sample) is also nearer each of them than they
   are to each other, so weight-space "copies" flags interpolations too; the image columns and the
   median ratio tell the two apart.
+- **Colour FD**: the Fréchet distance between Gaussians fitted to the avatars' per-part mean colours
+  (head, torso, arms, legs, feet: 15 values per avatar, 8-bit RGB; a pixel's part is that of the
+  Gaussians that cover it most, from their texels' skinning weights), samples against references.
+  Blends pull garment colours towards the average and shrink their spread: the distance grows.
+- **Colourfulness ratio**: Hasler-Süsstrunk colourfulness over the person's pixels of each view (the
+  background composited out), averaged over views and avatars, samples / references (1 ideal); the
+  row's own value in brackets. **Sharpness ratio**: the variance of the 4-neighbour Laplacian of the
+  luminance over the silhouette's interior (the person/background edge excluded), likewise (1 ideal).
+- **Precision / recall**: improved precision and recall (Kynkäänniemi et al. 2019), k = {pr_k} nearest
+  neighbours (fewer when a set is smaller), in the space of per-part colour and texture statistics (per
+  part: mean colour, colour standard deviation, RMS Laplacian of the luminance; 35 values, each in units
+  of the reference set's spread). Precision = samples inside the references' k-NN manifold (they look
+  like people of the data), recall = references inside the samples' manifold (the data's variety is
+  covered). This space needs no downloaded weights, and unlike PSNR a mean-like image is not close to
+  everyone in it: a blend's averaged colours, lost prints and soft borders move it off the data.
 - **Plausible**: fraction of samples passing all checks of `hda_backend/diffusion/plausibility.py`
   (finite weights and Gaussians, no exploded scales, centres inside the posed body's box + margin,
   silhouette coverage and area vs the body mesh's silhouette).
@@ -144,9 +183,11 @@ def _same_architecture(ref: WeightSet, other: WeightSet, source: str) -> None:
                            "reference set (one architecture per evaluation)")
 
 
-def _render_side(weights: WeightSet, body: BodyModel, views, backend: str, progress: bool, desc: str) -> Gallery:
+def _render_side(weights: WeightSet, body: BodyModel, views, backend: str, progress: bool, desc: str) -> _Side:
     avatars = (load_avatar(p, body) for p in weights.paths)  # one at a time: avatars hold their UV buffers
-    return render_gallery(avatars, views, backend, progress, desc, total=len(weights.paths))
+    gallery = render_gallery(avatars, views, backend, progress, desc, total=len(weights.paths), parts=True)
+    return _Side(weights, gallery, [p.name.removesuffix(SUFFIX) for p in weights.paths],
+                 _gallery_stats(gallery, views.background.numpy()))
 
 
 def _write_row(vectors: torch.Tensor, origins: list[str], ref: WeightSet, folder: Path) -> list[Path]:
@@ -231,17 +272,18 @@ def _row_avatars(name: str, kind: str, source, inputs: _Inputs, folder: Path, co
 
 def _render_row(gen: WeightSet, body: BodyModel, views, masks, config: EvalGenConfig, progress: bool,
                 desc: str) -> tuple[Gallery, list]:
-    """Every avatar of a row in the gallery views, with its plausibility verdict."""
+    """Every avatar of a row in the gallery views (with part labels), with its plausibility verdict."""
     backend = config.gallery.backend
-    images, alphas, verdicts = [], [], []
+    images, alphas, labels, verdicts = [], [], [], []
     for path in tqdm(gen.paths, desc=desc, unit="avatar", disable=not progress):
         avatar = load_avatar(path, body)
-        rgb, alpha = render_avatar(avatar, views, backend)
+        rgb, alpha, label = render_avatar_parts(avatar, views, backend)
         verdicts.append(check_plausible(avatar, views, config.plausibility, alpha=alpha, body_masks=masks,
                                         backend=backend))
         images.append(rgb)
         alphas.append(alpha)
-    return Gallery(torch.stack(images), torch.stack(alphas)), verdicts
+        labels.append(label)
+    return Gallery(torch.stack(images), torch.stack(alphas), torch.stack(labels)), verdicts
 
 
 @dataclass
@@ -257,11 +299,36 @@ class _Sets:
     separate_train: bool
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _appearance(stats: _Stats, against: _Stats, k: int) -> dict:
+    """Colour Fréchet distance, colourfulness and sharpness (means and ratios), precision and recall of a
+    row's statistics against a reference side's."""
+    g, r = stats.features.shape[0], against.features.shape[0]
+    out = {"colourfulness": float(stats.colourfulness.mean()),
+           "colourfulness_ratio": _ratio(float(stats.colourfulness.mean()), float(against.colourfulness.mean())),
+           "sharpness": float(stats.sharpness.mean()),
+           "sharpness_ratio": _ratio(float(stats.sharpness.mean()), float(against.sharpness.mean())),
+           "colour_fd": None, "precision": None, "recall": None, "pr_k": min(k, g - 1, r - 1)}
+    if g >= 2 and r >= 2:  # a Gaussian needs two points, a k-NN radius one other point
+        # max(0, ·): equal sets give a rounding error of either sign around the true 0.
+        out["colour_fd"] = max(0.0, fid(255.0 * stats.features[:, MEAN_COLOUR_COLUMNS],
+                                        255.0 * against.features[:, MEAN_COLOUR_COLUMNS]))
+        out["precision"], out["recall"] = precision_recall(standardise(against.features, against.features),
+                                                           standardise(stats.features, against.features),
+                                                           out["pr_k"])
+    return out
+
+
 def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[Path], sets: _Sets, config,
                  lpips: Callable | None, inception: Callable | None) -> tuple[dict, list, np.ndarray, np.ndarray]:
-    """The maths of one row: MMD, COV, 1-NNA (PSNR, LPIPS), FID/KID, novelty, plausibility; returns (the
-    row's metric fields, per-sample details, each sample's nearest reference and its distance)."""
+    """The maths of one row: MMD, COV, 1-NNA (PSNR, LPIPS), FID/KID, colour, sharpness, precision/recall,
+    novelty, plausibility, and the same against the training set when it is separate; returns (the row's
+    metric fields, per-sample details, each sample's nearest reference and its distance)."""
     ref = sets.ref
+    stats = _gallery_stats(gallery, config.gallery.background)
     mse_gr = mse_matrix(gallery.images, ref.gallery.images)
     mse_gg = mse_matrix(gallery.images, gallery.images)
     d_gr, d_gg, d_rr = psnr_distance(mse_gr), psnr_distance(mse_gg), psnr_distance(sets.mse_rr)
@@ -277,8 +344,18 @@ def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[P
     mse_gt = mse_matrix(gallery.images, sets.train.gallery.images) if sets.separate_train else mse_gr
     nov_w = novelty(weight_distance_matrix(gen.vectors, sets.train.weights.vectors), sets.w_tt)
     nov_i = novelty(np.sqrt(mse_gt), np.sqrt(sets.mse_tt))
+    row.update(_appearance(stats, ref.stats, config.pr_k))
+    if sets.separate_train:
+        d_gt, d_tt = psnr_distance(mse_gt), psnr_distance(sets.mse_tt)
+        appearance = _appearance(stats, sets.train.stats, config.pr_k)
+        row["vs_train"] = {"mmd_psnr_db": -mmd(d_gt), "cov_psnr": coverage(d_gt), "one_nna_psnr": one_nna(d_gg, d_gt, d_tt),
+                           **{key: appearance[key] for key in ("precision", "recall", "pr_k")}}
     nearest, nearest_d = _nearest(d_gr)
+    # No copies: no sample nearer (RMS over the gallery) a training subject than the closest training pair.
+    nearest_train = float(np.sqrt(mse_gt).min())
     row.update(novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(),
+               nearest_train_rms=nearest_train, closest_train_pair_rms=nov_i.train_nn_min,
+               no_copies=bool(nearest_train >= nov_i.train_nn_min),
                plausible_fraction=float(np.mean([v.ok for v in verdicts])))
     details = [{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
                 "nearest_reference": ref.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
@@ -321,11 +398,8 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     views = gallery_views(body, config.gallery)
     backend = config.gallery.backend
     masks = body_silhouettes(body, views)
-    ref_side = _Side(ref, _render_side(ref, body, views, backend, progress, "reference"),
-                     [p.name.removesuffix(SUFFIX) for p in ref.paths])
-    train_side = ref_side if train is None else _Side(
-        train_set, _render_side(train_set, body, views, backend, progress, "train"),
-        [p.name.removesuffix(SUFFIX) for p in train_set.paths])
+    ref_side = _render_side(ref, body, views, backend, progress, "reference")
+    train_side = ref_side if train is None else _render_side(train_set, body, views, backend, progress, "train")
     if inception is not None:
         ref_side.features = inception(ref_side.gallery.images.flatten(0, 1).numpy())
     mse_rr = mse_matrix(ref_side.gallery.images, ref_side.gallery.images)
@@ -354,6 +428,10 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         "reference": {"source": str(reference), "count": ref.vectors.shape[0], "files": [str(p) for p in ref.paths]},
         "train": {"source": str(train if train is not None else reference), "count": train_set.vectors.shape[0],
                   "same_as_reference": train is None},
+        "reference_stats": {"colourfulness": float(ref_side.stats.colourfulness.mean()),
+                            "sharpness": float(ref_side.stats.sharpness.mean())},
+        "train_stats": {"colourfulness": float(train_side.stats.colourfulness.mean()),
+                        "sharpness": float(train_side.stats.sharpness.mean())},
         "n": inputs.n, "config": config.to_dict(), "notes": list(notes),
         "columns": {"lpips": lpips is not None, "fid_kid": inception is not None},
         "rows": results,
@@ -362,8 +440,12 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     return report
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
 
 
 def format_table(report: dict) -> str:
@@ -374,7 +456,8 @@ def format_table(report: dict) -> str:
         head += ["MMD-LPIPS ↓", "COV-LPIPS (%)", "1-NNA-LPIPS (%)"]
     if fk:
         head += ["FID ↓", "KID×1000 ↓"]
-    head += ["novelty w (median / copies %)", "novelty img (median / copies %)", "plausible (%)", "s / identity"]
+    head += ["colour FD ↓", "colourfulness ratio (value)", "sharpness ratio", "precision ↑ (%)", "recall ↑ (%)",
+             "novelty w (median / copies %)", "novelty img (median / copies %)", "plausible (%)", "s / identity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [f"{r['name']} ({r['kind']}, {r['count']})", f"{r['mmd_psnr_db']:.2f}", _pct(r["cov_psnr"]),
@@ -383,11 +466,27 @@ def format_table(report: dict) -> str:
             cells += [f"{r['mmd_lpips']:.2f}", _pct(r["cov_lpips"]), _pct(r["one_nna_lpips"])]
         if fk:
             cells += [f"{r['fid']:.2f}", f"{1000 * r['kid']:.2f}"]
+        cells += [_num(r["colour_fd"], 1), f"{_num(r['colourfulness_ratio'])} ({r['colourfulness']:.1f})",
+                  _num(r["sharpness_ratio"]), _pct(r["precision"]), _pct(r["recall"])]
         for key in ("novelty_weight", "novelty_image"):
             cells.append(f"{r[key]['median_ratio']:.3f} / {_pct(r[key]['copy_fraction'])}")
         cells.append(_pct(r["plausible_fraction"]))
         cells.append("—" if r["seconds_per_identity"] is None else f"{r['seconds_per_identity']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_train_table(report: dict) -> str:
+    """With a held-out reference set: each row against the training set (memorisation), one line per row."""
+    head = ["row", "MMD-PSNR vs train (dB)", "COV vs train (%)", "1-NNA vs train (%)", "precision vs train (%)",
+            "recall vs train (%)", "nearest train RMS (min)", "closest train pair RMS", "no copies"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        t = r["vs_train"]
+        lines.append("| " + " | ".join([
+            f"{r['name']} ({r['kind']}, {r['count']})", f"{t['mmd_psnr_db']:.2f}", _pct(t["cov_psnr"]),
+            _pct(t["one_nna_psnr"]), _pct(t["precision"]), _pct(t["recall"]), f"{r['nearest_train_rms']:.4f}",
+            f"{r['closest_train_pair_rms']:.4f}", "yes" if r["no_copies"] else "**no**"]) + " |")
     return "\n".join(lines)
 
 
@@ -405,7 +504,10 @@ def format_report(report: dict) -> str:
     else:
         reference_note = (f"{ref['count']} held-out avatars from `{ref['source']}`; models and baselines were "
                           f"fitted on {train['count']} training avatars from `{train['source']}` (the novelty "
-                          "reference).")
+                          "reference). The second table repeats MMD/COV/1-NNA and precision/recall against the "
+                          "training avatars (memorisation: copies give 100 dB, 0% 1-NNA) with the no-copies check: "
+                          "no sample nearer (RMS over the gallery) a training subject than the closest pair of "
+                          "training subjects is to each other.")
     lpips_note = ("; LPIPS columns: D = 1000 × mean LPIPS-AlexNet over views, same definitions"
                   if report["columns"]["lpips"] else "")
     fid_note = ("Inception-V3 pool features of every gallery image of a row against every reference gallery "
@@ -418,8 +520,13 @@ def format_report(report: dict) -> str:
         azimuths=", ".join(f"{a:g}" for a in g["azimuths_deg"]), size=g["size"],
         background=tuple(g["background"]), views=len(g["poses"]) * len(g["azimuths_deg"]), lpips_note=lpips_note,
         fid_note=fid_note, steps=cfg["steps"] if cfg["steps"] is not None else "the model's default",
-        n=report["n"], seed=cfg["seed"])
-    parts = ["# Unconditional generation (hda eval-gen)", "", format_table(report), ""]
+        n=report["n"], seed=cfg["seed"], pr_k=cfg["pr_k"])
+    parts = ["# Unconditional generation (hda eval-gen)", "", format_table(report), "",
+             f"Reference set: colourfulness {report['reference_stats']['colourfulness']:.1f}, sharpness "
+             f"{report['reference_stats']['sharpness']:.3g} (means over its avatars; the ratios divide a row's by these).",
+             ""]
+    if not train["same_as_reference"]:
+        parts += ["## Against the training set (memorisation)", "", format_train_table(report), ""]
     if report["notes"]:
         parts += ["Notes:", ""] + [f"- {note}" for note in report["notes"]] + [""]
     parts += ["## Protocol", "", protocol,

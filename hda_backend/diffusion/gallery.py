@@ -29,10 +29,13 @@ from tqdm import tqdm
 
 from ..avatar.model import Avatar
 from ..body import BodyModel, pose_body
+from ..body.parts import PARTS, parts_of_weights
 from ..errors import HDAError
 from ..motion import BUILTIN, pose_at
+from ..render import rasterize
 from ..render.camera import intrinsics, look_at
 from ..render.frames import render_gaussians
+from .image_stats import PERSON_ALPHA
 
 CLIP_FRAMES = 64  # a pose "clip@phase" is frame round(phase·64) of the clip's 64-frame cycle
 MAX_VIEWS = 64
@@ -74,10 +77,12 @@ class GalleryViews(NamedTuple):
 
 
 class Gallery(NamedTuple):
-    """images [N,V,H,W,3] composited over the background, in [0,1]; alpha [N,V,H,W]."""
+    """images [N,V,H,W,3] composited over the background, in [0,1]; alpha [N,V,H,W]; labels [N,V,H,W]
+    int8 body part per pixel (-1 off the person) when rendered with parts, else None."""
 
     images: torch.Tensor
     alpha: torch.Tensor
+    labels: torch.Tensor | None = None
 
 
 def parse_pose(spec: str) -> torch.Tensor:
@@ -137,8 +142,30 @@ def gallery_views(body: BodyModel, config: GalleryConfig = GalleryConfig()) -> G
 @torch.no_grad()
 def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One avatar's gallery: (images [V,H,W,3] over the background, alpha [V,H,W])."""
+    images, alphas, _ = _render_views(avatar, views, backend, parts=False)
+    return images, alphas
+
+
+@torch.no_grad()
+def render_avatar_parts(avatar: Avatar, views: GalleryViews,
+                        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`render_avatar` plus each pixel's body part: labels [V,H,W] int8, an index into
+    :data:`hda_backend.body.parts.PARTS`, -1 where alpha <= :data:`PERSON_ALPHA` (not the person).
+
+    Every Gaussian carries its texel's part (:func:`hda_backend.body.parts.parts_of_weights` of the
+    texel-blended skinning weights) as a one-hot colour; the same Gaussians are rasterised with those
+    colours, and a pixel's part is the one that contributes most of its alpha (occlusion included).
+    """
+    return _render_views(avatar, views, backend, parts=True)
+
+
+@torch.no_grad()
+def _render_views(avatar: Avatar, views: GalleryViews, backend: str, parts: bool):
     gaussians = avatar(views.poses)
-    images, alphas = [], []
+    onehot = None
+    if parts:
+        onehot = torch.nn.functional.one_hot(parts_of_weights(avatar.binding.weights), len(PARTS)).float()
+    images, alphas, labels = [], [], []
     for p in range(views.poses.shape[0]):
         g = gaussians.index(p)
         for c in range(views.viewmats.shape[0]):
@@ -146,20 +173,29 @@ def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") ->
                                           background=views.background, backend=backend)
             images.append(rgb.clamp(0.0, 1.0))
             alphas.append(alpha[..., 0])
-    return torch.stack(images), torch.stack(alphas)
+            if parts:
+                weight, _, _ = rasterize(g.means, g.quats, g.scales, g.opacities, onehot.to(g.means.device),
+                                         views.viewmats[c:c + 1], views.Ks[c:c + 1], views.size, views.size,
+                                         sh_degree=None, backend=backend)
+                label = weight[0].argmax(dim=-1).to(torch.int8)
+                labels.append(torch.where(alpha[..., 0] > PERSON_ALPHA, label, torch.full_like(label, -1)))
+    return torch.stack(images), torch.stack(alphas), torch.stack(labels) if parts else None
 
 
 def render_gallery(avatars: Iterable[Avatar], views: GalleryViews, backend: str = "auto",
-                   progress: bool = False, desc: str = "gallery", total: int | None = None) -> Gallery:
-    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]. ``total``: N for the progress bar."""
-    images, alphas = [], []
+                   progress: bool = False, desc: str = "gallery", total: int | None = None,
+                   parts: bool = False) -> Gallery:
+    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W], and with ``parts`` the per-pixel
+    body parts labels [N,V,H,W] (:func:`render_avatar_parts`). ``total``: N for the progress bar."""
+    images, alphas, labels = [], [], []
     for avatar in tqdm(avatars, desc=desc, unit="avatar", disable=not progress, total=total):
-        rgb, alpha = render_avatar(avatar, views, backend)
+        rgb, alpha, label = _render_views(avatar, views, backend, parts)
         images.append(rgb)
         alphas.append(alpha)
+        labels.append(label)
     if not images:
         raise HDAError("gallery: no avatars to render")
-    return Gallery(torch.stack(images), torch.stack(alphas))
+    return Gallery(torch.stack(images), torch.stack(alphas), torch.stack(labels) if parts else None)
 
 
 # ---------------------------------------------------------------------------------------------------

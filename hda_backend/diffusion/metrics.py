@@ -1,4 +1,5 @@
-"""Generation metrics (paper §5.1): MMD, COV, 1-NNA on distance matrices; FID, KID on features; novelty.
+"""Generation metrics (paper §5.1): MMD, COV, 1-NNA on distance matrices; FID, KID, improved precision and
+recall on features; novelty.
 
 Pure functions on numpy arrays. Distances follow one convention: smaller = closer. A similarity such as
 PSNR is negated before it comes here (see :mod:`.gallery`), as HyperDiffusion's evaluation code does, so
@@ -179,6 +180,44 @@ def kid(feat_a: np.ndarray, feat_b: np.ndarray, config: KIDConfig = KIDConfig())
 
 FeatureExtractor = Callable[[np.ndarray], np.ndarray]
 """images [N,H,W,3] float in [0,1] -> features [N,F]; e.g. :func:`.gallery.load_inception`."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Improved precision and recall
+
+
+def _distances(a: np.ndarray, b: np.ndarray, rows: int = 64) -> np.ndarray:
+    """[Na,Nb] Euclidean distances from differences (exact zeros and ties, unlike the expanded square)."""
+    return np.concatenate([np.linalg.norm(a[i:i + rows, None] - b[None], axis=-1)
+                           for i in range(0, a.shape[0], rows)])
+
+
+def _knn_radii(points: np.ndarray, k: int) -> np.ndarray:
+    """[N] distance from each point to its k-th nearest other point of the same set."""
+    d = _distances(points, points)
+    np.fill_diagonal(d, np.inf)
+    return np.sort(d, axis=1)[:, k - 1]
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of fake [G,F] against real [R,F] features.
+
+    Each set's manifold is the union of balls around its points, a point's radius being the distance to
+    its k-th nearest neighbour in its own set (itself excluded, other duplicates counted).
+    precision = the fraction of fake points inside the real manifold (fidelity: samples look like data);
+    recall = the fraction of real points inside the fake manifold (diversity: the data is covered).
+    A point on a ball's boundary is inside. Needs k < G and k < R.
+    """
+    real, fake = _features("precision/recall real", real), _features("precision/recall fake", fake)
+    if real.shape[1] != fake.shape[1]:
+        raise HDAError(f"precision/recall: feature widths differ ({real.shape[1]} vs {fake.shape[1]}), expected equal")
+    if not 1 <= k < min(real.shape[0], fake.shape[0]):
+        raise HDAError(f"precision/recall: k={k} with {real.shape[0]} real and {fake.shape[0]} fake points, "
+                       "expected 1 <= k < both set sizes")
+    d = _distances(fake, real)  # [G,R]
+    precision = (d <= _knn_radii(real, k)[None, :]).any(axis=1).mean()
+    recall = (d <= _knn_radii(fake, k)[:, None]).any(axis=0).mean()
+    return float(precision), float(recall)
 
 
 # ---------------------------------------------------------------------------------------------------
