@@ -6,7 +6,7 @@ Stages, in order (WORK defaults to ``build/default``, OUT to ``assets/default``)
 - ``fits``       ``hda fit-all``: the first subject in full, the rest from it        -> WORK/fits/
 - ``diffusion``  ``hda train-diffusion`` on every fit                                -> WORK/diffusion/
 - ``bundle``     float16 where lossless (:mod:`.diffusion.compact`) + reference avatars -> OUT/
-- ``eval``       ``hda eval-gen`` of the bundled model against the fits, with the copy and PCA baselines
+- ``eval``       ``hda eval-gen`` of the bundled model against the fits, with the copy, PCA and blend baselines
 - ``card``       OUT/MODEL_CARD.md and OUT/build.json
 
 Every stage resumes where it stopped (synth skips finished images, fit-all finished subjects and resumes
@@ -395,7 +395,9 @@ def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, sta
         "",
         f"Rows: the bundled model, sampled with seeds {build.eval_seed}..{build.eval_seed + build.subjects - 1}; "
         "`copy` returns training avatars (the memorisation ceiling); `pca` samples a Gaussian in the training set's "
-        "PCA space. The reference set is the training fits (too few subjects for a held-out split); "
+        "PCA space; `blend` averages two random training avatars (what a model that only interpolates makes). "
+        "Colour FD, the colourfulness and sharpness ratios and precision/recall compare per-part colour and "
+        "texture statistics of the renders (protocol in `eval_gen.md`). The reference set is the training fits (too few subjects for a held-out split); "
         "memorisation shows in 1-NNA (copies → 0%) and the novelty columns. Distances are PSNR between renders of "
         "a fixed gallery (poses × cameras); the protocol is in `build/default/eval/eval_gen.md`.",
         *([f"Note: {n}" for n in report.get("notes", []) if n]),
