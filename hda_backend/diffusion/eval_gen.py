@@ -348,7 +348,8 @@ def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[P
     if sets.separate_train:
         d_gt, d_tt = psnr_distance(mse_gt), psnr_distance(sets.mse_tt)
         appearance = _appearance(stats, sets.train.stats, config.pr_k)
-        row["vs_train"] = {"mmd_psnr_db": -mmd(d_gt), "cov_psnr": coverage(d_gt), "one_nna_psnr": one_nna(d_gg, d_gt, d_tt),
+        row["vs_train"] = {"mmd_psnr_db": -mmd(d_gt), "cov_psnr": coverage(d_gt),
+                           "one_nna_psnr": one_nna(d_gg, d_gt, d_tt),
                            **{key: appearance[key] for key in ("precision", "recall", "pr_k")}}
     nearest, nearest_d = _nearest(d_gr)
     # No copies: no sample nearer (RMS over the gallery) a training subject than the closest training pair.
@@ -523,7 +524,8 @@ def format_report(report: dict) -> str:
         n=report["n"], seed=cfg["seed"], pr_k=cfg["pr_k"])
     parts = ["# Unconditional generation (hda eval-gen)", "", format_table(report), "",
              f"Reference set: colourfulness {report['reference_stats']['colourfulness']:.1f}, sharpness "
-             f"{report['reference_stats']['sharpness']:.3g} (means over its avatars; the ratios divide a row's by these).",
+             f"{report['reference_stats']['sharpness']:.3g} (means over its avatars; the ratios divide a row's "
+             "by these).",
              ""]
     if not train["same_as_reference"]:
         parts += ["## Against the training set (memorisation)", "", format_train_table(report), ""]
