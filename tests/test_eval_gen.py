@@ -18,7 +18,7 @@ from hda_backend.body import load_body, pose_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
 from hda_backend.diffusion import baselines, image_stats, metrics
-from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation
+from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation, format_table
 from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, pairwise,
                                            parse_pose, psnr_distance, render_avatar, render_avatar_parts,
                                            weight_distance_matrix)
@@ -543,6 +543,13 @@ def test_eval_gen_writes_table_sheet_and_sample_files(evaluated):
     assert "FID/KID off" in table and "## Protocol" in table
     sheet = Image.open(out / "samples_vs_nearest.png")
     assert sheet.size[0] == 12 * 144 and sheet.size[1] == 5 * (144 + 14)  # 5 rows of 6 pairs, tiles zoomed 3x
+    assert "| 0.0 | 1.00 (" in table  # the copy row's colour FD and colourfulness ratio
+    # A report written before the colour columns existed (a resumed build's eval) still formats.
+    old = json.loads(json.dumps(report))
+    for row in old["rows"]:
+        for key in ("colour_fd", "colourfulness", "colourfulness_ratio", "sharpness_ratio", "precision", "recall"):
+            del row[key]
+    assert "| — | — (—) | — | — | — |" in format_table(old)
     files = sorted((out / "samples" / "copy").glob("*.hda.safetensors"))
     assert len(files) == 6
     meta, _ = read_avatar_file(files[0])

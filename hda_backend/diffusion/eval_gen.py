@@ -360,7 +360,8 @@ def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[P
                plausible_fraction=float(np.mean([v.ok for v in verdicts])))
     details = [{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
                 "nearest_reference": ref.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
-                "novelty_weight_ratio": float(nov_w.ratios[i]), "novelty_image_ratio": float(nov_i.ratios[i])}
+                "novelty_weight_ratio": float(nov_w.ratios[i]), "novelty_image_ratio": float(nov_i.ratios[i]),
+                "colourfulness": float(stats.colourfulness[i]), "sharpness": float(stats.sharpness[i])}
                for i in range(len(files))]
     return row, details, nearest, nearest_d
 
@@ -467,8 +468,10 @@ def format_table(report: dict) -> str:
             cells += [f"{r['mmd_lpips']:.2f}", _pct(r["cov_lpips"]), _pct(r["one_nna_lpips"])]
         if fk:
             cells += [f"{r['fid']:.2f}", f"{1000 * r['kid']:.2f}"]
-        cells += [_num(r["colour_fd"], 1), f"{_num(r['colourfulness_ratio'])} ({r['colourfulness']:.1f})",
-                  _num(r["sharpness_ratio"]), _pct(r["precision"]), _pct(r["recall"])]
+        # .get: a report written before these columns existed (a resumed build's eval) shows "—".
+        cells += [_num(r.get("colour_fd"), 1),
+                  f"{_num(r.get('colourfulness_ratio'))} ({_num(r.get('colourfulness'), 1)})",
+                  _num(r.get("sharpness_ratio")), _pct(r.get("precision")), _pct(r.get("recall"))]
         for key in ("novelty_weight", "novelty_image"):
             cells.append(f"{r[key]['median_ratio']:.3f} / {_pct(r[key]['copy_fraction'])}")
         cells.append(_pct(r["plausible_fraction"]))
