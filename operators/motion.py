@@ -202,7 +202,9 @@ def import_motion(context, obj, path: str, *, fps_mode="RESAMPLE", up_axis="AUTO
         raise HDAError(f"motion {path}: unknown file type '{ext}', expected .npz (SMPL-X/AMASS) or .bvh")
     up = motion_keys.root_up_axis(pose) if up_axis == "AUTO" else up_axis
     if up == "Z":
-        pose, transl = motion_keys.zup_to_yup(pose, transl, layout.rest_joints[0])
+        # The clip's ground (z = 0) onto the avatar's, where Add Avatar stood its rest soles.
+        floor = rig.rest_floor(body.v_template.double().numpy())
+        pose, transl = motion_keys.zup_to_yup(pose, transl, layout.rest_joints[0], floor)
     quats, locations = rig.bone_rotations_from_pose(pose, transl, layout)
     if fps_mode == "SCENE_FPS":
         set_scene_fps(scene, fps)
