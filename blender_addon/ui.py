@@ -1,10 +1,10 @@
 """The 3D View sidebar "HDA" tab: one panel for everything an animator does with avatars.
 
 Avatars in the scene (click one to make it active) and the active avatar's state; identity (seed,
-Random, Sample, the slider towards a second seed; once sampled they resample live, identity.py); load an avatar file; fit to a capture subject
-(progress bar with PSNR, Cancel); import motion; export .ply; bake the compositing layer; backend
-status (device, torch version, per-frame milliseconds, the last error) and a link to the
-preferences.
+Random, Sample, the slider towards a second seed; once sampled they resample live, identity.py); load
+an avatar file; fit to a capture subject (progress bar with PSNR, Cancel); import motion; export .ply;
+bake the compositing layer; backend status (device, torch version, per-frame milliseconds, the last
+error) and a link to the preferences. The same operators are in Blender's menus too (menus.py).
 
 ``draw()`` only reads: properties and the session (session.py: job states, errors, timings already
 measured). It never

@@ -111,6 +111,8 @@ class HDA_OT_add_avatar(bpy.types.Operator):
 
     def execute(self, context):
         try:
+            from ..hda_backend import rig
+
             body = runtime.get_body(preferences.body_path(context))
             layout = runtime.get_layout(body)
             path = self.filepath.strip()
@@ -122,8 +124,6 @@ class HDA_OT_add_avatar(bpy.types.Operator):
             self.report({'ERROR'}, error_text(exc))
             return {'CANCELLED'}
         armature = build_armature(context, "HDA_Avatar", layout)
-        from ..hda_backend import rig
-
         # The rest body stands on the 3D cursor: its lowest vertex at the cursor's height.
         lift = -rig.rest_floor(body.v_template.double().numpy())
         armature.location = context.scene.cursor.location + type(context.scene.cursor.location)((0, 0, lift))

@@ -5,7 +5,8 @@ Keys are written in bulk: one new Action, per bone four ``rotation_quaternion`` 
 pelvis' three ``location`` F-curves, each filled by ``keyframe_points.add(n)`` and
 ``keyframe_points.foreach_set("co"/"interpolation", ...)``, never by per-key ``keyframe_insert``.
 Bone values come from rig.bone_rotations_from_pose (the rig's own convention), re-timed and turned
-upright by hda_backend.motion_keys.
+upright by hda_backend.motion_keys; a +Z-up (AMASS) clip's ground lands on the avatar's ground, the
+cursor height Add Avatar stood the rest body on (motion_keys.zup_to_yup with rig.rest_floor).
 
 Frame rate (``fps_mode``): *Resample* (default) keeps the scene's rate and slerps the motion onto
 it, one key per scene frame, so the motion plays at its real speed in any scene; *Scene FPS* sets
