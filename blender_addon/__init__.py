@@ -23,7 +23,7 @@ def register():
     import bpy
 
     from ..operators import fit
-    from . import handlers, preferences, props, session, viewport
+    from . import handlers, menus, preferences, props, session, viewport
 
     if session.registration.classes:  # enabled twice without a disable in between: start from a clean slate
         unregister()
@@ -34,6 +34,7 @@ def register():
         props.register_properties()
         fit.register_properties()
         handlers.register()
+        menus.register()
         viewport.register()
         preferences.sync_sys_path()
     except Exception:
@@ -46,11 +47,13 @@ def unregister():
 
     from .. import operators
     from ..operators import fit
-    from . import handlers, preferences, props, session, viewport
+    from . import handlers, identity, menus, preferences, props, session, viewport
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
     fit.unregister_properties()  # cancels a running fit
     viewport.unregister()        # removes the draw handler and its GPU resources
+    identity.unregister()        # removes the live-identity timer, waits for a running sample
+    menus.unregister()           # Shift+A, File > Import / Export entries
     handlers.unregister()
     props.unregister_properties()
     preferences.forget_sys_path()

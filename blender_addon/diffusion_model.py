@@ -6,6 +6,7 @@ bundles (:data:`DEFAULT_MODEL`, ``assets/default/diffusion.safetensors`` in the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from ..hda_backend.errors import HDAError
@@ -46,3 +47,21 @@ def load_model(path: str):
     if cached is None or cached[0] != stamp:
         loaded[path] = (stamp, load_diffusion(path))
     return loaded[path][1]
+
+
+def model_digest(path: str) -> str:
+    """sha256 (hex) of the model file, computed once per session and file version: what sampled
+    identity files are addressed by (identity.py)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise HDAError(f"diffusion model file not found: {path}") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = session.models.digests.get(path)
+    if cached is None or cached[0] != stamp:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        session.models.digests[path] = (stamp, h.hexdigest())
+    return session.models.digests[path][1]

@@ -23,7 +23,7 @@ from bpy.app.handlers import persistent
 
 from . import compositor, layers, runtime, session
 from .objects import scene_avatars
-from .paths import relative_path
+from .paths import keep_with_blend, relative_path
 
 
 def _report(scene, failures) -> None:
@@ -65,21 +65,33 @@ def on_load_post(*_):
     runtime.clear()
 
 
+def _keep_with_blend(obj, path: str, target: str) -> str:
+    try:
+        return keep_with_blend(path, target)
+    except OSError as exc:  # a full or read-only disk must not stop the save: the path stays as it was
+        print(f"HDA Avatars: {obj.name}: avatar file {path} not copied beside {target} ({exc})", file=sys.stderr)
+        return path
+
+
 @persistent
 def on_save_pre(filepath="", *_):
-    """Store avatar and body paths '//'-relative to where the file is being saved, and point the
-    layer images there too, so the saved file renders on another machine."""
+    """Copy avatar files from outside the project into its ``hda_avatars/`` (paths.keep_with_blend),
+    store avatar, body and model paths '//'-relative to where the file is being saved, and point the
+    layer images there too, so the saved folder renders on another machine."""
     target = filepath if isinstance(filepath, str) and filepath else bpy.data.filepath
     if not target:
         return
     for obj in bpy.data.objects:
         if obj.type != 'ARMATURE' or not obj.hda.is_avatar:
             continue
-        for prop in ("avatar_path", "body_path"):
+        for prop in ("avatar_path", "body_path", "identity_model"):
             value = getattr(obj.hda, prop).strip()
             if not value:
                 continue
-            relative = relative_path(bpy.path.abspath(value), target)
+            absolute = bpy.path.abspath(value)
+            if prop == "avatar_path":
+                absolute = _keep_with_blend(obj, absolute, target)
+            relative = relative_path(absolute, target)
             if relative != value:
                 setattr(obj.hda, prop, relative)
     for scene in bpy.data.scenes:

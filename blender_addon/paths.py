@@ -1,15 +1,20 @@
 """Where the add-on's files are and how paths are stored: the extension root, the add-on's id, the
-folder new avatar files go to, '//'-relative paths. ``relative_path`` is pure; the others import bpy
-only when called.
+folder new avatar files go to, '//'-relative paths, avatar files gathered into the project on save.
+``relative_path`` and ``keep_with_blend`` need no bpy; the others import it only when called.
 """
 
 from __future__ import annotations
 
+import filecmp
+import hashlib
 import os
+import shutil
 
 # The extension's root folder (holds hda_backend/, blender_addon/, operators/).
 EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVATAR_DIR = "hda_avatars"   # new avatar files, beside the saved .blend
+AVATAR_SUFFIX = ".hda.safetensors"
+DIGEST_CHARS = 12            # hex digits of a copy's sha256 that tell two same-named avatar files apart
 
 
 def addon_id() -> str:
@@ -45,3 +50,39 @@ def user_dir(name: str) -> str:
     import bpy
 
     return bpy.utils.extension_path_user(addon_id(), path=name, create=True)
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # another drive (Windows)
+        return False
+
+
+def keep_with_blend(path: str, blend: str) -> str:
+    """Where the avatar file ``path`` is once the .blend is saved as ``blend`` (both absolute), so that
+    the .blend's folder holds every avatar it renders and can be moved or sent to a farm as it is.
+
+    A file inside the .blend's folder travels with it and stays; a missing one stays (its error shows
+    where it is used); any other (the extension's user folder, where identities sampled before the
+    first save live, another project's ``hda_avatars/``, a fit elsewhere) is copied into
+    ``<folder>/hda_avatars/`` under its own name, reusing an identical file there; a different file of
+    that name makes the copy ``<stem>-<sha256 start>.hda.safetensors``. Returns the path to store."""
+    from ..hda_backend.atomic import replacing
+
+    path = os.path.abspath(path)
+    folder = os.path.dirname(os.path.abspath(blend))
+    if not os.path.isfile(path) or _inside(path, folder):
+        return path
+    name = os.path.basename(path)
+    target = os.path.join(folder, AVATAR_DIR, name)
+    if os.path.exists(target) and not filecmp.cmp(path, target, shallow=False):
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()[:DIGEST_CHARS]
+        stem, suffix = (name[:-len(AVATAR_SUFFIX)], AVATAR_SUFFIX) if name.endswith(AVATAR_SUFFIX) \
+            else os.path.splitext(name)
+        target = os.path.join(folder, AVATAR_DIR, f"{stem}-{digest}{suffix}")
+    if not (os.path.exists(target) and filecmp.cmp(path, target, shallow=False)):
+        with replacing(target) as tmp:
+            shutil.copyfile(path, tmp)
+    return target

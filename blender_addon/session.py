@@ -11,7 +11,8 @@ never saved into a .blend or userpref.blend.
 - :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region images (viewport.py).
 - :data:`render`: whether Blender is rendering (handlers.py).
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
-- :data:`models`: loaded diffusion models (Sample Identity; diffusion_model.py).
+- :data:`models`: loaded diffusion models and their file digests (Sample Identity; diffusion_model.py).
+- :data:`identity`: live identity samples running on worker threads, and the requests waiting (identity.py).
 - :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
 
 Running child processes (checks, installs, fits) must be stopped by the caller before :func:`reset`.
@@ -108,6 +109,16 @@ class Fit(_Part):
 @dataclass
 class Models(_Part):
     loaded: dict = field(default_factory=dict)       # path -> ((mtime, size), DiffusionModel)
+    digests: dict = field(default_factory=dict)      # path -> ((mtime, size), sha256 hex of the file)
+
+
+@dataclass
+class Identity(_Part):
+    """Live identity controls (identity.py): samples in flight, per avatar (object key)."""
+
+    jobs: dict = field(default_factory=dict)         # object key -> identity.SampleJob, running or finished
+    pending: dict = field(default_factory=dict)      # object key -> identity.Request to sample after the job
+    quiet: int = 0                                   # > 0: an operator sets the controls; no live sampling
 
 
 @dataclass
@@ -122,9 +133,10 @@ viewport = Viewport()
 render = Render()
 fit = Fit()
 models = Models()
+identity = Identity()
 registration = Registration()
 
-PARTS = (backend, caches, viewport, render, fit, models, registration)
+PARTS = (backend, caches, viewport, render, fit, models, identity, registration)
 
 
 def reset() -> None:

@@ -1,10 +1,10 @@
 """The 3D View sidebar "HDA" tab: one panel for everything an animator does with avatars.
 
 Avatars in the scene (click one to make it active) and the active avatar's state; identity (seed,
-Random, Sample, the slider towards a second seed); load an avatar file; fit to a capture subject
-(progress bar with PSNR, Cancel); import motion; export .ply; bake the compositing layer; backend
-status (device, torch version, per-frame milliseconds, the last error) and a link to the
-preferences.
+Random, Sample, the slider towards a second seed; once sampled they resample live, identity.py); load
+an avatar file; fit to a capture subject (progress bar with PSNR, Cancel); import motion; export .ply;
+bake the compositing layer; backend status (device, torch version, per-frame milliseconds, the last
+error) and a link to the preferences. The same operators are in Blender's menus too (menus.py).
 
 ``draw()`` only reads: properties and the session (session.py: job states, errors, timings already
 measured). It never
@@ -19,6 +19,7 @@ from bpy.props import StringProperty
 
 from . import session
 from .diffusion_model import model_path
+from .identity import busy
 from .objects import all_avatars, avatar_of, object_key
 from .paths import addon_id
 
@@ -121,6 +122,10 @@ class HDA_PT_main(bpy.types.Panel):
         col.prop(h, "seed_b")
         col.prop(h, "identity_mix", slider=True)
         box.operator("hda.sample_identity", text="Sample Identity", icon='COMMUNITY')
+        if busy(obj):
+            box.label(text="Sampling the new identity...", icon='TIME')
+        elif h.sampled:
+            box.label(text="Seeds and mix resample live", icon='CHECKMARK')
         if model_path() is None:
             box.label(text="No diffusion model yet: seeds show", icon='INFO')
             box.label(text="untrained (consistent-init) identities")

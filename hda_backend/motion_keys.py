@@ -9,8 +9,10 @@ so one key lands on every scene frame and playback keeps the motion's real-time 
 alternative, setting the scene's rate to the motion's, keys every motion frame as it is.
 
 Up axis: SMPL-X motions in the body frame stand along +Y; AMASS motions carry a +Z up world in the
-root orientation. The armature's space is the body frame turned +Y → +Z (rig.AXIS_YUP_TO_ZUP), so a
-+Z-up motion is first expressed in the body frame (:func:`zup_to_yup`), or it would lie on its back.
+root orientation, ground at z = 0. The armature's space is the body frame turned +Y → +Z
+(rig.AXIS_YUP_TO_ZUP), so a +Z-up motion is first expressed in the body frame (:func:`zup_to_yup`), or
+it would lie on its back, with its ground on the avatar's (rig.rest_floor), or its pelvis height would
+stack on the rest body's and the feet would float.
 
 BVH: :func:`pose_from_armature` evaluates the armature Blender's BVH importer made (its keys, through
 rig.armature_pose) and :func:`pose_from_world_rotations` turns the per-joint rotations relative to
@@ -41,12 +43,17 @@ def root_up_axis(pose: np.ndarray) -> str:
     return "Z" if med[2] > med[1] else "Y"
 
 
-def zup_to_yup(pose: np.ndarray, transl: np.ndarray, pelvis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Re-express a motion whose world is +Z up in the body frame's +Y-up world.
+def zup_to_yup(pose: np.ndarray, transl: np.ndarray, pelvis: np.ndarray,
+               floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Re-express a motion whose world is +Z up, ground at z = 0 (AMASS), in the body frame's +Y-up world
+    with that ground at height ``floor``.
 
-    pose [F,55,3], transl [F,3], pelvis [3] the rest pelvis joint J0 (body frame). SMPL-X places the
-    body by G = [R0 | J0 - R0 J0 + t]; turning the world by C = AXIS_YUP_TO_ZUPᵀ gives C G =
-    [C R0 | J0 - (C R0) J0 + t'] with t' = C (J0 + t) - J0.
+    pose [F,55,3], transl [F,3], pelvis [3] the rest pelvis joint J0 (body frame), floor: the body
+    frame's y of the avatar's ground (rig.rest_floor: where its rest soles are, which Add Avatar puts
+    on the 3D cursor), so the clip's feet land on the avatar's ground instead of the clip's own pelvis
+    height stacking on the rest body's. SMPL-X places the body by G = [R0 | J0 - R0 J0 + t]; turning
+    the world by C = AXIS_YUP_TO_ZUPᵀ and lifting it by f = (0, floor, 0) gives C G + f =
+    [C R0 | J0 - (C R0) J0 + t'] with t' = C (J0 + t) - J0 + f.
     """
     c = rig.AXIS_ZUP_TO_YUP
     pose = np.array(pose, dtype=np.float64).reshape(-1, NUM_JOINTS, 3)
@@ -54,7 +61,7 @@ def zup_to_yup(pose: np.ndarray, transl: np.ndarray, pelvis: np.ndarray) -> tupl
     root = c @ rig.axis_angle_to_matrix(pose[:, 0])
     pose[:, 0] = rig.quaternion_to_axis_angle(rig.matrix_to_quaternion(root))
     j0 = np.asarray(pelvis, dtype=np.float64)
-    return pose, (j0 + transl) @ c.T - j0
+    return pose, (j0 + transl) @ c.T - j0 + np.array([0.0, float(floor), 0.0])
 
 
 def resample_times(num_frames: int, src_fps: float, dst_fps: float) -> np.ndarray:

@@ -255,6 +255,16 @@ def bone_layout(body) -> BoneLayout:
     return BoneLayout(JOINT_NAMES, np.array(PARENTS), heads, tails, rolls, matrices, joints_body)
 
 
+def rest_floor(vertices_body) -> float:
+    """The avatar's ground in the body frame: the height (y) of its rest soles, the lowest of the rest
+    vertices [V,3] (body frame). Add Avatar puts the armature's origin -rest_floor above the 3D cursor,
+    so the rest body stands on it; a +Z-up clip's ground is put there too (motion_keys.zup_to_yup)."""
+    v = np.asarray(vertices_body, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != 3 or not len(v) or not np.isfinite(v).all():
+        raise HDAError(f"rest vertices: shape {v.shape}, expected (V, 3) finite values")
+    return float(v[:, 1].min())
+
+
 # ----------------------------------------------------------------------------- pose <-> bone rotations
 def _check_array(value, shape_tail: tuple, name: str) -> np.ndarray:
     a = np.asarray(value, dtype=np.float64)

@@ -111,6 +111,8 @@ class HDA_OT_add_avatar(bpy.types.Operator):
 
     def execute(self, context):
         try:
+            from ..hda_backend import rig
+
             body = runtime.get_body(preferences.body_path(context))
             layout = runtime.get_layout(body)
             path = self.filepath.strip()
@@ -123,7 +125,7 @@ class HDA_OT_add_avatar(bpy.types.Operator):
             return {'CANCELLED'}
         armature = build_armature(context, "HDA_Avatar", layout)
         # The rest body stands on the 3D cursor: its lowest vertex at the cursor's height.
-        lift = -float(body.v_template[:, 1].min())
+        lift = -rig.rest_floor(body.v_template.double().numpy())
         armature.location = context.scene.cursor.location + type(context.scene.cursor.location)((0, 0, lift))
         h = armature.hda
         h.is_avatar = True
@@ -154,13 +156,14 @@ class HDA_OT_load_avatar(ImportHelper, bpy.types.Operator):
     def execute(self, context):
         obj = avatar_of(context.active_object)
         h = obj.hda
-        previous = h.avatar_path
+        previous = h.avatar_path, h.sampled
         h.avatar_path = relative_path(self.filepath, bpy.data.filepath)
+        h.sampled = False  # a loaded person: the identity controls no longer resample it
         try:
             runtime.invalidate(obj)
             runtime.get_avatar(obj)
         except (HDAError, ImportError) as exc:
-            h.avatar_path = previous
+            h.avatar_path, h.sampled = previous
             runtime.invalidate(obj)
             self.report({'ERROR'}, error_text(exc))
             return {'CANCELLED'}

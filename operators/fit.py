@@ -91,6 +91,7 @@ def step(context) -> str:
         fit.line = f"{job.message}; the avatar '{fit.avatar}' is gone, load the file by hand"
         return deps.FAILED
     obj.hda.avatar_path = relative_path(str(job.files.avatar), bpy.data.filepath)
+    obj.hda.sampled = False  # a fitted person: the identity controls no longer resample it
     runtime.invalidate(obj)
     fit.line = f"fitted {fit.subject} onto {obj.name}" + (
         f" (training-view PSNR {job.psnr:.1f} dB)" if job.psnr is not None else "")

@@ -3,9 +3,11 @@
 The seed picks the identity (the same seed always gives the same person, hda_backend.diffusion.sample);
 *Random* draws a new seed first. The identity slider blends towards a second seed: with ``identity_mix``
 > 0 the two seeds' noises are slerped and denoised (sample.interpolate_noise), so every point on the
-slider is a person of its own rather than a cross-fade. The sampled avatar is written beside the saved
-.blend (``hda_avatars/identity_<seed>[_<seed_b>_<mix>].hda.safetensors``, the extension's user folder
-while the file is unsaved) and becomes the avatar's file.
+slider is a person of its own rather than a cross-fade. The sampled avatar is the content-addressed
+file of blender_addon/identity.py (the same model, seeds and mix reuse one file) beside the saved
+.blend (``hda_avatars/``, the extension's user folder while the file is unsaved) and becomes the
+avatar's file. The avatar is then marked ``sampled`` with its model and steps: from then on its
+controls resample live (identity.controls_changed).
 
 The diffusion model: the operator's ``model`` path, else ``$HDA_DIFFUSION_MODEL``, else the model the
 extension bundles (``assets/default/diffusion.safetensors`` in the extension; blender_addon/diffusion_model.py,
@@ -19,31 +21,10 @@ import secrets
 import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 
-from ..blender_addon.api import (ENV_MODEL, avatar_of, avatar_output_dir, error_text, load_model, missing_model_text,
-                                 model_path, poll_active_avatar, relative_path, runtime)
+from ..blender_addon.api import (ENV_MODEL, avatar_of, error_text, identity, missing_model_text, poll_active_avatar,
+                                 relative_path, runtime)
 
 MAX_SEED = 2 ** 31 - 1  # IntProperty's range
-
-
-def identity_file(seed: int, seed_b: int, mix: float) -> str:
-    name = f"identity_{seed}" + (f"_{seed_b}_{mix:.2f}" if mix > 0 and seed_b != seed else "")
-    return os.path.join(avatar_output_dir(), name + ".hda.safetensors")
-
-
-def sample_identity(obj, model, *, steps: int | None = None) -> str:
-    """Sample the identity of ``obj``'s seeds (and slider) with ``model``; returns the avatar file written."""
-    from ..hda_backend.diffusion.sample import interpolate_noise, sample_vectors
-    from ..hda_backend.diffusion.weights import write_avatar
-
-    h = obj.hda
-    mix = float(h.identity_mix) if h.seed_b != h.seed else 0.0
-    if mix > 0:
-        vec = interpolate_noise(model, h.seed, h.seed_b, mix, steps)
-        origin = f"sample:{h.seed}~{h.seed_b}@{mix:.2f} model:{model.path.name}"
-    else:
-        vec = sample_vectors(model, [h.seed], steps)[0]
-        origin = f"sample:{h.seed} model:{model.path.name}"
-    return str(write_avatar(vec, model.spec, model.meta, identity_file(h.seed, h.seed_b, mix), origin=origin))
 
 
 class HDA_OT_sample_identity(bpy.types.Operator):
@@ -67,24 +48,31 @@ class HDA_OT_sample_identity(bpy.types.Operator):
 
     def execute(self, context):
         obj = avatar_of(context.active_object)
-        path = model_path(self.model)
-        if path is None:
-            self.report({'ERROR'}, missing_model_text())
-            return {'CANCELLED'}
         h = obj.hda
-        previous = (h.seed, h.avatar_path)
-        if self.random:
-            h.seed = secrets.randbelow(MAX_SEED + 1)
-        try:
-            written = sample_identity(obj, load_model(path), steps=self.steps or None)
-            h.avatar_path = relative_path(written, bpy.data.filepath)
-            runtime.invalidate(obj)
-            runtime.get_avatar(obj)  # refuse a sample made for another body now, not at render time
-        except Exception as exc:  # noqa: BLE001 - bad models, wrong bodies, a missing backend become a report
-            h.seed, h.avatar_path = previous
-            runtime.invalidate(obj)
-            self.report({'ERROR'}, error_text(exc, unexpected="raise"))
-            return {'CANCELLED'}
+        names = ("seed", "avatar_path", "sampled", "identity_model", "identity_steps")
+        previous = {name: getattr(h, name) for name in names}
+        with identity.quiet():  # this operator samples itself: no live sample of the new seed
+            if self.random:
+                h.seed = secrets.randbelow(MAX_SEED + 1)
+            request = identity.request_for(obj, self.model, self.steps)
+            if request is None:
+                h.seed = previous["seed"]
+                self.report({'ERROR'}, missing_model_text())
+                return {'CANCELLED'}
+            try:
+                written = identity.sample_file(request)
+                h.avatar_path = relative_path(written, bpy.data.filepath)
+                # Recorded for the live controls; no model named stays empty (the default, on any machine).
+                h.sampled, h.identity_steps = True, self.steps
+                h.identity_model = request.model if self.model.strip() else ""
+                runtime.invalidate(obj)
+                runtime.get_avatar(obj)  # refuse a sample made for another body now, not at render time
+            except Exception as exc:  # noqa: BLE001 - bad models, wrong bodies, a missing backend become a report
+                for name, value in previous.items():
+                    setattr(h, name, value)
+                runtime.invalidate(obj)
+                self.report({'ERROR'}, error_text(exc, unexpected="raise"))
+                return {'CANCELLED'}
         self.report({'INFO'}, f"{obj.name}: identity {os.path.basename(written)}")
         return {'FINISHED'}
 

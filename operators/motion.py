@@ -5,7 +5,8 @@ Keys are written in bulk: one new Action, per bone four ``rotation_quaternion`` 
 pelvis' three ``location`` F-curves, each filled by ``keyframe_points.add(n)`` and
 ``keyframe_points.foreach_set("co"/"interpolation", ...)``, never by per-key ``keyframe_insert``.
 Bone values come from rig.bone_rotations_from_pose (the rig's own convention), re-timed and turned
-upright by hda_backend.motion_keys.
+upright by hda_backend.motion_keys; a +Z-up (AMASS) clip's ground lands on the avatar's ground, the
+cursor height Add Avatar stood the rest body on (motion_keys.zup_to_yup with rig.rest_floor).
 
 Frame rate (``fps_mode``): *Resample* (default) keeps the scene's rate and slerps the motion onto
 it, one key per scene frame, so the motion plays at its real speed in any scene; *Scene FPS* sets
@@ -202,7 +203,9 @@ def import_motion(context, obj, path: str, *, fps_mode="RESAMPLE", up_axis="AUTO
         raise HDAError(f"motion {path}: unknown file type '{ext}', expected .npz (SMPL-X/AMASS) or .bvh")
     up = motion_keys.root_up_axis(pose) if up_axis == "AUTO" else up_axis
     if up == "Z":
-        pose, transl = motion_keys.zup_to_yup(pose, transl, layout.rest_joints[0])
+        # The clip's ground (z = 0) onto the avatar's, where Add Avatar stood its rest soles.
+        floor = rig.rest_floor(body.v_template.double().numpy())
+        pose, transl = motion_keys.zup_to_yup(pose, transl, layout.rest_joints[0], floor)
     quats, locations = rig.bone_rotations_from_pose(pose, transl, layout)
     if fps_mode == "SCENE_FPS":
         set_scene_fps(scene, fps)

@@ -238,6 +238,7 @@ def test_session_reset_forgets_every_part(ext):
     session.render.rendering = True
     session.fit.line, session.fit.avatar = "fitted", "HDA_Avatar"
     session.models.loaded["m"] = ((1, 2), None)
+    session.identity.pending["a:1"], session.identity.quiet = "request", 1
     session.registration.sys_paths.append("/deps")
     assert all(repr(p) != fresh[type(p).__name__] for p in session.PARTS)
     session.reset()
@@ -271,3 +272,45 @@ def test_avatars_are_found_from_their_proxy_and_listed_by_name(ext):
     assert [o.name for o in objects.scene_avatars(scene)] == ["A", "B"]
     assert [o.name for o in objects.all_avatars(scene)] == ["A", "B", "C"]
     assert objects.object_key(b) == "B:uB"
+
+
+def test_avatar_files_from_outside_the_project_are_copied_into_it_on_save(ext, tmp_path):
+    paths = ext("blender_addon.paths")
+    blend = tmp_path / "shot" / "scene.blend"
+    (tmp_path / "shot" / "sub").mkdir(parents=True)
+    inside = tmp_path / "shot" / "sub" / "fit.hda.safetensors"
+    inside.write_bytes(b"inside")
+    assert paths.keep_with_blend(str(inside), str(blend)) == str(inside)          # travels with the folder
+    missing = tmp_path / "user" / "gone.hda.safetensors"
+    assert paths.keep_with_blend(str(missing), str(blend)) == str(missing)        # left for its error to show
+    outside = tmp_path / "user" / "identity_3-abc.hda.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(b"person three")
+    copy = paths.keep_with_blend(str(outside), str(blend))
+    assert copy == str(tmp_path / "shot" / "hda_avatars" / outside.name)
+    assert Path(copy).read_bytes() == b"person three"
+    stamp = os.stat(copy).st_mtime_ns
+    assert paths.keep_with_blend(str(outside), str(blend)) == copy and os.stat(copy).st_mtime_ns == stamp  # reused
+    # Another file of the same name (another project's) keeps both: the copy is named by its content.
+    other = tmp_path / "elsewhere" / outside.name
+    other.parent.mkdir()
+    other.write_bytes(b"another person")
+    second = paths.keep_with_blend(str(other), str(blend))
+    import hashlib
+
+    digest = hashlib.sha256(b"another person").hexdigest()[:12]
+    assert second == str(tmp_path / "shot" / "hda_avatars" / f"identity_3-abc-{digest}.hda.safetensors")
+    assert Path(second).read_bytes() == b"another person" and Path(copy).read_bytes() == b"person three"
+    assert sorted(p.name for p in (tmp_path / "shot" / "hda_avatars").iterdir()) == sorted(
+        [outside.name, Path(second).name])  # no temporaries left
+
+
+def test_sampled_identity_files_are_named_by_model_seeds_and_mix(ext):
+    identity = ext("blender_addon.identity")
+    assert identity.normalized(4, 4, 0.7) == (4, 4, 0.0)          # one seed: the mix means nothing
+    assert identity.normalized(4, 9, 0.0) == (4, 4, 0.0)
+    assert identity.normalized(4, 9, 0.50499) == (4, 9, 0.5)      # the slider's step
+    assert identity.normalized(4, 9, 0.996) == (4, 9, 1.0)
+    digest = "0123456789abcdef" * 4
+    assert identity.file_name(digest, 4, 4, 0.0, None) == "identity_4-0123456789ab.hda.safetensors"
+    assert identity.file_name(digest, 4, 9, 0.5, 3) == "identity_4_9_0.50-0123456789ab-s3.hda.safetensors"

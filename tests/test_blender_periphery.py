@@ -8,6 +8,7 @@ on the zip built and installed with Blender's own tools, as in test_blender_exte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -690,18 +691,22 @@ def test_periphery_in_blender_5_0(tmp_path, built_zip, subject, diffusion_model)
     # Out of the box, with no model named anywhere, the extension samples from the model it bundles.
     assert r["identity_default"] == [["FINISHED"], None]
     seed = r["identity_default_seed"]
-    assert Path(r["identity_default_file"]).name == f"identity_{seed}.hda.safetensors"
+    # Content-addressed names (blender_addon/identity.py): seeds, mix, the model file's sha256, steps.
+    default_digest = hashlib.sha256((REPO / "assets" / "default" / "diffusion.safetensors").read_bytes()).hexdigest()
+    assert Path(r["identity_default_file"]).name == f"identity_{seed}-{default_digest[:12]}.hda.safetensors"
     bundled = sample_avatars(load_diffusion(REPO / "assets" / "default" / "diffusion.safetensors"), seed, 1, None,
                              tmp_path / "bundled")[0]
     got, want = load_file(r["identity_default_file"]), load_file(str(bundled))
     assert got.keys() == want.keys() and all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in got)
-    assert r["identity"] == [["FINISHED"], None] and Path(r["identity_file"]).name == "identity_5.hda.safetensors"
+    digest = hashlib.sha256(diffusion_model.read_bytes()).hexdigest()[:12]
+    assert r["identity"] == [["FINISHED"], None]
+    assert Path(r["identity_file"]).name == f"identity_5-{digest}-s3.hda.safetensors"
     assert r["identity_loaded"] == 32
     model = load_diffusion(diffusion_model)
     ref = sample_avatars(model, 5, 1, 3, tmp_path / "ref")[0]
     got, want = load_file(r["identity_file"]), load_file(str(ref))
     assert got.keys() == want.keys() and all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in got)
-    assert Path(r["identity_mix_file"]).name == "identity_5_7_0.50.hda.safetensors"
+    assert Path(r["identity_mix_file"]).name == f"identity_5_7_0.50-{digest}-s3.hda.safetensors"
     vec = state_dict_to_vector(load_file(r["identity_mix_file"]), model.spec)
     assert np.allclose(vec.numpy(), interpolate_noise(model, 5, 7, 0.5, 3).numpy(), atol=1e-6)
     assert r["identity_random"][0] == ["FINISHED"] and r["identity_random_seed"] != 5

@@ -304,13 +304,20 @@ def test_the_moved_blend_rerenders_the_demo_without_the_addon(demo, reopened):
         assert np.abs(farm - got).max() <= 1 / 255
 
 
-def test_the_blend_keeps_relative_paths_motions_and_avatar_state(demo, reopened):
+def _identity_name(seed: int, model: Path) -> str:
+    """Sample Identity's content-addressed file name (blender_addon/identity.py): seed and model digest."""
+    import hashlib
+
+    return f"identity_{seed}-{hashlib.sha256(model.read_bytes()).hexdigest()[:12]}.hda.safetensors"
+
+
+def test_the_blend_keeps_relative_paths_motions_and_avatar_state(demo, reopened, tiny_model):
     summary = demo["json"]
     assert reopened["render"] == [SIZE, SIZE, 100, 1.0, 1.0, summary["fps"], 1, FRAMES]
     avatars = reopened["avatars"]
     assert sorted(a["seed"] for a in avatars.values()) == summary["scene_seeds"]
     for name, a in avatars.items():
-        assert a["avatar_path"] == f"//hda_avatars/identity_{a['seed']}.hda.safetensors" and a["exists"]
+        assert a["avatar_path"] == f"//hda_avatars/{_identity_name(a['seed'], tiny_model)}" and a["exists"]
         assert a["enabled"] and a["gaussians"] > 0
         arm = reopened["armatures"][name]
         # One key per frame on every bone's quaternion (4 x 55) and the pelvis location (3).
@@ -338,7 +345,7 @@ def test_identity_files_are_the_models_samples_for_the_demo_seeds(demo, tiny_mod
     expected = [vector_to_state_dict(v, model.spec) for v in vectors]
     files = {s: [demo["out"] / "identities" / f"sample_{s}.hda.safetensors"] for s in seeds}
     for s in demo["json"]["scene_seeds"]:  # sampled in Blender by hda.sample_identity
-        files[s].append(demo["out"] / "hda_avatars" / f"identity_{s}.hda.safetensors")
+        files[s].append(demo["out"] / "hda_avatars" / _identity_name(s, tiny_model))
     for seed, want in zip(seeds, expected):
         for path in files[seed]:
             _, tensors = read_avatar_file(path)

@@ -362,3 +362,30 @@ def test_uniform_scale_accepts_only_equal_positive_axes():
     assert is_uniform_scale((2.0, 2.0, 2.0)) and is_uniform_scale((1.0, 1.00005, 1.0))
     assert not is_uniform_scale((1.0, 1.01, 1.0)) and not is_uniform_scale((-1.0, -1.0, -1.0))
     assert not is_uniform_scale((0.0, 0.0, 0.0))
+
+
+def test_a_zup_clip_stands_on_the_avatars_ground(body, layout):
+    """An AMASS-style +Z-up clip whose soles touch its ground (z = 0), turned into the body frame with the
+    avatar's floor (rig.rest_floor) and placed as Add Avatar places the armature (origin -floor above the
+    cursor): its lowest vertex is on the cursor's plane, and every vertex is the clip's own, by real LBS."""
+    from hda_backend import motion_keys
+
+    v_rest = body.v_template.double().numpy()
+    floor = rig.rest_floor(v_rest)
+    assert floor == v_rest[:, 1].min() and floor < -1.0  # the rest soles, well below the origin
+    rng = np.random.default_rng(5)
+    pose = rng.normal(0, 0.15, (2, 55, 3))
+    up = rig.axis_angle_to_matrix(np.array([np.pi / 2, 0.0, 0.0]))
+    pose[:, 0] = rig.quaternion_to_axis_angle(rig.matrix_to_quaternion(up @ rig.axis_angle_to_matrix(pose[:, 0])))
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)
+    lowest = pose_body(body, as_t(pose)).vertices[..., 2].double().numpy().min(1)
+    transl = np.array([[0.4, -0.3, 0.0], [0.5, -0.3, 0.25]])
+    transl[:, 2] += -lowest                      # soles on z = 0, then 0.25 m up (a jump)
+    clip = pose_body(body, as_t(pose), transl=as_t(transl)).vertices.double().numpy()
+    new_pose, new_transl = motion_keys.zup_to_yup(pose, transl, layout.rest_joints[0], floor)
+    posed = pose_body(body, as_t(new_pose), transl=as_t(new_transl)).vertices.double().numpy()
+    world = rig.to_blender(posed) + np.array([0.0, 0.0, -floor])  # the armature at z = -floor
+    assert np.abs(world - clip).max() < 1e-4
+    assert np.allclose(world[..., 2].min(1), [0.0, 0.25], atol=1e-4)
+    with pytest.raises(HDAError, match="rest vertices"):
+        rig.rest_floor(np.zeros((0, 3)))
