@@ -33,7 +33,8 @@ DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Bl
 ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
 
 # ------------------------------------------------------------------------------------------ avatars
-def _abspath(path: str) -> str:
+def abspath(path: str) -> str:
+    """An avatar or body path as stored ('//'-relative, '~') made absolute; '' stays ''."""
     import bpy
 
     return os.path.abspath(os.path.expanduser(bpy.path.abspath(path))) if path else ""
@@ -43,13 +44,13 @@ def body_file(obj) -> str | None:
     """The body file this avatar uses (absolute), or None for $HDA_SMPLX_PATH / the bundled body."""
     from .preferences import body_path as prefs_body_path
 
-    return _abspath(obj.hda.body_path.strip()) or prefs_body_path()
+    return abspath(obj.hda.body_path.strip()) or prefs_body_path()
 
 
 def signature(obj) -> tuple:
     """What the avatar's UNet is built from; a change means a new avatar."""
     h = obj.hda
-    path = _abspath(h.avatar_path.strip())
+    path = abspath(h.avatar_path.strip())
     stamp = None
     if path:
         try:
@@ -127,7 +128,7 @@ def get_avatar(obj):
     caches.drop(key)
     device = _device(obj.hda.device)
     body = get_body(body_file(obj))
-    path = _abspath(obj.hda.avatar_path.strip())
+    path = abspath(obj.hda.avatar_path.strip())
     avatar = load_avatar(path, body) if path else _seed_avatar(obj, body)
     avatar = avatar.to(device).eval()
     # NHWC kernels: about 35% faster convolutions on the CPU (oneDNN), same values to 1e-9.

@@ -238,6 +238,7 @@ def test_session_reset_forgets_every_part(ext):
     session.render.rendering = True
     session.fit.line, session.fit.avatar = "fitted", "HDA_Avatar"
     session.models.loaded["m"] = ((1, 2), None)
+    session.farm.checked, session.farm.lines = True, ["HDA_Avatar: frame 1: no layer file: bake it"]
     session.registration.sys_paths.append("/deps")
     assert all(repr(p) != fresh[type(p).__name__] for p in session.PARTS)
     session.reset()
