@@ -19,9 +19,9 @@ import bpy
 from ..hda_backend import bake_key
 from ..hda_backend.errors import HDAError
 from ..hda_backend.exr import read_strings
-from . import bake_inputs, compositor, layers, runtime
+from . import bake_inputs, compositor, layers, runtime, session
 from .messages import error_text
-from .objects import duplicate_uids, scene_avatars
+from .objects import duplicate_uids, object_key, scene_avatars
 
 
 def _compositor_problem(obj, scene) -> str | None:
@@ -61,7 +61,9 @@ def check_scene(scene, load_avatars: bool = True) -> list[str]:
             if load_avatars:
                 runtime.get_avatar(obj)
         except (HDAError, ImportError) as exc:
-            lines.append(f"{obj.name}: {error_text(exc)}")
+            message = error_text(exc)
+            session.caches.errors[object_key(obj)] = message  # the sidebar's status line shows it too
+            lines.append(f"{obj.name}: {message}")
     reasons = {name: {} for name in identities}
     frames = range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step))
     current = scene.frame_current
