@@ -34,8 +34,10 @@ from .objects import ensure_unique_uids, scene_avatars
 from .paths import relative_path
 
 
-def _report(scene, failures, rendering: bool) -> None:
-    """Print each failure; in a background render, exit with the first (the render failed)."""
+def _report(scene, failures, rendering: bool, notes=()) -> None:
+    """Print each note and failure; in a background render, exit with the first failure (the render failed)."""
+    for line in notes:
+        print(f"HDA Avatars: frame {scene.frame_current}: {line}", file=sys.stderr, flush=True)
     lines = [f"HDA Avatars: frame {scene.frame_current}: {line}" for line in failures]
     for line in lines:
         print(line, file=sys.stderr, flush=True)
@@ -65,7 +67,11 @@ def on_frame_change(scene, depsgraph=None):
     rendering = session.render.rendering
     if not rendering and (bpy.app.background or _playing()):
         return
-    _guarded(scene, lambda: _report(scene, layers.update_scene(scene, depsgraph), rendering), rendering)
+    def update():
+        failures, notes = layers.update_scene(scene, depsgraph)
+        _report(scene, failures, rendering, notes)
+
+    _guarded(scene, update, rendering)
 
 
 @persistent

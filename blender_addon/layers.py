@@ -22,7 +22,8 @@ import bpy
 import numpy as np
 
 from ..hda_backend import bake_key
-from ..hda_backend.exr import layer_channels, write_exr
+from ..hda_backend.errors import HDAError
+from ..hda_backend.exr import layer_channels, read_strings, write_exr
 from . import bake_inputs, runtime, session
 from .messages import error_text
 from .objects import object_key, scene_avatars
@@ -106,22 +107,40 @@ def write_frame(obj, scene, depsgraph, frame: int) -> str:
     return str(write_exr(frame_path(obj, frame), layer_channels(rgba, depth), {bake_key.ATTRIBUTE: key}))
 
 
-def update_scene(scene, depsgraph, frame: int | None = None) -> list[str]:
+def baked_is_current(obj, scene, depsgraph, frame: int) -> bool:
+    """Whether the avatar's layer file of ``frame`` exists and its bake key matches the avatar as
+    evaluated in ``depsgraph`` (so it can stand in when the backend cannot render: a farm with the
+    add-on but without torch or CUDA)."""
+    w, h = render_size(scene)
+    try:
+        stored = read_strings(frame_path(obj, frame)).get(bake_key.ATTRIBUTE)
+        camera = depsgraph.scene_eval.camera or scene.camera
+        inputs = bake_inputs.frame_inputs(obj, depsgraph, camera, w, h)
+        return bake_key.stale_reason(stored, bake_inputs.identity(obj, w, h), inputs) is None
+    except HDAError:
+        return False
+
+
+def update_scene(scene, depsgraph, frame: int | None = None) -> tuple[list[str], list[str]]:
     """Write this frame's layer of every enabled avatar of ``scene`` and make the compositor re-read
-    it. An avatar that fails (a bad avatar file, no camera, no backend) gets no layer file for this
+    it. Returns (failures, notes), one line each. An avatar that fails (a bad avatar file, no camera,
+    no backend) keeps a baked layer that is still current (a note), else gets no layer file for this
     frame (the compositor paints it as missing) and its error is kept in session.caches.errors and
     returned (the caller reports it: handlers fail the render, operators report)."""
     frame = scene.frame_current if frame is None else frame
-    failures = []
+    failures, notes = [], []
     for obj in scene_avatars(scene):
         try:
             write_frame(obj, scene, depsgraph, frame)
         except Exception as exc:  # noqa: BLE001 - one avatar failing must not stop the render
             message = error_text(exc)
             session.caches.errors[object_key(obj)] = message
-            failures.append(f"{obj.name}: {message}")
-            remove_frame(obj, frame)
+            if baked_is_current(obj, scene, depsgraph, frame):
+                notes.append(f"{obj.name}: {message}; its baked layer is current and is used")
+            else:
+                failures.append(f"{obj.name}: {message}")
+                remove_frame(obj, frame)
         image = bpy.data.images.get(image_name(obj))
         if image is not None:
             image.reload()  # the sequence may hold an older version of this frame
-    return failures
+    return failures, notes

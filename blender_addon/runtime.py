@@ -12,8 +12,12 @@ Everything here runs on the main thread, synchronously: handlers call it while B
 
 Images are what Blender's compositor expects: linear (scene-referred) RGB premultiplied by alpha,
 rows top to bottom. The avatar's own colours are display (sRGB-encoded) values, the space its
-training images were in, so they are linearised here; Blender's view transform (Standard) turns
-them back into the colours the backend renders.
+training images were in: the capture studio renders under the Standard view transform, so
+linearising them (the sRGB curve) gives back the scene-linear radiance the capture saw. The layer
+is that radiance, and Blender's view transform maps it exactly as it maps the rest of the scene:
+under Standard the person shows the backend's own colours, under AgX (Blender's default) it is
+toned like a surface of the same radiance, i.e. darker and less saturated than the backend's
+render, as every other object is (tests/test_blender_farm.py measures both).
 """
 
 from __future__ import annotations

@@ -242,8 +242,14 @@ def phase_render():
     handlers.on_render_init(scene)  # EEVEE does not render headless here; its compositor set-up must work
     report["eevee_nodes"] = sorted(n.name for n in tree.nodes if n.name.startswith("HDA "))
 
-    # AgX: the person next to an emission plane whose radiance is one of the person's pixels.
+    # The backend cannot render (here: a CUDA device without CUDA) while the baked layer is current:
+    # the baked layer is used, with a note, and the render goes on.
     scene.render.engine = 'CYCLES'
+    arm.hda.device = 'cuda'
+    report["fallback_pixels"] = avatar_visible(scene, arm, "fallback")
+    arm.hda.device = 'cpu'
+
+    # AgX: the person next to an emission plane whose radiance is one of the person's pixels.
     scene.render.dither_intensity = 0.0
     scene.world.color = (0.0, 0.0, 0.0)
     if scene.world.use_nodes:

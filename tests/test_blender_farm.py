@@ -168,6 +168,13 @@ def test_handlers_survive_workbench_and_an_engine_without_depth(render_run):
     assert "HDA Front HDA_Avatar" in r["eevee_nodes"]
 
 
+def test_a_current_baked_layer_stands_in_when_the_backend_cannot_render(render_run):
+    r, _, stderr, _ = render_run
+    assert r["fallback_pixels"] > 100
+    assert ("HDA Avatars: frame 1: HDA_Avatar: avatar device 'cuda': this torch has no CUDA device, expected device "
+            "'cpu'; its baked layer is current and is used") in stderr
+
+
 def test_the_person_is_scene_linear_radiance_under_agx(render_run):
     """The layer holds scene-linear radiance: under AgX the person's pixel is what Blender shows for an
     emission surface of the same linear radiance; under Standard it is that radiance sRGB-encoded
