@@ -30,7 +30,7 @@ from bpy.app.handlers import persistent
 
 from . import compositor, layers, runtime, session
 from .messages import error_text
-from .objects import ensure_unique_uids, scene_avatars
+from .objects import scene_avatars
 from .paths import relative_path
 
 
@@ -105,7 +105,6 @@ def on_save_pre(filepath="", *_):
 
 
 def _store_paths(target: str) -> None:
-    ensure_unique_uids(bpy.data.objects)  # a duplicate saved now gets its own layer folder
     for obj in bpy.data.objects:
         if obj.type != 'ARMATURE' or not obj.hda.is_avatar:
             continue
@@ -117,7 +116,7 @@ def _store_paths(target: str) -> None:
             if relative != value:
                 setattr(obj.hda, prop, relative)
     for scene in bpy.data.scenes:
-        compositor.retarget(scene, target)
+        compositor.retarget(scene, target)  # also gives a duplicate saved now its own uid and layer folder
 
 
 HANDLERS = (

@@ -113,7 +113,9 @@ def test_a_duplicated_avatar_gets_its_own_layers(farm_root):
 
 
 def test_check_blend_reports_stale_files_with_a_failing_exit_status(farm_root):
-    _, root, _ = farm_root
+    python, root, _ = farm_root
+    if python != BPY50_PYTHON:
+        pytest.skip("hda check-blend runs this environment's bpy 5.0; on 4.2 the Check for Farm operator is tested above")
     ready = _check_blend(root / "scene" / "A.blend")
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert "ready for the farm: scene 'Scene', 1 avatar(s), frames 1-3" in ready.stdout
