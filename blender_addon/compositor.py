@@ -198,7 +198,8 @@ def sync(scene) -> None:
         missing = _math(tree, f"{PREFIX}Missing {obj.name}", 'LESS_THAN', (x + 400 * i + 200, y + 650))
         tree.links.new(node.outputs['Depth'], missing.inputs[0])
         missing.inputs[1].default_value = MISSING_DEPTH
-        flag, background, foreground, factor = _alpha_over(tree, f"{PREFIX}Flag {obj.name}", (x + 400 * i + 350, y + 650))
+        flag, background, foreground, factor = _alpha_over(tree, f"{PREFIX}Flag {obj.name}",
+                                                           (x + 400 * i + 350, y + 650))
         tree.links.new(over.outputs[0], background)
         foreground.default_value = MISSING_COLOUR
         tree.links.new(missing.outputs[0], factor)

@@ -38,12 +38,13 @@ def add_parser(sub) -> None:
 
 def child_command(blender: str | None) -> list[str]:
     """The interpreter that runs the check: a Blender binary in background mode, or this Python with bpy."""
-    chosen = blender or (None if importlib.util.find_spec("bpy") else os.environ.get(ENV_BLENDER) or shutil.which("blender"))
+    has_bpy = importlib.util.find_spec("bpy") is not None
+    chosen = blender or (None if has_bpy else os.environ.get(ENV_BLENDER) or shutil.which("blender"))
     if chosen:
         if not shutil.which(chosen) and not os.access(chosen, os.X_OK):
             raise HDAError(f"--blender {chosen}: not an executable, expected a Blender binary")
         return [chosen, "-b", "--factory-startup", "--python", str(CHILD), "--"]
-    if importlib.util.find_spec("bpy") is None:
+    if not has_bpy:
         raise HDAError(f"no Blender found: pass --blender PATH, set ${ENV_BLENDER}, or install the bpy module")
     return [sys.executable, str(CHILD)]
 

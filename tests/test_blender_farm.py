@@ -115,7 +115,7 @@ def test_a_duplicated_avatar_gets_its_own_layers(farm_root):
 def test_check_blend_reports_stale_files_with_a_failing_exit_status(farm_root):
     python, root, _ = farm_root
     if python != BPY50_PYTHON:
-        pytest.skip("hda check-blend runs this environment's bpy 5.0; on 4.2 the Check for Farm operator is tested above")
+        pytest.skip("hda check-blend runs this environment's bpy 5.0; on 4.2 the Check for Farm operator is tested")
     ready = _check_blend(root / "scene" / "A.blend")
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert "ready for the farm: scene 'Scene', 1 avatar(s), frames 1-3" in ready.stdout
@@ -140,6 +140,19 @@ def test_a_farm_without_the_addon_paints_a_missing_layer_magenta(farm_root, tmp_
     assert np.abs(farm["farm_2"][..., :3] - magenta).max() < 1e-6        # every pixel: no layer for frame 2
     for frame in (1, 3):                                                 # the baked frames are the person
         assert (np.abs(farm[f"farm_{frame}"][..., :3] - magenta).max(-1) < 1e-3).sum() == 0
+
+
+def test_check_blend_bad_input_is_one_line(tmp_path, capsys):
+    from hda_backend.cli import main
+
+    (tmp_path / "x.blend").write_bytes(b"BLENDER")
+    assert main(["check-blend", str(tmp_path / "x.blend"), "--blender", str(tmp_path / "no-blender")]) == 2
+    assert capsys.readouterr().err.strip() == (f"hda: error: --blender {tmp_path / 'no-blender'}: not an executable, "
+                                               "expected a Blender binary")
+    (tmp_path / "garbage.blend").write_bytes(b"not a blend file")
+    assert main(["check-blend", str(tmp_path / "garbage.blend")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hda: error: {tmp_path / 'garbage.blend'}: ") and len(err.splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
