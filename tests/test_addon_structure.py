@@ -272,3 +272,22 @@ def test_avatars_are_found_from_their_proxy_and_listed_by_name(ext):
     assert [o.name for o in objects.scene_avatars(scene)] == ["A", "B"]
     assert [o.name for o in objects.all_avatars(scene)] == ["A", "B", "C"]
     assert objects.object_key(b) == "B:uB"
+
+
+def test_duplicated_avatars_get_their_own_uid_and_the_original_keeps_its(ext):
+    objects = ext("blender_addon.objects")
+
+    def obj(name, uid, kind="ARMATURE", avatar=True):
+        return SimpleNamespace(name=name, type=kind, hda=SimpleNamespace(is_avatar=avatar, uid=uid))
+
+    original, copy, copy2 = obj("HDA_Avatar", "u1"), obj("HDA_Avatar.001", "u1"), obj("HDA_Avatar.002", "u1")
+    other = obj("Other", "u2")
+    blank, rig = obj("Blank", ""), obj("Rig", "u1", avatar=False)
+    found = objects.duplicate_uids([copy2, other, copy, original, rig, blank])
+    assert [(c.name, o.name) for c, o in found] == [("HDA_Avatar.001", "HDA_Avatar"), ("HDA_Avatar.002", "HDA_Avatar")]
+    changed = objects.ensure_unique_uids([copy2, other, copy, original, rig, blank])
+    assert sorted(o.name for o in changed) == ["Blank", "HDA_Avatar.001", "HDA_Avatar.002"]
+    uids = [o.hda.uid for o in (original, copy, copy2, other, blank)]
+    assert uids[0] == "u1" and uids[3] == "u2" and rig.hda.uid == "u1" and len(set(uids)) == 5
+    assert all(len(u) == 12 and int(u, 16) >= 0 for u in uids[1:3] + uids[4:])
+    assert objects.ensure_unique_uids([copy2, other, copy, original, rig, blank]) == []
