@@ -6,12 +6,25 @@ For each enabled avatar (in name order) the chain
     image = Alpha Over(image so far, avatar, factor=front)   (premultiplied avatar over the render)
     depth = min(depth so far, avatar depth)          (Math: Minimum, for the next avatar)
 
+    missing = avatar depth < MISSING_DEPTH           (Math: Less Than)
+    image = Alpha Over(image, magenta, factor=missing)
+
 starts from the render (the image the user's tree sent to the output, else Render Layers' Image)
 and the Render Layers' Depth pass, and ends at the compositor's output. Per pixel that is a depth
 test with the avatar's own coverage as alpha: scene geometry nearer than the avatar hides it, and
 where the avatar is nearer it is laid over with its soft edges (Z Combine mixes with straight
 alpha, which would darken a premultiplied layer's edges). Only nodes named ``HDA ...`` are ours;
 syncing rebuilds them and leaves the user's nodes alone.
+
+A layer file that is missing reads as all zeros in Blender's Image node (measured on bpy 5.0: the
+render goes on and reports FINISHED), which would silently render the frame without the person.
+A real layer has depth > 0 everywhere (the avatar's camera depth, or 1e10 where it is absent), so
+depth 0 means "no layer" (a missing file, or the placeholder of layers.write_placeholder): those
+pixels turn magenta, Blender's own colour for missing data, so a farm render without its baked
+layers cannot pass for a correct frame. With the add-on, the handlers fail such a render outright.
+
+An engine whose render layer has no Depth output (or a disabled one) gets the avatar laid over the
+render without the depth test (nothing can hide it), never an error.
 
 The tree is plain data in the .blend, so ``blender -b file.blend -a`` on a machine without this
 add-on composites the layer files (layers.py) exactly as an interactive render does. Blender 4.x
@@ -24,10 +37,12 @@ import os
 import bpy
 
 from . import layers
-from .objects import scene_avatars
+from .objects import ensure_unique_uids, scene_avatars
 
 PREFIX = "HDA "
 NEW_API = bpy.app.version >= (5, 0, 0)
+MISSING_DEPTH = 1e-6                  # a layer's depth below this: no layer file for the frame
+MISSING_COLOUR = (1.0, 0.0, 1.0, 1.0)
 
 
 def _tree(scene):
@@ -101,7 +116,7 @@ def layer_image(obj, scene, blend_path=None):
     being saved, when the image must point next to it before the save makes '//' resolve there."""
     first = layers.frame_path(obj, scene.frame_start, blend_path)
     if not os.path.isfile(first):
-        layers.write_empty(obj, scene, scene.frame_start, blend_path)
+        layers.write_placeholder(obj, scene, scene.frame_start, blend_path)
     name = layers.image_name(obj)
     image = bpy.data.images.get(name)
     if image is None:
@@ -125,12 +140,14 @@ def retarget(scene, blend_path: str) -> None:
     """Point the avatars' layer images next to where the .blend is being saved (save_pre). Nodes
     stay as they are: until the save completes the new '//' path does not resolve, and a node
     rebuilt now would not see its image's passes."""
+    ensure_unique_uids(bpy.data.objects)
     for obj in scene_avatars(scene):
         layer_image(obj, scene, blend_path)
 
 
 def sync(scene) -> None:
     """Make the scene's compositor merge every enabled avatar's layer (and only those) over the render."""
+    ensure_unique_uids(bpy.data.objects)  # a Shift+D copy gets its own layer files before anything is written
     avatars = scene_avatars(scene)
     tree = scene.compositing_node_group if NEW_API else (scene.node_tree if scene.use_nodes else None)
     if not avatars and (tree is None or not any(n.name.startswith(PREFIX) for n in tree.nodes)):
@@ -149,7 +166,9 @@ def sync(scene) -> None:
     for node in [n for n in tree.nodes if n.name.startswith(PREFIX) and n.name != render_layers.name]:
         tree.nodes.remove(node)
     image = next(s for s in tree.nodes[upstream_node].outputs if s.identifier == upstream_socket)
-    depth = render_layers.outputs['Depth']
+    depth = render_layers.outputs.get('Depth')
+    if depth is not None and not depth.enabled:
+        depth = None
     x, y = render_layers.location.x + 300, render_layers.location.y - 300
     for i, obj in enumerate(avatars):
         node = tree.nodes.new('CompositorNodeImage')
@@ -162,17 +181,29 @@ def sync(scene) -> None:
         node.frame_duration = max(1, scene.frame_end - scene.frame_start + 1)
         node.use_auto_refresh = True
         node.location = (x + 400 * i, y)
-        front = _math(tree, f"{PREFIX}Front {obj.name}", 'LESS_THAN', (x + 400 * i + 200, y + 150))
-        tree.links.new(node.outputs['Depth'], front.inputs[0])
-        tree.links.new(depth, front.inputs[1])
         over, background, foreground, factor = _alpha_over(tree, f"{PREFIX}Over {obj.name}", (x + 400 * i + 200, y + 400))
         tree.links.new(image, background)
         tree.links.new(node.outputs['Combined'], foreground)
-        tree.links.new(front.outputs[0], factor)
-        nearest = _math(tree, f"{PREFIX}Depth {obj.name}", 'MINIMUM', (x + 400 * i + 200, y - 50))
-        tree.links.new(node.outputs['Depth'], nearest.inputs[0])
-        tree.links.new(depth, nearest.inputs[1])
-        image, depth = over.outputs[0], nearest.outputs[0]
+        if depth is not None:
+            front = _math(tree, f"{PREFIX}Front {obj.name}", 'LESS_THAN', (x + 400 * i + 200, y + 150))
+            tree.links.new(node.outputs['Depth'], front.inputs[0])
+            tree.links.new(depth, front.inputs[1])
+            tree.links.new(front.outputs[0], factor)
+            nearest = _math(tree, f"{PREFIX}Depth {obj.name}", 'MINIMUM', (x + 400 * i + 200, y - 50))
+            tree.links.new(node.outputs['Depth'], nearest.inputs[0])
+            tree.links.new(depth, nearest.inputs[1])
+            depth = nearest.outputs[0]
+        else:
+            factor.default_value = 1.0
+        missing = _math(tree, f"{PREFIX}Missing {obj.name}", 'LESS_THAN', (x + 400 * i + 200, y + 650))
+        tree.links.new(node.outputs['Depth'], missing.inputs[0])
+        missing.inputs[1].default_value = MISSING_DEPTH
+        flag, background, foreground, factor = _alpha_over(tree, f"{PREFIX}Flag {obj.name}",
+                                                           (x + 400 * i + 350, y + 650))
+        tree.links.new(over.outputs[0], background)
+        foreground.default_value = MISSING_COLOUR
+        tree.links.new(missing.outputs[0], factor)
+        image = flag.outputs[0]
     tree.links.new(image, output.inputs[0])
     if render_layers.name.startswith(PREFIX) and not render_layers.outputs['Image'].links and not avatars:
         tree.nodes.remove(render_layers)

@@ -14,6 +14,13 @@ background scripts, where nobody looks at the compositor and a frame costs a ful
 
 All handlers are ``@persistent`` (they survive File > Open) and synchronous: timers do not run in
 ``blender -b``. :func:`unregister` removes exactly the functions :func:`register` added.
+
+No handler lets an exception escape into Blender, whatever the engine (Workbench, EEVEE, Cycles):
+a failure becomes one line on stderr and in the sidebar (session.caches.errors). A failure that
+would leave the person out of a render (a bad avatar file, no backend, no camera) fails that
+render: in ``blender -b`` the process exits with status 1 and the line (Blender offers Python no
+other way to abort a render; the compositor cannot fail one), and in the interface the frame
+shows magenta where the missing layer is (compositor.py) while the sidebar shows the error.
 """
 
 import sys
@@ -22,13 +29,30 @@ import bpy
 from bpy.app.handlers import persistent
 
 from . import compositor, layers, runtime, session
+from .messages import error_text
 from .objects import scene_avatars
 from .paths import keep_with_blend, relative_path
 
 
-def _report(scene, failures) -> None:
-    for line in failures:
-        print(f"HDA Avatars: frame {scene.frame_current}: {line}", file=sys.stderr)
+def _report(scene, failures, rendering: bool, notes=()) -> None:
+    """Print each note and failure; in a background render, exit with the first failure (the render failed)."""
+    for line in notes:
+        print(f"HDA Avatars: frame {scene.frame_current}: {line}", file=sys.stderr, flush=True)
+    lines = [f"HDA Avatars: frame {scene.frame_current}: {line}" for line in failures]
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    if lines and rendering and bpy.app.background:
+        raise SystemExit(lines[0] + " (render failed)")
+
+
+def _guarded(scene, step, rendering: bool) -> None:
+    """Run ``step()``; an unexpected error is reported like a failed avatar, never raised into Blender."""
+    try:
+        step()
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a handler must survive anything
+        _report(scene, [error_text(exc)], rendering)
 
 
 def _playing() -> bool:
@@ -40,14 +64,20 @@ def _playing() -> bool:
 def on_frame_change(scene, depsgraph=None):
     if not scene_avatars(scene) or depsgraph is None:
         return
-    if not session.render.rendering and (bpy.app.background or _playing()):
+    rendering = session.render.rendering
+    if not rendering and (bpy.app.background or _playing()):
         return
-    _report(scene, layers.update_scene(scene, depsgraph))
+    def update():
+        failures, notes = layers.update_scene(scene, depsgraph)
+        _report(scene, failures, rendering, notes)
+
+    _guarded(scene, update, rendering)
 
 
 @persistent
 def on_render_init(scene, *_):
-    compositor.sync(scene)  # also drops the layers of avatars disabled since the last sync
+    # Also drops the layers of avatars disabled since the last sync.
+    _guarded(scene, lambda: compositor.sync(scene), True)
 
 
 @persistent
@@ -79,8 +109,11 @@ def on_save_pre(filepath="", *_):
     store avatar, body and model paths '//'-relative to where the file is being saved, and point the
     layer images there too, so the saved folder renders on another machine."""
     target = filepath if isinstance(filepath, str) and filepath else bpy.data.filepath
-    if not target:
-        return
+    if target:
+        _guarded(bpy.context.scene, lambda: _store_paths(target), False)
+
+
+def _store_paths(target: str) -> None:
     for obj in bpy.data.objects:
         if obj.type != 'ARMATURE' or not obj.hda.is_avatar:
             continue
@@ -95,7 +128,7 @@ def on_save_pre(filepath="", *_):
             if relative != value:
                 setattr(obj.hda, prop, relative)
     for scene in bpy.data.scenes:
-        compositor.retarget(scene, target)
+        compositor.retarget(scene, target)  # also gives a duplicate saved now its own uid and layer folder
 
 
 HANDLERS = (

@@ -12,8 +12,12 @@ Everything here runs on the main thread, synchronously: handlers call it while B
 
 Images are what Blender's compositor expects: linear (scene-referred) RGB premultiplied by alpha,
 rows top to bottom. The avatar's own colours are display (sRGB-encoded) values, the space its
-training images were in, so they are linearised here; Blender's view transform (Standard) turns
-them back into the colours the backend renders.
+training images were in: the capture studio renders under the Standard view transform, so
+linearising them (the sRGB curve) gives back the scene-linear radiance the capture saw. The layer
+is that radiance, and Blender's view transform maps it exactly as it maps the rest of the scene:
+under Standard the person shows the backend's own colours, under AgX (Blender's default) it is
+toned like a surface of the same radiance, i.e. darker and less saturated than the backend's
+render, as every other object is (tests/test_blender_farm.py measures both).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Bl
 ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
 
 # ------------------------------------------------------------------------------------------ avatars
-def _abspath(path: str) -> str:
+def abspath(path: str) -> str:
+    """An avatar or body path as stored ('//'-relative, '~') made absolute; '' stays ''."""
     import bpy
 
     return os.path.abspath(os.path.expanduser(bpy.path.abspath(path))) if path else ""
@@ -43,13 +48,13 @@ def body_file(obj) -> str | None:
     """The body file this avatar uses (absolute), or None for $HDA_SMPLX_PATH / the bundled body."""
     from .preferences import body_path as prefs_body_path
 
-    return _abspath(obj.hda.body_path.strip()) or prefs_body_path()
+    return abspath(obj.hda.body_path.strip()) or prefs_body_path()
 
 
 def signature(obj) -> tuple:
     """What the avatar's UNet is built from; a change means a new avatar."""
     h = obj.hda
-    path = _abspath(h.avatar_path.strip())
+    path = abspath(h.avatar_path.strip())
     stamp = None
     if path:
         try:
@@ -127,7 +132,7 @@ def get_avatar(obj):
     caches.drop(key)
     device = _device(obj.hda.device)
     body = get_body(body_file(obj))
-    path = _abspath(obj.hda.avatar_path.strip())
+    path = abspath(obj.hda.avatar_path.strip())
     avatar = load_avatar(path, body) if path else _seed_avatar(obj, body)
     avatar = avatar.to(device).eval()
     # NHWC kernels: about 35% faster convolutions on the CPU (oneDNN), same values to 1e-9.

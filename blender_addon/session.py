@@ -13,6 +13,7 @@ never saved into a .blend or userpref.blend.
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
 - :data:`models`: loaded diffusion models and their file digests (Sample Identity; diffusion_model.py).
 - :data:`identity`: live identity samples running on worker threads, and the requests waiting (identity.py).
+- :data:`farm`: the last *Check for Farm* result (farm.py), for the sidebar.
 - :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
 
 Running child processes (checks, installs, fits) must be stopped by the caller before :func:`reset`.
@@ -52,6 +53,7 @@ class Caches(_Part):
     errors: dict = field(default_factory=dict)       # object key -> last error line, for the sidebar
     timings: dict = field(default_factory=dict)      # object key -> {stage: ms} of the last frame rendered
     stats: dict = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    file_hashes: dict = field(default_factory=dict)  # avatar file path -> ((mtime_ns, size), sha256), bake keys
 
     def add_frame(self, key, rgba, depth, budget: int) -> None:
         """Keep a rendered frame; drop the least recently used ones beyond ``budget`` bytes (one stays)."""
@@ -122,6 +124,13 @@ class Identity(_Part):
 
 
 @dataclass
+class Farm(_Part):
+    checked: bool = False
+    lines: list = field(default_factory=list)        # the last check's problems, one line each
+    line: str = ""                                   # its summary, for the sidebar
+
+
+@dataclass
 class Registration(_Part):
     classes: list = field(default_factory=list)      # registered bpy classes, in order
     sys_paths: list = field(default_factory=list)    # sys.path entries the add-on appended
@@ -134,9 +143,10 @@ render = Render()
 fit = Fit()
 models = Models()
 identity = Identity()
+farm = Farm()
 registration = Registration()
 
-PARTS = (backend, caches, viewport, render, fit, models, identity, registration)
+PARTS = (backend, caches, viewport, render, fit, models, identity, farm, registration)
 
 
 def reset() -> None:

@@ -3,8 +3,9 @@
 Avatars in the scene (click one to make it active) and the active avatar's state; identity (seed,
 Random, Sample, the slider towards a second seed; once sampled they resample live, identity.py); load
 an avatar file; fit to a capture subject (progress bar with PSNR, Cancel); import motion; export .ply;
-bake the compositing layer; backend status (device, torch version, per-frame milliseconds, the last
-error) and a link to the preferences. The same operators are in Blender's menus too (menus.py).
+bake the compositing layer and check it for the farm (the last check's summary); backend status
+(device, torch version, per-frame milliseconds, the last error) and a link to the preferences. The
+same operators are in Blender's menus too (menus.py).
 
 ``draw()`` only reads: properties and the session (session.py: job states, errors, timings already
 measured). It never
@@ -164,6 +165,9 @@ class HDA_PT_main(bpy.types.Panel):
         box.operator("hda.import_motion", icon='IMPORT')
         box.operator("hda.export_ply", icon='EXPORT')
         box.operator("hda.bake_layer", icon='RENDER_ANIMATION')
+        box.operator("hda.check_farm", icon='CHECKMARK')
+        if session.farm.checked:
+            box.label(text=session.farm.line, icon='ERROR' if session.farm.lines else 'CHECKMARK')
 
     def _backend(self, layout, context, obj):
         box = layout.box()

@@ -24,6 +24,8 @@ from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
 from .diffusion.cli import add_bench_parser as add_diffusion_bench_parser  # noqa: E402
 from .diffusion.cli import add_parsers as add_diffusion_parsers  # noqa: E402
 from .studio.cli import add_parsers as add_studio_parsers  # noqa: E402
+from .check_blend import FARM_COMMANDS  # noqa: E402
+from .check_blend import add_parser as add_check_blend_parser  # noqa: E402
 
 MAX_SIZE = 8192
 
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_studio_parsers(sub)
     add_diffusion_parsers(sub)
+    add_check_blend_parser(sub)
 
     p = sub.add_parser("build-default", help="build the bundled default model from nothing: studio, fit-all, "
                                              "diffusion, float16 bundle, eval-gen, model card (resumable)")
@@ -302,14 +305,14 @@ def cmd_bench(args) -> None:
     print_bench_raster(bench_raster(counts=counts, sizes=sizes, backend=args.backend))
 
 
-COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, "build-default": cmd_build_default, **STUDIO_COMMANDS, **DIFFUSION_COMMANDS}
+COMMANDS = {"render": cmd_render, "fit": cmd_fit, "eval-fit": cmd_eval_fit, "fit-all": cmd_fit_all, "info": cmd_info, "eval-gen": cmd_eval_gen, "export-ply": cmd_export_ply, "bench": cmd_bench, "build-default": cmd_build_default, **STUDIO_COMMANDS, **DIFFUSION_COMMANDS, **FARM_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
-        return 0
+        status = COMMANDS[args.command](args)
+        return status if type(status) is int else 0  # check-blend returns 1 when the file is not ready
     except HDAError as exc:
         print(f"hda: error: {exc}", file=sys.stderr)
         return 2

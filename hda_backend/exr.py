@@ -52,9 +52,10 @@ def _zip_chunk(raw: bytes) -> bytes:
     return packed if len(packed) < len(raw) else raw
 
 
-def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
+def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None = None) -> bytes:
     """EXR file bytes of channels {name: [H,W] array, row 0 at the top}; float16 arrays are stored
-    as HALF, anything else as FLOAT (32-bit)."""
+    as HALF, anything else as FLOAT (32-bit). ``strings``: extra header attributes of type string
+    (ASCII; e.g. the layer's bake key), read back by :func:`read_strings`."""
     if not channels:
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
@@ -80,6 +81,7 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
         _attribute("pixelAspectRatio", "float", struct.pack("<f", 1.0)),
         _attribute("screenWindowCenter", "v2f", struct.pack("<ff", 0.0, 0.0)),
         _attribute("screenWindowWidth", "float", struct.pack("<f", 1.0)),
+        *(_attribute(name, "string", value.encode("ascii")) for name, value in sorted((strings or {}).items())),
     ]) + b"\0"
     version = 2 | (0x400 if max(len(n) for n in names) > 31 else 0)  # long-names flag
     prefix = struct.pack("<ii", MAGIC, version) + header
@@ -98,9 +100,50 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
     return prefix + bytes(table) + b"".join(chunks)
 
 
-def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray]) -> Path:
+def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], strings: dict[str, str] | None = None) -> Path:
     """Write an EXR atomically (temporary file + rename): a reader never sees half a frame."""
-    return write_bytes(path, encode_exr(channels))
+    return write_bytes(path, encode_exr(channels, strings))
+
+
+def read_strings(path: str | os.PathLike) -> dict[str, str]:
+    """The string attributes of an EXR file's header (only the header is read). Raises HDAError for a
+    file that is not a readable single-part EXR."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(8)
+            if len(data) < 8 or struct.unpack("<i", data[:4])[0] != MAGIC:
+                raise HDAError(f"{path}: not an OpenEXR file (bad magic number)")
+            strings = {}
+            while True:
+                name = _read_name(fh, path)
+                if not name:
+                    return strings
+                kind = _read_name(fh, path)
+                size_bytes = fh.read(4)
+                if len(size_bytes) < 4:
+                    raise HDAError(f"{path}: OpenEXR header ends inside attribute '{name}'")
+                size = struct.unpack("<i", size_bytes)[0]
+                value = fh.read(size)
+                if size < 0 or len(value) < size:
+                    raise HDAError(f"{path}: OpenEXR header ends inside attribute '{name}'")
+                if kind == "string":
+                    strings[name] = value.decode("ascii", "replace")
+    except OSError as exc:
+        raise HDAError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _read_name(fh, path) -> str:
+    """A NUL-terminated header name (at most 255 bytes)."""
+    out = bytearray()
+    while True:
+        c = fh.read(1)
+        if not c:
+            raise HDAError(f"{path}: OpenEXR header is truncated")
+        if c == b"\0":
+            return out.decode("ascii", "replace")
+        out += c
+        if len(out) > 255:
+            raise HDAError(f"{path}: OpenEXR header name longer than 255 bytes")
 
 
 def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> dict[str, np.ndarray]:

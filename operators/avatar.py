@@ -8,14 +8,13 @@ avatar itself is rendered by the backend).
 """
 
 import os
-import uuid
 
 import bpy
 import numpy as np
 from bpy.props import IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from ..blender_addon.api import avatar_of, compositor, error_text, preferences, relative_path, runtime
+from ..blender_addon.api import avatar_of, compositor, error_text, new_uid, preferences, relative_path, runtime
 from ..hda_backend.errors import HDAError
 
 PROXY_FACES = 3000     # triangles of the proxy mesh
@@ -129,7 +128,7 @@ class HDA_OT_add_avatar(bpy.types.Operator):
         armature.location = context.scene.cursor.location + type(context.scene.cursor.location)((0, 0, lift))
         h = armature.hda
         h.is_avatar = True
-        h.uid = uuid.uuid4().hex[:12]
+        h.uid = new_uid()
         h.seed = self.seed
         h.avatar_path = relative_path(self.filepath.strip(), bpy.data.filepath)
         h.proxy = build_proxy(context, armature, body)

@@ -42,7 +42,7 @@ class HDA_OT_bake_layer(bpy.types.Operator):
         try:
             for frame in range(start, end + 1):
                 scene.frame_set(frame)
-                failures += layers.update_scene(scene, context.evaluated_depsgraph_get(), frame)
+                failures += layers.update_scene(scene, context.evaluated_depsgraph_get(), frame)[0]
                 wm.progress_update(frame)
         finally:
             wm.progress_end()

@@ -239,6 +239,7 @@ def test_session_reset_forgets_every_part(ext):
     session.fit.line, session.fit.avatar = "fitted", "HDA_Avatar"
     session.models.loaded["m"] = ((1, 2), None)
     session.identity.pending["a:1"], session.identity.quiet = "request", 1
+    session.farm.checked, session.farm.lines = True, ["HDA_Avatar: frame 1: no layer file: bake it"]
     session.registration.sys_paths.append("/deps")
     assert all(repr(p) != fresh[type(p).__name__] for p in session.PARTS)
     session.reset()
@@ -314,3 +315,20 @@ def test_sampled_identity_files_are_named_by_model_seeds_and_mix(ext):
     digest = "0123456789abcdef" * 4
     assert identity.file_name(digest, 4, 4, 0.0, None) == "identity_4-0123456789ab.hda.safetensors"
     assert identity.file_name(digest, 4, 9, 0.5, 3) == "identity_4_9_0.50-0123456789ab-s3.hda.safetensors"
+def test_duplicated_avatars_get_their_own_uid_and_the_original_keeps_its(ext):
+    objects = ext("blender_addon.objects")
+
+    def obj(name, uid, kind="ARMATURE", avatar=True):
+        return SimpleNamespace(name=name, type=kind, hda=SimpleNamespace(is_avatar=avatar, uid=uid))
+
+    original, copy, copy2 = obj("HDA_Avatar", "u1"), obj("HDA_Avatar.001", "u1"), obj("HDA_Avatar.002", "u1")
+    other = obj("Other", "u2")
+    blank, rig = obj("Blank", ""), obj("Rig", "u1", avatar=False)
+    found = objects.duplicate_uids([copy2, other, copy, original, rig, blank])
+    assert [(c.name, o.name) for c, o in found] == [("HDA_Avatar.001", "HDA_Avatar"), ("HDA_Avatar.002", "HDA_Avatar")]
+    changed = objects.ensure_unique_uids([copy2, other, copy, original, rig, blank])
+    assert sorted(o.name for o in changed) == ["Blank", "HDA_Avatar.001", "HDA_Avatar.002"]
+    uids = [o.hda.uid for o in (original, copy, copy2, other, blank)]
+    assert uids[0] == "u1" and uids[3] == "u2" and rig.hda.uid == "u1" and len(set(uids)) == 5
+    assert all(len(u) == 12 and int(u, 16) >= 0 for u in uids[1:3] + uids[4:])
+    assert objects.ensure_unique_uids([copy2, other, copy, original, rig, blank]) == []

@@ -382,8 +382,8 @@ def _run_blender(python: Path, tmp_path: Path, built_zip: Path, wheel_dir: Path,
 def _check_report(r: dict, tmp_path: Path, has_torch: bool):
     user = tmp_path / "blender_user"
     assert r["install"] == ["FINISHED"] and r["registered"]
-    ops = ["add_avatar", "bake_layer", "cancel_fit", "cancel_install", "check_backend", "export_ply", "fit_subject",
-           "import_motion", "install_backend", "load_avatar", "sample_identity", "select_avatar"]
+    ops = ["add_avatar", "bake_layer", "cancel_fit", "cancel_install", "check_backend", "check_farm", "export_ply",
+           "fit_subject", "import_motion", "install_backend", "load_avatar", "sample_identity", "select_avatar"]
     assert r["hda_ops"] == ops
     assert r["new_types"] == sorted([f"HDA_OT_{op}" for op in ops] + ["HDA_PT_main"])
     assert r["pref_props"] == ["bl_idname", "body_path", "python_path", "torch_variant", "wheel_dir"]

@@ -323,8 +323,8 @@ def test_the_blend_keeps_relative_paths_motions_and_avatar_state(demo, reopened,
         # One key per frame on every bone's quaternion (4 x 55) and the pelvis location (3).
         assert arm["fcurves"] == 4 * 55 + 3 and arm["keys"] == [FRAMES]
         layer = reopened["layer_images"][f"HDA Layer {a['uid']}"]
-        assert layer == [f"//hda_layers/{a['uid']}/layer_0001.exr", "SEQUENCE", True]
-        baked = sorted(os.listdir(demo["out"] / "hda_layers" / a["uid"]))
+        assert layer == [f"//hda_layers/demo/{a['uid']}/layer_0001.exr", "SEQUENCE", True]
+        baked = sorted(os.listdir(demo["out"] / "hda_layers" / "demo" / a["uid"]))
         assert baked == [f"layer_{f:04d}.exr" for f in range(1, FRAMES + 1)]
 
 
