@@ -154,7 +154,7 @@ def _posed_gaussians(obj, depsgraph):
     if cached is not None and cached[0] == sig and cached[1] == digest:
         return cached[2], digest
     with torch.inference_mode():
-        g = runtime.pose_gaussians(avatar, pose, transl)
+        g = runtime.fast_gaussians(obj, pose, transl)
     posed[key] = (sig, digest, g)
     return g, digest
 

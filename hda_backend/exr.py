@@ -20,6 +20,7 @@ import functools
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,10 @@ def _zip_chunk(raw: bytes) -> bytes:
     return packed if len(packed) < len(raw) else raw
 
 
-def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
+def encode_exr(channels: dict[str, np.ndarray], workers: int | None = None) -> bytes:
     """EXR file bytes of channels {name: [H,W] array, row 0 at the top}; float16 arrays are stored
-    as HALF, anything else as FLOAT (32-bit)."""
+    as HALF, anything else as FLOAT (32-bit). ``workers``: threads compressing the chunks (None: one
+    per CPU); the bytes are the same for any number."""
     if not channels:
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
@@ -86,10 +88,16 @@ def encode_exr(channels: dict[str, np.ndarray]) -> bytes:
     # Scanline bytes [H, line]: within a line, channel after channel (little-endian values).
     lines = np.concatenate([p.astype(p.dtype.newbyteorder("<")).view(np.uint8).reshape(height, -1)
                             for p in planes], axis=1)
-    chunks = []
-    for y in range(0, height, LINES_PER_BLOCK):
-        data = _zip_chunk(lines[y:y + LINES_PER_BLOCK].tobytes())
-        chunks.append(struct.pack("<ii", y, len(data)) + data)
+    starts = range(0, height, LINES_PER_BLOCK)
+    blocks = [lines[y:y + LINES_PER_BLOCK].tobytes() for y in starts]
+    workers = min(len(blocks), os.cpu_count() or 1) if workers is None else workers
+    if workers > 1:
+        # zlib releases the GIL: the blocks deflate in parallel, and map keeps their order.
+        with ThreadPoolExecutor(workers) as pool:
+            packed = list(pool.map(_zip_chunk, blocks))
+    else:
+        packed = [_zip_chunk(block) for block in blocks]
+    chunks = [struct.pack("<ii", y, len(data)) + data for y, data in zip(starts, packed)]
     offset = len(prefix) + 8 * len(chunks)
     table = bytearray()
     for chunk in chunks:
