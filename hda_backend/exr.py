@@ -39,18 +39,40 @@ def _attribute(name: str, kind: str, value: bytes) -> bytes:
     return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
 
 
-@functools.lru_cache(maxsize=16)
-def _zip_chunk(raw: bytes) -> bytes:
-    """A chunk's data under ZIP compression: even/odd byte split, byte differences + 128 modulo
-    256 (first byte kept), deflate; the raw bytes when that does not shrink them. Cached because
-    empty blocks (rows without the avatar) repeat within and across frames."""
-    data = np.frombuffer(raw, dtype=np.uint8)
-    reordered = np.concatenate([data[0::2], data[1::2]])
+def _predict(blocks: np.ndarray) -> np.ndarray:
+    """ZIP's predictor on each row of blocks [N, bytes] uint8 (one chunk's bytes per row, all rows
+    alike in length): even/odd byte split, then byte differences + 128 modulo 256, first byte kept."""
+    reordered = np.concatenate([blocks[:, 0::2], blocks[:, 1::2]], axis=1)
     predicted = reordered.copy()
-    np.subtract(reordered[1:], reordered[:-1], out=predicted[1:])  # uint8: wraps modulo 256
-    predicted[1:] += np.uint8(128)
-    packed = zlib.compress(predicted.tobytes(), 1)
-    return packed if len(packed) < len(raw) else raw
+    np.subtract(reordered[:, 1:], reordered[:, :-1], out=predicted[:, 1:])  # uint8: wraps modulo 256
+    predicted[:, 1:] += np.uint8(128)
+    return predicted
+
+
+@functools.lru_cache(maxsize=16)
+def _deflate(predicted: bytes) -> bytes:
+    """Deflated predicted bytes. Cached because empty blocks (rows without the avatar) repeat within
+    and across frames."""
+    return zlib.compress(predicted, 1)
+
+
+def _zip_chunks(lines: np.ndarray, workers: int) -> list[bytes]:
+    """The ZIP-compressed data of each block of LINES_PER_BLOCK scanlines of lines [H, bytes] uint8, or
+    its raw bytes where compression does not shrink it (as the format allows)."""
+    height = lines.shape[0]
+    full = height - height % LINES_PER_BLOCK
+    groups = [lines[:full].reshape(full // LINES_PER_BLOCK, -1)] if full else []
+    if full < height:
+        groups.append(lines[full:].reshape(1, -1))
+    raw = [row for group in groups for row in group]
+    predicted = [row.tobytes() for group in groups for row in _predict(group)]
+    if workers > 1:
+        # zlib releases the GIL: the blocks deflate in parallel, and map keeps their order.
+        with ThreadPoolExecutor(workers) as pool:
+            packed = list(pool.map(_deflate, predicted))
+    else:
+        packed = [_deflate(p) for p in predicted]
+    return [data if len(data) < r.size else r.tobytes() for data, r in zip(packed, raw)]
 
 
 def encode_exr(channels: dict[str, np.ndarray], workers: int | None = None) -> bytes:
@@ -89,14 +111,8 @@ def encode_exr(channels: dict[str, np.ndarray], workers: int | None = None) -> b
     lines = np.concatenate([p.astype(p.dtype.newbyteorder("<")).view(np.uint8).reshape(height, -1)
                             for p in planes], axis=1)
     starts = range(0, height, LINES_PER_BLOCK)
-    blocks = [lines[y:y + LINES_PER_BLOCK].tobytes() for y in starts]
-    workers = min(len(blocks), os.cpu_count() or 1) if workers is None else workers
-    if workers > 1:
-        # zlib releases the GIL: the blocks deflate in parallel, and map keeps their order.
-        with ThreadPoolExecutor(workers) as pool:
-            packed = list(pool.map(_zip_chunk, blocks))
-    else:
-        packed = [_zip_chunk(block) for block in blocks]
+    workers = min(len(starts), os.cpu_count() or 1) if workers is None else workers
+    packed = _zip_chunks(lines, workers)
     chunks = [struct.pack("<ii", y, len(data)) + data for y, data in zip(starts, packed)]
     offset = len(prefix) + 8 * len(chunks)
     table = bytearray()

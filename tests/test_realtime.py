@@ -109,5 +109,5 @@ def test_threaded_exr_compression_writes_the_same_bytes():
     depth = np.where(rgba[..., 3] > 0, 3.0, DEPTH_FAR).astype(np.float32)
     channels = exr.layer_channels(rgba, depth)
     threaded = exr.encode_exr(channels, workers=3)
-    exr._zip_chunk.cache_clear()  # compress every block again, one by one
+    exr._deflate.cache_clear()  # compress every block again, one by one
     assert threaded == exr.encode_exr(channels, workers=1)
