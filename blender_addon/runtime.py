@@ -247,8 +247,10 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     with torch.inference_mode():
         g = fast_gaussians(obj, pose, transl)
         t1 = time.perf_counter()
+        # SH bands above the avatar's degree are zero: evaluating them adds exact zeros.
         out, alpha = render_gaussians(g, torch.as_tensor(viewmat, device=device), torch.as_tensor(K, device=device),
-                                      int(width), int(height), shading=mode, render_mode="RGB+ED")
+                                      int(width), int(height), shading=mode, render_mode="RGB+ED",
+                                      sh_degree=avatar.gaussian_config.sh_degree)
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     t2 = time.perf_counter()
     rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])

@@ -98,6 +98,7 @@ def _child(args) -> None:
           f"{'yes' if precision.bf16_native('cpu') else 'no'} -> fast-path UNet in {fast.precision}, "
           f"channels-last; reference UNet float32, channels-last")
     w, h = layers.render_size(scene)
+    sh_degree = avatar.gaussian_config.sh_degree
 
     def frame_stages(pose_t, transl_t, viewmat, K, reference: bool) -> list[float]:
         """Milliseconds of maps, unet, gaussians, raster, glue through one path."""
@@ -122,12 +123,11 @@ def _child(args) -> None:
         t.append(time.perf_counter())
         img, alpha = frames_mod.render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32),
                                                  torch.as_tensor(K, dtype=torch.float32), w, h,
-                                                 render_mode="RGB+ED")
+                                                 render_mode="RGB+ED", sh_degree=3 if reference else sh_degree)
         img, alpha = img.numpy(), alpha[..., 0].numpy()
         t.append(time.perf_counter())
         if reference:
             rgba, depth = layer.to_layer_reference(img[..., :3], alpha, img[..., 3])
-            exr._deflate.cache_clear()  # the path before had the cache too, but not warm with this frame
             atomic.write_bytes(out, exr.encode_exr(exr.layer_channels(rgba, depth), workers=1))
         else:
             rgba, depth = layer.to_layer(img[..., :3], alpha, img[..., 3])

@@ -111,3 +111,19 @@ def test_threaded_exr_compression_writes_the_same_bytes():
     threaded = exr.encode_exr(channels, workers=3)
     exr._deflate.cache_clear()  # compress every block again, one by one
     assert threaded == exr.encode_exr(channels, workers=1)
+
+
+@torch.inference_mode()
+def test_rendering_only_the_avatars_sh_bands_changes_nothing(body):
+    """Renders evaluate SH up to the avatar's own degree (1 for the references); the bands above are
+    zero, so the degree-3 evaluation (the twin) gives the same image."""
+    avatar = load_avatar(REFERENCES[0], body).eval()
+    degree = avatar.gaussian_config.sh_degree
+    assert degree < 3
+    g = RealtimeAvatar(avatar, "float32")(procedural("walk", 2).poses[1])
+    K = intrinsics(96, 96, 35.0)
+    view = look_at(torch.tensor([0.3, 0.2, 3.0]), torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    low, alpha_low = render_gaussians(g, view, K, 96, 96, render_mode="RGB+ED", sh_degree=degree)
+    full, alpha_full = render_gaussians(g, view, K, 96, 96, render_mode="RGB+ED", sh_degree=3)
+    torch.testing.assert_close(low, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(alpha_low, alpha_full, atol=0, rtol=0)
