@@ -83,7 +83,7 @@ def encode_exr(channels: dict[str, np.ndarray], workers: int | None = None) -> b
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
     planes = [np.asarray(channels[n]) for n in names]
-    planes = [p if p.dtype == np.float16 else p.astype(np.float32) for p in planes]
+    planes = [p if p.dtype == np.float16 else np.asarray(p, dtype=np.float32) for p in planes]
     height, width = planes[0].shape if planes[0].ndim == 2 else (0, 0)
     for name, plane in zip(names, planes):
         if plane.ndim != 2 or plane.shape != (height, width):
@@ -108,8 +108,8 @@ def encode_exr(channels: dict[str, np.ndarray], workers: int | None = None) -> b
     version = 2 | (0x400 if max(len(n) for n in names) > 31 else 0)  # long-names flag
     prefix = struct.pack("<ii", MAGIC, version) + header
     # Scanline bytes [H, line]: within a line, channel after channel (little-endian values).
-    lines = np.concatenate([p.astype(p.dtype.newbyteorder("<")).view(np.uint8).reshape(height, -1)
-                            for p in planes], axis=1)
+    little = [np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")) for p in planes]  # copies only if needed
+    lines = np.concatenate([p.view(np.uint8).reshape(height, -1) for p in little], axis=1)
     starts = range(0, height, LINES_PER_BLOCK)
     workers = min(len(starts), os.cpu_count() or 1) if workers is None else workers
     packed = _zip_chunks(lines, workers)
@@ -133,6 +133,7 @@ def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> d
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or np.shape(depth) != rgba.shape[:2]:
         raise HDAError(f"layer: rgba {rgba.shape} and depth {np.shape(depth)}, expected [H,W,4] and [H,W]")
-    out = {f"{layer}.Combined.{c}": rgba[..., i].astype(np.float16) for i, c in enumerate("RGBA")}
+    planes = rgba.astype(np.float16).transpose(2, 0, 1).copy()  # one conversion, then contiguous planes
+    out = {f"{layer}.Combined.{c}": planes[i] for i, c in enumerate("RGBA")}
     out[f"{layer}.Depth.Z"] = np.asarray(depth, dtype=np.float32)
     return out
