@@ -6,7 +6,7 @@ backend renders. Rows run top to bottom, like the rasterizer's images.
 
 :func:`to_layer` is the fast path and :func:`to_layer_reference` its slow, obviously correct twin
 (``tests/test_realtime.py`` compares them): the fast one converts only the bounding box of the pixels
-the avatar covers, in float32. Outside that box the alpha is exactly 0, so the twin gives RGBA 0 and
+the avatar covers. Outside that box the alpha is exactly 0, so the twin gives RGBA 0 and
 depth :data:`DEPTH_FAR` there too.
 """
 
@@ -26,7 +26,7 @@ def srgb_to_linear(c: np.ndarray) -> np.ndarray:
 def to_layer_reference(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """rgb [H,W,3] premultiplied display colours, alpha [H,W], depth [H,W] expected depth (0 where
     empty) -> (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32, DEPTH_FAR where the
-    avatar does not cover the pixel), every pixel in float64 arithmetic."""
+    avatar does not cover the pixel), converting every pixel."""
     a = np.clip(alpha, 0.0, 1.0)
     straight = np.clip(rgb / np.maximum(a, 1e-6)[..., None], 0.0, 1.0)
     rgba = np.empty(rgb.shape[:2] + (4,), dtype=np.float32)
@@ -46,7 +46,7 @@ def covered_box(alpha: np.ndarray) -> tuple[slice, slice] | None:
 
 
 def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The values of :func:`to_layer_reference` (to float32 rounding), converting only the covered box.
+    """The values of :func:`to_layer_reference` (to rounding), converting only the covered box.
     Both arrays are returned read-only (the frame cache and the viewport share them)."""
     h, w = alpha.shape
     rgba = np.zeros((h, w, 4), dtype=np.float32)
