@@ -25,8 +25,10 @@ test-blender42: $(STAMP)
 	.venv-bpy42/bin/pip install -q "bpy==4.2.*"
 	$(BIN)/python -m pytest -q tests/test_blender_extension.py
 
+# Per-frame stages of the final render and the viewport against the float32 UNet (ratios), then the rasterizer.
 bench: $(STAMP)
-	$(BIN)/hda bench raster
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python scripts/bench_frame.py --preset cpu --size 512 --frames 20
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/hda bench raster
 
 # Build dist/hda_avatars-<version>.zip with Blender's own builder, then validate it with Blender's validator.
 extension: $(STAMP)

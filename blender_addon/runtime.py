@@ -11,7 +11,7 @@ Everything here runs on the main thread, synchronously: handlers call it while B
 (``blender -b -a`` runs no timers), so there is no worker thread to hand bpy data to.
 
 Images are what Blender's compositor expects: linear (scene-referred) RGB premultiplied by alpha,
-rows top to bottom. The avatar's own colours are display (sRGB-encoded) values, the space its
+rows top to bottom (hda_backend.layer makes them from the rasterizer's display colours). The avatar's own colours are display (sRGB-encoded) values, the space its
 training images were in: the capture studio renders under the Standard view transform, so
 linearising them (the sRGB curve) gives back the scene-linear radiance the capture saw. The layer
 is that radiance, and Blender's view transform maps it exactly as it maps the rest of the scene:
@@ -29,12 +29,11 @@ import time
 import numpy as np
 
 from ..hda_backend.errors import HDAError
+from ..hda_backend.layer import ALPHA_EMPTY, DEPTH_FAR, to_layer  # noqa: F401 - the add-on's names for them
 from . import session
 from .objects import object_key
 
 FRAME_CACHE_BYTES = 512 * 2**20   # rendered frames kept for scrubbing back
-DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Blender's background depth)
-ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
 
 # ------------------------------------------------------------------------------------------ avatars
 def abspath(path: str) -> str:
@@ -123,6 +122,7 @@ def get_avatar(obj):
     import torch
 
     from ..hda_backend.avatar.io import load_avatar
+    from ..hda_backend.avatar.realtime import RealtimeAvatar
 
     caches = session.caches
     key, sig = object_key(obj), signature(obj)
@@ -137,7 +137,7 @@ def get_avatar(obj):
     avatar = avatar.to(device).eval()
     # NHWC kernels: about 35% faster convolutions on the CPU (oneDNN), same values to 1e-9.
     avatar.unet.to(memory_format=torch.channels_last)
-    caches.avatars[key] = (sig, avatar)
+    caches.avatars[key] = (sig, avatar, RealtimeAvatar(avatar))
     caches.errors.pop(key, None)
     return avatar
 
@@ -196,12 +196,20 @@ def shading(obj) -> str:
 
 def pose_gaussians(avatar, pose, transl):
     """The avatar's Gaussians at one SMPL-X pose [165] and translation [3] (arrays, any float type;
-    run under torch.inference_mode by the caller). Returns one frame, no batch dimension."""
+    run under torch.inference_mode by the caller) through the float32 reference path (exports).
+    Returns one frame, no batch dimension."""
     import torch
 
     device = next(avatar.parameters()).device
     return avatar(torch.as_tensor(pose, dtype=torch.float32, device=device).reshape(1, -1),
                   torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(1, 3)).index(0)
+
+
+def fast_gaussians(obj, pose, transl):
+    """:func:`pose_gaussians` through the avatar's fast path (hda_backend.avatar.realtime: bf16 UNet
+    where the CPU runs it natively), for renders and the viewport."""
+    get_avatar(obj)
+    return session.caches.avatars[object_key(obj)][2](pose, transl)
 
 
 def quantize(a) -> np.ndarray:
@@ -216,11 +224,6 @@ def _digest(*arrays) -> str:
     for a in arrays:
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    """sRGB-encoded values in [0,1] -> linear (the IEC 61966-2-1 curve)."""
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
 def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
@@ -249,10 +252,12 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     device = next(avatar.parameters()).device
     t0 = time.perf_counter()
     with torch.inference_mode():
-        g = pose_gaussians(avatar, pose, transl)
+        g = fast_gaussians(obj, pose, transl)
         t1 = time.perf_counter()
+        # SH bands above the avatar's degree are zero: evaluating them adds exact zeros.
         out, alpha = render_gaussians(g, torch.as_tensor(viewmat, device=device), torch.as_tensor(K, device=device),
-                                      int(width), int(height), shading=mode, render_mode="RGB+ED")
+                                      int(width), int(height), shading=mode, render_mode="RGB+ED",
+                                      sh_degree=avatar.gaussian_config.sh_degree)
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     t2 = time.perf_counter()
     rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])
@@ -260,24 +265,6 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     caches.timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
     caches.add_frame(frame_key, rgba, depth, FRAME_CACHE_BYTES)
     return rgba, depth
-
-
-def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rasterizer output -> compositing layer.
-
-    rgb [H,W,3] premultiplied display colours, alpha [H,W], depth [H,W] expected depth (0 where
-    empty). Returns (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32, DEPTH_FAR where
-    the avatar does not cover the pixel); both read-only.
-    """
-    a = np.clip(alpha, 0.0, 1.0)
-    straight = np.clip(rgb / np.maximum(a, 1e-6)[..., None], 0.0, 1.0)
-    rgba = np.empty(rgb.shape[:2] + (4,), dtype=np.float32)
-    rgba[..., :3] = srgb_to_linear(straight) * a[..., None]
-    rgba[..., 3] = a
-    z = np.where(a > ALPHA_EMPTY, depth, DEPTH_FAR).astype(np.float32)
-    rgba.flags.writeable = False
-    z.flags.writeable = False
-    return rgba, z
 
 
 def render_avatar(obj, depsgraph, camera, width: int, height: int):

@@ -45,7 +45,7 @@ class Backend(_Part):
 
 @dataclass
 class Caches(_Part):
-    avatars: dict = field(default_factory=dict)      # object key -> (signature, Avatar)
+    avatars: dict = field(default_factory=dict)      # object key -> (signature, Avatar, RealtimeAvatar)
     bodies: dict = field(default_factory=dict)       # resolved body path -> BodyModel
     layouts: dict = field(default_factory=dict)      # body sha256 -> rig.BoneLayout
     frames: OrderedDict = field(default_factory=OrderedDict)  # frame key -> (rgba, depth), least recent first

@@ -154,7 +154,7 @@ def _posed_gaussians(obj, depsgraph):
     if cached is not None and cached[0] == sig and cached[1] == digest:
         return cached[2], digest
     with torch.inference_mode():
-        g = runtime.pose_gaussians(avatar, pose, transl)
+        g = runtime.fast_gaussians(obj, pose, transl)
     posed[key] = (sig, digest, g)
     return g, digest
 
@@ -169,7 +169,8 @@ def render_layer(obj, g, viewmat, K, width: int, height: int):
     with torch.inference_mode():
         out, alpha = render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32, device=device),
                                       torch.as_tensor(K, dtype=torch.float32, device=device), int(width), int(height),
-                                      shading=runtime.shading(obj), render_mode="RGB+ED")
+                                      shading=runtime.shading(obj), render_mode="RGB+ED",
+                                      sh_degree=runtime.get_avatar(obj).gaussian_config.sh_degree)
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     return runtime.to_layer(out[..., :3], alpha, out[..., 3])
 

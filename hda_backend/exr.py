@@ -20,6 +20,7 @@ import functools
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,29 +39,53 @@ def _attribute(name: str, kind: str, value: bytes) -> bytes:
     return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
 
 
-@functools.lru_cache(maxsize=16)
-def _zip_chunk(raw: bytes) -> bytes:
-    """A chunk's data under ZIP compression: even/odd byte split, byte differences + 128 modulo
-    256 (first byte kept), deflate; the raw bytes when that does not shrink them. Cached because
-    empty blocks (rows without the avatar) repeat within and across frames."""
-    data = np.frombuffer(raw, dtype=np.uint8)
-    reordered = np.concatenate([data[0::2], data[1::2]])
+def _predict(blocks: np.ndarray) -> np.ndarray:
+    """ZIP's predictor on each row of blocks [N, bytes] uint8 (one chunk's bytes per row, all rows
+    alike in length): even/odd byte split, then byte differences + 128 modulo 256, first byte kept."""
+    reordered = np.concatenate([blocks[:, 0::2], blocks[:, 1::2]], axis=1)
     predicted = reordered.copy()
-    np.subtract(reordered[1:], reordered[:-1], out=predicted[1:])  # uint8: wraps modulo 256
-    predicted[1:] += np.uint8(128)
-    packed = zlib.compress(predicted.tobytes(), 1)
-    return packed if len(packed) < len(raw) else raw
+    np.subtract(reordered[:, 1:], reordered[:, :-1], out=predicted[:, 1:])  # uint8: wraps modulo 256
+    predicted[:, 1:] += np.uint8(128)
+    return predicted
 
 
-def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None = None) -> bytes:
+@functools.lru_cache(maxsize=16)
+def _deflate(predicted: bytes) -> bytes:
+    """Deflated predicted bytes. Cached because empty blocks (rows without the avatar) repeat within
+    and across frames."""
+    return zlib.compress(predicted, 1)
+
+
+def _zip_chunks(lines: np.ndarray, workers: int) -> list[bytes]:
+    """The ZIP-compressed data of each block of LINES_PER_BLOCK scanlines of lines [H, bytes] uint8, or
+    its raw bytes where compression does not shrink it (as the format allows)."""
+    height = lines.shape[0]
+    full = height - height % LINES_PER_BLOCK
+    groups = [lines[:full].reshape(full // LINES_PER_BLOCK, -1)] if full else []
+    if full < height:
+        groups.append(lines[full:].reshape(1, -1))
+    raw = [row for group in groups for row in group]
+    predicted = [row.tobytes() for group in groups for row in _predict(group)]
+    if workers > 1:
+        # zlib releases the GIL: the blocks deflate in parallel, and map keeps their order.
+        with ThreadPoolExecutor(workers) as pool:
+            packed = list(pool.map(_deflate, predicted))
+    else:
+        packed = [_deflate(p) for p in predicted]
+    return [data if len(data) < r.size else r.tobytes() for data, r in zip(packed, raw)]
+
+
+def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None = None,
+               workers: int | None = None) -> bytes:
     """EXR file bytes of channels {name: [H,W] array, row 0 at the top}; float16 arrays are stored
     as HALF, anything else as FLOAT (32-bit). ``strings``: extra header attributes of type string
-    (ASCII; e.g. the layer's bake key), read back by :func:`read_strings`."""
+    (ASCII; e.g. the layer's bake key), read back by :func:`read_strings`. ``workers``: threads
+    compressing the chunks (None: one per CPU); the bytes are the same for any number."""
     if not channels:
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
     planes = [np.asarray(channels[n]) for n in names]
-    planes = [p if p.dtype == np.float16 else p.astype(np.float32) for p in planes]
+    planes = [p if p.dtype == np.float16 else np.asarray(p, dtype=np.float32) for p in planes]
     height, width = planes[0].shape if planes[0].ndim == 2 else (0, 0)
     for name, plane in zip(names, planes):
         if plane.ndim != 2 or plane.shape != (height, width):
@@ -86,12 +111,12 @@ def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None =
     version = 2 | (0x400 if max(len(n) for n in names) > 31 else 0)  # long-names flag
     prefix = struct.pack("<ii", MAGIC, version) + header
     # Scanline bytes [H, line]: within a line, channel after channel (little-endian values).
-    lines = np.concatenate([p.astype(p.dtype.newbyteorder("<")).view(np.uint8).reshape(height, -1)
-                            for p in planes], axis=1)
-    chunks = []
-    for y in range(0, height, LINES_PER_BLOCK):
-        data = _zip_chunk(lines[y:y + LINES_PER_BLOCK].tobytes())
-        chunks.append(struct.pack("<ii", y, len(data)) + data)
+    little = [np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")) for p in planes]  # copies only if needed
+    lines = np.concatenate([p.view(np.uint8).reshape(height, -1) for p in little], axis=1)
+    starts = range(0, height, LINES_PER_BLOCK)
+    workers = min(len(starts), os.cpu_count() or 1) if workers is None else workers
+    packed = _zip_chunks(lines, workers)
+    chunks = [struct.pack("<ii", y, len(data)) + data for y, data in zip(starts, packed)]
     offset = len(prefix) + 8 * len(chunks)
     table = bytearray()
     for chunk in chunks:
@@ -152,6 +177,7 @@ def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> d
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or np.shape(depth) != rgba.shape[:2]:
         raise HDAError(f"layer: rgba {rgba.shape} and depth {np.shape(depth)}, expected [H,W,4] and [H,W]")
-    out = {f"{layer}.Combined.{c}": rgba[..., i].astype(np.float16) for i, c in enumerate("RGBA")}
+    planes = rgba.astype(np.float16).transpose(2, 0, 1).copy()  # one conversion, then contiguous planes
+    out = {f"{layer}.Combined.{c}": planes[i] for i, c in enumerate("RGBA")}
     out[f"{layer}.Depth.Z"] = np.asarray(depth, dtype=np.float32)
     return out

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Per-frame milliseconds of an avatar in Blender: pose read -> UNet -> Gaussians -> image -> layer file.
+"""Per-frame milliseconds of an avatar in Blender, final render and viewport, against its float32 UNet.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_frame.py [--preset cpu] [--size 512] [--frames 20]
 
-Runs real Blender (bpy): builds and installs the extension into a temporary user folder, adds an
-avatar, keys a different random pose on every frame, then for each frame times the stages the
-final-render handler runs (blender_addon.layers.write_frame), called one by one:
+(``make bench`` runs it.) Runs real Blender (bpy): builds and installs the extension into a temporary
+user folder, adds an avatar, keys a different random pose on every frame, then for each frame times
+the stages the final-render handler runs (blender_addon.layers.write_frame), called one by one:
 
     pose      read the evaluated armature (pose_bone.matrix of 55 bones) and the camera -> SMPL-X pose
     maps      UV pose maps: the mean template posed by LBS, normals, texel interpolation
@@ -14,8 +14,17 @@ final-render handler runs (blender_addon.layers.write_frame), called one by one:
     raster    the Gaussian rasterizer, RGB + expected depth
     glue      linear premultiplied layer + EXR encoding and atomic write
 
-and, as a check, the whole handler path end to end (runtime.render_avatar + the file, frame cache off).
-Prints median and minimum per stage. This is a benchmark, not a test.
+once through the fast paths the add-on runs (hda_backend.avatar.realtime, hda_backend.layer, threaded
+EXR) and once through their float32 reference twins (the path before them), and, as a check, the
+whole handler path end to end (``handler``: runtime.render_avatar + the file, frame cache off).
+
+The viewport part plays the same keyed clip in a 1280x720 view at the playback (navigation)
+resolution: pose read, pose -> Gaussians, rasterize + layer, texture upload + draw in a GPU context
+(a RenderEngine with ``bl_use_gpu_context``, the only one background Blender lends; software GL here).
+
+Every frame also times the float32 channels-last UNet forward on that frame's maps, and each ratio is
+taken frame by frame against it, so the ratios hold on any machine and under load; medians are
+printed, with the CPU features used and the load average. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -32,6 +41,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = "bl_ext.user_default.hda_avatars"
+VIEWPORT = (1280, 720)
+
+
+def _median(values) -> float:
+    return statistics.median(values)
 
 
 def _child(args) -> None:
@@ -43,11 +57,17 @@ def _child(args) -> None:
     runtime = sys.modules[ADDON + ".blender_addon.runtime"]
     layers = sys.modules[ADDON + ".blender_addon.layers"]
     session = sys.modules[ADDON + ".blender_addon.session"]
+    objects = sys.modules[ADDON + ".blender_addon.objects"]
+    vp = importlib.import_module(ADDON + ".blender_addon.viewport")
     rig = importlib.import_module(ADDON + ".hda_backend.rig")
     gaussians = importlib.import_module(ADDON + ".hda_backend.avatar.gaussians")
     uvmap = importlib.import_module(ADDON + ".hda_backend.uvmap")
     frames_mod = importlib.import_module(ADDON + ".hda_backend.render.frames")
     exr = importlib.import_module(ADDON + ".hda_backend.exr")
+    layer = importlib.import_module(ADDON + ".hda_backend.layer")
+    atomic = importlib.import_module(ADDON + ".hda_backend.atomic")
+    precision = importlib.import_module(ADDON + ".hda_backend.precision")
+    autocast = precision.autocast
 
     scene = bpy.context.scene
     scene.render.resolution_x = scene.render.resolution_y = args.size
@@ -58,6 +78,7 @@ def _child(args) -> None:
     arm.hda.uv_preset = args.preset
     arm.hda.shading = 'FLAT'
     avatar = runtime.get_avatar(arm)
+    fast = session.caches.avatars[objects.object_key(arm)][2]
     layout = runtime.get_layout(avatar.body)
     rng = np.random.default_rng(0)
     poses = rng.normal(0, 0.2, (args.frames, 165))
@@ -67,11 +88,53 @@ def _child(args) -> None:
             arm.pose.bones[name].rotation_quaternion = quats[f, j].tolist()
             arm.pose.bones[name].keyframe_insert("rotation_quaternion", frame=f + 1)
     out = Path(tempfile.mkdtemp()) / "layer.exr"
-    stages = {k: [] for k in ("pose", "maps", "unet", "gaussians", "raster", "glue", "sum", "handler")}
+    names = ("pose", "maps", "unet", "gaussians", "raster", "glue", "sum")
+    stages = {path: {k: [] for k in names} for path in ("fast", "reference")}
+    handler, unet_f32, frame_poses = [], [], []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}, preset {args.preset} (UV {avatar.uv_res}, "
           f"{avatar.num_gaussians} Gaussians), image {args.size}x{args.size}")
+    print(f"CPU features: torch kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 "
+          f"{'yes' if precision.bf16_native('cpu') else 'no'} -> fast-path UNet in {fast.precision}, "
+          f"channels-last; reference UNet float32, channels-last")
     w, h = layers.render_size(scene)
+    sh_degree = avatar.gaussian_config.sh_degree
+
+    def frame_stages(pose_t, transl_t, viewmat, K, reference: bool) -> list[float]:
+        """Milliseconds of maps, unet, gaussians, raster, glue through one path."""
+        t = [time.perf_counter()]
+        if reference:
+            maps, posed = avatar.pose_inputs(pose_t)
+        else:
+            maps, posed = fast.pose_inputs(pose_t)
+        t.append(time.perf_counter())
+        if reference:
+            raw_map = avatar.unet(maps)
+        else:
+            with autocast(fast.precision)():
+                raw_map = avatar.unet(maps)
+        t.append(time.perf_counter())
+        if reference:
+            raw = gaussians.gather_texels(raw_map, avatar.binding)
+        else:
+            raw = raw_map.permute(0, 2, 3, 1).reshape(-1, raw_map.shape[1])[fast.texels].float()[None]
+        transforms = uvmap.global_transform(avatar.body, pose_t, transl_t)[:, None] @ posed.transforms
+        g = gaussians.decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
+        t.append(time.perf_counter())
+        img, alpha = frames_mod.render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32),
+                                                 torch.as_tensor(K, dtype=torch.float32), w, h,
+                                                 render_mode="RGB+ED", sh_degree=3 if reference else sh_degree)
+        img, alpha = img.numpy(), alpha[..., 0].numpy()
+        t.append(time.perf_counter())
+        if reference:
+            rgba, depth = layer.to_layer_reference(img[..., :3], alpha, img[..., 3])
+            atomic.write_bytes(out, exr.encode_exr(exr.layer_channels(rgba, depth), workers=1))
+        else:
+            rgba, depth = layer.to_layer(img[..., :3], alpha, img[..., 3])
+            exr.write_exr(out, exr.layer_channels(rgba, depth))
+        t.append(time.perf_counter())
+        return [1e3 * (b - a) for a, b in zip(t, t[1:])]
+
     for f in range(-2, args.frames):  # two warm-up frames (numba and oneDNN first calls)
         scene.frame_set(max(f, 0) + 1)
         dg = bpy.context.evaluated_depsgraph_get()
@@ -81,37 +144,120 @@ def _child(args) -> None:
             viewmat, K = runtime.camera_matrices(arm, dg, scene.camera, w, h)
             pose_t = torch.as_tensor(pose, dtype=torch.float32).reshape(1, 55, 3)
             transl_t = torch.as_tensor(transl, dtype=torch.float32).reshape(1, 3)
-            t1 = time.perf_counter()
-            maps, posed = avatar.pose_inputs(pose_t)
-            t2 = time.perf_counter()
-            raw_map = avatar.unet(maps)
-            t3 = time.perf_counter()
-            raw = gaussians.gather_texels(raw_map, avatar.binding)
-            transforms = uvmap.global_transform(avatar.body, pose_t, transl_t)[:, None] @ posed.transforms
-            g = gaussians.decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
-            t4 = time.perf_counter()
-            img, alpha = frames_mod.render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32),
-                                                     torch.as_tensor(K, dtype=torch.float32), w, h,
-                                                     render_mode="RGB+ED")
-            img, alpha = img.numpy(), alpha[..., 0].numpy()
-            t5 = time.perf_counter()
-            rgba, depth = runtime.to_layer(img[..., :3], alpha, img[..., 3])
-            exr.write_exr(out, exr.layer_channels(rgba, depth))
-            t6 = time.perf_counter()
+            pose_ms = 1e3 * (time.perf_counter() - t0)
+            rows = {path: [pose_ms] + frame_stages(pose_t, transl_t, viewmat, K, path == "reference")
+                    for path in ("reference", "fast")}
+            maps, _ = fast.pose_inputs(pose_t)
+            t0 = time.perf_counter()
+            avatar.unet(maps)
+            unet_ms = 1e3 * (time.perf_counter() - t0)
         session.caches.frames.clear()
         session.caches.frame_bytes = 0  # the handler path below must render, not hit the cache
-        t7 = time.perf_counter()
+        t0 = time.perf_counter()
         layers.write_frame(arm, scene, dg, f + 100)
-        t8 = time.perf_counter()
+        handler_ms = 1e3 * (time.perf_counter() - t0)
         if f < 0:
             continue
-        for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0, t8 - t7)):
-            stages[key].append(1e3 * value)
-    print(f"{'stage':<10} {'median ms':>10} {'min ms':>8}")
-    for key, values in stages.items():
-        print(f"{key:<10} {statistics.median(values):>10.1f} {min(values):>8.1f}")
+        frame_poses.append((pose, transl, pose_ms))
+        unet_f32.append(unet_ms)
+        handler.append(handler_ms)
+        for path, values in rows.items():
+            for key, value in zip(names, values + [sum(values)]):
+                stages[path][key].append(value)
+    print(f"\nfinal render {w}x{h}: ms per frame (median, min) and median per-frame ratio to the float32 UNet")
+    print(f"{'stage':<10} {'fast ms':>8} {'min':>6} {'ratio':>6}   {'reference ms':>12} {'min':>6} {'ratio':>6}")
+
+    def ratio(values) -> float:
+        return _median([v / u for v, u in zip(values, unet_f32)])
+
+    for key in names:
+        fv, rv = stages["fast"][key], stages["reference"][key]
+        print(f"{key:<10} {_median(fv):>8.1f} {min(fv):>6.1f} {ratio(fv):>6.2f}   "
+              f"{_median(rv):>12.1f} {min(rv):>6.1f} {ratio(rv):>6.2f}")
+    print(f"{'handler':<10} {_median(handler):>8.1f} {min(handler):>6.1f} {ratio(handler):>6.2f}   "
+          f"(the add-on's handler end to end, fast path)")
+    print(f"{'unet f32':<10} {_median(unet_f32):>8.1f} {min(unet_f32):>6.1f} {1.0:>6.2f}   "
+          f"(float32 channels-last UNet forward, the reference time)")
+    print(f"target: handler <= 1.00x the float32 UNet: {'met' if ratio(handler) <= 1.0 else 'not met'} "
+          f"({ratio(handler):.2f}x median of per-frame ratios; {_median(handler) / _median(unet_f32):.2f}x "
+          f"ratio of the medians)")
+    _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses)
     load = os.getloadavg()[0]
     print(f"{args.frames} frames; load average {load:.1f} on {os.cpu_count()} CPUs (other jobs inflate these figures)")
+
+
+def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
+    """The viewport's playback path per frame of the clip, in a GPU context, each frame with its own
+    float32 UNet time (the pose read is the one timed by the final-render loop)."""
+    width, height = VIEWPORT
+    w, h = vp.render_size(width, height, True)  # playback: the navigation resolution
+    cam = bpy.data.objects.new("bench_view", bpy.data.cameras.new("bench_view"))
+    bpy.context.scene.collection.objects.link(cam)
+    cam.location, cam.rotation_euler = (0.5, -4.0, 1.2), (1.45, 0.0, 0.1)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    proj = np.array(cam.calc_matrix_camera(depsgraph, x=width, y=height))
+    view = np.linalg.inv(np.array(cam.matrix_world))
+    viewmat, K, shift = rig.viewport_camera(view, proj, w, h, np.array(arm.matrix_world))
+    rows = {k: [] for k in ("pose", "gaussians", "raster+layer", "upload+draw", "total", "unet f32")}
+    ratios = []
+
+    class Probe(bpy.types.RenderEngine):
+        bl_idname = "HDA_BENCH_VIEWPORT"
+        bl_label = "HDA bench viewport"
+        bl_use_gpu_context = True
+
+        def render(self, depsgraph):
+            import gpu
+
+            off = gpu.types.GPUOffScreen(width, height, format='RGBA16F')
+            with off.bind():
+                for i, (pose, transl, pose_ms) in enumerate([frame_poses[0]] + frame_poses):
+                    with torch.inference_mode():
+                        t0 = time.perf_counter()
+                        g = fast(pose, transl)
+                        t1 = time.perf_counter()
+                    rgba, depth = vp.render_layer(arm, g, viewmat, K, w, h)
+                    t2 = time.perf_counter()
+                    color_tex, depth_tex = vp.upload(rgba, depth)
+                    vp.draw_layer(color_tex, depth_tex, rig.depth_terms(proj), shift)
+                    gpu.state.active_framebuffer_get().read_color(0, 0, 1, 1, 4, 0, 'FLOAT')  # wait for it
+                    t3 = time.perf_counter()
+                    with torch.inference_mode():  # the float32 UNet on this frame's maps, now
+                        maps, _ = fast.pose_inputs(torch.as_tensor(pose, dtype=torch.float32).reshape(1, 55, 3))
+                        t4 = time.perf_counter()
+                        avatar.unet(maps)
+                        unet_ms = 1e3 * (time.perf_counter() - t4)
+                    if i == 0:
+                        continue  # warm-up: the shader is built in the first draw
+                    ms = [pose_ms, 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2)]
+                    for key, value in zip(rows, ms + [sum(ms), unet_ms]):
+                        rows[key].append(value)
+                    ratios.append(sum(ms) / unet_ms)
+            off.free()
+            self.end_result(self.begin_result(0, 0, 4, 4))
+
+    arm.hda.enabled = False  # no compositing layer for this probe render
+    scene = bpy.context.scene
+    engine, size = scene.render.engine, (scene.render.resolution_x, scene.render.resolution_y)
+    bpy.utils.register_class(Probe)
+    scene.render.engine = "HDA_BENCH_VIEWPORT"
+    scene.render.resolution_x = scene.render.resolution_y = 4
+    bpy.ops.render.render()
+    bpy.utils.unregister_class(Probe)
+    scene.render.engine = engine
+    scene.render.resolution_x, scene.render.resolution_y = size
+    import gpu
+
+    total = _median(rows["total"])
+    print(f"\nviewport {width}x{height}, playback of the keyed clip at {w}x{h} ({gpu.platform.renderer_get()}): "
+          f"ms per frame (median, min)")
+    for key, values in rows.items():
+        print(f"{key:<13} {_median(values):>8.1f} {min(values):>6.1f}")
+    fps = 1e3 / total
+    print(f"pose -> image on screen: {_median(ratios):.2f}x the float32 UNet (median of per-frame ratios; "
+          f"{total / _median(rows['unet f32']):.2f}x ratio of the medians; target <= 0.80: "
+          f"{'met' if _median(ratios) <= 0.8 else 'not met'}), {fps:.1f} fps (target >= 24: "
+          f"{'met' if fps >= 24 else 'not met'})")
 
 
 def main(argv=None) -> int:

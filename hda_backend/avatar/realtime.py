@@ -1,0 +1,107 @@
+"""The per-frame fast path of an avatar: one pose -> posed Gaussians, for the viewport and final renders.
+
+The slow, obviously correct twin is :class:`~hda_backend.avatar.model.Avatar` itself in float32
+(``avatar(pose, transl).index(0)``); ``tests/test_realtime.py`` checks that both render the bundled
+reference avatars and sampled identities within :data:`PSNR_FLOOR_DB` of each other. What differs,
+measured by ``scripts/bench_frame.py`` (README, Speed):
+
+- what depends only on the body and the UV layout is computed once here: the texels' corner vertices
+  and barycentric weights, and the vertex-face incidence as a sparse matrix, so vertex normals are
+  one sparse product instead of three scatter-adds (``body.vertex_normals``, its twin);
+- the UV maps are written straight into a channels-last buffer, the layout oneDNN's convolutions
+  prefer, and the UNet's output is read back channels-last, where a texel's 59 values are contiguous;
+- the UNet runs in bfloat16 autocast where the CPU has bf16 instructions (``precision.resolve``),
+  float32 elsewhere. Its weights are read from ``avatar.unet`` at every call and never copied, frozen
+  or traced, so a weight edit (identity mix, a loaded file) is seen at once.
+
+Skinning and decoding are the reference's own functions (``gaussians.decode``), in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..body import pose_body
+from ..precision import autocast, resolve
+from ..uvmap import global_transform, local_pose
+from .gaussians import Gaussians, decode
+from .model import Avatar
+
+# The fast path must render within this of the float32 reference (a trained avatar's renders from
+# two different people are 20-27 dB apart; README, Default model).
+PSNR_FLOOR_DB = 40.0
+
+
+def vertex_face_matrix(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
+    """[V,F] sparse CSR matrix with a 1 where a vertex is a corner of a face: its product with the face
+    normals sums each vertex's adjacent faces. faces: [F,3]."""
+    corner_vertex = faces.reshape(-1)
+    order = torch.argsort(corner_vertex, stable=True)
+    degree = torch.bincount(corner_vertex, minlength=num_vertices)
+    crow = torch.cat([degree.new_zeros(1), torch.cumsum(degree, 0)])
+    col = torch.arange(faces.shape[0]).repeat_interleave(3)[order]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all that is used
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, torch.ones(col.shape[0]), (num_vertices, faces.shape[0]))
+
+
+def vertex_normals_sparse(vertices: torch.Tensor, faces: torch.Tensor, incidence: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals, as ``body.vertex_normals`` (its twin, three scatter-adds):
+    vertices [V,3], faces [F,3], incidence [V,F] from :func:`vertex_face_matrix` -> [V,3]."""
+    tri = vertices[faces]  # [F,3,3]
+    face_n = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+    return torch.nn.functional.normalize(incidence @ face_n, dim=-1, eps=1e-12)
+
+
+class RealtimeAvatar:
+    """One frame at a time through ``avatar``, precomputed for its body and UV layout.
+
+    precision: "auto" (bfloat16 where the CPU or GPU runs it natively, else float32), "float32" or
+    "bfloat16" for the UNet; see :mod:`hda_backend.precision`.
+    """
+
+    def __init__(self, avatar: Avatar, precision: str = "auto"):
+        self.avatar = avatar
+        device = next(avatar.unet.parameters()).device
+        self.precision = resolve(precision, device)
+        body, layout = avatar.body, avatar.layout
+        self.faces = body.faces.to(device)
+        self.incidence = vertex_face_matrix(body.faces, body.v_template.shape[0]).to(device)
+        self.corners = body.faces[layout.texel_faces()].to(device)  # [M,3] vertex ids
+        self.bary = layout.texel_bary().to(device)  # [M,3]
+        self.texels = layout.texels.to(device)  # [M] flat texel ids
+        self.device = device
+
+    def pose_inputs(self, pose: torch.Tensor):
+        """pose [1,55,3] -> (maps [1,6,R,R] in channels-last memory, the posed template), the values of
+        ``Avatar.pose_inputs`` (global orientation ignored)."""
+        avatar = self.avatar
+        posed = pose_body(avatar.body, local_pose(pose))
+        positions = posed.vertices - posed.joints[:, :1]
+        normals = vertex_normals_sparse(posed.vertices[0], self.faces, self.incidence)
+        both = torch.cat([normals, positions[0]], -1)  # [V,6]
+        texel = torch.einsum("mkc,mk->mc", both[self.corners], self.bary)  # [M,6]
+        texel = torch.cat([torch.nn.functional.normalize(texel[:, :3], dim=-1, eps=1e-12), texel[:, 3:]], -1)
+        res = avatar.uv_res
+        flat = texel.new_zeros(res * res, 6)
+        flat[self.texels] = texel
+        return flat.reshape(1, res, res, 6).permute(0, 3, 1, 2), posed
+
+    def __call__(self, pose, transl=None) -> Gaussians:
+        """pose [165] or [1,55,3] axis-angle; transl [3] or None -> Gaussians of one frame (no batch
+        dimension), like ``avatar(pose, transl).index(0)``. Run under ``torch.inference_mode``."""
+        avatar = self.avatar
+        pose = torch.as_tensor(pose, dtype=torch.float32, device=self.device).reshape(1, 55, 3)
+        if transl is not None:
+            transl = torch.as_tensor(transl, dtype=torch.float32, device=self.device).reshape(1, 3)
+        maps, posed = self.pose_inputs(pose)
+        if avatar.static:
+            maps = avatar._rest_maps(maps).contiguous(memory_format=torch.channels_last)
+        with autocast(self.precision, self.device)():
+            out = avatar.unet(maps)
+        # [1,59,R,R] -> [1,M,59]: a texel's channels are contiguous in channels-last memory.
+        raw = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])[self.texels].float()[None]
+        transforms = global_transform(avatar.body, pose, transl)[:, None] @ posed.transforms
+        return decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)

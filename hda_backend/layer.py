@@ -1,0 +1,63 @@
+"""Rasterizer output -> a compositing layer: linear premultiplied RGBA and a depth pass.
+
+An avatar's colours are display (sRGB-encoded) values, the space its training images were in, so the
+layer linearises them; Blender's view transform (Standard) turns them back into the colours the
+backend renders. Rows run top to bottom, like the rasterizer's images.
+
+:func:`to_layer` is the fast path and :func:`to_layer_reference` its slow, obviously correct twin
+(``tests/test_realtime.py`` compares them): the fast one converts only the bounding box of the pixels
+the avatar covers. Outside that box the alpha is exactly 0, so the twin gives RGBA 0 and
+depth :data:`DEPTH_FAR` there too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEPTH_FAR = 1.0e10      # depth of empty pixels: behind everything (Blender's background depth)
+ALPHA_EMPTY = 1.0e-4    # below this coverage a pixel has no avatar depth
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0,1] -> linear (the IEC 61966-2-1 curve)."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def to_layer_reference(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rgb [H,W,3] premultiplied display colours, alpha [H,W], depth [H,W] expected depth (0 where
+    empty) -> (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32, DEPTH_FAR where the
+    avatar does not cover the pixel), converting every pixel."""
+    a = np.clip(alpha, 0.0, 1.0)
+    straight = np.clip(rgb / np.maximum(a, 1e-6)[..., None], 0.0, 1.0)
+    rgba = np.empty(rgb.shape[:2] + (4,), dtype=np.float32)
+    rgba[..., :3] = srgb_to_linear(straight) * a[..., None]
+    rgba[..., 3] = a
+    z = np.where(a > ALPHA_EMPTY, depth, DEPTH_FAR).astype(np.float32)
+    return rgba, z
+
+
+def covered_box(alpha: np.ndarray) -> tuple[slice, slice] | None:
+    """(rows, columns) slices of the smallest box holding every pixel with alpha > 0, or None."""
+    rows = np.flatnonzero(alpha.max(1) > 0)
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(alpha[rows[0]:rows[-1] + 1].max(0) > 0)
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of :func:`to_layer_reference` (to rounding), converting only the covered box.
+    Both arrays are returned read-only (the frame cache and the viewport share them)."""
+    h, w = alpha.shape
+    rgba = np.zeros((h, w, 4), dtype=np.float32)
+    z = np.full((h, w), DEPTH_FAR, dtype=np.float32)
+    box = covered_box(alpha)
+    if box is not None:
+        a = np.clip(alpha[box], 0.0, 1.0).astype(np.float32, copy=False)
+        straight = np.clip(rgb[box] / np.maximum(a, np.float32(1e-6))[..., None], 0.0, 1.0).astype(np.float32, copy=False)
+        rgba[box][..., :3] = srgb_to_linear(straight).astype(np.float32, copy=False) * a[..., None]
+        rgba[box][..., 3] = a
+        z[box] = np.where(a > ALPHA_EMPTY, depth[box], DEPTH_FAR)
+    rgba.flags.writeable = False
+    z.flags.writeable = False
+    return rgba, z

@@ -1,0 +1,129 @@
+"""The per-frame fast paths against their slow, obviously correct twins (README, Speed).
+
+- hda_backend.avatar.realtime.RealtimeAvatar against Avatar in float32: maps, Gaussians, and renders of
+  the bundled reference avatars and a sampled identity within PSNR_FLOOR_DB (40 dB);
+- its sparse vertex normals against body.vertex_normals;
+- hda_backend.layer.to_layer against to_layer_reference;
+- hda_backend.exr's threaded chunk compression against the same chunks compressed one by one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hda_backend import exr
+from hda_backend.avatar.io import SUFFIX, load_avatar
+from hda_backend.avatar.realtime import PSNR_FLOOR_DB, RealtimeAvatar, vertex_face_matrix, vertex_normals_sparse
+from hda_backend.body import load_body, vertex_normals
+from hda_backend.diffusion.sample import load_diffusion, sample_vectors
+from hda_backend.diffusion.weights import write_avatar
+from hda_backend.fit.losses import psnr
+from hda_backend.layer import DEPTH_FAR, to_layer, to_layer_reference
+from hda_backend.motion import procedural
+from hda_backend.render.camera import intrinsics, look_at
+from hda_backend.render.frames import render_gaussians
+
+DEFAULT = Path(__file__).resolve().parent.parent / "assets" / "default"
+REFERENCES = sorted((DEFAULT / "references").glob("*" + SUFFIX))
+
+
+@pytest.fixture(scope="module")
+def body():
+    return load_body()
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    model = load_diffusion(DEFAULT / "diffusion.safetensors")
+    path = tmp_path_factory.mktemp("realtime") / f"sample_3{SUFFIX}"
+    return write_avatar(sample_vectors(model, [3])[0], model.spec, model.meta, path)
+
+
+def test_sparse_vertex_normals_equal_the_scatter_add_ones(body):
+    gen = torch.Generator().manual_seed(0)
+    vertices = body.v_template + 0.02 * torch.randn(body.v_template.shape, generator=gen)
+    incidence = vertex_face_matrix(body.faces, vertices.shape[0])
+    fast = vertex_normals_sparse(vertices, body.faces, incidence)
+    torch.testing.assert_close(fast, vertex_normals(vertices[None], body.faces)[0], atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_float32_fast_path_gives_the_reference_maps_and_gaussians(body):
+    avatar = load_avatar(REFERENCES[0], body).eval()
+    fast = RealtimeAvatar(avatar, "float32")
+    gen = torch.Generator().manual_seed(1)
+    pose, transl = 0.3 * torch.randn(1, 55, 3, generator=gen), torch.tensor([[0.1, -0.2, 0.3]])
+    maps, _ = fast.pose_inputs(pose)
+    ref_maps, _ = avatar.pose_inputs(pose)
+    assert maps.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(maps, ref_maps, atol=1e-5, rtol=0)
+    for mine, ref in zip(fast(pose, transl), avatar(pose, transl).index(0)):
+        torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", [p.name for p in REFERENCES] + ["sampled"])
+@torch.inference_mode()
+def test_bf16_fast_path_renders_trained_avatars_within_the_floor(body, sampled, which):
+    """Over a clip, the bf16 fast path and the float32 reference render the same avatar within 40 dB
+    (the floor), and really differ (the fast path did run in bf16)."""
+    avatar = load_avatar(sampled if which == "sampled" else DEFAULT / "references" / which, body).eval()
+    avatar.unet.to(memory_format=torch.channels_last)
+    fast = RealtimeAvatar(avatar, "bfloat16")
+    poses = procedural("walk", 3).poses
+    size = 192
+    K = intrinsics(size, size, 35.0)
+    view = look_at(torch.tensor([0.4, 0.3, 3.2]), torch.tensor([0.0, -0.1, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    worst = float("inf")
+    for frame in range(poses.shape[0]):
+        ref = render_gaussians(avatar(poses[frame:frame + 1]).index(0), view, K, size, size)[0]
+        mine = render_gaussians(fast(poses[frame]), view, K, size, size)[0]
+        worst = min(worst, float(psnr(mine, ref)))
+    assert PSNR_FLOOR_DB < worst < 150.0, worst
+
+
+def test_fast_layer_equals_the_reference_layer():
+    rng = np.random.default_rng(0)
+    h, w = 64, 80
+    alpha = np.zeros((h, w), np.float32)
+    alpha[10:40, 20:61] = rng.uniform(0.0, 1.0, (30, 41))
+    alpha[12, 25] = 1e-5  # covered, but too faintly for a depth
+    rgb = (rng.uniform(0, 1, (h, w, 3)) * alpha[..., None]).astype(np.float32)
+    depth = np.where(alpha > 0, rng.uniform(1, 5, (h, w)), 0.0).astype(np.float32)
+    rgba, z = to_layer(rgb, alpha, depth)
+    ref_rgba, ref_z = to_layer_reference(rgb, alpha, depth)
+    np.testing.assert_allclose(rgba, ref_rgba, atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(z, ref_z)
+    assert z[12, 25] == DEPTH_FAR and not rgba.flags.writeable and not z.flags.writeable
+    empty_rgba, empty_z = to_layer(rgb * 0, alpha * 0, depth * 0)
+    assert not empty_rgba.any() and (empty_z == DEPTH_FAR).all()
+
+
+def test_threaded_exr_compression_writes_the_same_bytes():
+    rng = np.random.default_rng(2)
+    rgba = np.zeros((70, 50, 4), np.float32)
+    rgba[20:55, 5:40] = rng.uniform(0, 1, (35, 35, 4))
+    depth = np.where(rgba[..., 3] > 0, 3.0, DEPTH_FAR).astype(np.float32)
+    channels = exr.layer_channels(rgba, depth)
+    threaded = exr.encode_exr(channels, workers=3)
+    exr._deflate.cache_clear()  # compress every block again, one by one
+    assert threaded == exr.encode_exr(channels, workers=1)
+
+
+@torch.inference_mode()
+def test_rendering_only_the_avatars_sh_bands_changes_nothing(body):
+    """Renders evaluate SH up to the avatar's own degree (1 for the references); the bands above are
+    zero, so the degree-3 evaluation (the twin) gives the same image."""
+    avatar = load_avatar(REFERENCES[0], body).eval()
+    degree = avatar.gaussian_config.sh_degree
+    assert degree < 3
+    g = RealtimeAvatar(avatar, "float32")(procedural("walk", 2).poses[1])
+    K = intrinsics(96, 96, 35.0)
+    view = look_at(torch.tensor([0.3, 0.2, 3.0]), torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    low, alpha_low = render_gaussians(g, view, K, 96, 96, render_mode="RGB+ED", sh_degree=degree)
+    full, alpha_full = render_gaussians(g, view, K, 96, 96, render_mode="RGB+ED", sh_degree=3)
+    torch.testing.assert_close(low, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(alpha_low, alpha_full, atol=0, rtol=0)
