@@ -17,7 +17,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .cli_args import Parser, add_config_args, config_from_args, int_in  # noqa: E402
+from .cli_args import Parser, add_config_args, add_device_arg, config_from_args, int_in  # noqa: E402
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
 from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
@@ -33,6 +33,23 @@ def _positive(name: str, limit: int):
 
 
 _size = _positive("--size", MAX_SIZE)
+
+
+def resolve_device(requested: str):
+    """The torch device for ``--device`` (imported here: the parser itself runs without torch)."""
+    from .devices import resolve_device as resolve
+
+    return resolve(requested)
+
+
+def _hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise HDAError(f"--wait-hours {text!r}: expected a number of hours") from None
+    if not 0 < value < 10_000:
+        raise HDAError(f"--wait-hours {text}: expected a positive number of hours below 10000")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat: the avatar's colours; clay: grey shaded by Gaussian normals "
                         "(default: clay for --init, flat for --avatar)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     add_config_args(p)
 
@@ -62,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="baseline: UNet input frozen at the rest pose")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000), help="override fit.steps / fit.init_steps")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("eval-fit", help="held-out PSNR/SSIM(/LPIPS) of fitted avatars on a subject")
@@ -72,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="the side-by-side picture (ground truth, each avatar, its error) on held-out-motion "
                                  "frames (default: <first avatar>.eval.png)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("fit-all", help="fit every subject of a dataset (shards over torchrun ranks)")
@@ -80,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start every subject from this avatar (default: the first subject's fit)")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000))
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
+    p.add_argument("--wait-hours", type=_hours, default=None,
+                   help="how long ranks wait for each other, e.g. for rank 0's first fit (default: 72)")
     add_config_args(p)
 
     p = sub.add_parser("export-ply", help="write an avatar's Gaussians as standard 3DGS .ply files, one per frame")
@@ -91,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", choices=("body", "zup"), default="body",
                    help="body: the backend's coordinates; zup: +Y up turned to +Z up (Blender)")
     p.add_argument("--out", required=True, help="a folder (frame_NNNN.ply) or a .ply file name")
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("info", help="describe an avatar, body, or motion file")
@@ -118,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive("--size", 1024), default=128, help="gallery image size")
     p.add_argument("--inception", help="TorchScript Inception-V3 features file for FID/KID (or $HDA_INCEPTION)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     add_config_args(p)
 
@@ -132,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=24)
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
+    add_device_arg(p)
     return parser
 
 
@@ -143,11 +169,13 @@ def cmd_render(args) -> None:
     from .render.frames import render_motion
 
     config = config_from_args(args)
+    device = resolve_device(args.device)
     body = load_body(config.body.path, config.body.num_betas)
     if args.avatar:
         avatar = load_avatar(args.avatar, body)
     else:
         avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
+    avatar = avatar.to(device)
     motion = get_motion(args.motion, args.frames)
     shading = args.shading or ("clay" if args.init is not None else "flat")
     size = args.size or config.render.size
@@ -163,7 +191,7 @@ def cmd_fit(args) -> None:
     from .fit.trainer import fit_subject
 
     result = fit_subject(args.subject, args.out, config_from_args(args), init_from=args.init_from, resume=args.resume,
-                         static=args.static, steps=args.steps, backend=args.backend)
+                         static=args.static, steps=args.steps, backend=args.backend, device=args.device)
     print(f"wrote {result.paths.avatar} after {result.steps} steps in {result.seconds / 60:.1f} min "
           f"(training-view PSNR {result.final_psnr:.2f} dB); curve: {result.paths.curve}, views: {result.paths.views}")
 
@@ -183,7 +211,8 @@ def cmd_eval_fit(args) -> None:
     from .images import save_png
 
     config = config_from_args(args)
-    subject = load_subject(args.subject)
+    device = resolve_device(args.device)
+    subject = load_subject(args.subject).to(device)
     body = load_body(config.body.path, config.body.num_betas)
     perceptual, status = load_lpips(config.fit.lpips_alexnet)
     if perceptual is None:
@@ -191,7 +220,7 @@ def cmd_eval_fit(args) -> None:
     rows, avatars = [], []
     backend = args.backend or config.render.backend
     for path in args.avatars:
-        avatar = load_avatar(path, body)
+        avatar = load_avatar(path, body).to(device)
         name = Path(path).name.removesuffix(SUFFIX) + (" (static)" if avatar.static else "")
         avatars.append((name, avatar))
         rows.append((name, evaluate(subject, avatar, args.frames, backend, perceptual, progress=True)))
@@ -204,10 +233,10 @@ def cmd_eval_fit(args) -> None:
 
 
 def cmd_fit_all(args) -> None:
-    from .fit.fit_all import fit_all
+    from .fit.fit_all import WAIT_HOURS, fit_all
 
     log = fit_all(args.dataset, args.out, config_from_args(args), init_from=args.init_from, steps=args.steps,
-                  backend=args.backend)
+                  backend=args.backend, device=args.device, wait_hours=args.wait_hours or WAIT_HOURS)
     fitted = sum(row["status"] == "fitted" for row in log)
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
 
@@ -223,11 +252,13 @@ def cmd_export_ply(args) -> None:
 
     config = config_from_args(args)
     matrix = coords_matrix(args.coords)
+    device = resolve_device(args.device)
     body = load_body(config.body.path, config.body.num_betas)
     if args.avatar:
         avatar = load_avatar(args.avatar, body)
     else:
         avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
+    avatar = avatar.to(device)
     if args.motion:
         motion = get_motion(args.motion)
         poses, transl = motion.poses, motion.transl
@@ -252,7 +283,8 @@ def cmd_eval_gen(args) -> None:
     gallery = GalleryConfig(
         poses=tuple(x.strip() for x in args.poses.split(",")) if args.poses else GalleryConfig.poses,
         azimuths_deg=tuple(360.0 * c / args.cameras for c in range(args.cameras)), size=args.size,
-        fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend)
+        fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend,
+        device=str(resolve_device(args.device)))
     eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, baselines=baselines, gallery=gallery)
     perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
     inception, inception_status = load_inception(args.inception)
@@ -270,7 +302,8 @@ def cmd_build_default(args) -> None:
     from .build_default import DefaultBuildConfig, build_default
 
     start = time.perf_counter()
-    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until)
+    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until,
+                  device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")
 
 

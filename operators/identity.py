@@ -76,7 +76,7 @@ class HDA_OT_sample_identity(bpy.types.Operator):
         if self.random:
             h.seed = secrets.randbelow(MAX_SEED + 1)
         try:
-            written = sample_identity(obj, load_model(path), steps=self.steps or None)
+            written = sample_identity(obj, load_model(path, obj.hda.device), steps=self.steps or None)
             h.avatar_path = relative_path(written, bpy.data.filepath)
             runtime.invalidate(obj)
             runtime.get_avatar(obj)  # refuse a sample made for another body now, not at render time

@@ -16,6 +16,7 @@ Distances between two avatars X, Y with gallery images x, y [V,H,W,3]:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -50,6 +51,7 @@ class GalleryConfig:
     fov_deg: float = 30.0
     background: tuple = (1.0, 1.0, 1.0)
     backend: str = "auto"
+    device: str = "cpu"  # where avatars are posed and rendered (images come back to the CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +69,7 @@ class GalleryViews(NamedTuple):
     Ks: torch.Tensor
     size: int
     background: torch.Tensor
+    device: str = "cpu"  # where render_avatar poses and renders (these tensors stay on the CPU)
 
     @property
     def num_views(self) -> int:
@@ -131,12 +134,20 @@ def gallery_views(body: BodyModel, config: GalleryConfig = GalleryConfig()) -> G
         views.append(look_at(eye, target, up))
     K = intrinsics(config.size, config.size, config.fov_deg)
     return GalleryViews(poses, torch.stack(views), K.expand(len(views), 3, 3).clone(), config.size,
-                        torch.tensor(config.background, dtype=torch.float32))
+                        torch.tensor(config.background, dtype=torch.float32), config.device)
 
 
 @torch.no_grad()
-def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One avatar's gallery: (images [V,H,W,3] over the background, alpha [V,H,W])."""
+def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto",
+                  device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One avatar's gallery: (images [V,H,W,3] over the background, alpha [V,H,W]), on the CPU.
+
+    device: where to pose and render (None: the views' device); the caller's avatar is not moved."""
+    device = views.device if device is None else device
+    if torch.device(device) != next(avatar.parameters()).device:
+        avatar = copy.deepcopy(avatar).to(device)
+    device = next(avatar.parameters()).device
+    views = GalleryViews(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in views))
     gaussians = avatar(views.poses)
     images, alphas = [], []
     for p in range(views.poses.shape[0]):
@@ -146,15 +157,17 @@ def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") ->
                                           background=views.background, backend=backend)
             images.append(rgb.clamp(0.0, 1.0))
             alphas.append(alpha[..., 0])
-    return torch.stack(images), torch.stack(alphas)
+    return torch.stack(images).cpu(), torch.stack(alphas).cpu()
 
 
 def render_gallery(avatars: Iterable[Avatar], views: GalleryViews, backend: str = "auto",
-                   progress: bool = False, desc: str = "gallery", total: int | None = None) -> Gallery:
-    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]. ``total``: N for the progress bar."""
+                   progress: bool = False, desc: str = "gallery", total: int | None = None,
+                   device: str | torch.device | None = None) -> Gallery:
+    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]. ``total``: N for the progress bar;
+    ``device``: see :func:`render_avatar`."""
     images, alphas = [], []
     for avatar in tqdm(avatars, desc=desc, unit="avatar", disable=not progress, total=total):
-        rgb, alpha = render_avatar(avatar, views, backend)
+        rgb, alpha = render_avatar(avatar, views, backend, device)
         images.append(rgb)
         alphas.append(alpha)
     if not images:
