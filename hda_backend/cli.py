@@ -169,14 +169,13 @@ def cmd_render(args) -> None:
     from .render.frames import render_motion
 
     config = config_from_args(args)
-    device = resolve_device(args.device)
     body = load_body(config.body.path, config.body.num_betas)
     if args.avatar:
         avatar = load_avatar(args.avatar, body)
     else:
         avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
-    avatar = avatar.to(device)
     motion = get_motion(args.motion, args.frames)
+    avatar = avatar.to(resolve_device(args.device))  # once the arguments are known to be good
     shading = args.shading or ("clay" if args.init is not None else "flat")
     size = args.size or config.render.size
     start = time.perf_counter()
@@ -211,16 +210,18 @@ def cmd_eval_fit(args) -> None:
     from .images import save_png
 
     config = config_from_args(args)
-    device = resolve_device(args.device)
-    subject = load_subject(args.subject).to(device)
+    subject = load_subject(args.subject)
     body = load_body(config.body.path, config.body.num_betas)
+    loaded = [(path, load_avatar(path, body)) for path in args.avatars]  # every file checked first
+    device = resolve_device(args.device)
+    subject = subject.to(device)
     perceptual, status = load_lpips(config.fit.lpips_alexnet)
     if perceptual is None:
         print(status)
     rows, avatars = [], []
     backend = args.backend or config.render.backend
-    for path in args.avatars:
-        avatar = load_avatar(path, body).to(device)
+    for path, avatar in loaded:
+        avatar = avatar.to(device)
         name = Path(path).name.removesuffix(SUFFIX) + (" (static)" if avatar.static else "")
         avatars.append((name, avatar))
         rows.append((name, evaluate(subject, avatar, args.frames, backend, perceptual, progress=True)))
@@ -252,13 +253,11 @@ def cmd_export_ply(args) -> None:
 
     config = config_from_args(args)
     matrix = coords_matrix(args.coords)
-    device = resolve_device(args.device)
     body = load_body(config.body.path, config.body.num_betas)
     if args.avatar:
         avatar = load_avatar(args.avatar, body)
     else:
         avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
-    avatar = avatar.to(device)
     if args.motion:
         motion = get_motion(args.motion)
         poses, transl = motion.poses, motion.transl
@@ -266,6 +265,7 @@ def cmd_export_ply(args) -> None:
         poses, transl = torch.zeros(1, NUM_JOINTS, 3), torch.zeros(1, 3)
     frames = parse_frames(args.frames, poses.shape[0])
     paths = output_paths(args.out, frames)
+    avatar = avatar.to(resolve_device(args.device))  # once the arguments are known to be good
     start = time.perf_counter()
     export_frames(avatar, poses[frames], transl[frames], paths, matrix, progress=True)
     print(f"wrote {len(paths)} .ply files ({avatar.num_gaussians} Gaussians each, {args.coords} coordinates): "

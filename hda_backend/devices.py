@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Callable
 
 import torch
@@ -31,9 +32,14 @@ def parse_device(text: str, name: str = "--device") -> str:
     return value
 
 
-def resolve_device(requested: str | torch.device | None = "auto", log: Callable[[str], None] = print,
+def log_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resolve_device(requested: str | torch.device | None = "auto", log: Callable[[str], None] = log_stderr,
                    cuda_count: int | None = None, name: str = "--device") -> torch.device:
-    """The device for a request; ``auto`` logs one line saying what it chose and why.
+    """The device for a request; ``auto`` logs one line saying what it chose and why (default: to stderr,
+    beside progress bars, so that a command's stdout stays its result).
 
     cuda_count: the number of CUDA devices (None: ask torch). A CUDA request without CUDA, or for a
     device index torch does not see, is one clear error line."""

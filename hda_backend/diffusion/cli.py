@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli_args import add_config_args, config_from_args, int_in
+from ..cli_args import add_config_args, add_device_arg, config_from_args, int_in
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED, NORMALIZATIONS, TOKENIZERS
 
@@ -38,6 +38,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--tokenizer", choices=TOKENIZERS, help="override diffusion.tokenizer")
     p.add_argument("--normalization", choices=NORMALIZATIONS, help="override diffusion.normalization")
     p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="total steps (default: epochs)")
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("sample", help="sample new avatars from a trained diffusion model")
@@ -46,6 +47,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--n", type=int_in("--n", 1, MAX_SAMPLES), default=1, help="avatars: seeds seed..seed+n-1")
     p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (default: the model's)")
     p.add_argument("--out", required=True, help="folder for sample_<seed>.hda.safetensors")
+    add_device_arg(p)
 
     p = sub.add_parser("interpolate", help="an identity between two seeds (noise slerp) or two avatar files")
     p.add_argument("--model", help="a model file: interpolate between --seed-a and --seed-b")
@@ -74,7 +76,7 @@ def cmd_train_diffusion(args) -> None:
     d = config_from_args(args).diffusion
     d = dataclasses.replace(d, tokenizer=args.tokenizer or d.tokenizer,
                             normalization=args.normalization or d.normalization)
-    result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps)
+    result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps, device=args.device)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(f"wrote {result.paths.model} after {result.steps} steps in {result.seconds / 60:.1f} min "
               f"({d.tokenizer} tokens, {result.parameters:,} parameters, {d.normalization} normalisation "
@@ -86,7 +88,7 @@ def cmd_sample(args) -> None:
     from .sample import sample_avatars
 
     start = time.perf_counter()
-    paths = sample_avatars(args.model, args.seed, args.n, args.steps, args.out, progress=True)
+    paths = sample_avatars(args.model, args.seed, args.n, args.steps, args.out, progress=True, device=args.device)
     elapsed = time.perf_counter() - start
     print(f"wrote {len(paths)} avatars to {args.out} ({paths[0].name} ...) in {elapsed:.1f} s")
 

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..avatar.io import SUFFIX as AVATAR_SUFFIX
-from ..devices import resolve_device
+from ..devices import log_stderr, resolve_device
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED
 from .model_io import DiffusionModel, load_diffusion
@@ -84,7 +84,7 @@ def _as_model(model) -> DiffusionModel:
 
 
 def sample_avatars(model_path, seed: int, n: int, steps: int | None, out_dir, progress: bool = False,
-                   device: str | torch.device | None = None, log: Callable[[str], None] = print) -> list[Path]:
+                   device: str | torch.device | None = None, log: Callable[[str], None] = log_stderr) -> list[Path]:
     """Write ``out_dir/sample_<s>.hda.safetensors`` for s = seed .. seed+n-1; ``model_path``: a path or a
     loaded :class:`DiffusionModel`. ``device``: auto | cpu | cuda[:N] to denoise on (None: where the
     model is); the noise of a seed is drawn on the CPU, so every device starts from the same x_T."""

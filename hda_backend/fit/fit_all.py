@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..avatar.io import SUFFIX
 from ..config import Config
 from ..dataset import list_subjects
-from ..devices import rank_device, resolve_device
+from ..devices import log_stderr, rank_device, resolve_device
 from ..errors import HDAError
 from .trainer import FitPaths, fit_subject
 
@@ -89,7 +89,7 @@ def fit_all(dataset_dir, out_dir, config: Config, init_from=None, steps: int | N
     out_dir.mkdir(parents=True, exist_ok=True)
     if not wait_hours > 0:
         raise HDAError(f"--wait-hours {wait_hours}: expected a positive number of hours")
-    rank, world, distributed, rank_dev = _init_distributed(device, lambda m: print(m, flush=True))
+    rank, world, distributed, rank_dev = _init_distributed(device, log_stderr)
     log: list[dict] = []
     waiting = wait_group(wait_hours) if distributed else None
 

@@ -163,11 +163,7 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     """Fit one subject; see the module docstring for the files written. ``stop_after`` ends the run
     early (after a checkpoint), as an interruption would. ``device``: auto | cpu | cuda[:N] (see
     ``hda_backend.devices``); the avatar and the subject's cameras, poses and images go there."""
-    device = resolve_device(device, log)
-    if device.type == "cpu" and torch.cuda.is_available():
-        log(f"fit: training on the CPU although CUDA is available ({config.preset} preset); "
-            "pass --device auto or cuda to train on the GPU")
-    subject = load_subject(subject_dir).to(device)
+    subject = load_subject(subject_dir)
     if not subject.train_frames or not subject.train_cameras:
         raise HDAError(f"{subject.root}/subject.json: no training frames or cameras, expected at least one of each")
     paths = FitPaths.for_output(out)
@@ -176,7 +172,12 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     total = steps or (fit.init_steps if init_from else fit.steps)
     if paths.checkpoint.exists() and not resume:
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
-    avatar = initial_avatar(config, body, init_from, static).to(device)
+    avatar = initial_avatar(config, body, init_from, static)
+    device = resolve_device(device, log)  # once the inputs are known to be good
+    if device.type == "cpu" and torch.cuda.is_available():
+        log(f"fit: training on the CPU although CUDA is available ({config.preset} preset); "
+            "pass --device auto or cuda to train on the GPU")
+    subject, avatar = subject.to(device), avatar.to(device)
     precision = avatar.precision = resolve_precision(fit.precision, device)
     optimizer = torch.optim.AdamW(avatar.unet.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
     generator = torch.Generator().manual_seed(fit.seed)
