@@ -35,11 +35,12 @@ def _positive(name: str, limit: int):
 _size = _positive("--size", MAX_SIZE)
 
 
-def resolve_device(requested: str):
-    """The torch device for ``--device`` (imported here: the parser itself runs without torch)."""
-    from .devices import resolve_device as resolve
+def resolve_device(requested: str, log=None):
+    """The torch device for ``--device`` (imported here: the parser itself runs without torch); auto's
+    line goes to ``log`` (default: stderr)."""
+    from .devices import log_stderr, resolve_device as resolve
 
-    return resolve(requested)
+    return resolve(requested, log or log_stderr)
 
 
 def _hours(text: str) -> float:
@@ -284,7 +285,7 @@ def cmd_eval_gen(args) -> None:
         poses=tuple(x.strip() for x in args.poses.split(",")) if args.poses else GalleryConfig.poses,
         azimuths_deg=tuple(360.0 * c / args.cameras for c in range(args.cameras)), size=args.size,
         fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend,
-        device=str(resolve_device(args.device)))
+        device=str(resolve_device(args.device, log=print)))  # with the other status lines, before the work
     eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, baselines=baselines, gallery=gallery)
     perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
     inception, inception_status = load_inception(args.inception)

@@ -93,9 +93,9 @@ def sample_avatars(model_path, seed: int, n: int, steps: int | None, out_dir, pr
     check_seed(seed)
     check_seed(seed + n - 1, "--seed + --n - 1")
     model = _as_model(model_path)
-    if device is not None:
-        model.to(resolve_device(device, log))
     steps = check_steps(model, steps)
+    if device is not None:  # once the arguments are known to be good
+        model.to(resolve_device(device, log))
     out_dir = Path(out_dir)
     paths = []
     for s in tqdm(range(seed, seed + n), desc="sample", unit="avatar", disable=not progress):

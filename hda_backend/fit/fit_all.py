@@ -37,7 +37,9 @@ WAIT_HOURS = 72.0  # a paper-preset first fit (700k steps) takes about 10 h at 2
 def _init_distributed(requested: str, log: Callable[[str], None]) -> tuple[int, int, bool, torch.device]:
     """(rank, world, distributed, this rank's device) for ``--device`` ``requested``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    # Under torchrun (which sets LOCAL_RANK) even one rank runs the distributed path, so that a single
+    # GPU checks the nccl set-up (scripts/device_check.py).
+    if world <= 1 and "LOCAL_RANK" not in os.environ:
         return 0, 1, False, resolve_device(requested, log)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = torch.device(rank_device(requested, int(os.environ.get("LOCAL_RANK", "0")), local,
@@ -55,6 +57,7 @@ def _init_distributed(requested: str, log: Callable[[str], None]) -> tuple[int, 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
+    log(f"fit-all: rank {dist.get_rank()} of {dist.get_world_size()}, {dist.get_backend()} on {device}")
     return dist.get_rank(), dist.get_world_size(), True, device
 
 
