@@ -190,8 +190,8 @@ def check_samples(cuda: bool, work: Path, seeds: list[int], steps: int | None) -
         worst = min(worst, psnr(images[0].clamp(0, 1), images[1].clamp(0, 1)))
         scale = float(ref_vectors[i].abs().max())
         worst_weight = max(worst_weight, float((ref_vectors[i] - other_vectors[i]).abs().max()) / max(scale, 1e-12))
-    value = (f"rendered PSNR min {worst:.1f} dB over seeds {seeds}, weights max |diff| {worst_weight:.1e} "
-             f"of max |w|")
+    value = (f"rendered PSNR min {worst:.1f} dB over seeds {seeds}, weights max abs diff {worst_weight:.1e} "
+             f"of max abs weight")
     return value, worst >= PSNR_TARGET
 
 
