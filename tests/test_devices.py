@@ -227,3 +227,50 @@ def test_a_wait_past_wait_hours_ends_with_one_line():
     out = _run_pair(first_fit_s=6.0, wait_hours=1.0 / 3600)  # a 1 s wait for a 6 s fit
     assert out[1].startswith("fit-all: rank 1 waited for rank 0's first fit longer than")
     assert "--wait-hours" in out[1] and "\n" not in out[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# --device on every entry point, and the add-on's device setting reaching the fit job
+
+
+COMMANDS = {
+    "render": ["render", "--init", "0", "--out", "o"],
+    "fit": ["fit", "subject", "--out", "o.hda.safetensors"],
+    "fit-all": ["fit-all", "data", "--out", "o"],
+    "eval-fit": ["eval-fit", "subject", "a.hda.safetensors"],
+    "train-diffusion": ["train-diffusion", "fits", "--out", "d.safetensors"],
+    "sample": ["sample", "--model", "d.safetensors", "--out", "o"],
+    "eval-gen": ["eval-gen", "--reference", "r", "--out", "o"],
+    "export-ply": ["export-ply", "--init", "0", "--out", "o"],
+    "build-default": ["build-default"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_entry_point_takes_device(command, capsys):
+    from hda_backend.cli import build_parser, main
+
+    parser = build_parser()
+    assert parser.parse_args(COMMANDS[command]).device == "auto"
+    assert parser.parse_args(COMMANDS[command] + ["--device", "cuda:1"]).device == "cuda:1"
+    assert main(COMMANDS[command] + ["--device", "gpu0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device 'gpu0': expected auto, cpu, cuda or cuda:N" in err
+
+
+def test_a_cuda_request_without_cuda_is_one_line(tmp_path, capsys):
+    from hda_backend.cli import main
+
+    code = main(["render", "--init", "0", "--frames", "1", "--preset", "tiny", "--out", str(tmp_path), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--device cuda: torch" in err and "sees no CUDA device" in err
+
+
+def test_the_addon_device_setting_reaches_the_fit_job(tmp_path):
+    from blender_addon import fitjob
+    from hda_backend.cli import build_parser
+
+    argv, _ = fitjob.fit_command("subj", tmp_path / "o.hda.safetensors", "/ext", device="cuda", python="py",
+                                 sys_path=[], base_env={})
+    args = build_parser().parse_args(argv[3:])
+    assert args.device == "cuda" and args.backend is None  # --backend keeps choosing the rasterizer (auto)
