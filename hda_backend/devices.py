@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from .errors import HDAError
 
@@ -107,6 +106,17 @@ def map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
     return dataclasses.replace(obj, **changes)
 
 
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors in an operation's arguments or result (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors_in(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors_in(item)]
+    return []
+
+
 class DeviceError(AssertionError):
     """An operation mixed devices or made a tensor off the expected device (see :class:`DeviceGuard`)."""
 
@@ -135,12 +145,12 @@ class DeviceGuard(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor) and self._off(t):
+        for t in _tensors_in((args, kwargs)):
+            if self._off(t):
                 self.violations.append(f"{name} got a {t.device} tensor of shape {list(t.shape)}")
         result = func(*args, **kwargs)
-        for t in tree_flatten(result)[0]:
-            if isinstance(t, torch.Tensor) and self._off(t):
+        for t in _tensors_in(result):
+            if self._off(t):
                 self.violations.append(f"{name} made a {t.device} tensor of shape {list(t.shape)}")
         return result
 
