@@ -18,6 +18,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .cli_args import Parser, add_config_args, add_device_arg, config_from_args, int_in  # noqa: E402
+from .constants import FIT_ALL_WAIT_HOURS  # noqa: E402
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
 from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
@@ -102,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive("--steps", 10_000_000))
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     add_device_arg(p)
-    p.add_argument("--wait-hours", type=_hours, default=None,
-                   help="how long ranks wait for each other, e.g. for rank 0's first fit (default: 72)")
+    p.add_argument("--wait-hours", type=_hours, default=FIT_ALL_WAIT_HOURS,
+                   help=f"how long ranks wait for each other, e.g. for rank 0's first fit "
+                        f"(default: {FIT_ALL_WAIT_HOURS:g})")
     add_config_args(p)
 
     p = sub.add_parser("export-ply", help="write an avatar's Gaussians as standard 3DGS .ply files, one per frame")
@@ -235,10 +237,10 @@ def cmd_eval_fit(args) -> None:
 
 
 def cmd_fit_all(args) -> None:
-    from .fit.fit_all import WAIT_HOURS, fit_all
+    from .fit.fit_all import fit_all
 
     log = fit_all(args.dataset, args.out, config_from_args(args), init_from=args.init_from, steps=args.steps,
-                  backend=args.backend, device=args.device, wait_hours=args.wait_hours or WAIT_HOURS)
+                  backend=args.backend, device=args.device, wait_hours=args.wait_hours)
     fitted = sum(row["status"] == "fitted" for row in log)
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
 

@@ -25,13 +25,11 @@ import torch.distributed as dist
 
 from ..avatar.io import SUFFIX
 from ..config import Config
+from ..constants import FIT_ALL_WAIT_HOURS
 from ..dataset import list_subjects
 from ..devices import log_stderr, rank_device, resolve_device
 from ..errors import HDAError
 from .trainer import FitPaths, fit_subject
-
-
-WAIT_HOURS = 72.0  # a paper-preset first fit (700k steps) takes about 10 h at 20 steps/s
 
 
 def _init_distributed(requested: str, log: Callable[[str], None]) -> tuple[int, int, bool, torch.device]:
@@ -78,7 +76,7 @@ def wait_for_ranks(group, hours: float, rank: int, what: str) -> None:
 
 def fit_all(dataset_dir, out_dir, config: Config, init_from=None, steps: int | None = None,
             backend: str | None = None, progress: bool = True, device: str = "auto",
-            wait_hours: float = WAIT_HOURS) -> list[dict]:
+            wait_hours: float = FIT_ALL_WAIT_HOURS) -> list[dict]:
     """Fit the subjects of ``dataset_dir`` into ``out_dir/<subject>.hda.safetensors``.
 
     Returns this rank's log: {"subject", "status": "fitted"|"skipped", "rank"} per subject it handled;
