@@ -58,6 +58,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--t", type=_fraction, required=True, help="0 gives a, 1 gives b")
     p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (with --model)")
     p.add_argument("--out", required=True, help="the avatar file to write (*.hda.safetensors)")
+    add_device_arg(p)
 
 
 def add_bench_parser(bench) -> None:
@@ -95,7 +96,7 @@ def cmd_sample(args) -> None:
 
 def cmd_interpolate(args) -> None:
     from .model_io import load_diffusion
-    from .sample import interpolate_avatars, interpolate_noise
+    from .sample import check_steps, interpolate_avatars, interpolate_noise
     from .weights import write_avatar
 
     by_seed = args.model is not None or args.seed_a is not None or args.seed_b is not None
@@ -105,7 +106,11 @@ def cmd_interpolate(args) -> None:
     if by_seed:
         if args.model is None or args.seed_a is None or args.seed_b is None:
             raise HDAError("interpolate: --model, --seed-a and --seed-b go together")
+        from ..devices import resolve_device
+
         model = load_diffusion(args.model)
+        check_steps(model, args.steps)  # bad input stays one line: checked before the device is chosen
+        model.to(resolve_device(args.device))  # the noise is drawn on the CPU: the same on every device
         vec = interpolate_noise(model, args.seed_a, args.seed_b, args.t, args.steps)
         path = write_avatar(vec, model.spec, model.meta, args.out,
                             origin=f"interpolate:sample:{args.seed_a}:{args.seed_b}:{args.t:g} model:{model.path.name}")
