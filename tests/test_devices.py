@@ -240,6 +240,7 @@ COMMANDS = {
     "eval-fit": ["eval-fit", "subject", "a.hda.safetensors"],
     "train-diffusion": ["train-diffusion", "fits", "--out", "d.safetensors"],
     "sample": ["sample", "--model", "d.safetensors", "--out", "o"],
+    "interpolate": ["interpolate", "--a", "a.hda.safetensors", "--b", "b.hda.safetensors", "--t", "0.5", "--out", "o"],
     "eval-gen": ["eval-gen", "--reference", "r", "--out", "o"],
     "export-ply": ["export-ply", "--init", "0", "--out", "o"],
     "build-default": ["build-default"],
