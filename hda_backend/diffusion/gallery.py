@@ -138,16 +138,15 @@ def gallery_views(body: BodyModel, config: GalleryConfig = GalleryConfig()) -> G
 
 
 @torch.no_grad()
-def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto",
-                  device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One avatar's gallery: (images [V,H,W,3] over the background, alpha [V,H,W]), on the CPU.
 
-    device: where to pose and render (None: the views' device); the caller's avatar is not moved."""
-    device = views.device if device is None else device
-    if torch.device(device) != next(avatar.parameters()).device:
+    Posed and rendered on ``views.device`` (``GalleryConfig.device``); the caller's avatar is not moved."""
+    device = torch.device(views.device)
+    if device != next(avatar.parameters()).device:
         avatar = copy.deepcopy(avatar).to(device)
-    device = next(avatar.parameters()).device
-    views = GalleryViews(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in views))
+    views = views._replace(poses=views.poses.to(device), viewmats=views.viewmats.to(device), Ks=views.Ks.to(device),
+                           background=views.background.to(device))
     gaussians = avatar(views.poses)
     images, alphas = [], []
     for p in range(views.poses.shape[0]):
@@ -161,13 +160,11 @@ def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto",
 
 
 def render_gallery(avatars: Iterable[Avatar], views: GalleryViews, backend: str = "auto",
-                   progress: bool = False, desc: str = "gallery", total: int | None = None,
-                   device: str | torch.device | None = None) -> Gallery:
-    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]. ``total``: N for the progress bar;
-    ``device``: see :func:`render_avatar`."""
+                   progress: bool = False, desc: str = "gallery", total: int | None = None) -> Gallery:
+    """Gallery of every avatar: images [N,V,H,W,3], alpha [N,V,H,W]. ``total``: N for the progress bar."""
     images, alphas = [], []
     for avatar in tqdm(avatars, desc=desc, unit="avatar", disable=not progress, total=total):
-        rgb, alpha = render_avatar(avatar, views, backend, device)
+        rgb, alpha = render_avatar(avatar, views, backend)
         images.append(rgb)
         alphas.append(alpha)
     if not images:
