@@ -83,7 +83,8 @@ def rank_device(requested: str, local_rank: int, local_world: int, cuda_count: i
     if requested == "cpu" or (requested == "auto" and cuda_count == 0):
         return "cpu"
     if cuda_count == 0:
-        raise HDAError(f"--device {requested}: torch sees no CUDA device on this machine; expected --device cpu or auto")
+        raise HDAError(f"--device {requested}: torch sees no CUDA device on this machine; "
+                       "expected --device cpu or auto")
     if ":" in requested:
         if local_world > 1:
             raise HDAError(f"--device {requested} with {local_world} ranks on one machine: expected --device cuda "

@@ -93,7 +93,8 @@ def check_parity(cuda: bool) -> tuple[str, bool]:
         outs = []
         for backend, device in (("cpu", "cpu"), ("cuda", "cuda") if cuda else ("torch", "cpu")):
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in scene.items()}
-            leaves = {k: inputs[k].clone().requires_grad_(True) for k in ("means", "quats", "scales", "opacities", "colors")}
+            leaves = {k: inputs[k].clone().requires_grad_(True)
+                      for k in ("means", "quats", "scales", "opacities", "colors")}
             render, alpha, _ = rasterize(**{**inputs, **leaves}, backend=backend)
             ((render * weights.to(device)).sum() + alpha.sum()).backward()
             outs.append((render.detach().cpu(), {k: v.grad.cpu() for k, v in leaves.items()}))
@@ -183,7 +184,8 @@ def check_samples(cuda: bool, work: Path, seeds: list[int], steps: int | None) -
     for i, seed in enumerate(seeds):
         images = []
         for tag, vec in (("cpu", ref_vectors[i]), ("other", other_vectors[i])):
-            path = write_avatar(vec, reference_model.spec, reference_model.meta, work / f"sample_{seed}_{tag}.hda.safetensors")
+            path = write_avatar(vec, reference_model.spec, reference_model.meta,
+                                work / f"sample_{seed}_{tag}.hda.safetensors")
             avatar = load_avatar(path, body)  # both rendered by the CPU renderer: only the sampling differs
             with torch.no_grad():
                 g = avatar(motion.poses[1:2], motion.transl[1:2]).index(0)
@@ -232,8 +234,10 @@ def check_fit_all(cuda: bool, work: Path) -> tuple[str, bool]:
 def run_checks(cuda: bool, work: Path, seeds: list[int], sample_steps: int | None) -> list[tuple[str, str, str, str]]:
     rows = [
         ("gsplat parity", f"PSNR >= {PSNR_TARGET:.0f} dB, grad cosine >= {COSINE_TARGET}", lambda: check_parity(cuda)),
-        ("avatar 512x512", f">= {FPS_TARGET:.0f} fps, no tensor off the device", lambda: check_avatar(cuda, 512, 512)),
-        ("avatar 1920x1080", f">= {FPS_TARGET:.0f} fps, no tensor off the device", lambda: check_avatar(cuda, 1920, 1080)),
+        ("avatar 512x512", f">= {FPS_TARGET:.0f} fps, no tensor off the device",
+         lambda: check_avatar(cuda, 512, 512)),
+        ("avatar 1920x1080", f">= {FPS_TARGET:.0f} fps, no tensor off the device",
+         lambda: check_avatar(cuda, 1920, 1080)),
         ("paper fit", f">= {FIT_STEPS_PER_S:.0f} steps/s, loss falls", lambda: check_fit(cuda, work)),
         ("default samples CUDA vs CPU", f"rendered PSNR >= {PSNR_TARGET:.0f} dB",
          lambda: check_samples(cuda, work, seeds, sample_steps)),

@@ -143,7 +143,8 @@ def _fake_rasterize(calls):
     """Stands in for the rasterizer on meta (it reads values): checks its inputs share one device."""
     def rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=None,
                   backgrounds=None, render_mode="RGB", backend="auto"):
-        tensors = [means, quats, scales, opacities, colors, viewmats, Ks] + ([backgrounds] if backgrounds is not None else [])
+        tensors = [means, quats, scales, opacities, colors, viewmats, Ks]
+        tensors += [] if backgrounds is None else [backgrounds]
         calls.append({t.device for t in tensors})
         channels = colors.shape[-1] if sh_degree is None else 3
         return (means.new_zeros(1, height, width, channels), means.new_zeros(1, height, width, 1), {})
@@ -262,7 +263,8 @@ def test_every_entry_point_takes_device(command, capsys):
 def test_a_cuda_request_without_cuda_is_one_line(tmp_path, capsys):
     from hda_backend.cli import main
 
-    code = main(["render", "--init", "0", "--frames", "1", "--preset", "tiny", "--out", str(tmp_path), "--device", "cuda"])
+    code = main(["render", "--init", "0", "--frames", "1", "--preset", "tiny", "--out", str(tmp_path),
+                 "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--device cuda: torch" in err and "sees no CUDA device" in err
 
