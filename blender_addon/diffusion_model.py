@@ -33,19 +33,22 @@ def missing_model_text() -> str:
             f"install; point ${ENV_MODEL} (or the operator's Model) at a model from 'hda train-diffusion'")
 
 
-def load_model(path: str):
-    """A DiffusionModel, loaded once per session and file version."""
+def load_model(path: str, device: str = "cpu"):
+    """A DiffusionModel on ``device`` (the avatar's device setting), loaded once per session, file version
+    and device."""
+    from ..hda_backend.devices import resolve_device
     from ..hda_backend.diffusion.sample import load_diffusion
 
     try:
         st = os.stat(path)
     except OSError:
         raise HDAError(f"diffusion model file not found: {path}") from None
-    stamp = (st.st_mtime_ns, st.st_size)
+    where = resolve_device(device, log=lambda line: None, name="avatar device")
+    stamp = (st.st_mtime_ns, st.st_size, str(where))
     loaded = session.models.loaded
     cached = loaded.get(path)
     if cached is None or cached[0] != stamp:
-        loaded[path] = (stamp, load_diffusion(path))
+        loaded[path] = (stamp, load_diffusion(path).to(where))
     return loaded[path][1]
 
 

@@ -69,12 +69,14 @@ class FitFiles:
 
 def fit_command(subject: str | os.PathLike, out: str | os.PathLike, ext_root: str | os.PathLike, *,
                 preset: str | None = None, steps: int | None = None, init_from: str | None = None,
-                backend: str | None = None, python: str | None = None, sys_path: list[str] | None = None,
+                backend: str | None = None, device: str | None = None, python: str | None = None,
+                sys_path: list[str] | None = None,
                 base_env: dict | None = None, numba_cache: str | None = None) -> tuple[list[str], dict]:
     """(argv, env) of the child process that fits ``subject`` into ``out``.
 
     preset: tiny | cpu | paper (None: the CLI's default); steps: None for the preset's; backend:
-    auto | cpu | cuda (None: the preset's); python: default this interpreter (Blender's);
+    auto | cpu | cuda (None: the preset's); device: auto | cpu | cuda[:N], where the fit's tensors live
+    (None: the CLI's auto); python: default this interpreter (Blender's);
     sys_path: default this interpreter's module path; ext_root: the folder holding hda_backend/;
     numba_cache: the child's own numba cache folder. Inside Blender it must differ from Blender's:
     numba caches compiled kernels per source file, and the same file is the module
@@ -93,6 +95,8 @@ def fit_command(subject: str | os.PathLike, out: str | os.PathLike, ext_root: st
         argv += ["--init-from", str(init_from)]
     if backend:
         argv += ["--backend", backend]
+    if device:
+        argv += ["--device", device]
     env = dict(os.environ if base_env is None else base_env)
     env.pop("PYTHONPATH", None)
     paths = list(sys.path if sys_path is None else sys_path)

@@ -48,6 +48,7 @@ class Request:
     mix: float               # a multiple of MIX_STEP in [0, 1]; 0 when seed_b == seed
     steps: int | None        # DDIM steps; None: the model's
     folder: str              # where the avatar file goes
+    device: str = "cpu"      # the avatar's device setting: where the model samples
 
 
 def normalized(seed: int, seed_b: int, mix: float) -> tuple[int, int, float]:
@@ -74,7 +75,7 @@ def sample_file(request: Request) -> str:
     path = os.path.join(request.folder, file_name(digest, request.seed, request.seed_b, request.mix, request.steps))
     if os.path.isfile(path):
         return path
-    model = load_model(request.model)
+    model = load_model(request.model, request.device)
     name = os.path.basename(request.model)
     if request.mix > 0:
         vec = interpolate_noise(model, request.seed, request.seed_b, request.mix, request.steps)
@@ -94,7 +95,7 @@ def request_for(obj, model: str | None = None, steps: int | None = None) -> Requ
         return None
     seed, seed_b, mix = normalized(h.seed, h.seed_b, h.identity_mix)
     steps = h.identity_steps if steps is None else steps
-    return Request(path, seed, seed_b, mix, steps or None, avatar_output_dir())
+    return Request(path, seed, seed_b, mix, steps or None, avatar_output_dir(), h.device)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from . import __version__
 from .atomic import write_text
 from .avatar.io import SUFFIX
 from .config import Config, load_config
+from .devices import resolve_device
 from .errors import HDAError
 
 STAGES = ("studio", "fits", "diffusion", "bundle", "eval", "card")
@@ -159,7 +160,8 @@ def stage_is_current(state: dict, stage: str, paths: BuildPaths, build: DefaultB
 # The stages: each returns what it did, recorded in build.json (the card also reads the record).
 
 
-def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                  device: str = "auto") -> dict:
     from .studio.synth import SynthOptions, pending_images, synth
 
     total = build.subjects * build.cameras * build.frames
@@ -171,10 +173,11 @@ def _stage_studio(paths: BuildPaths, build: DefaultBuildConfig, config: Config, 
     return {"made": left, "found": total - left, "unit": "images"}
 
 
-def _stage_fits(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+def _stage_fits(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                device: str = "auto") -> dict:
     from .fit.fit_all import fit_all
 
-    log = fit_all(paths.studio, paths.fits, config)
+    log = fit_all(paths.studio, paths.fits, config, device=device)
     made = sum(row["status"] == "fitted" for row in log)
     return {"made": made, "found": len(log) - made, "unit": "subjects",
             "logged_seconds": round(sum(fit_seconds(paths.fits).values()), 1)}
@@ -192,17 +195,19 @@ def fit_seconds(fits: Path) -> dict[str, float]:
     return out
 
 
-def _stage_diffusion(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+def _stage_diffusion(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                     device: str = "auto") -> dict:
     from .diffusion.train import DiffusionPaths, train_diffusion
 
     paths.diffusion.parent.mkdir(parents=True, exist_ok=True)
     resume = DiffusionPaths.for_output(paths.diffusion).checkpoint.exists()
-    result = train_diffusion(paths.fits, paths.diffusion, config.diffusion, resume=resume)
+    result = train_diffusion(paths.fits, paths.diffusion, config.diffusion, resume=resume, device=device)
     return {"steps": result.steps, "logged_seconds": round(result.seconds, 1), "parameters": result.parameters,
             "final_loss": result.final_loss}
 
 
-def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                  device: str = "auto") -> dict:
     from .body import load_body
     from .diffusion.compact import compact_avatar, compact_model
 
@@ -217,7 +222,8 @@ def _stage_bundle(paths: BuildPaths, build: DefaultBuildConfig, config: Config, 
     return {"model": model, "references": references}
 
 
-def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                device: str = "auto") -> dict:
     from .body import load_body
     from .diffusion.eval_gen import EvalGenConfig, evaluate_generation
     from .diffusion.gallery import GalleryConfig
@@ -225,7 +231,8 @@ def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
 
     perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
     eval_config = EvalGenConfig(n=build.subjects, seed=build.eval_seed,
-                                gallery=GalleryConfig(fov_deg=config.render.fov_deg, backend=config.render.backend))
+                                gallery=GalleryConfig(fov_deg=config.render.fov_deg, backend=config.render.backend,
+                                                      device=str(resolve_device(device))))
     report = evaluate_generation(paths.fits, paths.eval, load_body(config.body.path, config.body.num_betas),
                                  models={"default": paths.model}, config=eval_config, lpips=perceptual,
                                  notes=(lpips_status, "FID/KID off: no local Inception weights"))
@@ -233,7 +240,8 @@ def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
                                           "plausible_fraction", "seconds_per_identity")} for r in report["rows"]]}
 
 
-def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> dict:
+def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                device: str = "auto") -> dict:
     state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sheet = paths.eval / "samples_vs_nearest.png"
     if sheet.is_file():
@@ -248,8 +256,10 @@ STAGE_FUNCTIONS: dict[str, Callable] = {"studio": _stage_studio, "fits": _stage_
 
 
 def build_default(out, work, build: DefaultBuildConfig = DefaultBuildConfig(), redo: str | None = None,
-                  until: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run (or finish) the stages up to ``until`` (default: all); returns the build state."""
+                  until: str | None = None, log: Callable[[str], None] = print, device: str = "auto") -> dict:
+    """Run (or finish) the stages up to ``until`` (default: all); returns the build state. ``device``:
+    auto | cpu | cuda[:N] for fitting, diffusion training and the evaluation (not part of the build's
+    record: the recipe decides the model, the device only how fast it is made)."""
     for name, value in (("--redo", redo), ("--until", until)):
         if value is not None and value not in STAGES:
             raise HDAError(f"{name} {value!r}: expected one of {', '.join(STAGES)}")
@@ -270,7 +280,7 @@ def build_default(out, work, build: DefaultBuildConfig = DefaultBuildConfig(), r
         log(f"[{stage}] running")
         start = time.perf_counter()
         try:
-            result = STAGE_FUNCTIONS[stage](paths, build, config, state)
+            result = STAGE_FUNCTIONS[stage](paths, build, config, state, device)
         except BaseException:
             entry["status"] = "interrupted"
             raise

@@ -17,7 +17,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .cli_args import Parser, add_config_args, config_from_args, int_in  # noqa: E402
+from .cli_args import Parser, add_config_args, add_device_arg, config_from_args, int_in  # noqa: E402
+from .constants import FIT_ALL_WAIT_HOURS  # noqa: E402
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
 from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
@@ -37,6 +38,24 @@ def _positive(name: str, limit: int):
 _size = _positive("--size", MAX_SIZE)
 
 
+def resolve_device(requested: str, log=None):
+    """The torch device for ``--device`` (imported here: the parser itself runs without torch); auto's
+    line goes to ``log`` (default: stderr)."""
+    from .devices import log_stderr, resolve_device as resolve
+
+    return resolve(requested, log or log_stderr)
+
+
+def _hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise HDAError(f"--wait-hours {text!r}: expected a number of hours") from None
+    if not 0 < value < 10_000:
+        raise HDAError(f"--wait-hours {text}: expected a positive number of hours below 10000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hda", description="Hyper Diffusion Avatars: animatable Gaussian human avatars.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -53,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat: the avatar's colours; clay: grey shaded by Gaussian normals "
                         "(default: clay for --init, flat for --avatar)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     add_config_args(p)
 
@@ -64,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="baseline: UNet input frozen at the rest pose")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000), help="override fit.steps / fit.init_steps")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("eval-fit", help="held-out PSNR/SSIM(/LPIPS) of fitted avatars on a subject")
@@ -74,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="the side-by-side picture (ground truth, each avatar, its error) on held-out-motion "
                                  "frames (default: <first avatar>.eval.png)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("fit-all", help="fit every subject of a dataset (shards over torchrun ranks)")
@@ -82,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start every subject from this avatar (default: the first subject's fit)")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000))
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
+    p.add_argument("--wait-hours", type=_hours, default=FIT_ALL_WAIT_HOURS,
+                   help=f"how long ranks wait for each other, e.g. for rank 0's first fit "
+                        f"(default: {FIT_ALL_WAIT_HOURS:g})")
     add_config_args(p)
 
     p = sub.add_parser("export-ply", help="write an avatar's Gaussians as standard 3DGS .ply files, one per frame")
@@ -93,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", choices=("body", "zup"), default="body",
                    help="body: the backend's coordinates; zup: +Y up turned to +Z up (Blender)")
     p.add_argument("--out", required=True, help="a folder (frame_NNNN.ply) or a .ply file name")
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("info", help="describe an avatar, body, or motion file")
@@ -121,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive("--size", 1024), default=128, help="gallery image size")
     p.add_argument("--inception", help="TorchScript Inception-V3 features file for FID/KID (or $HDA_INCEPTION)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     add_config_args(p)
 
@@ -136,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=24)
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
+    add_device_arg(p)
     return parser
 
 
@@ -153,6 +182,7 @@ def cmd_render(args) -> None:
     else:
         avatar = Avatar.from_init(body, config.uv.res, config.unet, config.gaussians, seed=args.init)
     motion = get_motion(args.motion, args.frames)
+    avatar = avatar.to(resolve_device(args.device))  # once the arguments are known to be good
     shading = args.shading or ("clay" if args.init is not None else "flat")
     size = args.size or config.render.size
     start = time.perf_counter()
@@ -167,7 +197,7 @@ def cmd_fit(args) -> None:
     from .fit.trainer import fit_subject
 
     result = fit_subject(args.subject, args.out, config_from_args(args), init_from=args.init_from, resume=args.resume,
-                         static=args.static, steps=args.steps, backend=args.backend)
+                         static=args.static, steps=args.steps, backend=args.backend, device=args.device)
     print(f"wrote {result.paths.avatar} after {result.steps} steps in {result.seconds / 60:.1f} min "
           f"(training-view PSNR {result.final_psnr:.2f} dB); curve: {result.paths.curve}, views: {result.paths.views}")
 
@@ -189,13 +219,16 @@ def cmd_eval_fit(args) -> None:
     config = config_from_args(args)
     subject = load_subject(args.subject)
     body = load_body(config.body.path, config.body.num_betas)
+    loaded = [(path, load_avatar(path, body)) for path in args.avatars]  # every file checked first
+    device = resolve_device(args.device)
+    subject = subject.to(device)
     perceptual, status = load_lpips(config.fit.lpips_alexnet)
     if perceptual is None:
         print(status)
     rows, avatars = [], []
     backend = args.backend or config.render.backend
-    for path in args.avatars:
-        avatar = load_avatar(path, body)
+    for path, avatar in loaded:
+        avatar = avatar.to(device)
         name = Path(path).name.removesuffix(SUFFIX) + (" (static)" if avatar.static else "")
         avatars.append((name, avatar))
         rows.append((name, evaluate(subject, avatar, args.frames, backend, perceptual, progress=True)))
@@ -211,7 +244,7 @@ def cmd_fit_all(args) -> None:
     from .fit.fit_all import fit_all
 
     log = fit_all(args.dataset, args.out, config_from_args(args), init_from=args.init_from, steps=args.steps,
-                  backend=args.backend)
+                  backend=args.backend, device=args.device, wait_hours=args.wait_hours)
     fitted = sum(row["status"] == "fitted" for row in log)
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
 
@@ -239,6 +272,7 @@ def cmd_export_ply(args) -> None:
         poses, transl = torch.zeros(1, NUM_JOINTS, 3), torch.zeros(1, 3)
     frames = parse_frames(args.frames, poses.shape[0])
     paths = output_paths(args.out, frames)
+    avatar = avatar.to(resolve_device(args.device))  # once the arguments are known to be good
     start = time.perf_counter()
     export_frames(avatar, poses[frames], transl[frames], paths, matrix, progress=True)
     print(f"wrote {len(paths)} .ply files ({avatar.num_gaussians} Gaussians each, {args.coords} coordinates): "
@@ -256,7 +290,8 @@ def cmd_eval_gen(args) -> None:
     gallery = GalleryConfig(
         poses=tuple(x.strip() for x in args.poses.split(",")) if args.poses else GalleryConfig.poses,
         azimuths_deg=tuple(360.0 * c / args.cameras for c in range(args.cameras)), size=args.size,
-        fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend)
+        fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend,
+        device=str(resolve_device(args.device, log=print)))  # with the other status lines, before the work
     eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, baselines=baselines, gallery=gallery)
     perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
     inception, inception_status = load_inception(args.inception)
@@ -274,7 +309,8 @@ def cmd_build_default(args) -> None:
     from .build_default import DefaultBuildConfig, build_default
 
     start = time.perf_counter()
-    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until)
+    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until,
+                  device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")
 
 

@@ -30,6 +30,19 @@ def int_in(name: str, low: int, high: int):
     return parse
 
 
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: auto, cpu, cuda or cuda:N, else a one-line error."""
+    from .devices import parse_device
+
+    return parse_device(text)
+
+
+def add_device_arg(p) -> None:
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto, cpu, cuda or cuda:N: where the tensors live (auto: the first CUDA device if "
+                        "torch sees one, else the CPU, said in one log line); --backend picks the rasterizer")
+
+
 def add_config_args(p) -> None:
     p.add_argument("--preset", help="tiny, cpu or paper (default: paper with CUDA, else cpu)")
     p.add_argument("--config", help="a YAML config file (may name a preset and override fields)")

@@ -28,6 +28,11 @@ AVATAR_SUFFIX = ".hda.safetensors"  # an avatar file (hda_backend/avatar/io.py)
 TOKENIZERS = ("layer", "flat1d", "layer_chunked")   # diffusion.tokenizer
 NORMALIZATIONS = ("coordinate", "layer")            # diffusion.normalization
 
+# ------------------------------------------------------------------------------------------ devices
+# How long fit-all's ranks wait for each other (rank 0's first fit): a paper-preset first fit (700k
+# steps) takes about 10 h at 20 steps/s, and slower GPUs several times that.
+FIT_ALL_WAIT_HOURS = 72.0
+
 # --------------------------------------------------------------------------------------------- limits
 MAX_SAMPLES = 100_000        # avatars one sampling call draws: `hda sample --n`, the weight-space baselines
 MAX_EVAL_SAMPLES = 1000      # samples per row of `hda eval-gen` (each one is rendered and compared)

@@ -18,6 +18,7 @@ field and the expected value. The loader imports neither bpy nor anything from t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 
 from .body.skeleton import NUM_JOINTS, POSE_PARTS
+from .devices import map_tensors
 from .errors import HDAError
 
 FORMAT = "hda-capture"
@@ -54,6 +56,11 @@ class Subject:
     poses: torch.Tensor      # [F,55,3]
     transl: torch.Tensor     # [F,3]
     betas: torch.Tensor      # [nb]
+    device: torch.device = torch.device("cpu")  # where image() and mask() put the decoded pixels
+
+    def to(self, device: str | torch.device) -> "Subject":
+        """The same subject with its cameras and poses on ``device``, and its images decoded onto it."""
+        return dataclasses.replace(map_tensors(self, lambda t: t.to(device)), device=torch.device(device))
 
     @property
     def num_cameras(self) -> int:
@@ -89,7 +96,7 @@ class Subject:
         if a.shape[2] == 4:
             alpha = a[..., 3:4]
             a = a[..., :3] * alpha + np.asarray(self.background, np.float32) * (1 - alpha)
-        return torch.from_numpy(np.ascontiguousarray(a[..., :3], dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(a[..., :3], dtype=np.float32)).to(self.device)
 
     def mask(self, cam: int, frame: int) -> torch.Tensor:
         """[H,W] float32 in [0,1]."""
@@ -98,7 +105,7 @@ class Subject:
         a = _read_png(path, (self.width, self.height))
         if a.ndim == 3:
             a = a[..., 3] if a.shape[2] in (2, 4) else a[..., 0]
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
 
 
 def _read_png(path: Path, size: tuple[int, int]) -> np.ndarray:

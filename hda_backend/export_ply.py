@@ -215,9 +215,11 @@ def export_frames(avatar, poses: torch.Tensor, transl: torch.Tensor, paths: list
 
     if len(paths) != poses.shape[0] or transl.shape[0] != poses.shape[0]:
         raise ValueError(f"{poses.shape[0]} poses, {transl.shape[0]} translations, {len(paths)} paths")
+    device = next(avatar.parameters()).device
+    poses, transl = poses.to(device), transl.to(device)
     written = []
     for f in tqdm(range(len(paths)), desc="export ply", unit="frame", disable=not progress):
-        g = avatar(poses[f:f + 1], transl[f:f + 1]).index(0)
+        g = Gaussians(*(t.cpu() for t in avatar(poses[f:f + 1], transl[f:f + 1]).index(0)))  # written from the CPU
         if matrix is not None:
             g = transform_gaussians(g, matrix)
         written.append(write_ply(paths[f], g))

@@ -26,6 +26,7 @@ from smplx.lbs import batch_rodrigues
 
 from .atomic import replacing
 from .body import BodyModel, PosedBody, pose_body, vertex_normals
+from .devices import map_tensors
 from .errors import HDAError
 
 UV_RESOLUTIONS = (32, 64, 128, 256, 512)
@@ -44,6 +45,10 @@ class UVLayout:
     bary: torch.Tensor
     mask: torch.Tensor
     texels: torch.Tensor
+
+    def apply(self, fn) -> "UVLayout":
+        """The same layout with ``fn`` applied to every tensor (``Avatar.to`` moves it this way)."""
+        return map_tensors(self, fn)
 
     @property
     def num_texels(self) -> int:

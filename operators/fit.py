@@ -67,7 +67,7 @@ def start(context, obj, subject: str, *, preset: str = "cpu", steps: int = 0, ou
     init = os.path.abspath(bpy.path.abspath(init_from)) if init_from.strip() else None
     cache = user_dir("numba_fit")
     job = fitjob.start_fit(subject, out, EXT_ROOT, preset=preset, steps=steps or None, init_from=init,
-                           backend=obj.hda.device, numba_cache=cache)
+                           device=obj.hda.device, numba_cache=cache)
     fit = session.fit
     fit.job, fit.avatar, fit.uid, fit.subject, fit.line = job, obj.name, obj.hda.uid, name, ""
     return job

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..body import BodyModel, blend_transforms
+from ..devices import map_tensors
 from ..rotations import matrix_to_quat, quat_multiply
 from ..uvmap import UVLayout
 
@@ -74,6 +75,10 @@ class TexelBinding:
     weights: torch.Tensor
     tbn: torch.Tensor
     base_log_scale: torch.Tensor
+
+    def apply(self, fn) -> "TexelBinding":
+        """The same binding with ``fn`` applied to every tensor (``Avatar.to`` moves it this way)."""
+        return map_tensors(self, fn)
 
 
 def bind_texels(body: BodyModel, layout: UVLayout, config: GaussianConfig) -> TexelBinding:

@@ -44,6 +44,14 @@ class Avatar(nn.Module):
         init_unet(avatar.unet, seed)
         return avatar
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / cuda / cpu end here: the body, UV layout and texel binding are plain tensors
+        # (shared, frozen dataclasses), moved with the UNet so that no call copies them to its device.
+        super()._apply(fn, recurse)
+        self.body, self.layout, self.binding = self.body.apply(fn), self.layout.apply(fn), self.binding.apply(fn)
+        self._rest = None
+        return self
+
     @property
     def num_gaussians(self) -> int:
         return self.layout.num_texels

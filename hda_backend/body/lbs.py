@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from smplx.lbs import batch_rigid_transform, batch_rodrigues, blend_shapes, vertices2joints
 
 from ..errors import HDAError
 from .model import BodyModel
-from .skeleton import NUM_JOINTS
+from .skeleton import NUM_JOINTS, PARENTS
+
+_PARENTS = np.asarray(PARENTS, dtype=np.int64)  # every loaded body has this tree (model.py checks kintree_table)
 
 
 class PosedBody(NamedTuple):
@@ -40,7 +43,8 @@ def check_pose(pose, source: str = "pose") -> torch.Tensor:
     elif not (pose.ndim == 3 and pose.shape[1:] == (NUM_JOINTS, 3)):
         raise HDAError(f"{source}: shape {tuple(pose.shape)}, expected (55, 3), (165,), (B, 55, 3) or (B, 165) "
                        "axis-angle in SMPL-X joint order")
-    if not torch.isfinite(pose).all():
+    # A meta tensor (the CPU-side device tests) carries no values to check.
+    if not pose.is_meta and not torch.isfinite(pose).all():
         raise HDAError(f"{source}: contains NaN or inf, expected finite axis-angle values")
     return pose
 
@@ -68,7 +72,9 @@ def pose_body(body: BodyModel, pose: torch.Tensor, betas: torch.Tensor | None = 
         eye = torch.eye(3, device=device)
         pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)
         v_rest = v_shaped + (pose_feature @ body.posedirs.to(device)).reshape(batch, -1, 3)
-    joints, transforms = batch_rigid_transform(rot_mats, joints_rest, body.parents.to(device))
+    # The kinematic tree as host integers: smplx walks it joint by joint (``chain[parents[i]]``), and a
+    # device tensor there would read one value back per joint (a GPU sync each).
+    joints, transforms = batch_rigid_transform(rot_mats, joints_rest, _PARENTS)
     if transl is not None:
         transl = torch.as_tensor(transl, dtype=torch.float32, device=device).reshape(batch, 3)
         joints = joints + transl[:, None]

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli_args import add_config_args, config_from_args, int_in
+from ..cli_args import add_config_args, add_device_arg, config_from_args, int_in
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED, NORMALIZATIONS, TOKENIZERS
 
@@ -38,6 +38,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--tokenizer", choices=TOKENIZERS, help="override diffusion.tokenizer")
     p.add_argument("--normalization", choices=NORMALIZATIONS, help="override diffusion.normalization")
     p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="total steps (default: epochs)")
+    add_device_arg(p)
     add_config_args(p)
 
     p = sub.add_parser("sample", help="sample new avatars from a trained diffusion model")
@@ -46,6 +47,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--n", type=int_in("--n", 1, MAX_SAMPLES), default=1, help="avatars: seeds seed..seed+n-1")
     p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (default: the model's)")
     p.add_argument("--out", required=True, help="folder for sample_<seed>.hda.safetensors")
+    add_device_arg(p)
 
     p = sub.add_parser("interpolate", help="an identity between two seeds (noise slerp) or two avatar files")
     p.add_argument("--model", help="a model file: interpolate between --seed-a and --seed-b")
@@ -56,6 +58,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--t", type=_fraction, required=True, help="0 gives a, 1 gives b")
     p.add_argument("--steps", type=int_in("--steps", 1, MAX_STEPS), help="DDIM steps K (with --model)")
     p.add_argument("--out", required=True, help="the avatar file to write (*.hda.safetensors)")
+    add_device_arg(p)
 
 
 def add_bench_parser(bench) -> None:
@@ -74,7 +77,7 @@ def cmd_train_diffusion(args) -> None:
     d = config_from_args(args).diffusion
     d = dataclasses.replace(d, tokenizer=args.tokenizer or d.tokenizer,
                             normalization=args.normalization or d.normalization)
-    result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps)
+    result = train_diffusion(args.fits, args.out, d, resume=args.resume, steps=args.steps, device=args.device)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(f"wrote {result.paths.model} after {result.steps} steps in {result.seconds / 60:.1f} min "
               f"({d.tokenizer} tokens, {result.parameters:,} parameters, {d.normalization} normalisation "
@@ -86,14 +89,14 @@ def cmd_sample(args) -> None:
     from .sample import sample_avatars
 
     start = time.perf_counter()
-    paths = sample_avatars(args.model, args.seed, args.n, args.steps, args.out, progress=True)
+    paths = sample_avatars(args.model, args.seed, args.n, args.steps, args.out, progress=True, device=args.device)
     elapsed = time.perf_counter() - start
     print(f"wrote {len(paths)} avatars to {args.out} ({paths[0].name} ...) in {elapsed:.1f} s")
 
 
 def cmd_interpolate(args) -> None:
     from .model_io import load_diffusion
-    from .sample import interpolate_avatars, interpolate_noise
+    from .sample import check_steps, interpolate_avatars, interpolate_noise
     from .weights import write_avatar
 
     by_seed = args.model is not None or args.seed_a is not None or args.seed_b is not None
@@ -103,7 +106,11 @@ def cmd_interpolate(args) -> None:
     if by_seed:
         if args.model is None or args.seed_a is None or args.seed_b is None:
             raise HDAError("interpolate: --model, --seed-a and --seed-b go together")
+        from ..devices import resolve_device
+
         model = load_diffusion(args.model)
+        check_steps(model, args.steps)  # bad input stays one line: checked before the device is chosen
+        model.to(resolve_device(args.device))  # the noise is drawn on the CPU: the same on every device
         vec = interpolate_noise(model, args.seed_a, args.seed_b, args.t, args.steps)
         path = write_avatar(vec, model.spec, model.meta, args.out,
                             origin=f"interpolate:sample:{args.seed_a}:{args.seed_b}:{args.t:g} model:{model.path.name}")

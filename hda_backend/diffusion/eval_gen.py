@@ -198,13 +198,14 @@ def _write_row(vectors: torch.Tensor, origins: list[str], ref: WeightSet, folder
             for i in range(vectors.shape[0])]
 
 
-def _sample_model(path: Path, n: int, seed: int, steps: int | None, folder: Path, progress: bool) -> list[Path]:
+def _sample_model(path: Path, n: int, seed: int, steps: int | None, folder: Path, progress: bool,
+                  device: str = "cpu") -> list[Path]:
     from .sample import sample_avatars
 
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f"{SAMPLE_PREFIX}*{SUFFIX}"):
         stale.unlink()
-    return sample_avatars(path, seed=seed, n=n, steps=steps, out_dir=folder, progress=progress)
+    return sample_avatars(path, seed=seed, n=n, steps=steps, out_dir=folder, progress=progress, device=device)
 
 
 def _nearest(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +262,7 @@ def _row_avatars(name: str, kind: str, source, inputs: _Inputs, folder: Path, co
         vectors, origins = baseline_samples(name, inputs.train_set.vectors, inputs.n, config.seed)
         files = _write_row(vectors, origins, inputs.ref, folder)
     elif kind == "model":
-        files = _sample_model(source, inputs.n, config.seed, config.steps, folder, progress)
+        files = _sample_model(source, inputs.n, config.seed, config.steps, folder, progress, config.gallery.device)
     else:
         files = inputs.given[name].paths
     seconds = (time.perf_counter() - start) / len(files) if kind != "samples" else None

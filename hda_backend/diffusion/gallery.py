@@ -16,6 +16,7 @@ Distances between two avatars X, Y with gallery images x, y [V,H,W,3]:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -53,6 +54,7 @@ class GalleryConfig:
     fov_deg: float = 30.0
     background: tuple = (1.0, 1.0, 1.0)
     backend: str = "auto"
+    device: str = "cpu"  # where avatars are posed and rendered (images come back to the CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +72,7 @@ class GalleryViews(NamedTuple):
     Ks: torch.Tensor
     size: int
     background: torch.Tensor
+    device: str = "cpu"  # where render_avatar poses and renders (these tensors stay on the CPU)
 
     @property
     def num_views(self) -> int:
@@ -136,12 +139,14 @@ def gallery_views(body: BodyModel, config: GalleryConfig = GalleryConfig()) -> G
         views.append(look_at(eye, target, up))
     K = intrinsics(config.size, config.size, config.fov_deg)
     return GalleryViews(poses, torch.stack(views), K.expand(len(views), 3, 3).clone(), config.size,
-                        torch.tensor(config.background, dtype=torch.float32))
+                        torch.tensor(config.background, dtype=torch.float32), config.device)
 
 
 @torch.no_grad()
 def render_avatar(avatar: Avatar, views: GalleryViews, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One avatar's gallery: (images [V,H,W,3] over the background, alpha [V,H,W])."""
+    """One avatar's gallery: (images [V,H,W,3] over the background, alpha [V,H,W]), on the CPU.
+
+    Posed and rendered on ``views.device`` (``GalleryConfig.device``); the caller's avatar is not moved."""
     images, alphas, _ = _render_views(avatar, views, backend, parts=False)
     return images, alphas
 
@@ -161,6 +166,12 @@ def render_avatar_parts(avatar: Avatar, views: GalleryViews,
 
 @torch.no_grad()
 def _render_views(avatar: Avatar, views: GalleryViews, backend: str, parts: bool):
+    """Images, alphas and (with ``parts``) labels of one avatar, rendered on ``views.device``, returned on the CPU."""
+    device = torch.device(views.device)
+    if device != next(avatar.parameters()).device:
+        avatar = copy.deepcopy(avatar).to(device)
+    views = views._replace(poses=views.poses.to(device), viewmats=views.viewmats.to(device), Ks=views.Ks.to(device),
+                           background=views.background.to(device))
     gaussians = avatar(views.poses)
     onehot = None
     if parts:
@@ -179,7 +190,7 @@ def _render_views(avatar: Avatar, views: GalleryViews, backend: str, parts: bool
                                          sh_degree=None, backend=backend)
                 label = weight[0].argmax(dim=-1).to(torch.int8)
                 labels.append(torch.where(alpha[..., 0] > PERSON_ALPHA, label, torch.full_like(label, -1)))
-    return torch.stack(images), torch.stack(alphas), torch.stack(labels) if parts else None
+    return torch.stack(images).cpu(), torch.stack(alphas).cpu(), torch.stack(labels).cpu() if parts else None
 
 
 def render_gallery(avatars: Iterable[Avatar], views: GalleryViews, backend: str = "auto",

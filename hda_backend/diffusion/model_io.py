@@ -84,6 +84,12 @@ class DiffusionModel:
     path: Path
     _composites: list | None = None  # Tokenizer.composites(), computed at the first sample
 
+    def to(self, device: str | torch.device) -> "DiffusionModel":
+        """Move the denoiser to ``device`` (in place; the normaliser decodes on the CPU); returns self."""
+        self.denoiser.to(device)
+        self._composites = None  # recomputed from the moved weights
+        return self
+
     @property
     def schedule(self) -> ScheduleConfig:
         return schedule_config(self.config)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..avatar.io import SUFFIX as AVATAR_SUFFIX
+from ..devices import log_stderr, resolve_device
 from ..errors import HDAError
 from . import MAX_SAMPLES, MAX_SEED
 from .model_io import DiffusionModel, load_diffusion
@@ -81,15 +83,19 @@ def _as_model(model) -> DiffusionModel:
     return model if isinstance(model, DiffusionModel) else load_diffusion(model)
 
 
-def sample_avatars(model_path, seed: int, n: int, steps: int | None, out_dir, progress: bool = False) -> list[Path]:
+def sample_avatars(model_path, seed: int, n: int, steps: int | None, out_dir, progress: bool = False,
+                   device: str | torch.device | None = None, log: Callable[[str], None] = log_stderr) -> list[Path]:
     """Write ``out_dir/sample_<s>.hda.safetensors`` for s = seed .. seed+n-1; ``model_path``: a path or a
-    loaded :class:`DiffusionModel`."""
+    loaded :class:`DiffusionModel`. ``device``: auto | cpu | cuda[:N] to denoise on (None: where the
+    model is); the noise of a seed is drawn on the CPU, so every device starts from the same x_T."""
     if not 1 <= n <= MAX_SAMPLES:
         raise HDAError(f"--n {n}: expected 1..{MAX_SAMPLES}")
     check_seed(seed)
     check_seed(seed + n - 1, "--seed + --n - 1")
     model = _as_model(model_path)
     steps = check_steps(model, steps)
+    if device is not None:  # once the arguments are known to be good
+        model.to(resolve_device(device, log))
     out_dir = Path(out_dir)
     paths = []
     for s in tqdm(range(seed, seed + n), desc="sample", unit="avatar", disable=not progress):

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..avatar.io import SUFFIX as AVATAR_SUFFIX
 from ..config import DiffusionConfig
+from ..devices import rank_device, resolve_device
 from ..errors import HDAError
 from ..images import line_plot
 from ..outputs import CHECKPOINT, beside, output_stem
@@ -115,23 +116,21 @@ def _fingerprint(d: DiffusionConfig, data: WeightSet, total: int) -> str:
                        "steps": total}, sort_keys=True)
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(requested: str, log: Callable[[str], None]) -> tuple[int, int, torch.device]:
+    """(rank, world, this rank's device) for ``--device`` ``requested`` (see ``devices.rank_device``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before nccl, or every rank uses GPU 0
+        return 0, 1, resolve_device(requested, log)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = torch.device(rank_device(requested, int(os.environ.get("LOCAL_RANK", "0")), local_world,
+                                      torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before nccl, or every rank uses GPU 0
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     # Ranks on one machine share its cores: each takes its part instead of oversubscribing.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _device(world: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
-    return torch.device("cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: torch.optim.Optimizer,
@@ -154,17 +153,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: dict, optimizer: to
 
 def train_diffusion(fits, out, d: DiffusionConfig, resume: bool = False, steps: int | None = None,
                     progress: bool = True, log: Callable[[str], None] = print,
-                    stop_after: int | None = None) -> TrainResult:
+                    stop_after: int | None = None, device: str | torch.device | None = "auto") -> TrainResult:
     """Train on the avatars in ``fits`` (folder or paths) and write ``out``; see the module docstring.
 
     ``steps`` overrides ``epochs`` (total optimiser steps); ``stop_after`` ends the run early after a
-    checkpoint, as an interruption would.
+    checkpoint, as an interruption would. ``device``: auto | cpu | cuda[:N]; under torchrun each rank
+    takes the GPU of its LOCAL_RANK.
     """
     paths = DiffusionPaths.for_output(out)
     data = load_weight_set(fits)
-    rank, world = _init_distributed()
+    rank, world, device = _init_distributed(str(device or "auto"), log)
     try:
-        return _train(data, paths, d, resume, steps, progress and rank == 0, log, stop_after, rank, world)
+        return _train(data, paths, d, resume, steps, progress and rank == 0, log, stop_after, rank, world, device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -203,8 +203,7 @@ class _Run:
 
 
 def _setup(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, total: int, per_epoch: int,
-           rank: int, world: int) -> _Run:
-    device = _device(world)
+           rank: int, world: int, device: torch.device) -> _Run:
     normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps)
     abar = alphas_cumprod(schedule_config(d))
     scale = d.norm_scale or terminal_scale(normalizer.encode(data.vectors), abar[-1].item())
@@ -276,7 +275,7 @@ def _finish(run: _Run) -> None:
 
 
 def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, steps, progress, log, stop_after,
-           rank: int, world: int) -> TrainResult:
+           rank: int, world: int, device: torch.device) -> TrainResult:
     if d.batch % world:
         raise HDAError(f"diffusion.batch {d.batch}: expected a multiple of the number of ranks ({world})")
     per_epoch = steps_per_epoch(len(data.paths), d.batch)
@@ -284,7 +283,7 @@ def _train(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, resume, s
     if paths.checkpoint.exists() and not resume:
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, "
                        "or delete it to start over")
-    run = _setup(data, paths, d, total, per_epoch, rank, world)
+    run = _setup(data, paths, d, total, per_epoch, rank, world, device)
     parameters = sum(p.numel() for p in run.model.parameters())
     start = 0
     if resume and paths.checkpoint.exists():

@@ -21,9 +21,9 @@ SSIM_SIGMA = 1.5
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's file name in the torch hub cache
 
 
-@functools.lru_cache(maxsize=4)
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+@functools.lru_cache(maxsize=8)
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
     g = torch.exp(-x * x / (2 * sigma * sigma))
     g = g / g.sum()
     return torch.outer(g, g)
@@ -33,7 +33,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: flo
     """Mean structural similarity of images a, b: [B,C,H,W] in [0,1] (Gaussian window, zero padding,
     C1 = 0.01², C2 = 0.03², as in the 3DGS reference implementation)."""
     channels = a.shape[1]
-    w = _gaussian_window(window, sigma).to(a)[None, None].expand(channels, 1, window, window)
+    w = _gaussian_window(window, sigma, a.device).to(a.dtype)[None, None].expand(channels, 1, window, window)
     pad = window // 2
 
     def blur(x):

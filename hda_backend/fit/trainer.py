@@ -31,6 +31,7 @@ from ..avatar.model import Avatar
 from ..body import load_body
 from ..config import Config
 from ..dataset import Subject, load_subject
+from ..devices import resolve_device
 from ..errors import HDAError
 from ..images import contact_sheet, error_heat, line_plot, to_uint8
 from ..outputs import CHECKPOINT, beside, output_stem
@@ -157,9 +158,11 @@ def initial_avatar(config: Config, body, init_from=None, static: bool = False) -
 
 def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool = False, static: bool = False,
                 steps: int | None = None, backend: str | None = None, progress: bool = True,
-                log: Callable[[str], None] = print, stop_after: int | None = None) -> FitResult:
+                log: Callable[[str], None] = print, stop_after: int | None = None,
+                device: str | torch.device | None = "auto") -> FitResult:
     """Fit one subject; see the module docstring for the files written. ``stop_after`` ends the run
-    early (after a checkpoint), as an interruption would."""
+    early (after a checkpoint), as an interruption would. ``device``: auto | cpu | cuda[:N] (see
+    ``hda_backend.devices``); the avatar and the subject's cameras, poses and images go there."""
     subject = load_subject(subject_dir)
     if not subject.train_frames or not subject.train_cameras:
         raise HDAError(f"{subject.root}/subject.json: no training frames or cameras, expected at least one of each")
@@ -170,7 +173,12 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     if paths.checkpoint.exists() and not resume:
         raise HDAError(f"checkpoint {paths.checkpoint} exists: pass --resume to continue it, or delete it to start over")
     avatar = initial_avatar(config, body, init_from, static)
-    precision = avatar.precision = resolve_precision(fit.precision)
+    device = resolve_device(device, log)  # once the inputs are known to be good
+    if device.type == "cpu" and torch.cuda.is_available():
+        log(f"fit: training on the CPU although CUDA is available ({config.preset} preset); "
+            "pass --device auto or cuda to train on the GPU")
+    subject, avatar = subject.to(device), avatar.to(device)
+    precision = avatar.precision = resolve_precision(fit.precision, device)
     optimizer = torch.optim.AdamW(avatar.unet.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
     generator = torch.Generator().manual_seed(fit.seed)
     fingerprint = _fingerprint(config, subject, init_from, static, total)
@@ -199,7 +207,7 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         checkpoint.save(paths.checkpoint, avatar.unet.state_dict(), optimizer, generator, 0, seconds, fingerprint,
                         CHECKPOINT_FORMAT)
         clock = time.perf_counter()
-    log(f"fit {subject.name}: UNet in {precision}, {fit.cameras_per_step} camera(s) per step")
+    log(f"fit {subject.name}: UNet in {precision} on {device}, {fit.cameras_per_step} camera(s) per step")
     by_frame = views_by_frame(views)
     frames = sorted(by_frame)
     bar = tqdm(total=total, initial=start, desc=f"fit {subject.name}", unit="step", disable=not progress)
@@ -212,7 +220,8 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
         picks = torch.randperm(len(cams), generator=generator)[:fit.cameras_per_step].tolist()
         jitter = None
         if fit.pose_jitter > 0 and not static:
-            jitter = torch.randn(55, 3, generator=generator) * fit.pose_jitter
+            # Drawn from the CPU generator (its state is checkpointed for exact resume), then moved.
+            jitter = (torch.randn(55, 3, generator=generator) * fit.pose_jitter).to(device)
         pose = subject.poses[frame:frame + 1]
         g = avatar(pose, subject.transl[frame:frame + 1], input_pose=None if jitter is None else pose + jitter).index(0)
         loss, terms = 0.0, {}
@@ -315,12 +324,14 @@ def fitted_map(avatar: Avatar, subject: Subject, config: Config, init_from, view
 
 
 def fit_map_only(subject_dir, config: Config, init_from=None, progress: bool = False,
-                 log: Callable[[str], None] = print) -> tuple[Avatar, torch.Tensor]:
+                 log: Callable[[str], None] = print, device: str | torch.device | None = "auto"
+                 ) -> tuple[Avatar, torch.Tensor]:
     """(avatar, raw map) of stage 1 alone, exactly as :func:`fit_subject` fits it (same views, seed and
     steps), without the UNet: the ceiling of the template-bound map for ``scripts/fidelity.py``."""
-    subject = load_subject(subject_dir)
+    device = resolve_device(device, log)
+    subject = load_subject(subject_dir).to(device)
     fit = config.fit
-    avatar = initial_avatar(config, load_body(config.body.path, config.body.num_betas), init_from)
+    avatar = initial_avatar(config, load_body(config.body.path, config.body.num_betas), init_from).to(device)
     views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
     data = _Views(subject)
     view_loss = view_scorer(subject, data, fit, config.render.backend)
@@ -344,7 +355,7 @@ def appearance_stage(avatar: Avatar, subject: Subject, config: Config, init_from
     atomic_save_safetensors({"raw": raw.contiguous()}, paths.map, {"format": MAP_FORMAT, "subject": subject.name})
     regress = fit.init_regress_steps if init_from else fit.regress_steps
     # The UNet's inputs: the training poses' maps, or the rest pose's alone for a static avatar.
-    poses = torch.zeros(1, 55, 3) if avatar.static else subject.poses[subject.train_frames]
+    poses = subject.poses.new_zeros(1, 55, 3) if avatar.static else subject.poses[subject.train_frames]
     maps = torch.cat([avatar.pose_inputs(poses[i:i + 16])[0] for i in range(0, len(poses), 16)])
     bar = tqdm(total=regress, desc=f"regress {subject.name}", unit="step", disable=not progress)
 

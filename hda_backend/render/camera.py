@@ -21,7 +21,7 @@ def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.
     right = torch.nn.functional.normalize(right, dim=0)
     down = torch.cross(forward, right, dim=0)
     rot = torch.stack([right, down, forward])  # rows: camera axes in world coordinates
-    view = torch.eye(4, dtype=eye.dtype)
+    view = torch.eye(4, dtype=eye.dtype, device=eye.device)
     view[:3, :3] = rot
     view[:3, 3] = -rot @ eye
     return view
@@ -40,7 +40,7 @@ def up_axis(joints: torch.Tensor) -> torch.Tensor:
     """
     direction = joints[15] - joints[0]
     axis = int(direction.abs().argmax())
-    up = torch.zeros(3)
+    up = joints.new_zeros(3)
     up[axis] = 1.0 if direction[axis] > 0 else -1.0
     return up
 

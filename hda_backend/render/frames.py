@@ -17,6 +17,7 @@ from .camera import follow_cameras
 from .rasterize import rasterize
 
 SHADINGS = ("flat", "clay")
+CLAY_COLOUR = (0.92, 0.85, 0.78)  # warm grey, the albedo of the clay preview
 
 
 def clay_colors(g: Gaussians, viewmat: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def clay_colors(g: Gaussians, viewmat: torch.Tensor) -> torch.Tensor:
     campos = torch.linalg.inv(viewmat)[:3, 3]
     to_cam = torch.nn.functional.normalize(campos - g.means, dim=-1)
     lambert = (normals * to_cam).sum(-1).abs()
-    return (0.25 + 0.65 * lambert)[:, None].expand(-1, 3) * torch.tensor([0.92, 0.85, 0.78])
+    return (0.25 + 0.65 * lambert)[:, None].expand(-1, 3) * lambert.new_tensor(CLAY_COLOUR)
 
 
 def render_gaussians(g: Gaussians, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
@@ -42,7 +43,7 @@ def render_gaussians(g: Gaussians, viewmat: torch.Tensor, K: torch.Tensor, width
         colors, sh_degree = clay_colors(g, viewmat), None
     else:
         colors = g.sh
-    bg = None if background is None else torch.as_tensor(background, dtype=torch.float32)[None]
+    bg = None if background is None else torch.as_tensor(background, dtype=torch.float32, device=g.means.device)[None]
     out, alpha, _ = rasterize(g.means, g.quats, g.scales, g.opacities, colors, viewmat[None], K[None],
                               width, height, sh_degree=sh_degree, backgrounds=bg, render_mode=render_mode,
                               backend=backend)
@@ -56,11 +57,13 @@ def render_motion(avatar: Avatar, motion: Motion, out_dir: str | Path, size: int
     """Render every frame of ``motion`` as RGBA PNGs ``frame_0000.png``... plus ``contact_sheet.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    joints = pose_body(avatar.body, motion.poses, transl=motion.transl).joints
-    viewmats, Ks = follow_cameras(joints, camera, size, fov_deg)
+    device = next(avatar.parameters()).device
+    poses, transl = motion.poses.to(device), motion.transl.to(device)
+    joints = pose_body(avatar.body, poses, transl=transl).joints.cpu()
+    viewmats, Ks = (t.to(device) for t in follow_cameras(joints, camera, size, fov_deg))
     paths, tiles = [], []
     for f in tqdm(range(motion.num_frames), desc=f"render {motion.name}", unit="frame", disable=not progress):
-        g = avatar(motion.poses[f:f + 1], motion.transl[f:f + 1]).index(0)
+        g = avatar(poses[f:f + 1], transl[f:f + 1]).index(0)
         rgb, alpha = render_gaussians(g, viewmats[f], Ks[f], size, size, shading=shading, backend=backend)
         rgba = unpremultiply(rgb, alpha)
         paths.append(save_png(out_dir / f"frame_{f:04d}.png", rgba))
