@@ -1,0 +1,59 @@
+"""Gaussians as the attributes of a native Gaussian-splat point cloud (Blender ≥ 5.3), no bpy.
+
+Blender 5.3 renders a point cloud whose ``type`` is ``'GAUSSIAN_SPLAT'`` in Cycles and EEVEE. Its
+per-point attributes are the 3DGS PLY file's values after the viewer's activations: this is what
+``bpy.ops.wm.ply_import`` makes of an ``hda export-ply`` file (checked with bpy 5.3.0)::
+
+    position        FLOAT_VECTOR  [M,3]  centre in the object's frame
+    scale           FLOAT_VECTOR  [M,3]  standard deviations along the local axes (linear, not log)
+    rotation        QUATERNION    [M,4]  unit quaternion w x y z (local axes -> object frame)
+    radiance:base   FLOAT4        [M,4]  SH coefficient 0 of r, g, b, then the opacity in [0,1] (not logit)
+    radiance:sh_k   FLOAT_VECTOR  [M,3]  SH coefficient k+1 of r, g, b, k = 0..14
+
+Blender evaluates colour = SH·basis + 0.5 with gsplat's (the reference implementation's) basis and
+view direction, and reads that colour as sRGB-encoded, as the backend's images are; so the
+coefficients are stored as the backend holds them, only turned with the frame (:func:`splat_arrays`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .avatar.gaussians import SH_COEFFS, Gaussians
+from .export_ply import check_gaussians, transform_gaussians
+
+SH_REST = SH_COEFFS - 1
+# (attribute name, Blender attribute type, the data's foreach_get/foreach_set key), in writing order.
+ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
+    ("position", "FLOAT_VECTOR", "vector"),
+    ("scale", "FLOAT_VECTOR", "vector"),
+    ("rotation", "QUATERNION", "value"),
+    ("radiance:base", "FLOAT4", "vector"),
+    *((f"radiance:sh_{k}", "FLOAT_VECTOR", "vector") for k in range(SH_REST)),
+)
+
+
+@torch.no_grad()
+def splat_arrays(g: Gaussians, matrix=None, source: str = "gaussians") -> dict[str, np.ndarray]:
+    """One frame's Gaussians (no batch dimension, in the body frame) -> the attribute arrays above.
+
+    g: means [M,3], quats [M,4], scales [M,3], opacities [M], sh [M,16,3]; matrix: [4,4] body frame ->
+    the splat object's frame (a rotation times a uniform scale plus a translation; None: the identity).
+    Returns {name: float32 C-contiguous array} in :data:`ATTRIBUTES` order, shapes as listed there.
+    Raises HDAError for Gaussians a file must not hold (NaN, scales <= 0, opacities outside [0,1]).
+    """
+    check_gaussians(g, source)
+    if matrix is not None:
+        g = transform_gaussians(g, torch.as_tensor(np.asarray(matrix, dtype=np.float64)))
+    m = g.means.shape[0]
+    sh = g.sh.float().cpu()
+    out = {
+        "position": g.means,
+        "scale": g.scales,
+        "rotation": torch.nn.functional.normalize(g.quats.double(), dim=-1),
+        "radiance:base": torch.cat([sh[:, 0, :], g.opacities.float().cpu().reshape(m, 1)], dim=1),
+    }
+    for k in range(SH_REST):
+        out[f"radiance:sh_{k}"] = sh[:, k + 1, :]
+    return {name: np.ascontiguousarray(out[name].cpu().numpy(), dtype=np.float32) for name, _, _ in ATTRIBUTES}
