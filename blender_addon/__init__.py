@@ -22,6 +22,7 @@ def _classes():
 def register():
     import bpy
 
+    from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
     from . import handlers, preferences, props, session, viewport
 
@@ -34,6 +35,10 @@ def register():
         props.register_properties()
         fit.register_properties()
         handlers.register()
+        if bpy.app.version >= NATIVE_BLENDER_MIN:
+            from . import native
+
+            native.register()
         viewport.register()
         preferences.sync_sys_path()
     except Exception:
@@ -45,6 +50,7 @@ def unregister():
     import bpy
 
     from .. import operators
+    from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
     from . import handlers, preferences, props, session, viewport
 
@@ -52,6 +58,10 @@ def unregister():
     fit.unregister_properties()  # cancels a running fit
     viewport.unregister()        # removes the draw handler and its GPU resources
     handlers.unregister()
+    if bpy.app.version >= NATIVE_BLENDER_MIN:
+        from . import native
+
+        native.unregister()
     props.unregister_properties()
     preferences.forget_sys_path()
     classes = session.registration.classes
