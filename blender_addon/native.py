@@ -4,11 +4,14 @@ field, motion blur and view layers.
 
 The splat object is parented to the avatar's armature (identity parent inverse), so its object frame
 is the armature's; its attributes are the backend's Gaussians for the armature's *evaluated* pose,
-converted by hda_backend.native_splats and written in bulk (``foreach_set``, no per-point Python):
+converted by hda_backend.native_splats and written in bulk (``foreach_set``, no per-point Python),
+widened for the scene camera at the render's resolution as the backend's rasterizer widens every
+projected Gaussian (native_splats.camera_dilation: without it sub-pixel Gaussians thin out and the
+match with the backend drops from 30 to 19 dB at 256², measured by scripts/native_match.py):
 - on every frame change (playback, scrubbing, ``frame_set`` in scripts, F12 / ``blender -b -a``,
   where the handler receives the render pipeline's depsgraph at that frame);
-- on depsgraph updates of an avatar armature while posing (not during renders).
-A pose the splats already hold (same avatar signature, same quantised pose) is not written again.
+- on depsgraph updates of an avatar armature or the scene camera while posing (not during renders).
+A pose the splats already hold (same avatar signature, pose, camera and resolution) is not written again.
 
 An avatar that fails (missing file, broken rig) gets an empty point cloud and its error is kept in
 session.caches.errors and printed, as for the compositing layer: never the previous pose silently.
@@ -78,26 +81,41 @@ def _fill(cloud, arrays: dict[str, np.ndarray], count: int) -> None:
             attribute.data.foreach_set(key, arrays[name].ravel())
 
 
-def write(obj, depsgraph) -> bool:
+def _camera(obj, scene, depsgraph):
+    """(viewmat, K) of the scene camera at the render size for ``obj``'s body frame, or None without
+    a perspective scene camera (then the Gaussians are not widened)."""
+    from .layers import render_size
+
+    camera = depsgraph.scene_eval.camera or scene.camera
+    if camera is None or camera.type != 'CAMERA' or camera.data.type != 'PERSP':
+        return None
+    viewmat, K = runtime.camera_matrices(obj, depsgraph, camera, *render_size(scene))
+    return runtime.quantize(viewmat), runtime.quantize(K)
+
+
+def write(obj, scene, depsgraph) -> bool:
     """Write the avatar's Gaussians for its pose in ``depsgraph`` into its splat object.
     Returns False when the splats already held that pose. Raises HDAError for bad input."""
     import torch
 
     from ..hda_backend import rig
-    from ..hda_backend.native_splats import splat_arrays
+    from ..hda_backend.native_splats import camera_dilation, splat_arrays
 
     splats = splat_object(obj)
     key = object_key(obj)
     avatar = runtime.get_avatar(obj)
     pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))
     pose, transl = runtime.quantize(pose), runtime.quantize(transl)
-    stamp = (session.caches.avatars[key][0], pose.tobytes() + transl.tobytes())
+    camera = _camera(obj, scene, depsgraph)
+    stamp = (session.caches.avatars[key][0], pose.tobytes() + transl.tobytes(),
+             None if camera is None else camera[0].tobytes() + camera[1].tobytes())
     if session.native.written.get(key) == stamp:
         return False
     session.native.written.pop(key, None)
     with torch.inference_mode():
         g = runtime.pose_gaussians(avatar, pose, transl)
-        arrays = splat_arrays(g, rig.body_to_world(np.eye(4)), source=f"avatar '{obj.name}'")
+        dilation = None if camera is None else camera_dilation(g.means, *camera)
+        arrays = splat_arrays(g, rig.body_to_world(np.eye(4)), source=f"avatar '{obj.name}'", dilation=dilation)
     _fill(splats.data, arrays, g.means.shape[0])
     splats.update_tag(refresh={'DATA'})
     session.native.written[key] = stamp
@@ -112,7 +130,7 @@ def update(scene, depsgraph, avatars=None) -> list[str]:
         if not obj.hda.enabled:
             continue
         try:
-            write(obj, depsgraph)
+            write(obj, scene, depsgraph)
             session.caches.errors.pop(object_key(obj), None)
         except Exception as exc:  # noqa: BLE001 - one avatar failing must not stop the others or the render
             message = error_text(exc)
@@ -158,7 +176,8 @@ def on_depsgraph_update(scene, depsgraph):
     if not avatars:
         return
     changed = {u.id.name for u in depsgraph.updates if isinstance(u.id, bpy.types.Object)}
-    moved = [o for o in avatars if o.name in changed]
+    camera = scene.camera
+    moved = avatars if camera is not None and camera.name in changed else [o for o in avatars if o.name in changed]
     if moved:
         _report(scene, update(scene, depsgraph, moved))
 

@@ -22,6 +22,7 @@ import torch
 
 from .avatar.gaussians import SH_COEFFS, Gaussians
 from .export_ply import check_gaussians, transform_gaussians
+from .render.rasterize import EPS2D
 
 SH_REST = SH_COEFFS - 1
 # (attribute name, Blender attribute type, the data's foreach_get/foreach_set key), in writing order.
@@ -35,15 +36,36 @@ ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
 
 
 @torch.no_grad()
-def splat_arrays(g: Gaussians, matrix=None, source: str = "gaussians") -> dict[str, np.ndarray]:
+def camera_dilation(means: torch.Tensor, viewmat, K, near: float = 1e-3) -> torch.Tensor:
+    """The variance [M] (body-frame units²) that widens each Gaussian in 3D as the rasterizer widens
+    its projection in 2D: gsplat adds EPS2D px² to every projected covariance (a low-pass filter that
+    keeps sub-pixel Gaussians visible); Blender does not. An isotropic σ² = EPS2D·(z/f)² at camera
+    depth z projects to EPS2D px² (exactly on the optical axis, to first order elsewhere), and adding
+    σ²·I to a covariance R·S²·Rᵀ keeps R, so it is exact as scales √(s² + σ²).
+
+    means: [M,3] body frame; viewmat: [4,4] body frame -> OpenCV camera; K: [3,3] intrinsics.
+    """
+    view = torch.as_tensor(np.asarray(viewmat, dtype=np.float64))
+    k = np.asarray(K, dtype=np.float64)
+    z = (means.double().cpu() @ view[2, :3] + view[2, 3]).clamp(min=near)
+    focal = float(np.sqrt(k[0, 0] * k[1, 1]))
+    return (EPS2D * (z / focal) ** 2).to(means.dtype)
+
+
+@torch.no_grad()
+def splat_arrays(g: Gaussians, matrix=None, source: str = "gaussians", dilation=None) -> dict[str, np.ndarray]:
     """One frame's Gaussians (no batch dimension, in the body frame) -> the attribute arrays above.
 
     g: means [M,3], quats [M,4], scales [M,3], opacities [M], sh [M,16,3]; matrix: [4,4] body frame ->
     the splat object's frame (a rotation times a uniform scale plus a translation; None: the identity).
+    dilation: [M] variance added to every axis in the body frame (:func:`camera_dilation`), or None.
     Returns {name: float32 C-contiguous array} in :data:`ATTRIBUTES` order, shapes as listed there.
     Raises HDAError for Gaussians a file must not hold (NaN, scales <= 0, opacities outside [0,1]).
     """
     check_gaussians(g, source)
+    if dilation is not None:
+        g = g._replace(scales=torch.sqrt(g.scales.double() ** 2 + dilation.double().to(g.scales.device)[:, None])
+                       .to(g.scales.dtype))
     if matrix is not None:
         g = transform_gaussians(g, torch.as_tensor(np.asarray(matrix, dtype=np.float64)))
     m = g.means.shape[0]

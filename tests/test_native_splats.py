@@ -8,7 +8,10 @@ import torch
 
 from hda_backend.errors import HDAError
 from hda_backend.export_ply import PROPERTIES, write_ply
-from hda_backend.native_splats import ATTRIBUTES, SH_REST, splat_arrays
+from hda_backend.native_splats import ATTRIBUTES, SH_REST, camera_dilation, splat_arrays
+from hda_backend.render._projection import project_gaussians
+from hda_backend.render.camera import intrinsics, look_at
+from hda_backend.render.rasterize import EPS2D
 from hda_backend.rig import body_to_world
 from tests.test_export_ply import random_gaussians, read_ply
 
@@ -72,3 +75,21 @@ def test_bad_gaussians_are_refused():
     bad = g._replace(scales=g.scales.clone().index_fill_(0, torch.tensor([2]), -1.0))
     with pytest.raises(HDAError, match="scales"):
         splat_arrays(bad, source="avatar 'A'")
+
+
+def test_camera_dilation_projects_to_the_rasterizers_screen_space_dilation():
+    # Gaussians near the optical axis: the widened 3D Gaussian projected without a 2D filter equals
+    # the original projected with the rasterizer's EPS2D (the first-order projection of sigma^2 I).
+    g = random_gaussians(40, seed=5)
+    g = g._replace(means=g.means * 0.02 + torch.tensor([0.0, 0.0, 0.3]))
+    viewmat = look_at(torch.tensor([0.0, 0.0, 3.0]), torch.zeros(3), torch.tensor([0.0, 1.0, 0.0])).float()
+    K = intrinsics(64, 64, 40.0)
+    dilation = camera_dilation(g.means, viewmat.numpy(), K.numpy())
+    arrays = splat_arrays(g, dilation=dilation)
+    widened = torch.as_tensor(arrays["scale"])
+    _, _, _, conic_rasterizer = project_gaussians(g.means, g.quats, g.scales, viewmat[None], K[None], 64, 64, eps2d=EPS2D)
+    _, _, _, conic_widened = project_gaussians(g.means, g.quats, widened, viewmat[None], K[None], 64, 64, eps2d=0.0)
+    torch.testing.assert_close(conic_widened, conic_rasterizer, rtol=2e-3, atol=1e-4)
+    # and it does matter: without the widening the conics are far apart
+    _, _, _, conic_plain = project_gaussians(g.means, g.quats, g.scales, viewmat[None], K[None], 64, 64, eps2d=0.0)
+    assert (conic_plain - conic_rasterizer).abs().max() > 0.1
