@@ -303,6 +303,20 @@ def phase_native():
     report["points"] = len(splats.data.points)
     report["errors"] = dict(caches().errors)
     arrays["matrix_world"] = np.array(arm.matrix_world)
+
+    # An identity from the bundled diffusion model and an imported clip, on the native path.
+    bpy.context.view_layer.objects.active = arm
+    report["sample"] = call(bpy.ops.hda.sample_identity, steps=2)
+    report["import"] = call(bpy.ops.hda.import_motion, filepath=args["clip"], frame_start=1)
+    report["avatar_file"] = bpy.path.abspath(arm.hda.avatar_path)
+    scene.frame_start = scene.frame_end = 1
+    render("sampled", frames=(1,))
+    rt, _ = modules()
+    scene.frame_set(1)
+    layout = rt.get_layout(rt.get_avatar(arm).body)
+    arrays["sampled_pose"], arrays["sampled_transl"] = rt.read_pose(arm, bpy.context.evaluated_depsgraph_get(), layout)
+    report["sampled_points"] = len(splats.data.points)
+    report["sampled_errors"] = dict(caches().errors)
     arm.hda.render_path = 'LAYER'
     report["splats_after_layer"] = [arm.hda.splats is None, [o.name for o in bpy.data.objects if o.type == 'POINTCLOUD']]
 
