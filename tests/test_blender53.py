@@ -1,10 +1,12 @@
-"""Blender 5.3: the extension's native path, in real Blender 5.3 (bpy 5.3 in .venv-bpy53, built by
-``make test-blender53``): install, add a keyed avatar, render frames 1 and 10 natively with Cycles and
+"""Blender 5.3 (bpy 5.3 on Python 3.13 in .venv-bpy53, built by ``make test-blender53``): the
+extension's install, register and unregister with the backend installer run offline against local
+wheels (as on 5.0 and 4.2); the native path: install, add a keyed avatar, render frames 1 and 10 natively with Cycles and
 compare with the backend's own render of each pose; sample an identity from the bundled model and import
 a clip onto the native avatar, and compare its render with the backend's too."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from hda_backend.avatar.model import Avatar
 from hda_backend.body import load_body
 from hda_backend.config import load_config
 from hda_backend.render.frames import render_gaussians
-from tests.test_blender_extension import REPO, built_zip  # noqa: F401
+from tests.test_blender_extension import (REPO, _check_report, _run_blender, _write_wheel, built_zip,  # noqa: F401
+                                         slow_dir)
 from tests.test_blender_scene import FRAMES, _camera_by_hand, _dirs, _poses, _psnr, _run, _srgb_to_linear
 
 BPY53_PYTHON = REPO / ".venv-bpy53" / "bin" / "python"
@@ -109,3 +112,21 @@ def test_sampled_identity_and_imported_clip_render_natively(native_run):
         count = avatar(torch.zeros(1, 165), torch.zeros(1, 3)).means.shape[1]
     assert report["sampled_points"] == count  # the sampled avatar's Gaussians, not the seed's
     _check_native(arrays["sampled_1"], arrays["empty_1"], *ref, "sampled identity, imported clip")
+
+
+@pytest.fixture(scope="module")
+def wheel_dir53(tmp_path_factory) -> Path:
+    """tests/test_blender_extension.py's local wheels, the fake numpy at Blender 5.3's numpy version."""
+    numpy_version = subprocess.run([str(BPY53_PYTHON), "-c", "from importlib import metadata; "
+                                    "print(metadata.version('numpy'))"], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    folder = tmp_path_factory.mktemp("wheels53")
+    _write_wheel(folder, "hdaprobe", "1.0", {"hdaprobe/__init__.py": "VALUE = 42\n"}, requires=["numpy"])
+    _write_wheel(folder, "numpy", numpy_version, {"numpy/__init__.py": "FAKE = True\n"})
+    return folder
+
+
+def test_install_register_unregister_blender_5_3(tmp_path, built_zip, wheel_dir53, slow_dir):  # noqa: F811
+    report = _run_blender(BPY53_PYTHON, tmp_path, built_zip, wheel_dir53, slow_dir)
+    assert report["version"][:2] == [5, 3]
+    _check_report(report, tmp_path, has_torch=True, torch_version="2.14.1")  # requirements-bpy53.txt's torch
