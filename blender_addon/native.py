@@ -39,7 +39,8 @@ def splat_object(obj):
     """The splat object of the avatar armature ``obj``, created (parented, in the armature's
     collections) when missing."""
     splats = obj.hda.splats
-    if splats is not None and splats.type == 'POINTCLOUD' and splats.name in bpy.data.objects:
+    # A duplicated armature still points at the original's splats: it gets its own.
+    if splats is not None and splats.type == 'POINTCLOUD' and splats.name in bpy.data.objects and splats.parent == obj:
         return splats
     cloud = bpy.data.pointclouds.new(obj.name + SPLAT_SUFFIX)
     cloud.type = 'GAUSSIAN_SPLAT'
@@ -184,13 +185,17 @@ def on_depsgraph_update(scene, depsgraph):
 
 @persistent
 def on_load_post(*_):
-    session.native.reset()  # the splats of the opened file are rewritten at the next frame or pose
+    """File > Open, undo, redo: the splat data may no longer be what session.native remembers writing;
+    forget it, so the next frame or depsgraph update (undo re-evaluates the armatures) rewrites them."""
+    session.native.reset()
 
 
 HANDLERS = (
     ("frame_change_post", on_frame_change),
     ("depsgraph_update_post", on_depsgraph_update),
     ("load_post", on_load_post),
+    ("undo_post", on_load_post),
+    ("redo_post", on_load_post),
 )
 
 
