@@ -304,6 +304,17 @@ def phase_native():
     report["errors"] = dict(caches().errors)
     arrays["matrix_world"] = np.array(arm.matrix_world)
 
+    # Posing without a frame change: the depsgraph update rewrites the splats for the new pose.
+    scene.frame_set(1)
+    arm.pose.bones["left_shoulder"].rotation_quaternion = (0.7071, 0.0, 0.0, 0.7071)
+    bpy.context.view_layer.update()
+    rt, _ = modules()
+    layout = rt.get_layout(rt.get_avatar(arm).body)
+    arrays["posed_pose"], arrays["posed_transl"] = rt.read_pose(arm, bpy.context.evaluated_depsgraph_get(), layout)
+    positions = np.empty(len(splats.data.points) * 3, np.float32)
+    splats.data.attributes["position"].data.foreach_get("vector", positions)
+    arrays["posed_positions"] = positions.reshape(-1, 3)
+
     # An identity from the bundled diffusion model and an imported clip, on the native path.
     bpy.context.view_layer.objects.active = arm
     report["sample"] = call(bpy.ops.hda.sample_identity, steps=2)

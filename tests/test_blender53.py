@@ -130,3 +130,18 @@ def test_install_register_unregister_blender_5_3(tmp_path, built_zip, wheel_dir5
     report = _run_blender(BPY53_PYTHON, tmp_path, built_zip, wheel_dir53, slow_dir)
     assert report["version"][:2] == [5, 3]
     _check_report(report, tmp_path, has_torch=True, torch_version="2.14.1")  # requirements-bpy53.txt's torch
+
+
+def test_posing_rewrites_the_splats_for_the_evaluated_pose(native_run):
+    _, arrays = native_run
+    config = load_config("tiny")
+    avatar = Avatar.from_init(load_body(), config.uv.res, config.unet, config.gaussians, seed=3).eval()
+    with torch.no_grad():
+        g = avatar(torch.tensor(arrays["posed_pose"], dtype=torch.float32).reshape(1, 165),
+                   torch.tensor(arrays["posed_transl"], dtype=torch.float32).reshape(1, 3)).index(0)
+    means = g.means.double().numpy()
+    # In the armature's frame: the body frame turned +Y up to +Z up, (x, y, z) -> (x, -z, y).
+    expected = np.stack([means[:, 0], -means[:, 2], means[:, 1]], 1)
+    np.testing.assert_allclose(arrays["posed_positions"], expected, atol=2e-5)
+    frame_1 = _poses()["pose"][0]
+    assert np.abs(arrays["posed_pose"] - frame_1).max() > 0.5  # the shoulder moved away from the key
