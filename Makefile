@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-blender42 bench body extension clean
+.PHONY: demo test test-blender42 test-blender53 bench body extension clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ test-blender42: $(STAMP)
 	test -x .venv-bpy42/bin/python || $(PY) -m venv .venv-bpy42
 	.venv-bpy42/bin/pip install -q "bpy==4.2.*"
 	$(BIN)/python -m pytest -q tests/test_blender_extension.py
+
+# The extension on Blender 5.3 (the native splat path): bpy 5.3 and the backend on Python 3.13 in
+# .venv-bpy53 (about 6.6 GB: PyPI's torch for cp313 is the CUDA build, which runs on the CPU).
+test-blender53: $(STAMP)
+	test -x .venv-bpy53/bin/python || PYENV_VERSION=3.13.0 python3.13 -m venv .venv-bpy53
+	.venv-bpy53/bin/pip install -q -r requirements-bpy53.txt
+	$(BIN)/python -m pytest -q -rs tests/test_blender53.py
 
 # Per-frame stages of the final render and the viewport against the float32 UNet (ratios), then the rasterizer.
 bench: $(STAMP)

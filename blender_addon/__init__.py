@@ -22,6 +22,7 @@ def _classes():
 def register():
     import bpy
 
+    from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
     from . import handlers, menus, preferences, props, session, viewport
 
@@ -35,6 +36,10 @@ def register():
         fit.register_properties()
         handlers.register()
         menus.register()
+        if bpy.app.version >= NATIVE_BLENDER_MIN:
+            from . import native
+
+            native.register()
         viewport.register()
         preferences.sync_sys_path()
     except Exception:
@@ -46,6 +51,7 @@ def unregister():
     import bpy
 
     from .. import operators
+    from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
     from . import handlers, identity, menus, preferences, props, session, viewport
 
@@ -55,6 +61,10 @@ def unregister():
     identity.unregister()        # removes the live-identity timer, waits for a running sample
     menus.unregister()           # Shift+A, File > Import / Export entries
     handlers.unregister()
+    if bpy.app.version >= NATIVE_BLENDER_MIN:
+        from . import native
+
+        native.unregister()
     props.unregister_properties()
     preferences.forget_sys_path()
     classes = session.registration.classes

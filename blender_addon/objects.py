@@ -38,8 +38,15 @@ def poll_active_avatar(cls, context) -> bool:
 
 
 def scene_avatars(scene) -> list:
-    """Enabled avatar armatures of ``scene``, by name (a stable order for compositing)."""
-    return sorted((o for o in scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar and o.hda.enabled),
+    """Enabled avatar armatures of ``scene`` that the compositing layer renders, by name (a stable
+    order for compositing). Avatars on the native path (``hda.native``) are Blender's to render."""
+    return sorted((o for o in scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar and o.hda.enabled
+                   and not o.hda.native), key=lambda o: o.name)
+
+
+def native_avatars(scene) -> list:
+    """Avatar armatures of ``scene`` on the native path (enabled or not), by name."""
+    return sorted((o for o in scene.objects if o.type == 'ARMATURE' and o.hda.is_avatar and o.hda.native),
                   key=lambda o: o.name)
 
 

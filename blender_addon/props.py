@@ -8,7 +8,7 @@ by objects.object_key, never by a Python reference to the object.
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from ..hda_backend.constants import PRESET_AVATAR_TEXT, PRESET_LABELS, PRESETS
+from ..hda_backend.constants import NATIVE_BLENDER_MIN, PRESET_AVATAR_TEXT, PRESET_LABELS, PRESETS
 
 UV_PRESETS = tuple((name, PRESET_LABELS[name], PRESET_AVATAR_TEXT[name]) for name in PRESETS)
 DEVICES = (("cpu", "CPU", "Run the avatar and the rasterizer on the CPU"),
@@ -20,6 +20,9 @@ RELATIVE_PATH = {'ANIMATABLE'} | ({'PATH_SUPPORTS_BLEND_RELATIVE'} if bpy.app.ve
 SHADINGS = (("AUTO", "Auto", "Clay for untrained (seed-initialised) avatars, colour for avatar files"),
             ("FLAT", "Colour", "The avatar's own colours (spherical harmonics)"),
             ("CLAY", "Clay", "Grey clay shaded by the Gaussians' normals, to read the shape"))
+RENDER_PATHS = (("LAYER", "Compositing Layer", "The backend renders the avatar; the compositor lays it over the scene"),
+                ("NATIVE", "Native Splats", "Blender renders the avatar itself as a Gaussian-splat object "
+                                            "(Blender 5.3 and later)"))
 
 
 def _enabled_changed(self, context):
@@ -27,6 +30,10 @@ def _enabled_changed(self, context):
 
     if context.scene is not None:
         compositor.sync(context.scene)  # the saved compositor follows at once (a farm renders it as is)
+        if bpy.app.version >= NATIVE_BLENDER_MIN:
+            from . import native
+
+            native.sync(context.scene)
 
 
 def _identity_changed(self, context):
@@ -66,6 +73,15 @@ class HDAAvatarProps(bpy.types.PropertyGroup):
     shading: EnumProperty(name="Shading", items=SHADINGS, default="AUTO")
     proxy: PointerProperty(name="Proxy Mesh", type=bpy.types.Object,
                            description="Low-poly body skinned to this armature, for selection and silhouettes")
+    render_path: EnumProperty(name="Render Path", items=RENDER_PATHS, default="LAYER", update=_enabled_changed,
+                              description="Who renders this avatar; before Blender 5.3 always the compositing layer")
+    splats: PointerProperty(name="Splat Object", type=bpy.types.Object,
+                            description="The native Gaussian-splat object of this avatar (render path Native)")
+
+    @property
+    def native(self) -> bool:
+        """Blender renders this avatar itself: the native path is chosen and this Blender has it."""
+        return self.render_path == "NATIVE" and bpy.app.version >= NATIVE_BLENDER_MIN
 
 
 CLASSES = (HDAAvatarProps,)

@@ -10,6 +10,7 @@ never saved into a .blend or userpref.blend.
   timings (runtime.py). Keys are runtime's object keys (name + saved uid), never Blender references.
 - :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region images (viewport.py).
 - :data:`render`: whether Blender is rendering (handlers.py).
+- :data:`native`: what each native splat object holds now (native.py, Blender ≥ 5.3).
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
 - :data:`models`: loaded diffusion models and their file digests (Sample Identity; diffusion_model.py).
 - :data:`identity`: live identity samples running on worker threads, and the requests waiting (identity.py).
@@ -94,6 +95,11 @@ class Render(_Part):
 
 
 @dataclass
+class Native(_Part):
+    written: dict = field(default_factory=dict)      # object key -> (signature, pose digest) its splats hold
+
+
+@dataclass
 class Fit(_Part):
     """The session's fit (one at a time): the avatar is remembered by name and uid, never by reference."""
 
@@ -140,13 +146,14 @@ backend = Backend()
 caches = Caches()
 viewport = Viewport()
 render = Render()
+native = Native()
 fit = Fit()
 models = Models()
 identity = Identity()
 farm = Farm()
 registration = Registration()
 
-PARTS = (backend, caches, viewport, render, fit, models, identity, farm, registration)
+PARTS = (backend, caches, viewport, render, native, fit, models, identity, farm, registration)
 
 
 def reset() -> None:

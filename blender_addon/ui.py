@@ -18,6 +18,7 @@ import sys
 import bpy
 from bpy.props import StringProperty
 
+from ..hda_backend.constants import NATIVE_BLENDER_MIN
 from . import session
 from .diffusion_model import model_path
 from .identity import busy
@@ -179,6 +180,8 @@ class HDA_PT_main(bpy.types.Panel):
         box.label(text=f"torch {version}" if version else "torch: not loaded yet")
         if obj is not None:
             box.prop(obj.hda, "device")
+            if bpy.app.version >= NATIVE_BLENDER_MIN:
+                box.prop(obj.hda, "render_path")
             timing = frame_ms(obj)
             if timing:
                 box.label(text=timing)

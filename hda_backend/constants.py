@@ -44,3 +44,4 @@ def spoken_list(names) -> str:
     """``a, b or c``: the names as the one-line errors list what is expected."""
     names = [str(n) for n in names]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+NATIVE_BLENDER_MIN = (5, 3, 0)  # the first Blender with Gaussian-splat point clouds (the add-on's native path)

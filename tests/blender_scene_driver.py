@@ -11,6 +11,7 @@ OUT/arrays.npz (pixels, matrices). Phases:
 - reload: enable the installed add-on, open the saved file, render, undo a change, render.
 - farm:   open the saved file *without* the add-on and render from the baked layers.
 - key:    the key render test alone (used on Blender 4.2 with torch from an existing environment).
+- native: Blender ≥ 5.3: the same avatar on the native path (a Gaussian-splat object rendered by Cycles).
 """
 
 import importlib
@@ -278,7 +279,57 @@ def phase_key():
     key_render(scene, arm)
 
 
-{"main": phase_main, "reload": phase_reload, "farm": phase_farm, "key": phase_key}[args["phase"]]()
+def phase_native():
+    enable(args["zip"])
+    report["torch_at_register"] = "torch" in sys.modules
+    scene = setup_scene()
+    scene.cycles.samples = args["samples"]
+    scene.cycles.pixel_filter_type = 'BOX'  # the rasterizer samples pixel centres (no wider filter)
+    scene.cycles.filter_width = 1.0
+    arm, _ = add_keyed_avatar(scene)
+    arm.hda.enabled = False
+    render("empty")
+    arm.hda.enabled = True
+    arm.hda.render_path = 'NATIVE'
+    splats = arm.hda.splats
+    compositor_nodes = scene.compositing_node_group.nodes
+    report["native"] = {"splats": splats.name, "parent": splats.parent.name, "type": splats.data.type,
+                        "layer_nodes": sorted(n.name for n in compositor_nodes if n.name.startswith("HDA Layer"))}
+    render("native")
+    report["points"] = len(splats.data.points)
+    report["errors"] = dict(caches().errors)
+    arrays["matrix_world"] = np.array(arm.matrix_world)
+
+    # Posing without a frame change: the depsgraph update rewrites the splats for the new pose.
+    scene.frame_set(1)
+    arm.pose.bones["left_shoulder"].rotation_quaternion = (0.7071, 0.0, 0.0, 0.7071)
+    bpy.context.view_layer.update()
+    rt, _ = modules()
+    layout = rt.get_layout(rt.get_avatar(arm).body)
+    arrays["posed_pose"], arrays["posed_transl"] = rt.read_pose(arm, bpy.context.evaluated_depsgraph_get(), layout)
+    positions = np.empty(len(splats.data.points) * 3, np.float32)
+    splats.data.attributes["position"].data.foreach_get("vector", positions)
+    arrays["posed_positions"] = positions.reshape(-1, 3)
+
+    # An identity from the bundled diffusion model and an imported clip, on the native path.
+    bpy.context.view_layer.objects.active = arm
+    report["sample"] = call(bpy.ops.hda.sample_identity, steps=2)
+    report["import"] = call(bpy.ops.hda.import_motion, filepath=args["clip"], frame_start=1)
+    report["avatar_file"] = bpy.path.abspath(arm.hda.avatar_path)
+    scene.frame_start = scene.frame_end = 1
+    render("sampled", frames=(1,))
+    rt, _ = modules()
+    scene.frame_set(1)
+    layout = rt.get_layout(rt.get_avatar(arm).body)
+    arrays["sampled_pose"], arrays["sampled_transl"] = rt.read_pose(arm, bpy.context.evaluated_depsgraph_get(), layout)
+    report["sampled_points"] = len(splats.data.points)
+    report["sampled_errors"] = dict(caches().errors)
+    arm.hda.render_path = 'LAYER'
+    report["splats_after_layer"] = [arm.hda.splats is None, [o.name for o in bpy.data.objects if o.type == 'POINTCLOUD']]
+
+
+{"main": phase_main, "reload": phase_reload, "farm": phase_farm, "key": phase_key,
+ "native": phase_native}[args["phase"]]()
 with open(os.path.join(OUT, "report.json"), "w") as fh:
     json.dump(report, fh)
 np.savez(os.path.join(OUT, "arrays.npz"), **arrays)

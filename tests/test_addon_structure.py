@@ -236,6 +236,7 @@ def test_session_reset_forgets_every_part(ext):
     session.caches.stats["misses"] += 3
     session.viewport.handle, session.viewport.stats["a:1"] = "handle", {"ms": 3.0}
     session.render.rendering = True
+    session.native.written["a:1"] = ((), "digest")
     session.fit.line, session.fit.avatar = "fitted", "HDA_Avatar"
     session.models.loaded["m"] = ((1, 2), None)
     session.identity.pending["a:1"], session.identity.quiet = "request", 1
@@ -262,16 +263,17 @@ def test_frame_cache_keeps_its_byte_budget(ext):
 def test_avatars_are_found_from_their_proxy_and_listed_by_name(ext):
     objects = ext("blender_addon.objects")
 
-    def obj(name, kind="ARMATURE", avatar=True, enabled=True, parent=None):
+    def obj(name, kind="ARMATURE", avatar=True, enabled=True, parent=None, native=False):
         return SimpleNamespace(name=name, type=kind, parent=parent,
-                               hda=SimpleNamespace(is_avatar=avatar, enabled=enabled, uid="u" + name))
+                               hda=SimpleNamespace(is_avatar=avatar, enabled=enabled, uid="u" + name, native=native))
 
-    b, a, off = obj("B"), obj("A"), obj("C", enabled=False)
+    b, a, off, nat = obj("B"), obj("A"), obj("C", enabled=False), obj("D", native=True)
     proxy, rig = obj("B_proxy", "MESH", avatar=False, parent=b), obj("Rig", avatar=False)
-    scene = SimpleNamespace(objects=[b, proxy, off, rig, a])
+    scene = SimpleNamespace(objects=[b, proxy, nat, off, rig, a])
     assert objects.avatar_of(proxy) is b and objects.avatar_of(rig) is None and objects.avatar_of(None) is None
     assert [o.name for o in objects.scene_avatars(scene)] == ["A", "B"]
-    assert [o.name for o in objects.all_avatars(scene)] == ["A", "B", "C"]
+    assert [o.name for o in objects.native_avatars(scene)] == ["D"]
+    assert [o.name for o in objects.all_avatars(scene)] == ["A", "B", "C", "D"]
     assert objects.object_key(b) == "B:uB"
 
 
