@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Subject cards of the capture studio: what `hda synth --seed SEED` people look like.
 
-    .venv/bin/python scripts/subject_cards.py --seed 0 --subjects 16 --size 320 --out docs/subject_cards.png
+    .venv/bin/python scripts/subject_cards.py --seed 0 --subjects 16 --size 256 --columns 4 --out docs/subject_cards.png
 
 One tile per subject (front and back three-quarter views, the same people, geometry and materials as the
 dataset, in one walking pose), labelled with the subject's index and age; the attributes of each tile
@@ -27,9 +27,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (as hda synth --seed)")
     ap.add_argument("--subjects", type=int, default=16)
-    ap.add_argument("--size", type=int, default=320, help="render size; a tile is size wide and size tall")
+    ap.add_argument("--size", type=int, default=256, help="render size; a tile is 1.5 x size wide (front, back, head close-up) and size tall")
     ap.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel")
-    ap.add_argument("--columns", type=int, default=8)
+    ap.add_argument("--columns", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("docs/subject_cards.png"))
     args = ap.parse_args()
     if not (1 <= args.subjects <= 256 and 64 <= args.size <= 2048 and 1 <= args.columns <= 64):
