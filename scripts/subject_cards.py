@@ -27,7 +27,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (as hda synth --seed)")
     ap.add_argument("--subjects", type=int, default=16)
-    ap.add_argument("--size", type=int, default=256, help="render size; a tile is 1.5 x size wide (front, back, head close-up) and size tall")
+    ap.add_argument("--size", type=int, default=256,
+                    help="render size; a tile is 1.5 x size wide (front, back, head close-up) and size tall")
     ap.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel")
     ap.add_argument("--columns", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("docs/subject_cards.png"))

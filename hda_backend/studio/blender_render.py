@@ -136,8 +136,9 @@ def _logo_image(name, pattern, colour_res=128):
 
 
 def _fabric(g, bsdf, spec, rest, xyz, colour):
-    """Weave, heather and a little relief of the cloth, then its seams and stitched hems (from the
-    ``seam`` and ``hem`` fields, in metres)."""
+    """Weave and heather of the cloth, then its seams and stitched hems (from the ``seam`` and ``hem``
+    fields, in metres). No bump-mapped relief: it cost 10-20 % more render time (Cycles evaluates the
+    height three times) for detail finer than a pixel at 256²."""
     fabric = spec["fabric"]
     heather = g.noise(rest, 110.0, detail=3.0)  # fibre-scale unevenness of the dye
     shade = g.math("ADD", g.math("MULTIPLY", heather, 0.22 if fabric != "satin" else 0.08), 0.89)
@@ -148,17 +149,13 @@ def _fabric(g, bsdf, spec, rest, xyz, colour):
         rib = g.math("FRACT", g.math("MULTIPLY", g.math("ADD", xyz.outputs["X"], xyz.outputs["Z"]), 200.0))
         shade = g.math("MULTIPLY", shade, g.math("ADD", g.math("MULTIPLY", g.math("LESS_THAN", rib, 0.4), 0.12), 0.9))
     bsdf.inputs["Roughness"].default_value = {"satin": 0.32, "denim": 0.92}.get(fabric, spec.get("roughness", 0.85))
-    bump = g.new("ShaderNodeBump")
-    bump.inputs["Strength"].default_value = 0.12
-    g.link(g.noise(rest, 60.0, detail=2.0), bump.inputs["Height"])
-    g.link(bump.outputs["Normal"], bsdf.inputs["Normal"])
     colour = g.scale(colour, shade)
     stitch = tuple(float(x) for x in srgb_to_linear(spec["seam_colour"]))
     colour = g.mix(g.math("LESS_THAN", g.attribute("seam"), 0.0022), colour, stitch)
     hem = g.attribute("hem")
     colour = g.mix(g.math("MULTIPLY", g.math("LESS_THAN", hem, 0.004), 0.35), colour, (0.0, 0.0, 0.0))  # folded edge
-    dashes = g.math("LESS_THAN", g.math("FRACT", g.math("MULTIPLY", g.math("ADD", g.math("ADD", xyz.outputs["X"], xyz.outputs["Y"]),
-                                                                                  xyz.outputs["Z"]), 160.0)), 0.6)
+    diagonal = g.math("ADD", g.math("ADD", xyz.outputs["X"], xyz.outputs["Y"]), xyz.outputs["Z"])
+    dashes = g.math("LESS_THAN", g.math("FRACT", g.math("MULTIPLY", diagonal, 160.0)), 0.6)  # stitches ~4 mm apart
     return g.mix(g.math("MULTIPLY", g.between(hem, 0.0095, 0.0122), dashes), colour, stitch)
 
 
@@ -190,7 +187,8 @@ def _shoe_details(g, spec, xyz, colour):
         across = g.math("LESS_THAN", g.math("ABSOLUTE", g.math("SUBTRACT", g.math("ABSOLUTE", x), foot["x"])), 0.016)
         along = g.between(z, foot["ankle_z"] + 0.03, foot["toe_z"] + 0.015)
         rungs = g.math("LESS_THAN", g.math("FRACT", g.math("MULTIPLY", z, 1.0 / 0.012)), 0.45)
-        lace = g.math("MULTIPLY", g.math("MULTIPLY", across, along), g.math("MULTIPLY", rungs, g.math("GREATER_THAN", y, foot["floor_y"] + 0.035)))
+        above_sole = g.math("GREATER_THAN", y, foot["floor_y"] + 0.035)
+        lace = g.math("MULTIPLY", g.math("MULTIPLY", across, along), g.math("MULTIPLY", rungs, above_sole))
         colour = g.mix(lace, colour, tuple(float(c) for c in srgb_to_linear(spec["sole"])))
     return colour
 

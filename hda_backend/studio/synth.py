@@ -139,7 +139,8 @@ def plan_subject(body, seed: int, cameras: int, frames: int, size: int, samples:
     attrs["weight_kg"] = round(_mesh_volume(rest_body, faces) * 985.0, 2)
     rest_joints = body.J_regressor.double().numpy() @ rest_body
     fields = face_fields(rest_body, faces, attrs["face"], source=str(body.path))
-    return dict(attrs=attrs, rest_joints=rest_joints, face_fields=fields, poses=poses, transl=transl, joints=joints, rest_body=rest_body, parts=parts,
+    return dict(attrs=attrs, rest_joints=rest_joints, face_fields=fields, poses=poses, transl=transl, joints=joints,
+                rest_body=rest_body, parts=parts,
                 body_verts=body_verts, part_verts=part_verts, viewmats=viewmats, Ks=Ks, floor_y=floor_y,
                 n_train=n_train, n_test=n_test, faces=faces, seed=seed, size=size, samples=samples,
                 background=tuple(float(x) for x in background))
