@@ -339,6 +339,16 @@ def test_boundary_distance_by_hand():
     np.testing.assert_allclose(boundary_distance(rest, faces), expected, atol=1e-12)
 
 
+def test_a_body_without_eye_and_mouth_openings_is_refused_in_one_line():
+    from hda_backend.studio.face import openings
+
+    g = np.stack(np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij"), -1).reshape(-1, 2)
+    idx = np.arange(16).reshape(4, 4)
+    faces = np.stack([idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:]], -1).reshape(-1, 3)
+    with pytest.raises(HDAError, match=r"body model /x/SMPLX_NEUTRAL.npz: found 0 eye/mouth opening centres .* expected 3"):
+        openings(faces, np.concatenate([g, np.zeros((16, 1))], 1), "/x/SMPLX_NEUTRAL.npz")
+
+
 def test_seams_hair_volume_and_shoes(body):
     attrs = sample_attributes(1)
     attrs["top"].update(kind="longsleeve", sleeve=0.93)
