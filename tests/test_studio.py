@@ -250,7 +250,8 @@ def test_mvhumannet_composite_view_by_hand():
 def test_people_are_built_exactly_as_recorded(body):
     """A regression guard on the studio's geometry: the sha256 of every array of 4 people (parts, their
     seam/hem fields and the face fields). Recorded when faces, seams, hair volume, buns and soles were
-    added (issue 15); it changes only when the studio's people are meant to change."""
+    added (issue 15), and again when the hairline was smoothed; it changes only when the studio's people
+    are meant to change."""
     import hashlib
 
     from hda_backend.studio.face import face_fields
@@ -268,7 +269,7 @@ def test_people_are_built_exactly_as_recorded(body):
             for key in sorted(p.attributes):
                 digest.update(key.encode() + np.ascontiguousarray(p.attributes[key]).tobytes())
             digest.update(repr((p.name, p.material, p.fold_scale, sorted(p.skirt.items()) if p.skirt else None)).encode())
-    assert digest.hexdigest() == "b871cef58bc281cd5baddc2c12c407fe00f16a16ec5c50e584c4e20f3da031ec"
+    assert digest.hexdigest() == "7c3662eeb312c7be995242c7aa33a1896fa18f2f523f9fc9d7f5a4e65636a85b"
 
 
 # --- appearance: faces, seams, hair volume, variety --------------------------------------------------
@@ -347,6 +348,31 @@ def test_a_body_without_eye_and_mouth_openings_is_refused_in_one_line():
     faces = np.stack([idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:]], -1).reshape(-1, 3)
     with pytest.raises(HDAError, match=r"body model /x/SMPLX_NEUTRAL.npz: found 0 eye/mouth opening centres .* expected 3"):
         openings(faces, np.concatenate([g, np.zeros((16, 1))], 1), "/x/SMPLX_NEUTRAL.npz")
+
+
+def test_smooth_border_rounds_a_staircase_and_keeps_the_inside():
+    """A band around a cylinder whose top border is a staircase (teeth 1 cm high), as a hairline is a
+    closed loop: smoothing brings the top border's heights towards their mean and leaves the interior
+    ring where it was."""
+    from hda_backend.studio.person import Part, _smooth_border
+
+    n = 24
+    ang = np.arange(n) / n * 2 * np.pi
+    ring = lambda y: np.stack([0.1 * np.sin(ang), y, 0.1 * np.cos(ang)], 1)  # noqa: E731
+    top = 0.05 + 0.01 * (np.arange(n) % 2)
+    rest = np.concatenate([ring(np.zeros(n)), ring(np.full(n, 0.03)), ring(top)])
+    faces = []
+    for row in range(2):
+        for i in range(n):
+            a, b = row * n + i, row * n + (i + 1) % n
+            faces += [[a, b, b + n], [a, b + n, a + n]]
+    part = Part("band", "hair", rest.copy(), rest * [1.0, 0.0, 1.0] / 0.1, np.array(faces), np.zeros((3 * n, 55)),
+                np.zeros(3 * n))
+    _smooth_border(part)
+    np.testing.assert_array_equal(part.rest[n:2 * n], rest[n:2 * n])  # the interior ring
+    before = np.abs(rest[2 * n:, 1] - 0.055).max()
+    after = np.abs(part.rest[2 * n:, 1] - 0.055).max()
+    assert before == pytest.approx(0.005) and after < 0.01 * before
 
 
 def test_seams_hair_volume_and_shoes(body):

@@ -505,6 +505,7 @@ def _hair(b: _Shape, hair: dict) -> Part:
     volume = 1.0 if style in ("buzz", "bun") else hair["volume"]
     hair_t = HAIR_THICKNESS[style] * volume * np.clip(0.6 + 3 * (v[:, 1] - jr[15, 1]), 0.4, 1.2)
     part = _shell("hair", "hair", v, b.n, b.f, w, scalp, hair_t, 0.0, subdivide=style != "buzz")
+    _smooth_border(part)
     if style != "buzz":
         rng = np.random.default_rng(hair["clump_seed"])
         wavelength = 0.035 if style == "curly" else 0.07
@@ -514,6 +515,27 @@ def _hair(b: _Shape, hair: dict) -> Part:
         edge = np.clip(boundary_distance(part.rest, part.faces) / 0.04, 0.25, 1.0)  # thin at the hairline
         part.thickness = part.thickness * edge * (1.0 + (0.9 if style == "curly" else 0.5) * lumps)
     return part
+
+
+def _smooth_border(part: Part, iterations: int = 8) -> None:
+    """Round off the staircase a shell's border takes from whole body faces (the hairline): each border
+    vertex with two border neighbours moves halfway to their midpoint, ``iterations`` times."""
+    f = part.faces
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    border = unique[counts == 1]
+    if len(border) == 0:
+        return
+    neighbours = {}
+    for a, c in border:
+        neighbours.setdefault(int(a), []).append(int(c))
+        neighbours.setdefault(int(c), []).append(int(a))
+    chain = np.array([k for k, n in neighbours.items() if len(n) == 2])
+    if len(chain) == 0:
+        return
+    pairs = np.array([neighbours[int(k)] for k in chain])
+    for _ in range(iterations):
+        part.rest[chain] = 0.5 * part.rest[chain] + 0.25 * (part.rest[pairs[:, 0]] + part.rest[pairs[:, 1]])
 
 
 def _bun(b: _Shape, hair: dict) -> Part:
