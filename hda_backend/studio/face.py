@@ -87,5 +87,4 @@ def face_fields(rest: np.ndarray, faces: np.ndarray, face: dict, source: str = "
     field = np.where(front > m[2] - 0.025, field, -1.0)
     out["eye"], out["iris"], out["brow"] = eye, iris, brow
     out["lips"] = np.clip(field, -1.0, 1.0)
-    out["eye"][anchors["mouth"]] = -1.0
     return {k: out[k].astype(np.float32) for k in FIELDS}
