@@ -247,17 +247,217 @@ def test_mvhumannet_composite_view_by_hand():
     np.testing.assert_allclose(out[0, 2], [0.8, 0.8, 0.8])
 
 
-def test_people_are_built_exactly_as_before_the_split_into_part_builders(body):
-    """build_parts was split into one builder per part (top, bottom, shoes, hair) by code motion only:
-    the sha256 of every array of 4 people, recorded before the split, is unchanged."""
+def test_people_are_built_exactly_as_recorded(body):
+    """A regression guard on the studio's geometry: the sha256 of every array of 4 people (parts, their
+    seam/hem fields and the face fields). Recorded when faces, seams, hair volume, buns and soles were
+    added (issue 15), and again when the hairline was smoothed; it changes only when the studio's people
+    are meant to change."""
     import hashlib
+
+    from hda_backend.studio.face import face_fields
 
     digest = hashlib.sha256()
     for seed in range(4):
-        v, parts = build_parts(body, sample_attributes(seed))
+        attrs = sample_attributes(seed)
+        v, parts = build_parts(body, attrs)
         digest.update(v.tobytes())
+        for key, value in sorted(face_fields(v, body.faces.numpy(), attrs["face"]).items()):
+            digest.update(key.encode() + value.tobytes())
         for p in parts:
             for a in (p.rest, p.normals, p.faces, p.weights, p.thickness):
                 digest.update(np.ascontiguousarray(a).tobytes())
+            for key in sorted(p.attributes):
+                digest.update(key.encode() + np.ascontiguousarray(p.attributes[key]).tobytes())
             digest.update(repr((p.name, p.material, p.fold_scale, sorted(p.skirt.items()) if p.skirt else None)).encode())
-    assert digest.hexdigest() == "6ab67c0e0c6beff215d52e788973f5caa07056f81abf01f28c68c74c0983a678"
+    assert digest.hexdigest() == "7c3662eeb312c7be995242c7aa33a1896fa18f2f523f9fc9d7f5a4e65636a85b"
+
+
+# --- appearance: faces, seams, hair volume, variety --------------------------------------------------
+
+def _parts_digest(parts) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in parts:
+        for a in (p.rest, p.normals, p.faces, p.weights, p.thickness, *[p.attributes[k] for k in sorted(p.attributes)]):
+            digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def test_face_regions_sit_where_the_skeleton_puts_the_face(body):
+    """The eye, brow and lip fields (from the mesh's opening fans) against an independent definition: the
+    eye joints of the body's J_regressor (fitted to the rig's bones, not to the mesh topology) and the
+    head part of its skinning weights, on the mean body and on a strongly shaped one."""
+    from hda_backend.studio.face import face_fields, openings
+    from hda_backend.studio.person import HEAD_JOINTS
+
+    faces = body.faces.numpy()
+    w = body.weights.numpy()
+    for seed in (0, 5):
+        attrs = sample_attributes(seed)
+        v, _ = build_parts(body, attrs)
+        joints = body.J_regressor.double().numpy() @ v
+        fields = face_fields(v, faces, attrs["face"])
+        anchors = openings(faces, v)
+        head = w[:, HEAD_JOINTS].sum(1) > 0.5
+        for side in ("left_eye", "right_eye"):
+            centre = v[anchors[side]]
+            assert np.linalg.norm(centre - joints[J[f"{side}_smplhf"]]) < 0.01  # the opening is at the eye joint
+        assert v[anchors["left_eye"], 0] > 0.02 > -0.02 > v[anchors["right_eye"], 0]  # left at +X
+        mouth, eye_y = v[anchors["mouth"]], v[anchors["left_eye"], 1]
+        assert abs(mouth[0]) < 1e-6 and 0.05 < eye_y - mouth[1] < 0.09 and mouth[1] > joints[J["jaw"], 1] - 0.06
+        # Faces where a region shows (the shader's contour: the field interpolated over a face is > 0
+        # somewhere, i.e. at a vertex): every vertex is in the head part and near its anchor.
+        for name, radius in (("eye", 0.02), ("lips", 0.035), ("brow", 0.06)):
+            shown = (fields[name][faces] > 0).any(1)
+            assert shown.sum() >= 4, name
+            verts = np.unique(faces[shown])
+            assert head[verts].all(), name
+            anchor = [anchors["mouth"]] if name == "lips" else [anchors["left_eye"], anchors["right_eye"]]
+            dist = np.linalg.norm(v[verts][:, None] - v[anchor][None], axis=-1).min(1)
+            assert dist.max() < radius, (name, dist.max())
+        # each eye is exactly its opening: the fan faces around the centre, nothing else
+        eye_faces = (fields["eye"][faces] > 0).any(1)
+        fans = np.isin(faces, [anchors["left_eye"], anchors["right_eye"]]).any(1)
+        assert np.array_equal(eye_faces, fans)
+        # brows are above the eyes, lips around the mouth
+        brow = fields["brow"] > 0
+        assert (v[brow, 1] > eye_y + 0.008).all() and (v[brow, 1] < eye_y + 0.04).all()
+        lips = fields["lips"] > 0
+        assert (np.abs(v[lips, 1] - mouth[1]) < 0.02).all() and (np.abs(v[lips, 0]) < 0.03).all()
+
+
+def test_boundary_distance_by_hand():
+    from hda_backend.studio.person import boundary_distance
+
+    # a flat 11 x 11 grid on [0,1]^2: the distance to the border vertices is the distance to the square's edge
+    g = np.stack(np.meshgrid(np.linspace(0, 1, 11), np.linspace(0, 1, 11), indexing="ij"), -1).reshape(-1, 2)
+    rest = np.concatenate([g, np.zeros((len(g), 1))], 1)
+    idx = np.arange(121).reshape(11, 11)
+    faces = np.concatenate([np.stack([idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:]], -1).reshape(-1, 3),
+                            np.stack([idx[:-1, :-1], idx[1:, 1:], idx[:-1, 1:]], -1).reshape(-1, 3)])
+    expected = np.minimum(np.minimum(g[:, 0], 1 - g[:, 0]), np.minimum(g[:, 1], 1 - g[:, 1]))
+    np.testing.assert_allclose(boundary_distance(rest, faces), expected, atol=1e-12)
+
+
+def test_a_body_without_eye_and_mouth_openings_is_refused_in_one_line():
+    from hda_backend.studio.face import openings
+
+    g = np.stack(np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij"), -1).reshape(-1, 2)
+    idx = np.arange(16).reshape(4, 4)
+    faces = np.stack([idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:]], -1).reshape(-1, 3)
+    with pytest.raises(HDAError, match=r"body model /x/SMPLX_NEUTRAL.npz: found 0 eye/mouth opening centres .* expected 3"):
+        openings(faces, np.concatenate([g, np.zeros((16, 1))], 1), "/x/SMPLX_NEUTRAL.npz")
+
+
+def test_smooth_border_rounds_a_staircase_and_keeps_the_inside():
+    """A band around a cylinder whose top border is a staircase (teeth 1 cm high), as a hairline is a
+    closed loop: smoothing brings the top border's heights towards their mean and leaves the interior
+    ring where it was."""
+    from hda_backend.studio.person import Part, _smooth_border
+
+    n = 24
+    ang = np.arange(n) / n * 2 * np.pi
+    ring = lambda y: np.stack([0.1 * np.sin(ang), y, 0.1 * np.cos(ang)], 1)  # noqa: E731
+    top = 0.05 + 0.01 * (np.arange(n) % 2)
+    rest = np.concatenate([ring(np.zeros(n)), ring(np.full(n, 0.03)), ring(top)])
+    faces = []
+    for row in range(2):
+        for i in range(n):
+            a, b = row * n + i, row * n + (i + 1) % n
+            faces += [[a, b, b + n], [a, b + n, a + n]]
+    part = Part("band", "hair", rest.copy(), rest * [1.0, 0.0, 1.0] / 0.1, np.array(faces), np.zeros((3 * n, 55)),
+                np.zeros(3 * n))
+    _smooth_border(part)
+    np.testing.assert_array_equal(part.rest[n:2 * n], rest[n:2 * n])  # the interior ring
+    before = np.abs(rest[2 * n:, 1] - 0.055).max()
+    after = np.abs(part.rest[2 * n:, 1] - 0.055).max()
+    assert before == pytest.approx(0.005) and after < 0.01 * before
+
+
+def test_seams_hair_volume_and_shoes(body):
+    attrs = sample_attributes(1)
+    attrs["top"].update(kind="longsleeve", sleeve=0.93)
+    attrs["hair"].update(style="curly", volume=1.5)
+    _, parts = build_parts(body, attrs)
+    top = next(p for p in parts if p.name == "top")
+    seam, hem = top.attributes["seam"], top.attributes["hem"]
+    torso = np.abs(top.rest[:, 0]) < 0.15
+    for sign in (1, -1):  # a side seam on each side of the torso, none down the front
+        side = torso & (np.sign(top.rest[:, 0]) == sign) & (np.abs(top.rest[:, 0]) > 0.08)
+        assert (seam[side] < 0.003).sum() > 10
+    front = torso & (np.abs(top.rest[:, 0]) < 0.03) & (top.rest[:, 2] > 0.05)
+    assert front.any() and seam[front].min() > 0.04
+    assert hem.min() == 0 and (hem > 0.05).any()  # 0 on the hems and cuffs, growing inside
+    hair = next(p for p in parts if p.name == "hair")
+    attrs["hair"].update(style="short", volume=1.0)
+    short = next(p for p in build_parts(body, attrs)[1] if p.name == "hair")
+    assert hair.thickness.max() > 2 * short.thickness.max() and hair.thickness.std() > short.thickness.std()
+    attrs["hair"]["style"] = "bun"
+    names = [p.name for p in build_parts(body, attrs)[1]]
+    assert "bun" in names and "hair" in names
+    shoes = next(p for p in parts if p.name == "shoes")
+    sole = shoes.rest[:, 1] < shoes.rest[:, 1].min() + 0.005
+    assert shoes.thickness[sole].mean() > 0.009 + 0.5 * attrs["shoes"]["sole_height"]  # a sole under the foot
+
+
+def test_appearance_is_deterministic_per_seed_and_varies_across_seeds(body):
+    from hda_backend.studio.face import face_fields
+
+    first = [sample_attributes(s) for s in range(16)]
+    assert first == [sample_attributes(s) for s in range(16)]
+    assert json.loads(json.dumps(first))[3]["face"]["brow"]["length"] == first[3]["face"]["brow"]["length"]  # JSON-ready
+    faces = body.faces.numpy()
+    v1, p1 = build_parts(body, first[3])
+    v2, p2 = build_parts(body, first[3])
+    assert _parts_digest(p1) == _parts_digest(p2) and np.array_equal(v1, v2)
+    f1, f2 = face_fields(v1, faces, first[3]["face"]), face_fields(v2, faces, first[3]["face"])
+    assert all(np.array_equal(f1[k], f2[k]) for k in f1)
+    f3 = face_fields(build_parts(body, first[4])[0], faces, first[4]["face"])
+    assert not np.array_equal(f1["brow"], f3["brow"]) and not np.array_equal(f1["lips"], f3["lips"])
+    assert _parts_digest(p1) != _parts_digest(build_parts(body, first[4])[1])
+    assert len({a["hair"]["style"] for a in first}) >= 5 and len({a["top"]["fabric"] for a in first}) >= 3
+    assert len({a["top"]["pattern"]["kind"] for a in first}) >= 4 and len({a["skin"]["colour"] for a in first}) == 16
+    ages = [a["age"] for a in first]
+    assert max(ages) - min(ages) >= 30 and len({a["face"]["iris_colour"] for a in first}) >= 3
+    old = [a for a in first if a["age"] >= 70]
+    young = [a for a in first if a["age"] <= 30]
+    assert all(a["hair"]["grey"] == 0 for a in young) or not young
+    assert all(a["hair"]["grey"] > 0.3 for a in old) or not old
+
+
+def test_rendered_face_shows_pupils_and_lips(body, tmp_path):
+    """The skin shader reads the face fields: in a Blender close-up of the head, the pixel at each eye's
+    centre (the pupil) is much darker than the skin 2 cm below it, and the mouth is redder than the skin
+    (without the face fields, measured: pupil/skin 0.8 and no redder mouth; with them 0.2 and +20)."""
+    from hda_backend.studio.cards import CARD_POSE, CARD_RIG, _add_head_camera
+    from hda_backend.studio.face import openings
+    from hda_backend.studio.person import sample_clip
+    from hda_backend.studio.synth import _scene_spec, _write_npz, plan_subject, run_blender
+
+    motion = sample_clip(CARD_POSE[0], 1, CARD_POSE[1])
+    seed = next(s for s in range(50) if sample_attributes(s)["skin"]["tone_index"] <= 4)  # a light skin
+    plan = plan_subject(body, seed, 2, 1, 96, 8, (1.0, 1.0, 1.0), motion=motion, rig=CARD_RIG)
+    _add_head_camera(plan, 96)
+    work = tmp_path / "s" / "_work"
+    work.mkdir(parents=True)
+    spec, arrays = _scene_spec(plan, tmp_path / "s", [(2, 0)])
+    _write_npz(work / "scene.npz", **arrays)
+    (work / "scene.json").write_text(json.dumps(spec))
+    run_blender(work, 1, lambda n: None)
+    image = np.asarray(Image.open(tmp_path / "s/images/cam02/0000.png"), np.float64)
+    anchors = openings(plan["faces"], plan["rest_body"])
+    verts = torch.tensor(plan["body_verts"][0], dtype=torch.float64)
+    view, K = torch.tensor(plan["viewmats"][2:]), torch.tensor(plan["Ks"][2:])
+
+    def pixel(point):
+        x, y = project(point[None], view, K)[0, 0].floor().long().tolist()
+        return image[y, x]
+
+    below = torch.tensor([0.0, 0.02, 0.0], dtype=torch.float64)
+    for side in ("left_eye", "right_eye"):
+        centre = verts[anchors[side]]
+        assert pixel(centre).mean() < 0.4 * pixel(centre - below).mean(), side
+    mouth = verts[anchors["mouth"]]
+    redness = lambda rgb: rgb[0] - rgb[1]  # noqa: E731
+    assert redness(pixel(mouth)) > redness(pixel(mouth - below)) + 10

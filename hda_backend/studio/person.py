@@ -34,10 +34,14 @@ CLOTH_COLOURS = [(0.90, 0.90, 0.88), (0.12, 0.12, 0.14), (0.15, 0.22, 0.45), (0.
                  (0.15, 0.42, 0.25), (0.90, 0.75, 0.20), (0.45, 0.45, 0.48), (0.85, 0.45, 0.15),
                  (0.45, 0.25, 0.55), (0.30, 0.55, 0.75), (0.80, 0.55, 0.60), (0.55, 0.45, 0.30),
                  (0.25, 0.32, 0.22), (0.95, 0.60, 0.65), (0.20, 0.35, 0.40), (0.70, 0.20, 0.35)]
+IRIS_COLOURS = [(0.23, 0.14, 0.08), (0.35, 0.22, 0.10), (0.12, 0.07, 0.04), (0.30, 0.42, 0.55),
+                (0.35, 0.45, 0.28), (0.45, 0.35, 0.18)]
+GREY_HAIR = (0.74, 0.74, 0.72)
 TOPS = ("tshirt", "longsleeve", "tank", "dress")
 BOTTOMS = ("pants", "shorts", "skirt")
-PATTERNS = ("solid", "stripes", "checks", "logo")
-HAIR_STYLES = ("bald", "buzz", "short", "bob", "long")
+PATTERNS = ("solid", "stripes", "checks", "logo", "dots", "camo")
+FABRICS = ("cotton", "denim", "knit", "satin")
+HAIR_STYLES = ("bald", "buzz", "short", "bob", "long", "curly", "bun")
 SHOES = ("sneakers", "boots", "flats")
 SLEEVES = {"tank": 0.0, "tshirt": 0.3, "longsleeve": 0.93}
 LIBRARY = tuple(BUILTIN)  # every built-in clip is on the SMPL-X skeleton in the body frame
@@ -58,7 +62,7 @@ def _colour(rng, avoid=None):
 
 
 def _pattern(rng, base):
-    kind = PATTERNS[rng.choice(len(PATTERNS), p=[0.25, 0.3, 0.25, 0.2])]
+    kind = PATTERNS[rng.choice(len(PATTERNS), p=[0.2, 0.25, 0.2, 0.13, 0.12, 0.1])]
     pattern = {"kind": kind, "colour2": _colour(rng, avoid=base)}
     if kind == "stripes":
         pattern.update(period=float(rng.uniform(0.03, 0.09)), axis=["horizontal", "vertical"][int(rng.random() < 0.25)],
@@ -68,7 +72,40 @@ def _pattern(rng, base):
     elif kind == "logo":
         pattern.update(size=float(rng.uniform(0.09, 0.16)), points=int(rng.integers(3, 8)),
                        inner=float(rng.uniform(0.35, 0.7)), rotation=float(rng.uniform(0, 2 * math.pi)))
+    elif kind == "dots":  # polka dots on a jittered grid (Voronoi cells), radius a fraction of the cell
+        pattern.update(period=float(rng.uniform(0.025, 0.06)), radius=float(rng.uniform(0.2, 0.38)))
+    elif kind == "camo":  # blotches of two more colours from thresholded noise
+        pattern.update(period=float(rng.uniform(0.08, 0.16)), colour3=_colour(rng, avoid=pattern["colour2"]))
     return pattern
+
+
+def _garment(rng, colour, pattern):
+    """Colour, pattern, fabric (a weave or knit and its sheen) and seams of one garment."""
+    fabric = FABRICS[rng.choice(len(FABRICS), p=[0.45, 0.2, 0.2, 0.15])]
+    return {"colour": colour, "pattern": pattern, "fabric": fabric,
+            "seam_colour": tuple(float(c) * 0.55 for c in colour) if rng.random() < 0.7 else _colour(rng, avoid=colour)}
+
+
+def _skin(rng):
+    """A continuous tone along the scale (``tone_index`` the nearest step), with a warm, neutral or olive undertone."""
+    position = rng.uniform(0, len(SKIN_TONES) - 1)
+    index, t = int(position), position - int(position)
+    lo, hi = np.array(SKIN_TONES[index]), np.array(SKIN_TONES[min(index + 1, len(SKIN_TONES) - 1)])
+    colour = lo + t * (hi - lo)
+    index = int(round(position))
+    undertone = ["warm", "neutral", "olive"][rng.integers(3)]
+    colour = colour * {"warm": (1.03, 0.99, 0.96), "neutral": (1.0, 1.0, 1.0), "olive": (0.98, 1.01, 0.95)}[undertone]
+    return {"tone_index": index, "colour": tuple(float(c) for c in np.clip(colour, 0, 1)), "undertone": undertone}
+
+
+def _face(rng, skin: dict) -> dict:
+    """Eyes, brows and lips (see :mod:`.face`): sizes in metres, colours sRGB."""
+    lip = np.array(skin["colour"]) * (0.72, 0.52, 0.52) + (0.06, 0.0, 0.01)
+    return {"iris_colour": IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))], "iris_radius": float(rng.uniform(0.0045, 0.006)),
+            "brow": {"thickness": float(rng.uniform(0.007, 0.012)), "arch": float(rng.uniform(0.0, 0.006)),
+                     "length": float(rng.uniform(0.042, 0.056))},
+            "lips": {"width": float(rng.uniform(0.04, 0.052)), "fullness": float(rng.uniform(0.7, 1.35)),
+                     "colour": tuple(float(c) for c in np.clip(lip * rng.uniform(0.85, 1.1), 0, 1))}}
 
 
 def sample_attributes(seed: int, num_betas: int = 16) -> dict:
@@ -76,21 +113,23 @@ def sample_attributes(seed: int, num_betas: int = 16) -> dict:
     rng = np.random.default_rng(int(seed))
     betas = np.clip(rng.normal(0.0, 1.0, num_betas), -2.5, 2.5)
     betas[0] = float(np.clip(rng.normal(0.0, 1.1), -2.5, 2.5))  # component 0 is mostly height
-    skin_index = int(rng.integers(len(SKIN_TONES)))
-    hair_style = HAIR_STYLES[rng.choice(len(HAIR_STYLES), p=[0.08, 0.14, 0.3, 0.24, 0.24])]
+    betas[1:4] = np.clip(betas[1:4] * 1.3, -3.0, 3.0)  # wider builds: the next components carry girth
+    age = int(rng.integers(18, 81))
+    skin = _skin(rng)
+    hair_style = HAIR_STYLES[rng.choice(len(HAIR_STYLES), p=[0.07, 0.12, 0.24, 0.18, 0.17, 0.12, 0.1])]
     top_kind = TOPS[rng.choice(len(TOPS), p=[0.35, 0.3, 0.15, 0.2])]
     top_colour = _colour(rng)
-    top = {"kind": top_kind, "colour": top_colour, "pattern": _pattern(rng, top_colour),
+    top = {"kind": top_kind, **_garment(rng, top_colour, _pattern(rng, top_colour)),
            "sleeve": float(np.clip(SLEEVES.get(top_kind, [0.0, 0.3, 0.6][rng.integers(3)]) + rng.uniform(-0.05, 0.05), 0.0, 0.95)),
            "looseness": float(rng.uniform(0.6, 1.4)), "neckline": ["crew", "scoop", "v"][rng.integers(3)]}
     if top_kind == "dress":
-        bottom = {"kind": "skirt", "colour": top_colour, "pattern": top["pattern"],
+        bottom = {"kind": "skirt", **{k: top[k] for k in ("colour", "pattern", "fabric", "seam_colour")},
                   "length": float(rng.uniform(0.35, 0.85)), "flare": float(rng.uniform(0.08, 0.35))}
     else:
         kind = BOTTOMS[rng.choice(len(BOTTOMS), p=[0.55, 0.25, 0.2])]
         colour = _colour(rng, avoid=top_colour)
-        bottom = {"kind": kind, "colour": colour,
-                  "pattern": _pattern(rng, colour) if rng.random() < 0.35 else {"kind": "solid", "colour2": colour}}
+        pattern = _pattern(rng, colour) if rng.random() < 0.35 else {"kind": "solid", "colour2": colour}
+        bottom = {"kind": kind, **_garment(rng, colour, pattern)}
         if kind == "pants":
             bottom["length"] = float(rng.uniform(0.85, 0.97))
         elif kind == "shorts":
@@ -98,7 +137,10 @@ def sample_attributes(seed: int, num_betas: int = 16) -> dict:
         else:
             bottom.update(length=float(rng.uniform(0.3, 0.8)), flare=float(rng.uniform(0.05, 0.35)))
     shoe_kind = SHOES[rng.integers(len(SHOES))]
-    shoes = {"kind": shoe_kind, "colour": _colour(rng), "sole": [(0.95, 0.95, 0.93), (0.1, 0.1, 0.1)][rng.integers(2)]}
+    shoes = {"kind": shoe_kind, "colour": _colour(rng), "sole": [(0.95, 0.95, 0.93), (0.1, 0.1, 0.1)][rng.integers(2)],
+             "sole_height": float(rng.uniform(0.012, 0.03) if shoe_kind != "flats" else 0.008),
+             "toe_cap": _colour(rng) if rng.random() < 0.4 else None,
+             "laces": shoe_kind != "flats" and bool(rng.random() < 0.8)}
     _, test = rng.choice(len(LIBRARY), size=2, replace=False)
     test_phase = float(rng.uniform(0, 1))
     motions = {
@@ -113,11 +155,16 @@ def sample_attributes(seed: int, num_betas: int = 16) -> dict:
     # A UNet that saw one clip cannot learn how appearance follows pose; the test clip stays unseen.
     others = [LIBRARY[i] for i in rng.permutation(len(LIBRARY)) if i != int(test)]
     motions["train"] = [{"clip": clip, "phase": float(rng.uniform(0, 1))} for clip in others]
+    # Hair greys with age: none before 35, all by 80 (the fraction mixed towards grey).
+    grey = float(np.clip((age - 35) / 45 + rng.normal(0, 0.15), 0, 1))
+    hair_colour = np.array(HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))])
+    hair_colour = tuple(float(c) for c in hair_colour + grey * (np.array(GREY_HAIR) - hair_colour))
+    hair = {"style": hair_style, "colour": hair_colour, "grey": grey, "length": float(rng.uniform(0.05, 0.25)),
+            "volume": float(rng.uniform(0.8, 1.8)), "clump_seed": int(rng.integers(2 ** 31))}
+    face = _face(rng, skin)
+    face["brow"]["colour"] = tuple(float(c) for c in np.array(hair_colour) * 0.6)
     return {
-        "betas": [float(b) for b in betas],
-        "skin": {"tone_index": skin_index, "colour": SKIN_TONES[skin_index]},
-        "hair": {"style": hair_style, "colour": HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))],
-                 "length": float(rng.uniform(0.05, 0.25))},
+        "betas": [float(b) for b in betas], "age": age, "skin": skin, "face": face, "hair": hair,
         "top": top, "bottom": bottom, "shoes": shoes, "motions": motions, "light": light,
         "fold_phase": fold_phase,
     }
@@ -205,6 +252,7 @@ class Part:
     thickness: np.ndarray   # [N] offset along normals, metres
     fold_scale: float = 0.0  # 0: no joint folds
     skirt: dict = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)  # per-vertex fields [N] the shaders read, by name
 
 
 def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -325,7 +373,52 @@ def build_parts(body: BodyModel, attrs: dict) -> tuple[np.ndarray, list[Part]]:
     parts = [_top(b, attrs["top"]), _bottom(b, attrs["bottom"], attrs["top"]), _shoes(b, attrs["shoes"])]
     if attrs["hair"]["style"] != "bald":
         parts.append(_hair(b, attrs["hair"]))
+    if attrs["hair"]["style"] == "bun":
+        parts.append(_bun(b, attrs["hair"]))
     return b.v, parts
+
+
+def boundary_distance(rest: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Per vertex, the straight-line distance [N] to the nearest vertex on the mesh's open border (an edge
+    of one face only): hems, cuffs and necklines of a garment, the hairline of hair."""
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    border = np.unique(unique[counts == 1])
+    if len(border) == 0:
+        return np.full(len(rest), np.inf)
+    points, targets = torch.tensor(rest), torch.tensor(rest[border])
+    # direct differences, not the matrix-product form, so the result is exact to rounding on any machine
+    return torch.cat([torch.cdist(chunk, targets, compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+                      for chunk in points.split(8192)]).numpy()
+
+
+def _seams(part: Part, b: _Shape) -> Part:
+    """The garment's seam and hem fields: ``seam`` the distance (m) to the nearest seam line (side seams of
+    the torso and legs, the sleeves' shoulder and underarm seams, a skirt's side seams), ``hem`` the
+    distance to the garment's border. The shader draws seams and a stitched hem from them."""
+    v, jr = part.rest, b.jr
+    far = np.full(len(v), 1.0)
+    if part.skirt:
+        # x = r sin(angle), z = r cos(angle) about the pelvis: the sides are where cos(angle) = 0
+        seam = np.hypot(v[:, 0], v[:, 2] - jr[0, 2]) * np.abs(np.cos(part.skirt["angle"]))
+    else:
+        w = part.weights
+        arm = w[:, ARM_JOINTS].sum(1) > 0.5
+        leg = w[:, LEG_JOINTS].sum(1) > 0.5
+        spine = [J["pelvis"], J["spine1"], J["spine2"], J["spine3"], J["neck"]]
+        order = np.argsort(jr[spine, 1])
+        zc = np.interp(v[:, 1], jr[spine, 1][order], jr[spine, 2][order])
+        side = np.where(~arm & ~leg & (np.abs(v[:, 0]) > 0.05), np.abs(v[:, 2] - zc), far)
+        legs = [J["left_hip"], J["left_knee"], J["left_ankle"]]
+        zl = np.interp(-v[:, 1], -jr[legs, 1], jr[legs, 2])
+        side = np.minimum(side, np.where(leg, np.abs(v[:, 2] - zl), far))
+        x_abs = np.abs(v[:, 0])
+        shoulder = np.where(arm, np.abs(x_abs - (jr[J["left_shoulder"], 0] + 0.02)), far)
+        under = np.where(arm & (v[:, 1] < jr[J["left_shoulder"], 1]), np.abs(v[:, 2] - jr[J["left_shoulder"], 2]), far)
+        seam = np.minimum(side, np.minimum(shoulder, under))
+    part.attributes = {"seam": seam.astype(np.float32),
+                       "hem": boundary_distance(v, part.faces).astype(np.float32)}
+    return part
 
 
 def _top(b: _Shape, top: dict) -> Part:
@@ -343,7 +436,7 @@ def _top(b: _Shape, top: dict) -> Part:
         in_top &= ~((x_abs > jr[16, 0] - 0.03) & (v[:, 1] > jr[16, 1] - 0.12))
     loose = top["looseness"]
     thick = 0.008 + 0.006 * loose * np.clip((jr[6, 1] - v[:, 1]) / 0.3, 0, 1)
-    return _shell("top", "top", v, b.n, b.f, b.w, in_top, thick, loose)
+    return _seams(_shell("top", "top", v, b.n, b.f, b.w, in_top, thick, loose), b)
 
 
 def _bottom(b: _Shape, bottom: dict, top: dict) -> Part:
@@ -351,7 +444,7 @@ def _bottom(b: _Shape, bottom: dict, top: dict) -> Part:
     v, jr = b.v, b.jr
     if bottom["kind"] in ("pants", "shorts"):
         in_bottom = (v[:, 1] < b.y_waist) & ~b.arm & ~b.hands & (~b.leg | (b.t_leg <= bottom["length"]) | (v[:, 1] > jr[1, 1] - 0.02))
-        return _shell("bottom", "bottom", v, b.n, b.f, b.w, in_bottom, 0.005, 0.8)
+        return _seams(_shell("bottom", "bottom", v, b.n, b.f, b.w, in_bottom, 0.005, 0.8), b)
     y_hip = jr[1, 1]
     y_hem = y_hip - bottom["length"] * (jr[1, 1] - jr[7, 1])
     rings = np.linspace(b.y_waist + (0.0 if top["kind"] != "dress" else 0.01), y_hem, 28)
@@ -363,8 +456,8 @@ def _bottom(b: _Shape, bottom: dict, top: dict) -> Part:
     for k, y in enumerate(rings):
         running = np.maximum(running, _hull_radius(v, torso_legs, centre, y, n_ang))
         radius[k] = running + 0.012 + bottom["flare"] * max(0.0, y_hip + 0.05 - y)
-    return _tube("skirt", "bottom", rings, radius, centre, _skirt_weights, 1.0,
-                 {"folds": 9 + 4 * bottom["flare"] / 0.35})
+    return _seams(_tube("skirt", "bottom", rings, radius, centre, _skirt_weights, 1.0,
+                        {"folds": 9 + 4 * bottom["flare"] / 0.35}), b)
 
 
 def _skirt_weights(rest: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -380,31 +473,87 @@ def _skirt_weights(rest: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 def _shoes(b: _Shape, shoes: dict) -> Part:
-    """The feet up to the ankle (boots higher, flats lower with an open instep)."""
+    """The feet up to the ankle (boots higher, flats lower with an open instep), on a sole: the shell is
+    thicker by the sole's height under the foot, where its normals point down."""
     v, jr = b.v, b.jr
     top_y = jr[7, 1] + (0.16 if shoes["kind"] == "boots" else (0.01 if shoes["kind"] == "flats" else 0.05))
     in_shoes = b.leg & (v[:, 1] < top_y)
     if shoes["kind"] == "flats":
         in_shoes &= ~((v[:, 1] > jr[10, 1] - 0.005) & (v[:, 2] > jr[7, 2] + 0.02))  # open instep
-    return _shell("shoes", "shoes", v, b.n, b.f, b.w, in_shoes, 0.009, 0.3, subdivide=False)
+    floor = v[:, 1].min()
+    thick = 0.009 + shoes["sole_height"] * np.clip((floor + 0.02 - v[:, 1]) / 0.02, 0, 1) * np.clip(-b.n[:, 1], 0, 1)
+    return _shell("shoes", "shoes", v, b.n, b.f, b.w, in_shoes, thick, 0.3, subdivide=False)
+
+
+HAIR_THICKNESS = {"buzz": 0.003, "short": 0.012, "bob": 0.02, "long": 0.018, "curly": 0.032, "bun": 0.006}
 
 
 def _hair(b: _Shape, hair: dict) -> Part:
-    """A shell over the scalp, down the back of the neck for longer styles."""
+    """A shell over the scalp, down the back of the neck for longer styles, with volume: thicker at the
+    crown, thinning towards the hairline, and lumpy (clumps and curls from a few random waves)."""
     v, jr, w = b.v, b.jr, b.w
     style = hair["style"]
     rel_z = v[:, 2] - jr[15, 2]
     line = jr[15, 1] + 0.06 + 0.45 * np.clip(rel_z, -0.15, 0.15)
-    if style in ("bob", "long"):
-        line = np.where(rel_z < 0.02, jr[15, 1] - 0.02, line)
+    if style in ("bob", "long", "curly"):
+        line = np.where(rel_z < 0.02, jr[15, 1] - (0.02 if style != "curly" else 0.0), line)
     scalp = (v[:, 1] > line) & (b.head | (w[:, 12] > 0.3))
     if style == "long":
         drop = hair["length"]
         back = (v[:, 2] < jr[9, 2] - 0.02) & (b.x_abs < 0.11) & (v[:, 1] > jr[12, 1] - drop) & ~b.arm
         scalp |= back & (v[:, 1] > jr[9, 1] - 0.05)
-    thickness = {"buzz": 0.003, "short": 0.012, "bob": 0.02, "long": 0.018}[style]
-    hair_t = thickness * np.clip(0.6 + 3 * (v[:, 1] - jr[15, 1]), 0.4, 1.2)
-    return _shell("hair", "hair", v, b.n, b.f, w, scalp, hair_t, 0.0, subdivide=style != "buzz")
+    volume = 1.0 if style in ("buzz", "bun") else hair["volume"]
+    hair_t = HAIR_THICKNESS[style] * volume * np.clip(0.6 + 3 * (v[:, 1] - jr[15, 1]), 0.4, 1.2)
+    part = _shell("hair", "hair", v, b.n, b.f, w, scalp, hair_t, 0.0, subdivide=style != "buzz")
+    _smooth_border(part)
+    if style != "buzz":
+        rng = np.random.default_rng(hair["clump_seed"])
+        wavelength = 0.035 if style == "curly" else 0.07
+        k = rng.normal(size=(6, 3))
+        k *= 2 * math.pi / wavelength / np.linalg.norm(k, axis=1, keepdims=True)
+        lumps = np.sin(part.rest @ k.T + rng.uniform(0, 2 * math.pi, 6)).mean(1)  # [N], about +-0.4
+        edge = np.clip(boundary_distance(part.rest, part.faces) / 0.04, 0.25, 1.0)  # thin at the hairline
+        part.thickness = part.thickness * edge * (1.0 + (0.9 if style == "curly" else 0.5) * lumps)
+    return part
+
+
+def _smooth_border(part: Part, iterations: int = 8) -> None:
+    """Round off the staircase a shell's border takes from whole body faces (the hairline): each border
+    vertex with two border neighbours moves halfway to their midpoint, ``iterations`` times."""
+    f = part.faces
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    border = unique[counts == 1]
+    if len(border) == 0:
+        return
+    neighbours = {}
+    for a, c in border:
+        neighbours.setdefault(int(a), []).append(int(c))
+        neighbours.setdefault(int(c), []).append(int(a))
+    chain = np.array([k for k, n in neighbours.items() if len(n) == 2])
+    if len(chain) == 0:
+        return
+    pairs = np.array([neighbours[int(k)] for k in chain])
+    for _ in range(iterations):
+        part.rest[chain] = 0.5 * part.rest[chain] + 0.25 * (part.rest[pairs[:, 0]] + part.rest[pairs[:, 1]])
+
+
+def _bun(b: _Shape, hair: dict) -> Part:
+    """A bun: an ellipsoid at the back of the crown, carried by the head joint."""
+    jr = b.jr
+    radius = 0.03 + 0.012 * hair["volume"]
+    centre = jr[15] + np.array([0.0, 0.085, -0.105])
+    lat, lon = np.meshgrid(np.linspace(0.1, math.pi - 0.1, 10), np.arange(16) / 16 * 2 * math.pi, indexing="ij")
+    normals = np.stack([np.sin(lat) * np.sin(lon), np.cos(lat), np.sin(lat) * np.cos(lon)], -1).reshape(-1, 3)
+    rest = centre + radius * normals * np.array([1.0, 0.8, 0.9])
+    faces = []
+    for r in range(9):
+        for a in range(16):
+            i0, i1 = r * 16 + a, r * 16 + (a + 1) % 16
+            faces += [[i0, i1 + 16, i0 + 16], [i0, i1, i1 + 16]]
+    weights = np.zeros((len(rest), 55))
+    weights[:, J["head"]] = 1.0
+    return Part("bun", "hair", rest, normals, np.array(faces, np.int64), weights, np.zeros(len(rest)))
 
 
 # --- pose-dependent folds ------------------------------------------------------------------------------

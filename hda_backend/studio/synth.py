@@ -29,6 +29,7 @@ from ..body import JOINT_INDEX as J
 from ..body import POSE_PARTS, load_body
 from ..errors import HDAError
 from ..render.camera import look_at
+from .face import face_fields
 from .person import Deformer, build_parts, sample_attributes, subject_motion, subject_seed
 
 FORMAT = "hda-capture"
@@ -73,7 +74,7 @@ def test_cameras(k: int) -> list[int]:
     return [k - 1] if k >= 2 else []
 
 
-def camera_rig(k: int, size: int, points: np.ndarray, floor_y: float, azimuth0: float):
+def camera_rig(k: int, size: int, points: np.ndarray, floor_y: float, azimuth0: float, heights=CAMERA_HEIGHTS):
     """K cameras on a ring around the points' centre, alternating between two heights, all looking at
     the middle of the body; one focal length for all, chosen so every point stays inside the frame.
     Returns viewmats [K,4,4] (world->camera, OpenCV) and Ks [K,3,3]."""
@@ -83,7 +84,7 @@ def camera_rig(k: int, size: int, points: np.ndarray, floor_y: float, azimuth0: 
     up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
     for i in range(k):
         az = azimuth0 + 2 * math.pi * i / k
-        height = floor_y + CAMERA_HEIGHTS[i % 2]
+        height = floor_y + heights[i % len(heights)]
         eye = torch.tensor([centre[0] + RING_RADIUS * math.sin(az), height, centre[2] + RING_RADIUS * math.cos(az)])
         views.append(look_at(eye, torch.tensor(centre), up))
     views = torch.stack(views).numpy()
@@ -114,24 +115,32 @@ def _mesh_volume(v: np.ndarray, f: np.ndarray) -> float:
     return float(abs(np.einsum("ij,ij->i", v[f[:, 0]], np.cross(v[f[:, 1]], v[f[:, 2]])).sum()) / 6.0)
 
 
-def plan_subject(body, seed: int, cameras: int, frames: int, size: int, samples: int, background) -> dict:
-    """Everything about one subject except its images: attributes, motion, geometry, cameras, lights."""
+def plan_subject(body, seed: int, cameras: int, frames: int, size: int, samples: int, background,
+                 motion=None, rig=None) -> dict:
+    """Everything about one subject except its images: attributes, motion, geometry, cameras, lights.
+    ``motion`` (poses [F,55,3], transl [F,3]) replaces the subject's own motion, and ``rig`` (azimuth of
+    the first camera, heights above the floor) its ring (the subject cards use both)."""
     attrs = sample_attributes(seed, NUM_BETAS)
     n_train, n_test = split_frames(frames)
-    poses, transl = subject_motion(body, attrs, n_train, n_test)
+    poses, transl = subject_motion(body, attrs, n_train, n_test) if motion is None else motion
     rest_body, parts = build_parts(body, attrs)
     deformer = Deformer(body, attrs, parts)
     body_verts, joints, part_verts = deformer.pose(poses, transl)
     floor_y = float(rest_body[:, 1].min())
     points = np.concatenate([body_verts[:, ::5].reshape(-1, 3)] + [p[:, ::5].reshape(-1, 3) for p in part_verts])
     light = attrs["light"]
-    viewmats, Ks = camera_rig(cameras, size, points, floor_y, light["camera_azimuth"])
+    if rig is None:
+        viewmats, Ks = camera_rig(cameras, size, points, floor_y, light["camera_azimuth"])
+    else:
+        viewmats, Ks = camera_rig(cameras, size, points, floor_y, rig[0], rig[1])
     faces = body.faces.numpy()
     attrs = dict(attrs)
     attrs["height_m"] = round(float(rest_body[:, 1].max() - rest_body[:, 1].min()), 4)
     attrs["weight_kg"] = round(_mesh_volume(rest_body, faces) * 985.0, 2)
     rest_joints = body.J_regressor.double().numpy() @ rest_body
-    return dict(attrs=attrs, rest_joints=rest_joints, poses=poses, transl=transl, joints=joints, rest_body=rest_body, parts=parts,
+    fields = face_fields(rest_body, faces, attrs["face"], source=str(body.path))
+    return dict(attrs=attrs, rest_joints=rest_joints, face_fields=fields, poses=poses, transl=transl, joints=joints,
+                rest_body=rest_body, parts=parts,
                 body_verts=body_verts, part_verts=part_verts, viewmats=viewmats, Ks=Ks, floor_y=floor_y,
                 n_train=n_train, n_test=n_test, faces=faces, seed=seed, size=size, samples=samples,
                 background=tuple(float(x) for x in background))
@@ -141,23 +150,35 @@ def _scene_spec(plan: dict, out_dir: Path, todo: list[tuple[int, int]]):
     attrs, parts = plan["attrs"], plan["parts"]
     rest = plan["rest_body"]
     jr = plan["rest_joints"]
-    materials = {"skin": {"colour": attrs["skin"]["colour"], "roughness": 0.55}}
+    face = attrs["face"]
+    materials = {"skin": {"colour": attrs["skin"]["colour"], "roughness": 0.55,
+                          "face": {"iris": face["iris_colour"], "lips": face["lips"]["colour"],
+                                   "brow": face["brow"]["colour"]}}}
     logo_centre = [0.0, float(0.5 * (jr[J["spine3"], 1] + jr[J["neck"], 1]) - 0.06), float(jr[J["spine3"], 2] + 0.03)]
     for key in ("top", "bottom"):
         garment = attrs[key]
-        materials[key] = {"colour": garment["colour"], "pattern": garment["pattern"], "roughness": 0.85,
-                          "logo_centre": logo_centre}
-    materials["shoes"] = {"colour": attrs["shoes"]["colour"], "roughness": 0.6, "sole": attrs["shoes"]["sole"],
-                          "sole_y": plan["floor_y"] + 0.022}
+        materials[key] = {"colour": garment["colour"], "pattern": garment["pattern"], "fabric": garment["fabric"],
+                          "seam_colour": garment["seam_colour"], "roughness": 0.85, "logo_centre": logo_centre}
+    shoes = attrs["shoes"]
+    materials["shoes"] = {"colour": shoes["colour"], "roughness": 0.6, "sole": shoes["sole"],
+                          "sole_y": plan["floor_y"] + 0.012 + shoes["sole_height"],
+                          "toe_cap": shoes["toe_cap"], "laces": shoes["laces"],
+                          "foot": {"x": float(abs(jr[J["left_foot"], 0])), "ankle_z": float(jr[J["left_ankle"], 2]),
+                                   "toe_z": float(jr[J["left_foot"], 2]), "floor_y": plan["floor_y"]}}
     materials["hair"] = {"colour": attrs["hair"]["colour"], "roughness": 0.45, "strands": True}
     arrays = {"body/faces": plan["faces"].astype(np.int32), "body/rest": rest.astype(np.float32),
               "body/frames": plan["body_verts"].astype(np.float32)}
-    objects = [{"name": "body", "material": "skin"}]
+    fields = plan["face_fields"]
+    objects = [{"name": "body", "material": "skin", "attributes": sorted(fields)}]
+    for key, value in fields.items():
+        arrays[f"body/attr/{key}"] = value
     for part, verts in zip(parts, plan["part_verts"]):
         arrays[f"{part.name}/faces"] = part.faces.astype(np.int32)
         arrays[f"{part.name}/rest"] = part.rest.astype(np.float32)
         arrays[f"{part.name}/frames"] = verts.astype(np.float32)
-        objects.append({"name": part.name, "material": part.material})
+        for key, value in part.attributes.items():
+            arrays[f"{part.name}/attr/{key}"] = np.asarray(value, np.float32)
+        objects.append({"name": part.name, "material": part.material, "attributes": sorted(part.attributes)})
     light = attrs["light"]
     az, el = light["key_azimuth"], light["key_elevation"]
     key = [math.sin(az) * math.cos(el), math.sin(el), math.cos(az) * math.cos(el)]
