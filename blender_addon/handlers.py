@@ -21,7 +21,7 @@ import sys
 import bpy
 from bpy.app.handlers import persistent
 
-from . import compositor, layers, runtime, session
+from . import compositor, layers, proxy, runtime, session
 from .objects import scene_avatars
 from .paths import relative_path
 
@@ -48,6 +48,15 @@ def on_frame_change(scene, depsgraph=None):
 @persistent
 def on_render_init(scene, *_):
     compositor.sync(scene)  # also drops the layers of avatars disabled since the last sync
+    proxy.show(bpy.data.objects, session.render.hidden_proxies)  # left hidden by a render that never completed
+    session.render.hidden_proxies = proxy.hide_for_engine(scene, scene_avatars(scene))
+
+
+@persistent
+def on_render_done(scene, *_):
+    session.render.rendering = False
+    proxy.show(bpy.data.objects, session.render.hidden_proxies)
+    session.render.hidden_proxies = []
 
 
 @persistent
@@ -91,8 +100,8 @@ HANDLERS = (
     ("render_init", on_render_init),
     ("render_pre", on_render_pre),
     ("render_post", on_render_post),
-    ("render_complete", on_render_post),
-    ("render_cancel", on_render_post),
+    ("render_complete", on_render_done),
+    ("render_cancel", on_render_done),
     ("load_post", on_load_post),
     ("save_pre", on_save_pre),
 )

@@ -30,6 +30,10 @@ report = {"version": list(bpy.app.version)}
 arrays = {}
 
 
+PROXY_FLAGS = ("hide_render", "visible_camera", "visible_diffuse", "visible_glossy", "visible_transmission",
+               "visible_volume_scatter", "visible_shadow")
+
+
 def handler_snapshot():
     return {n: [f"{getattr(f, '__module__', '')}.{getattr(f, '__name__', '')}" for f in getattr(bpy.app.handlers, n)]
             for n in dir(bpy.app.handlers) if isinstance(getattr(bpy.app.handlers, n), list)}
@@ -162,7 +166,7 @@ def phase_main():
                         "modes": sorted({pb.rotation_mode for pb in arm.pose.bones}),
                         "proxy": proxy.name, "proxy_faces": len(proxy.data.polygons),
                         "proxy_groups": sorted(g.name for g in proxy.vertex_groups),
-                        "proxy_hide_render": proxy.hide_render, "proxy_parent": proxy.parent.name,
+                        "proxy_visibility": {n: getattr(proxy, n) for n in PROXY_FLAGS}, "proxy_parent": proxy.parent.name,
                         "proxy_modifiers": [(m.type, getattr(m, "object", None) and m.object.name)
                                             for m in proxy.modifiers]}
     arrays["matrix_local"] = np.array([np.array(arm.data.bones[n].matrix_local) for n in layout.names])
@@ -188,6 +192,16 @@ def phase_main():
     report["render_size"] = [w, h]
 
     key_render(scene, arm)
+    # Workbench ignores ray visibility: the shadow-only proxy is hidden while it renders, shown after.
+    seen = []
+    def during(scene, *_):
+        seen.append(scene.objects[proxy.name].hide_render)
+    bpy.app.handlers.render_pre.append(during)
+    scene.render.engine = 'BLENDER_WORKBENCH'
+    bpy.ops.render.render()
+    scene.render.engine = 'CYCLES'
+    bpy.app.handlers.render_pre.remove(during)
+    report["workbench_proxy"] = {"during": seen, "after": {n: getattr(arm.hda.proxy, n) for n in PROXY_FLAGS}}
     misses = caches().stats["misses"]
     render("again")
     report["again_misses"] = caches().stats["misses"] - misses

@@ -193,7 +193,13 @@ def test_armature_has_the_smplx_skeleton_and_a_skinned_proxy(main_run):
     assert a["bones"] == sorted(names)
     assert a["parents"] == [None if p < 0 else names[p] for p in rig.PARENTS]
     assert a["modes"] == ["QUATERNION"]
-    assert a["proxy_groups"] == sorted(names) and a["proxy_hide_render"] and a["proxy_parent"] == a["name"]
+    assert a["proxy_groups"] == sorted(names) and a["proxy_parent"] == a["name"]
+    # A shadow-only caster: renders (casts shadows) but no camera, diffuse, glossy, transmission or volume ray sees it.
+    shadow_only = {"hide_render": False, "visible_camera": False, "visible_diffuse": False, "visible_glossy": False,
+                   "visible_transmission": False, "visible_volume_scatter": False, "visible_shadow": True}
+    assert a["proxy_visibility"] == shadow_only
+    # Workbench draws every renderable object, ignoring ray visibility: the proxy is hidden while it renders.
+    assert report["workbench_proxy"] == {"during": [True], "after": shadow_only}
     assert 1000 <= a["proxy_faces"] <= 3200 and a["proxy_modifiers"] == [["ARMATURE", a["name"]]]
     layout = rig.bone_layout(load_body())
     # Blender's rest bones (from head, tail, roll) are the layout's frames: the roll convention holds.
