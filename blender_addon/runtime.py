@@ -28,7 +28,6 @@ from ..hda_backend.errors import HDAError
 from . import session
 from .objects import object_key
 
-FRAME_CACHE_BYTES = 512 * 2**20   # rendered frames kept for scrubbing back
 DEPTH_FAR = 1.0e10                # depth of empty pixels: behind everything (Blender's background depth)
 ALPHA_EMPTY = 1.0e-4              # below this coverage a pixel has no avatar depth
 
@@ -228,6 +227,7 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     import torch
 
     from ..hda_backend.render.frames import render_gaussians
+    from .preferences import frame_cache_bytes
 
     caches = session.caches
     key = object_key(obj)
@@ -235,7 +235,8 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     mode = shading(obj)
     pose, transl, viewmat, K = (quantize(a) for a in (pose, transl, viewmat, K))
     frame_key = (key, caches.avatars[key][0], _digest(pose, transl), _digest(viewmat, K), int(width), int(height), mode)
-    hit = caches.frames.get(frame_key)
+    budget = frame_cache_bytes()
+    hit = caches.frames.get(frame_key) if budget else None
     if hit is not None:
         caches.frames.move_to_end(frame_key)
         caches.stats["hits"] += 1
@@ -253,7 +254,7 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])
     t3 = time.perf_counter()
     caches.timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
-    caches.add_frame(frame_key, rgba, depth, FRAME_CACHE_BYTES)
+    caches.add_frame(frame_key, rgba, depth, budget)
     return rgba, depth
 
 

@@ -21,6 +21,7 @@ from . import session
 from .diffusion_model import model_path
 from .objects import all_avatars, avatar_of, object_key
 from .paths import addon_id
+from .preferences import frame_cache_line
 
 
 def status_line() -> str:
@@ -168,11 +169,15 @@ class HDA_PT_main(bpy.types.Panel):
         box.label(text=status_line(), icon='CHECKMARK' if session.backend.check_ok else 'INFO')
         version = torch_version()
         box.label(text=f"torch {version}" if version else "torch: not loaded yet")
+        if session.backend.kernels_line:
+            ready = session.backend.kernels_line == "kernels ready"
+            box.label(text=session.backend.kernels_line, icon='CHECKMARK' if ready else 'SORTTIME')
         if obj is not None:
             box.prop(obj.hda, "device")
             timing = frame_ms(obj)
             if timing:
                 box.label(text=timing)
+            box.label(text=frame_cache_line())
             shown = session.viewport.stats.get(object_key(obj))
             if shown:
                 box.label(text=f"viewport: {shown['ms']:.0f} ms at {100 * shown['scale']:.0f}% size")
