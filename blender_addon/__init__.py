@@ -23,7 +23,7 @@ def register():
     import bpy
 
     from ..operators import fit
-    from . import handlers, preferences, props, session, viewport
+    from . import handlers, kernels, preferences, props, session, viewport
 
     if session.registration.classes:  # enabled twice without a disable in between: start from a clean slate
         unregister()
@@ -36,6 +36,7 @@ def register():
         handlers.register()
         viewport.register()
         preferences.sync_sys_path()
+        kernels.register()       # a one-shot timer: the compile starts after register() returns
     except Exception:
         unregister()
         raise
@@ -46,9 +47,10 @@ def unregister():
 
     from .. import operators
     from ..operators import fit
-    from . import handlers, preferences, props, session, viewport
+    from . import handlers, kernels, preferences, props, session, viewport
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
+    kernels.unregister()         # stops the kernel compile and its timers
     fit.unregister_properties()  # cancels a running fit
     viewport.unregister()        # removes the draw handler and its GPU resources
     handlers.unregister()
