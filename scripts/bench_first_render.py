@@ -47,7 +47,7 @@ def _child(args) -> None:
         t0 = time.perf_counter()
         job = deps.Job(argv, env=env, describe=kernels.describe).start()
         state = job.wait(timeout=1200)
-        print(json.dumps({"warmup_s": time.perf_counter() - t0, "state": state, "status": job.status}))
+        print(json.dumps({"warmup_s": time.perf_counter() - t0, "state": state}))
         return
     layers = sys.modules[ADDON + ".blender_addon.layers"]
     runtime = sys.modules[ADDON + ".blender_addon.runtime"]
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     print(f"avatar render at {args.size}x{args.size}, first and second frame after installing (s):")
     print(f"  without warm-up: first {cold['first_s']:.2f}, second {cold['second_s']:.2f}, "
           f"stall {cold['first_s'] - cold['second_s']:.2f}")
-    print(f"  background warm-up at enable: {warm['warmup_s']:.1f} s ({warm['state']}: {warm['status']})")
+    print(f"  background warm-up at enable: {warm['warmup_s']:.1f} s ({warm['state']})")
     print(f"  after the warm-up:  first {after['first_s']:.2f}, second {after['second_s']:.2f}, "
           f"stall {after['first_s'] - after['second_s']:.2f}")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other jobs inflate these figures)")
