@@ -205,6 +205,15 @@ def phase_main():
     misses = caches().stats["misses"]
     render("again")
     report["again_misses"] = caches().stats["misses"] - misses
+    # The Frame Cache preference at 0: the cache empties at once, and the same frames render again.
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.frame_cache_mb = 0
+    report["cache_after_off"] = [len(caches().frames), caches().frame_bytes]
+    stats = dict(caches().stats)
+    render("uncached")
+    report["uncached"] = [caches().stats["hits"] - stats["hits"], caches().stats["misses"] - stats["misses"],
+                          len(caches().frames)]
+    prefs.frame_cache_mb = 256
 
     bpy.ops.mesh.primitive_cube_add(size=0.35, location=args["cube"])
     cube = bpy.context.active_object

@@ -247,6 +247,10 @@ def test_rendered_frames_match_the_backend(main_run):
 def test_scrubbing_back_is_served_from_the_frame_cache(main_run):
     report, arrays = main_run
     assert report["again_misses"] == 0
+    # With the Frame Cache preference at 0 nothing is kept or looked up: both frames render again, alike.
+    assert report["cache_after_off"] == [0, 0] and report["uncached"] == [0, len(FRAMES), 0]
+    for frame in FRAMES:
+        assert np.array_equal(arrays[f"uncached_{frame}"], arrays[f"again_{frame}"])
     for frame in FRAMES:
         assert np.array_equal(arrays[f"again_{frame}"], arrays[f"avatar_{frame}"])
 
