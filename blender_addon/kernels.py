@@ -135,8 +135,12 @@ def start():
     from . import deps, session
     from .paths import EXT_ROOT, user_dir
 
-    stamp_path = os.path.join(user_dir("kernels"), STAMP_NAME)
-    current = stamp(EXT_ROOT, sys.path)
+    try:
+        stamp_path = os.path.join(user_dir("kernels"), STAMP_NAME)
+        current = stamp(EXT_ROOT, sys.path)
+    except OSError as exc:  # an unwritable user folder, a missing source: the first render compiles
+        session.backend.kernels_line = f"kernels not compiled ahead: {exc}"
+        return None
     if current is None:
         session.backend.kernels_line = "numba not installed: no kernels to compile"
         return None

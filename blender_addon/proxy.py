@@ -27,8 +27,9 @@ def is_shadow_only(proxy) -> bool:
 
 
 def hide_for_engine(scene, avatars) -> list[str]:
-    """Hide the shadow-only proxies of ``avatars`` from a render by an engine that ignores ray
-    visibility (Workbench); returns the names of the proxies hidden, for :func:`show`."""
+    """Hide the shadow-only proxies of ``avatars`` from a render by any engine but Cycles and EEVEE
+    (Workbench ignores ray visibility; another engine's handling of it is unknown, and no shadow is
+    better than a grey body over the person); returns the names of the proxies hidden, for :func:`show`."""
     if scene.render.engine in RAY_VISIBILITY_ENGINES:
         return []
     hidden = []
