@@ -132,6 +132,23 @@ def key_render(scene, arm):
     arrays["matrix_world"] = np.array(arm.matrix_world)
 
 
+def workbench_render(scene, arm):
+    """Workbench ignores ray visibility: the shadow-only proxy must be hidden while it renders, and
+    shadow-only again after."""
+    proxy, seen = arm.hda.proxy, []
+
+    def during(scene, *_):
+        seen.append(scene.objects[proxy.name].hide_render)
+
+    report["proxy_before_workbench"] = {n: getattr(proxy, n) for n in PROXY_FLAGS}
+    bpy.app.handlers.render_pre.append(during)
+    scene.render.engine = 'BLENDER_WORKBENCH'
+    bpy.ops.render.render()
+    scene.render.engine = 'CYCLES'
+    bpy.app.handlers.render_pre.remove(during)
+    report["workbench_proxy"] = {"during": seen, "after": {n: getattr(proxy, n) for n in PROXY_FLAGS}}
+
+
 def enable(zip_path=None):
     if zip_path:
         report["install"] = sorted(bpy.ops.extensions.package_install_files(
@@ -192,16 +209,7 @@ def phase_main():
     report["render_size"] = [w, h]
 
     key_render(scene, arm)
-    # Workbench ignores ray visibility: the shadow-only proxy is hidden while it renders, shown after.
-    seen = []
-    def during(scene, *_):
-        seen.append(scene.objects[proxy.name].hide_render)
-    bpy.app.handlers.render_pre.append(during)
-    scene.render.engine = 'BLENDER_WORKBENCH'
-    bpy.ops.render.render()
-    scene.render.engine = 'CYCLES'
-    bpy.app.handlers.render_pre.remove(during)
-    report["workbench_proxy"] = {"during": seen, "after": {n: getattr(arm.hda.proxy, n) for n in PROXY_FLAGS}}
+    workbench_render(scene, arm)
     misses = caches().stats["misses"]
     render("again")
     report["again_misses"] = caches().stats["misses"] - misses
@@ -303,6 +311,7 @@ def phase_key():
     scene = setup_scene()
     arm, _ = add_keyed_avatar(scene)
     key_render(scene, arm)
+    workbench_render(scene, arm)
 
 
 {"main": phase_main, "reload": phase_reload, "farm": phase_farm, "key": phase_key}[args["phase"]]()
