@@ -24,7 +24,7 @@ def register():
 
     from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
-    from . import handlers, menus, preferences, props, session, viewport
+    from . import handlers, kernels, menus, preferences, props, session, viewport
 
     if session.registration.classes:  # enabled twice without a disable in between: start from a clean slate
         unregister()
@@ -42,6 +42,7 @@ def register():
             native.register()
         viewport.register()
         preferences.sync_sys_path()
+        kernels.register()       # a one-shot timer: the compile starts after register() returns
     except Exception:
         unregister()
         raise
@@ -53,9 +54,10 @@ def unregister():
     from .. import operators
     from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
-    from . import handlers, identity, menus, preferences, props, session, viewport
+    from . import handlers, identity, kernels, menus, preferences, props, session, viewport
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
+    kernels.unregister()         # stops the kernel compile and its timers
     fit.unregister_properties()  # cancels a running fit
     viewport.unregister()        # removes the draw handler and its GPU resources
     identity.unregister()        # removes the live-identity timer, waits for a running sample

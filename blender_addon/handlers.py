@@ -28,7 +28,7 @@ import sys
 import bpy
 from bpy.app.handlers import persistent
 
-from . import compositor, layers, runtime, session
+from . import compositor, layers, proxy, runtime, session
 from .messages import error_text
 from .objects import scene_avatars
 from .paths import keep_with_blend, relative_path
@@ -78,6 +78,19 @@ def on_frame_change(scene, depsgraph=None):
 def on_render_init(scene, *_):
     # Also drops the layers of avatars disabled since the last sync.
     _guarded(scene, lambda: compositor.sync(scene), True)
+    _guarded(scene, lambda: _hide_proxies(scene), True)
+
+
+def _hide_proxies(scene) -> None:
+    proxy.show(bpy.data.objects, session.render.hidden_proxies)  # left hidden by a render that never completed
+    session.render.hidden_proxies = proxy.hide_for_engine(scene, scene_avatars(scene))
+
+
+@persistent
+def on_render_done(scene, *_):
+    session.render.rendering = False
+    _guarded(scene, lambda: proxy.show(bpy.data.objects, session.render.hidden_proxies), False)
+    session.render.hidden_proxies = []
 
 
 @persistent
@@ -136,8 +149,8 @@ HANDLERS = (
     ("render_init", on_render_init),
     ("render_pre", on_render_pre),
     ("render_post", on_render_post),
-    ("render_complete", on_render_post),
-    ("render_cancel", on_render_post),
+    ("render_complete", on_render_done),
+    ("render_cancel", on_render_done),
     ("load_post", on_load_post),
     ("save_pre", on_save_pre),
 )

@@ -4,7 +4,7 @@ import importlib
 import os
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import deps, session
 from .paths import EXT_ROOT, addon_id, user_dir  # noqa: F401 - EXT_ROOT: preferences.EXT_ROOT as before
@@ -27,6 +27,29 @@ def body_path(context=None):
     if prefs is None or not prefs.body_path.strip():
         return None
     return os.path.abspath(os.path.expanduser(bpy.path.abspath(prefs.body_path.strip())))
+
+
+FRAME_CACHE_MB = 256   # default frame cache: about 340 frames at 256x256, 10 at 1920x1080 (12 bytes a pixel)
+
+
+def frame_cache_bytes(context=None) -> int:
+    """The frame cache's budget in bytes (the preference; 0: the cache is off)."""
+    prefs = get_prefs(context)
+    return (prefs.frame_cache_mb if prefs is not None else FRAME_CACHE_MB) * 2**20
+
+
+def frame_cache_line() -> str:
+    """'Frame cache: H hits, M misses, U of B MB' (or 'off') for the panel and the preferences."""
+    caches, prefs = session.caches, get_prefs()
+    budget = prefs.frame_cache_mb if prefs is not None else FRAME_CACHE_MB
+    counts = f"{caches.stats['hits']} hits, {caches.stats['misses']} misses"
+    if budget == 0:
+        return f"Frame cache: off ({counts})"
+    return f"Frame cache: {counts}, {caches.frame_bytes / 2**20:.0f} of {budget} MB"
+
+
+def _frame_cache_changed(self, context):
+    session.caches.trim(self.frame_cache_mb * 2**20)
 
 
 def environment_path(prefs):
@@ -79,6 +102,11 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
         description="Install offline from wheels in this folder (pip --no-index --find-links) "
                     "instead of downloading")
 
+    frame_cache_mb: IntProperty(
+        name="Frame Cache (MB)", default=FRAME_CACHE_MB, min=0, soft_max=8192, update=_frame_cache_changed,
+        description="Memory for rendered avatar frames kept for scrubbing back and re-rendering (each frame "
+                    "costs 12 bytes a pixel); 0 turns the cache off")
+
     def draw(self, context):
         layout = self.layout
 
@@ -106,6 +134,8 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
                 box.label(text=f"torch does not import: {check['torch_error']}", icon='ERROR')
         elif session.backend.check_line:
             box.label(text=session.backend.check_line, icon='ERROR')
+        if session.backend.kernels_line:
+            box.label(text=f"Raster kernels: {session.backend.kernels_line}")
 
         box = layout.box()
         box.label(text="Backend Packages", icon='PACKAGE')
@@ -130,6 +160,11 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
         box.prop(self, "python_path")
         if self.python_path.strip() and environment_path(self) is None:
             box.label(text="Folder not found", icon='ERROR')
+
+        box = layout.box()
+        box.label(text="Rendering", icon='RENDER_ANIMATION')
+        box.prop(self, "frame_cache_mb")
+        box.label(text=frame_cache_line())
 
 
 CLASSES = (HDA_AddonPreferences,)

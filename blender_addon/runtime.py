@@ -33,7 +33,6 @@ from ..hda_backend.layer import ALPHA_EMPTY, DEPTH_FAR, to_layer  # noqa: F401 -
 from . import session
 from .objects import object_key
 
-FRAME_CACHE_BYTES = 512 * 2**20   # rendered frames kept for scrubbing back
 
 # ------------------------------------------------------------------------------------------ avatars
 def abspath(path: str) -> str:
@@ -230,12 +229,14 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     """Render the avatar of ``obj`` at an SMPL-X pose through an OpenCV camera (no bpy evaluation).
 
     pose [165], transl [3] (body frame); viewmat [4,4] (body frame -> camera), K [3,3]. Returns
-    (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32 camera z, DEPTH_FAR where empty);
-    both read-only and shared with the frame cache.
+    (rgba [H,W,4] float16 linear premultiplied, depth [H,W] float32 camera z, DEPTH_FAR where empty);
+    both read-only and shared with the frame cache. Colour is half precision because the layer file
+    stores it so (exr.layer_channels): nothing is lost, and a cached frame costs 12 bytes a pixel, not 20.
     """
     import torch
 
     from ..hda_backend.render.frames import render_gaussians
+    from .preferences import frame_cache_bytes
 
     caches = session.caches
     key = object_key(obj)
@@ -243,7 +244,8 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     mode = shading(obj)
     pose, transl, viewmat, K = (quantize(a) for a in (pose, transl, viewmat, K))
     frame_key = (key, caches.avatars[key][0], _digest(pose, transl), _digest(viewmat, K), int(width), int(height), mode)
-    hit = caches.frames.get(frame_key)
+    budget = frame_cache_bytes()
+    hit = caches.frames.get(frame_key) if budget else None
     if hit is not None:
         caches.frames.move_to_end(frame_key)
         caches.stats["hits"] += 1
@@ -261,16 +263,18 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     t2 = time.perf_counter()
     rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])
+    rgba = rgba.astype(np.float16)
+    rgba.flags.writeable = False
     t3 = time.perf_counter()
     caches.timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
-    caches.add_frame(frame_key, rgba, depth, FRAME_CACHE_BYTES)
+    caches.add_frame(frame_key, rgba, depth, budget)
     return rgba, depth
 
 
 def render_avatar(obj, depsgraph, camera, width: int, height: int):
     """Render the avatar ``obj`` as posed in ``depsgraph`` through ``camera`` at width x height pixels.
 
-    Returns (rgba [H,W,4] float32 linear premultiplied, depth [H,W] float32 camera z in scene units,
+    Returns (rgba [H,W,4] float16 linear premultiplied, depth [H,W] float32 camera z in scene units,
     DEPTH_FAR where empty), read-only and cached by (avatar, pose, camera, resolution). Raises
     HDAError for bad input (missing file, no camera, a broken rig).
     """

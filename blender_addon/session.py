@@ -5,7 +5,8 @@ preferences, the handlers and the operators read and write the same objects, and
 all of it with one :func:`reset`. It is kept out of Blender properties so that a stale status is
 never saved into a .blend or userpref.blend.
 
-- :data:`backend`: the last *Check backend* result, the running check, the running or last install.
+- :data:`backend`: the last *Check backend* result, the running check, the running or last install,
+  the background compile of the raster kernels (kernels.py).
 - :data:`caches`: loaded bodies, bone layouts and avatars, rendered frames, per-avatar errors and
   timings (runtime.py). Keys are runtime's object keys (name + saved uid), never Blender references.
 - :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region images (viewport.py).
@@ -42,6 +43,8 @@ class Backend(_Part):
     check_job: object = None         # deps.Job of a running check
     install_job: object = None       # deps.Job of the running or last install
     install_line: str = ""           # last install outcome ("installed ..." / pip's error / "cancelled")
+    kernels_job: object = None       # deps.Job compiling the raster kernels in the background (kernels.py)
+    kernels_line: str = ""           # its progress or outcome, for the panel and the preferences
 
 
 @dataclass
@@ -57,10 +60,17 @@ class Caches(_Part):
     file_hashes: dict = field(default_factory=dict)  # avatar file path -> ((mtime_ns, size), sha256), bake keys
 
     def add_frame(self, key, rgba, depth, budget: int) -> None:
-        """Keep a rendered frame; drop the least recently used ones beyond ``budget`` bytes (one stays)."""
+        """Keep a rendered frame within ``budget`` bytes, dropping the least recently used ones; a
+        frame larger than the whole budget is not kept (budget 0: the cache is off)."""
+        if rgba.nbytes + depth.nbytes > budget:
+            return
         self.frames[key] = (rgba, depth)
         self.frame_bytes += rgba.nbytes + depth.nbytes
-        while self.frame_bytes > budget and len(self.frames) > 1:
+        self.trim(budget)
+
+    def trim(self, budget: int) -> None:
+        """Drop the least recently used frames until the kept ones fit in ``budget`` bytes."""
+        while self.frame_bytes > budget and self.frames:
             old_rgba, old_depth = self.frames.popitem(last=False)[1]
             self.frame_bytes -= old_rgba.nbytes + old_depth.nbytes
 
@@ -92,6 +102,7 @@ class Viewport(_Part):
 @dataclass
 class Render(_Part):
     rendering: bool = False          # between render_pre and render_post/complete/cancel
+    hidden_proxies: list = field(default_factory=list)  # shadow-only proxies hidden for a Workbench render
 
 
 @dataclass

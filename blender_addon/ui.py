@@ -24,6 +24,7 @@ from .diffusion_model import model_path
 from .identity import busy
 from .objects import all_avatars, avatar_of, object_key
 from .paths import addon_id
+from .preferences import frame_cache_line
 
 
 def status_line() -> str:
@@ -178,6 +179,9 @@ class HDA_PT_main(bpy.types.Panel):
         box.label(text=status_line(), icon='CHECKMARK' if session.backend.check_ok else 'INFO')
         version = torch_version()
         box.label(text=f"torch {version}" if version else "torch: not loaded yet")
+        if session.backend.kernels_line:
+            ready = session.backend.kernels_line == "kernels ready"
+            box.label(text=session.backend.kernels_line, icon='CHECKMARK' if ready else 'SORTTIME')
         if obj is not None:
             box.prop(obj.hda, "device")
             if bpy.app.version >= NATIVE_BLENDER_MIN:
@@ -185,6 +189,7 @@ class HDA_PT_main(bpy.types.Panel):
             timing = frame_ms(obj)
             if timing:
                 box.label(text=timing)
+            box.label(text=frame_cache_line())
             shown = session.viewport.stats.get(object_key(obj))
             if shown:
                 box.label(text=f"viewport: {shown['ms']:.0f} ms at {100 * shown['scale']:.0f}% size")

@@ -3,8 +3,9 @@
 The armature has one bone per SMPL-X joint (names, hierarchy, rest T-pose from the body model,
 Blender Z-up metres; bone frames as documented in hda_backend/rig.py) with quaternion rotations.
 The proxy is the body mesh, decimated, skinned to the armature by vertex groups and an Armature
-modifier: it selects the avatar in the viewport and shows its silhouette; it never renders (the
-avatar itself is rendered by the backend).
+modifier: it selects the avatar in the viewport and shows its silhouette. In renders it is a
+shadow-only caster (blender_addon/proxy.py): the person's shadow in Cycles and EEVEE, never seen
+itself (the avatar is rendered by the backend and composited).
 """
 
 import os
@@ -15,6 +16,7 @@ from bpy.props import IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from ..blender_addon.api import avatar_of, compositor, error_text, new_uid, preferences, relative_path, runtime
+from ..blender_addon.api import proxy as proxy_render
 from ..hda_backend.errors import HDAError
 
 PROXY_FACES = 3000     # triangles of the proxy mesh
@@ -89,7 +91,7 @@ def build_proxy(context, armature: bpy.types.Object, body) -> bpy.types.Object:
     skin.object = armature
     proxy.parent = armature
     proxy.display_type = 'WIRE'
-    proxy.hide_render = True
+    proxy_render.make_shadow_only(proxy)
     return proxy
 
 

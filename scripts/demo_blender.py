@@ -9,8 +9,8 @@ The scene (Blender Z up, metres; the camera looks along +Y):
   more identities, a second person standing behind and to the right, waving;
 - a pillar between the camera and the walker's path, placed where the walker is halfway through the
   shot, so the depth test of the compositing is visible (the pillar hides the walker as it passes);
-- a chequered ground plane, a sun with soft shadows, a blue-grey sky; the avatars' proxy meshes are
-  made visible to shadow rays only, so each person casts a shadow that follows the pose.
+- a chequered ground plane, a sun with soft shadows, a blue-grey sky; the avatars' proxy meshes (shadow-only
+  casters, the extension's default) give each person a shadow that follows the pose.
 
 ARGS (JSON): zip (the extension), addon (its module name once installed), blend (where to save),
 model (the diffusion model), people [{seed, role: walk|wave, motion: an .npz}], size, samples (Cycles),
@@ -183,12 +183,6 @@ def add_person(scene, person: dict, index: int):
     run_op(bpy.ops.hda.sample_identity, model=ARGS["model"])
     run_op(bpy.ops.hda.import_motion, filepath=person["motion"], fps_mode='SCENE_FPS', frame_start=1,
            set_frame_range=True)
-    proxy = arm.hda.proxy
-    # The proxy follows the pose; seen by shadow rays only, it gives the person a shadow on the ground.
-    proxy.hide_render = False
-    proxy.visible_camera = proxy.visible_diffuse = proxy.visible_glossy = False
-    proxy.visible_transmission = proxy.visible_volume_scatter = False
-    proxy.visible_shadow = True
     return arm
 
 

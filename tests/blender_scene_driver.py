@@ -31,6 +31,10 @@ report = {"version": list(bpy.app.version)}
 arrays = {}
 
 
+PROXY_FLAGS = ("hide_render", "visible_camera", "visible_diffuse", "visible_glossy", "visible_transmission",
+               "visible_volume_scatter", "visible_shadow")
+
+
 def handler_snapshot():
     return {n: [f"{getattr(f, '__module__', '')}.{getattr(f, '__name__', '')}" for f in getattr(bpy.app.handlers, n)]
             for n in dir(bpy.app.handlers) if isinstance(getattr(bpy.app.handlers, n), list)}
@@ -129,6 +133,23 @@ def key_render(scene, arm):
     arrays["matrix_world"] = np.array(arm.matrix_world)
 
 
+def workbench_render(scene, arm):
+    """Workbench ignores ray visibility: the shadow-only proxy must be hidden while it renders, and
+    shadow-only again after."""
+    proxy, seen = arm.hda.proxy, []
+
+    def during(scene, *_):
+        seen.append(scene.objects[proxy.name].hide_render)
+
+    report["proxy_before_workbench"] = {n: getattr(proxy, n) for n in PROXY_FLAGS}
+    bpy.app.handlers.render_pre.append(during)
+    scene.render.engine = 'BLENDER_WORKBENCH'
+    bpy.ops.render.render()
+    scene.render.engine = 'CYCLES'
+    bpy.app.handlers.render_pre.remove(during)
+    report["workbench_proxy"] = {"during": seen, "after": {n: getattr(proxy, n) for n in PROXY_FLAGS}}
+
+
 def enable(zip_path=None):
     if zip_path:
         report["install"] = sorted(bpy.ops.extensions.package_install_files(
@@ -163,7 +184,7 @@ def phase_main():
                         "modes": sorted({pb.rotation_mode for pb in arm.pose.bones}),
                         "proxy": proxy.name, "proxy_faces": len(proxy.data.polygons),
                         "proxy_groups": sorted(g.name for g in proxy.vertex_groups),
-                        "proxy_hide_render": proxy.hide_render, "proxy_parent": proxy.parent.name,
+                        "proxy_visibility": {n: getattr(proxy, n) for n in PROXY_FLAGS}, "proxy_parent": proxy.parent.name,
                         "proxy_modifiers": [(m.type, getattr(m, "object", None) and m.object.name)
                                             for m in proxy.modifiers]}
     arrays["matrix_local"] = np.array([np.array(arm.data.bones[n].matrix_local) for n in layout.names])
@@ -189,9 +210,19 @@ def phase_main():
     report["render_size"] = [w, h]
 
     key_render(scene, arm)
+    workbench_render(scene, arm)
     misses = caches().stats["misses"]
     render("again")
     report["again_misses"] = caches().stats["misses"] - misses
+    # The Frame Cache preference at 0: the cache empties at once, and the same frames render again.
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.frame_cache_mb = 0
+    report["cache_after_off"] = [len(caches().frames), caches().frame_bytes]
+    stats = dict(caches().stats)
+    render("uncached")
+    report["uncached"] = [caches().stats["hits"] - stats["hits"], caches().stats["misses"] - stats["misses"],
+                          len(caches().frames)]
+    prefs.frame_cache_mb = 256
 
     bpy.ops.mesh.primitive_cube_add(size=0.35, location=args["cube"])
     cube = bpy.context.active_object
@@ -277,6 +308,7 @@ def phase_key():
     scene = setup_scene()
     arm, _ = add_keyed_avatar(scene)
     key_render(scene, arm)
+    workbench_render(scene, arm)
 
 
 def phase_native():

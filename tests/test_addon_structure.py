@@ -258,6 +258,12 @@ def test_frame_cache_keeps_its_byte_budget(ext):
     assert list(caches.frames) == [("b:2", 2), ("a:1", 3), ("b:2", 4)] and caches.frame_bytes == 3 * 320
     caches.drop("b:2")
     assert list(caches.frames) == [("a:1", 3)] and caches.frame_bytes == 320
+    caches.add_frame(("a:1", 5), *frame, budget=319)   # larger than the whole budget: not kept
+    assert list(caches.frames) == [("a:1", 3)] and caches.frame_bytes == 320
+    caches.trim(0)                                     # the preference set to 0: the cache empties
+    assert not caches.frames and caches.frame_bytes == 0
+    caches.add_frame(("a:1", 6), *frame, budget=0)     # and stays empty
+    assert not caches.frames and caches.frame_bytes == 0
 
 
 def test_avatars_are_found_from_their_proxy_and_listed_by_name(ext):

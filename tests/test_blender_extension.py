@@ -95,13 +95,22 @@ def _write_slow_sdist(folder: Path) -> Path:
     return out
 
 
+def _numpy_version(python: Path) -> str | None:
+    """The numpy version installed in the environment of ``python`` (read from its dist-info)."""
+    found = sorted(python.parent.parent.glob("lib/python3.*/site-packages/numpy-*.dist-info"))
+    return found[0].name[len("numpy-"):-len(".dist-info")] if found else None
+
+
 @pytest.fixture(scope="module")
 def wheel_dir(tmp_path_factory) -> Path:
-    """hdaprobe (requires numpy) and a *fake* numpy of Blender's numpy version: if the installer
-    ever let pip's numpy shadow Blender's, `numpy.FAKE` would exist."""
+    """hdaprobe (requires numpy) and a *fake* numpy of each tested Blender's numpy version (5.0's is
+    this environment's, 4.2's that of .venv-bpy42): the installer pins numpy to the running Blender's,
+    so pip must find that version, and if the installer ever let pip's numpy shadow Blender's,
+    `numpy.FAKE` would exist."""
     folder = tmp_path_factory.mktemp("wheels")
     _write_wheel(folder, "hdaprobe", "1.0", {"hdaprobe/__init__.py": "VALUE = 42\n"}, requires=["numpy"])
-    _write_wheel(folder, "numpy", metadata.version("numpy"), {"numpy/__init__.py": "FAKE = True\n"})
+    for version in {metadata.version("numpy"), _numpy_version(BPY42_PYTHON)} - {None}:
+        _write_wheel(folder, "numpy", version, {"numpy/__init__.py": "FAKE = True\n"})
     return folder
 
 
@@ -386,7 +395,7 @@ def _check_report(r: dict, tmp_path: Path, has_torch: bool, torch_version: str =
            "fit_subject", "import_motion", "install_backend", "load_avatar", "sample_identity", "select_avatar"]
     assert r["hda_ops"] == ops
     assert r["new_types"] == sorted([f"HDA_OT_{op}" for op in ops] + ["HDA_PT_main"])
-    assert r["pref_props"] == ["bl_idname", "body_path", "python_path", "torch_variant", "wheel_dir"]
+    assert r["pref_props"] == ["bl_idname", "body_path", "frame_cache_mb", "python_path", "torch_variant", "wheel_dir"]
     assert not r["torch_imported_at_register"]
     assert Path(r["deps_dir"]).is_relative_to(user) and r["deps_on_path_after_numpy"]
     assert Path(r["env_import"]) == tmp_path / "env" / "site-packages" and r["env_removed"]

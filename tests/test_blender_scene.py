@@ -186,6 +186,18 @@ def test_register_does_not_import_torch_and_undo_removes_an_added_avatar(main_ru
     assert report["after_undo"] == report["objects_before_add"]
 
 
+# A shadow-only caster: it renders (casts shadows) but no camera, diffuse, glossy, transmission or volume ray sees it.
+SHADOW_ONLY = {"hide_render": False, "visible_camera": False, "visible_diffuse": False, "visible_glossy": False,
+               "visible_transmission": False, "visible_volume_scatter": False, "visible_shadow": True}
+
+
+def check_proxy_in_renders(report):
+    """The proxy stays shadow-only through the Cycles renders; Workbench, which draws every renderable
+    object whatever its ray visibility, renders with it hidden, and it is shadow-only again after."""
+    assert report["proxy_before_workbench"] == SHADOW_ONLY
+    assert report["workbench_proxy"] == {"during": [True], "after": SHADOW_ONLY}
+
+
 def test_armature_has_the_smplx_skeleton_and_a_skinned_proxy(main_run):
     report, arrays = main_run
     a = report["avatar"]
@@ -193,7 +205,9 @@ def test_armature_has_the_smplx_skeleton_and_a_skinned_proxy(main_run):
     assert a["bones"] == sorted(names)
     assert a["parents"] == [None if p < 0 else names[p] for p in rig.PARENTS]
     assert a["modes"] == ["QUATERNION"]
-    assert a["proxy_groups"] == sorted(names) and a["proxy_hide_render"] and a["proxy_parent"] == a["name"]
+    assert a["proxy_groups"] == sorted(names) and a["proxy_parent"] == a["name"]
+    assert a["proxy_visibility"] == SHADOW_ONLY
+    check_proxy_in_renders(report)
     assert 1000 <= a["proxy_faces"] <= 3200 and a["proxy_modifiers"] == [["ARMATURE", a["name"]]]
     layout = rig.bone_layout(load_body())
     # Blender's rest bones (from head, tail, roll) are the layout's frames: the roll convention holds.
@@ -241,6 +255,10 @@ def test_rendered_frames_match_the_backend(main_run):
 def test_scrubbing_back_is_served_from_the_frame_cache(main_run):
     report, arrays = main_run
     assert report["again_misses"] == 0
+    # With the Frame Cache preference at 0 nothing is kept or looked up: both frames render again, alike.
+    assert report["cache_after_off"] == [0, 0] and report["uncached"] == [0, len(FRAMES), 0]
+    for frame in FRAMES:
+        assert np.array_equal(arrays[f"uncached_{frame}"], arrays[f"again_{frame}"])
     for frame in FRAMES:
         assert np.array_equal(arrays[f"again_{frame}"], arrays[f"avatar_{frame}"])
 
@@ -332,3 +350,4 @@ def test_key_render_on_blender_4_2(tmp_path, built_zip):  # noqa: F811
                           python_path=str(site))
     assert report["version"][:2] == [4, 2]
     check_key_render(report, arrays)
+    check_proxy_in_renders(report)

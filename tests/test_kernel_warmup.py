@@ -1,0 +1,77 @@
+"""The raster kernels' warm-up (hda_backend/render/warmup.py, blender_addon/kernels.py): after it, a
+fresh process renders and fits without compiling anything (every kernel comes from numba's cache).
+
+Each step runs in its own interpreter with an empty $NUMBA_CACHE_DIR, as after a fresh install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+
+from blender_addon import kernels  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+_RENDER_AFTER = """
+import json, torch
+from hda_backend.render import rasterize
+from hda_backend.render.warmup import cache_stats, compiled_signatures
+before = compiled_signatures()
+g = torch.Generator().manual_seed(1)
+n = 300   # another scene and size than the warm-up's: the kernels' types do not depend on them
+means = (torch.rand(n, 3, generator=g) - 0.5) + torch.tensor([0.0, 0.0, 4.0])
+quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
+scales, opacities = torch.full((n, 3), 0.04), torch.full((n,), 0.7)
+colors = torch.randn(n, 16, 3, generator=g) * 0.3
+viewmats, Ks = torch.eye(4)[None], torch.tensor([[[60.0, 0, 40], [0, 60.0, 30], [0, 0, 1]]])
+with torch.no_grad():
+    rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 80, 60, sh_degree=3,
+              render_mode="RGB+ED", backend="cpu")
+means.requires_grad_(True)
+image, alpha, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 80, 60, sh_degree=3, backend="cpu")
+(image.sum() + alpha.sum()).backward()
+print(json.dumps({"before": before, "stats": cache_stats()}))
+"""
+
+
+def _env(cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(NUMBA_CACHE_DIR=str(cache), PYTHONPATH=str(REPO), OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+def test_after_the_warm_up_a_fresh_process_compiles_no_kernel(tmp_path):
+    cache, stamp = tmp_path / "numba", tmp_path / "user" / "kernels.json"
+    argv, env = kernels.command(sys.path, str(REPO), str(stamp), python=sys.executable)
+    env.update(NUMBA_CACHE_DIR=str(cache))
+    warm = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    progress = [text for text in map(kernels.describe, warm.stdout.splitlines()) if text]
+    assert progress == ["compiling kernels 1/2: forward kernels", "compiling kernels 2/2: backward kernels",
+                        "kernels ready"]
+    # The stamp that lets later starts skip the child names this source, numba and Python.
+    assert json.loads(stamp.read_text()) == kernels.stamp(str(REPO), sys.path)
+    assert kernels.is_warm(str(stamp), kernels.stamp(str(REPO), sys.path))
+    assert not kernels.is_warm(str(stamp), dict(kernels.stamp(str(REPO), sys.path), numba="0.0"))
+
+    after = subprocess.run([sys.executable, "-c", _RENDER_AFTER], env=_env(cache), capture_output=True,
+                           text=True, timeout=600, cwd=tmp_path)
+    assert after.returncode == 0, after.stderr[-3000:]
+    report = json.loads(after.stdout.strip().splitlines()[-1])
+    assert all(n == 0 for n in report["before"].values())          # nothing compiled at import
+    for name, (hits, misses) in report["stats"].items():
+        assert hits >= 1 and misses == 0, (name, hits, misses)      # loaded from the cache, never compiled
+
+
+def test_describe_reads_only_the_progress_lines():
+    assert kernels.describe("HDA_KERNELS 0 2 forward kernels") == "compiling kernels 1/2: forward kernels"
+    assert kernels.describe("HDA_KERNELS 2 2 done") == "kernels ready"
+    assert kernels.describe("Traceback (most recent call last):") is None
