@@ -12,6 +12,10 @@ Every tokenizer is a deterministic, parameter-free ``split`` / ``merge`` (vector
 per projection) around learned projections. ``merge(split(x)) == x`` exactly; the padding never reaches the
 output. Projections have no bias (as HyperDiffusion); output projections start at zero, so the untrained
 denoiser predicts the normalised mean, 0 (G.pt's choice).
+
+``tied`` projections read each piece with the transpose of the matrix that writes it (project = W_outᵀ,
+decode = W_out): half the parameters, so twice the token width (twice the rank of each layer's output) in
+the same model size. The per-layer projections are nearly all of a layer-token model's parameters.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ class Tokenizer(nn.Module):
     """
 
     def __init__(self, spec: LayerSpec, width: int, pieces: list[tuple[int, int, int, int, int]],
-                 projection_sizes: list[int]):
+                 projection_sizes: list[int], tied: bool = False):
         super().__init__()
+        self.tied = tied
         self.dim = spec.dim
         self.width = width
         groups: dict[int, list[tuple[int, int, int, int, int]]] = {}
@@ -64,10 +69,14 @@ class Tokenizer(nn.Module):
         for g, index in enumerate(gathers):
             self.register_buffer(f"gather_{g}", index, persistent=False)
         self.register_buffer("scatter", scatter, persistent=False)
-        self.proj_in = nn.ModuleList([nn.Linear(n, width, bias=False) for n in projection_sizes])
+        if not tied:
+            self.proj_in = nn.ModuleList([nn.Linear(n, width, bias=False) for n in projection_sizes])
         self.proj_out = nn.ModuleList([nn.Linear(width, n, bias=False) for n in projection_sizes])
-        for lin in self.proj_out:
-            nn.init.zeros_(lin.weight)
+        for lin, n in zip(self.proj_out, projection_sizes):
+            if tied:  # a zero start would leave the input blind: W ~ N(0, 1/n), unit-variance tokens for unit x
+                nn.init.normal_(lin.weight, std=n ** -0.5)
+            else:
+                nn.init.zeros_(lin.weight)
         self.register_buffer("layer_index", torch.tensor([p[3] for p in ordered]), persistent=False)
         self.register_buffer("chunk_index", torch.tensor([p[4] for p in ordered]), persistent=False)
         self.layer_emb = nn.Parameter(torch.zeros(max(p[3] for p in pieces) + 1, width))
@@ -90,9 +99,13 @@ class Tokenizer(nn.Module):
         flat = torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1)
         return flat[:, self.scatter]
 
+    def w_in(self, proj: int) -> torch.Tensor:
+        """The input projection of group ``proj``: [width, n] (W_outᵀ when tied)."""
+        return self.proj_out[proj].weight.T if self.tied else self.proj_in[proj].weight
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, D] -> projected pieces [B, L, width] (linear in x; no embeddings)."""
-        return torch.cat([self.proj_in[proj](p) for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
+        return torch.cat([p @ self.w_in(proj).T for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
 
     def embed(self, projected: torch.Tensor) -> torch.Tensor:
         """projected: [B, L, width] -> tokens [B, L, width], with the layer and chunk embeddings added.
@@ -124,7 +137,7 @@ class Tokenizer(nn.Module):
         """
         out, first = [], 0
         for proj, count in self.group_sizes:
-            w_in, w_out = self.proj_in[proj].weight, self.proj_out[proj].weight
+            w_in, w_out = self.w_in(proj), self.proj_out[proj].weight
             by_length: dict[int, list[int]] = {}
             for i in range(first, first + count):
                 by_length.setdefault(self.token_lengths[i], []).append(i)
@@ -142,18 +155,18 @@ class Tokenizer(nn.Module):
         return out
 
 
-def layer_tokenizer(spec: LayerSpec, width: int) -> Tokenizer:
+def layer_tokenizer(spec: LayerSpec, width: int, tied: bool = False) -> Tokenizer:
     pieces = [(layer.offset, layer.length, i, i, 0) for i, layer in enumerate(spec.layers)]
-    return Tokenizer(spec, width, pieces, spec.lengths)
+    return Tokenizer(spec, width, pieces, spec.lengths, tied)
 
 
-def flat1d_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+def flat1d_tokenizer(spec: LayerSpec, width: int, chunk_size: int, tied: bool = False) -> Tokenizer:
     n = math.ceil(spec.dim / chunk_size)
     pieces = [(i * chunk_size, min(chunk_size, spec.dim - i * chunk_size), 0, 0, i) for i in range(n)]
-    return Tokenizer(spec, width, pieces, [chunk_size])
+    return Tokenizer(spec, width, pieces, [chunk_size], tied)
 
 
-def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int, tied: bool = False) -> Tokenizer:
     pieces, sizes = [], []
     for i, layer in enumerate(spec.layers):
         size = min(chunk_size, layer.length)
@@ -161,14 +174,14 @@ def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tok
         for c in range(math.ceil(layer.length / size)):
             start = c * size
             pieces.append((layer.offset + start, min(size, layer.length - start), i, i, c))
-    return Tokenizer(spec, width, pieces, sizes)
+    return Tokenizer(spec, width, pieces, sizes, tied)
 
 
-def make_tokenizer(kind: str, spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+def make_tokenizer(kind: str, spec: LayerSpec, width: int, chunk_size: int, tied: bool = False) -> Tokenizer:
     if kind == "layer":
-        return layer_tokenizer(spec, width)
+        return layer_tokenizer(spec, width, tied)
     if kind == "flat1d":
-        return flat1d_tokenizer(spec, width, chunk_size)
+        return flat1d_tokenizer(spec, width, chunk_size, tied)
     if kind == "layer_chunked":
-        return layer_chunked_tokenizer(spec, width, chunk_size)
+        return layer_chunked_tokenizer(spec, width, chunk_size, tied)
     raise HDAError(f"tokenizer {kind!r}: expected one of {', '.join(TOKENIZERS)}")
