@@ -88,7 +88,7 @@ class DiffusionConfig:
     ffn: int = 256
     dropout: float = 0.0
     # Each layer's input projection is the transpose of its output projection: half the parameters, so twice
-    # the width (and each layer's output rank) fits the bundle (README, stage 2; scripts/diffusion_study.py).
+    # the width (each layer's output rank) in one size; measured worse than untied (README, stage 2).
     tied_projections: bool = False
     timesteps: int = 500  # T
     beta_start: float = 1e-4
@@ -112,7 +112,10 @@ class DiffusionConfig:
     # cannot remove the noise outside it (README, stage 2; scripts/diffusion_study.py measures all three).
     prediction: str = "x0"
     sample_steps: int = 50  # DDIM steps K
-    sample_eta: float = 0.0  # DDIM's η: 0 deterministic, 1 the DDPM posterior's variance
+    # DDIM's η: 0 deterministic, 1 the DDPM posterior's variance. η = 1 measured better on every model of the
+    # weight-set study (wider, less blend-like samples, closer to the training span; README, stage 2).
+    # Model files written before the field (format 1, the bundled default among them) keep η = 0.
+    sample_eta: float = 1.0
     seed: int = 0
 
 

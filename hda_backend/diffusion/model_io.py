@@ -114,7 +114,10 @@ def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
         if name not in metadata:
             raise HDAError(f"{source}: field '{name}' is missing")
     try:
-        config = DiffusionConfig(**json.loads(metadata["diffusion"]))
+        fields = json.loads(metadata["diffusion"])
+        if metadata["format_version"] == "1":  # sampled deterministically then, whatever today's default
+            fields = {"prediction": "x0", "sample_eta": 0.0, **fields}
+        config = DiffusionConfig(**fields)
     except (json.JSONDecodeError, TypeError):
         raise HDAError(f"{source}: field 'diffusion' is not valid JSON of a diffusion config") from None
     if config.prediction not in PREDICTIONS:

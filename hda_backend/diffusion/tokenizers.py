@@ -16,6 +16,7 @@ denoiser predicts the normalised mean, 0 (G.pt's choice).
 ``tied`` projections read each piece with the transpose of the matrix that writes it (project = W_outᵀ,
 decode = W_out): half the parameters, so twice the token width (twice the rank of each layer's output) in
 the same model size. The per-layer projections are nearly all of a layer-token model's parameters.
+Measured worse than untied projections of half the width (README, stage 2), so not the default.
 """
 
 from __future__ import annotations
@@ -72,11 +73,8 @@ class Tokenizer(nn.Module):
         if not tied:
             self.proj_in = nn.ModuleList([nn.Linear(n, width, bias=False) for n in projection_sizes])
         self.proj_out = nn.ModuleList([nn.Linear(width, n, bias=False) for n in projection_sizes])
-        for lin, n in zip(self.proj_out, projection_sizes):
-            if tied:  # a zero start would leave the input blind: W ~ N(0, 1/n), unit-variance tokens for unit x
-                nn.init.normal_(lin.weight, std=n ** -0.5)
-            else:
-                nn.init.zeros_(lin.weight)
+        for lin in self.proj_out:
+            nn.init.zeros_(lin.weight)
         self.register_buffer("layer_index", torch.tensor([p[3] for p in ordered]), persistent=False)
         self.register_buffer("chunk_index", torch.tensor([p[4] for p in ordered]), persistent=False)
         self.layer_emb = nn.Parameter(torch.zeros(max(p[3] for p in pieces) + 1, width))
