@@ -1,6 +1,7 @@
 """Weight-space measurements of trained diffusion models (tokenizer, target, capacity and sampler ablations).
 
-    python scripts/diffusion_study.py make-set --base AVATAR --n 96 --rank 32 [--unet-width 16 --unet-levels 2] --out DIR
+    python scripts/diffusion_study.py make-set --base AVATAR --n 96 --rank 32 [--unet-width 16 --unet-levels 2] \
+        --out DIR
     python scripts/diffusion_study.py evaluate --fits DIR --model NAME=DIFF.safetensors [...] [--samples 64]
         [--steps K] [--eta η]
 
@@ -123,8 +124,9 @@ def _reference_rows(data, basis, x: np.ndarray, samples: int) -> list[str]:
     for name, v in (("new people (the set's law)", fresh), ("blend of two training avatars", blends),
                     ("mean avatar", np.repeat(x.mean(0, keepdims=True), samples, 0))):
         span = span_measures(v, x)
-        rows.append(f"| {name} | – | – | – | – | – | – | – | {span.in_span.mean():.3f} | {span.off_span.mean():.3f} | "
-                    f"{np.median(span.nn_ratio):.3f} | {_basis_cells(v, basis, data.spec)} | – |")
+        rows.append(f"| {name} | – | – | – | – | – | – | – | {span.in_span.mean():.3f} | "
+                    f"{span.off_span.mean():.3f} | {np.median(span.nn_ratio):.3f} | "
+                    f"{_basis_cells(v, basis, data.spec)} | – |")
     return rows
 
 

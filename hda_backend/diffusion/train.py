@@ -1,9 +1,9 @@
 """``hda train-diffusion``: train the weight-space denoiser on a folder of fitted avatars (paper §4.2-4.3).
 
-x0-prediction (``diffusion.prediction``: or eps, v) with an MSE loss on normalised weight vectors; AdamW; lr × ``lr_decay`` every
-``lr_decay_every`` epochs (an epoch is ceil(N / batch) steps); an exponential moving average (EMA) of the
-weights, with the usual warm-up min(decay, (1+step)/(10+step)) so short runs are not dominated by the
-initialisation.
+x0-prediction (``diffusion.prediction``: or eps, v) with an MSE loss on normalised weight vectors; AdamW;
+lr × ``lr_decay`` every ``lr_decay_every`` epochs (an epoch is ceil(N / batch) steps); an exponential moving
+average (EMA) of the weights, with the usual warm-up min(decay, (1+step)/(10+step)) so short runs are not
+dominated by the initialisation.
 
 Each step draws the *global* batch (avatar indices, timesteps, noise) from one seeded generator that every
 rank holds identically; rank r trains on rows [r·B/W, (r+1)·B/W) and DistributedDataParallel averages the
