@@ -207,8 +207,34 @@ def test_ddim_on_projected_pieces_equals_ddim_on_weight_vectors(kind, tied, eta)
     with torch.no_grad():
         # plain DDIM through the full model
         reference = ddim_sample(model, x_T, 20, ScheduleConfig(), "x0", eta, noises())
-        fast = ddim_sample_projected(model, model.tokenizer.composites(), x_T, 20, ScheduleConfig(), eta, noises())
+        full_noise = noises()
+        fast = ddim_sample_projected(model, model.tokenizer.composites(), x_T, 20, ScheduleConfig(), eta,
+                                     lambda: model.tokenizer.project(full_noise()))
     assert torch.allclose(fast, reference, atol=2e-5), (fast - reference).abs().max()
+
+
+@pytest.mark.parametrize("kind, tied", [("layer", False), ("flat1d", False), ("layer_chunked", True)])
+def test_noise_factors_give_projected_noise_its_covariance(kind, tied):
+    # project(z), z ~ N(0, I_D), is N(0, W_in W_inᵀ) per token (W_in cut to the token's values), tokens
+    # independent: F Fᵀ must equal W_in W_inᵀ, by hand from the token's gathered rows.
+    spec = LayerSpec.for_unet(TINY.unet)
+    torch.manual_seed(2)
+    tok = make_tokenizer(kind, spec, 12, 1000, tied=tied)
+    for lin in tok.proj_out:
+        torch.nn.init.normal_(lin.weight, std=0.1)
+    factors = tok.noise_factors()
+    covered = sorted(int(i) for tokens, _ in factors for i in tokens)
+    assert covered == list(range(tok.num_tokens))
+    # Where each token starts in the vector: split a vector of positions; row i of the pieces is token i.
+    pieces = tok.split(torch.arange(spec.dim, dtype=torch.float32)[None])
+    starts = [int(row[0]) for group in pieces for row in group[0]]
+    for tokens, f in factors:
+        for i in tokens.tolist():
+            n = tok.token_lengths[i]
+            basis = torch.zeros(n, spec.dim)  # the token's own values, one at a time
+            basis[torch.arange(n), starts[i] + torch.arange(n)] = 1.0
+            w = tok.project(basis)[:, i].T.double()  # [width, n]: the token's input map
+            assert torch.allclose(f.double() @ f.double().T, w @ w.T, atol=1e-5)
 
 
 def test_tied_projections_read_with_the_transpose_and_halve_the_parameters():

@@ -85,6 +85,7 @@ class DiffusionModel:
     config: DiffusionConfig
     path: Path
     _composites: list | None = None  # Tokenizer.composites(), computed at the first sample
+    _noise_factors: list | None = None  # Tokenizer.noise_factors(), computed at the first sample with η > 0
 
     @property
     def schedule(self) -> ScheduleConfig:
@@ -95,6 +96,12 @@ class DiffusionModel:
         if self._composites is None:
             self._composites = self.denoiser.tokenizer.composites()
         return self._composites
+
+    @property
+    def noise_factors(self) -> list:
+        if self._noise_factors is None:
+            self._noise_factors = self.denoiser.tokenizer.noise_factors()
+        return self._noise_factors
 
 
 def load_diffusion(path: str | os.PathLike) -> DiffusionModel:

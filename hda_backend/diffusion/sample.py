@@ -1,10 +1,12 @@
-"""Sampling avatars from a trained diffusion model: seeded noise -> DDIM (eta 0) -> weights -> avatar files.
+"""Sampling avatars from a trained diffusion model: seeded noise -> DDIM (η = the model's sample_eta) ->
+weights -> avatar files.
 
 DDIM runs on the tokenizer's projected pieces rather than on all D weights: x_t enters the denoiser only
 through the linear ``tokenizer.project``, and every DDIM state is a linear combination of x_T and earlier x0
-predictions, so projecting once and mapping each prediction back with width x width matrices
-(``Tokenizer.composites``) gives the same x0 as :func:`schedule.ddim_sample` on the full vectors (to float
-rounding; tested) at a fraction of the cost (the per-layer projections dominate the model).
+predictions (and, with η > 0, fresh noises), so projecting once and mapping each prediction back with
+width x width matrices (``Tokenizer.composites``) gives the same x0 as :func:`schedule.ddim_sample` on the
+full vectors (to float rounding; tested) at a fraction of the cost (the per-layer projections dominate the
+model). The fresh noise is drawn already projected (``Tokenizer.noise_factors``: the same law).
 
 With an eps or v model (``diffusion.prediction``) the output is not in the decoder's span and DDIM runs on
 the full vectors (:func:`schedule.ddim_sample`), as a measured alternative only: it costs a full projection
@@ -12,8 +14,8 @@ per step.
 
 Each identity is denoised on its own (batch 1) from the noise of ``torch.Generator().manual_seed(seed)``
 (x_T, then with η > 0 each step's fresh noise from the same generator), so a seed always gives the same
-avatar bit for bit, whatever else is sampled with it. The identity slider
-interpolates either in noise space (slerp of two seeds' noises, then DDIM) or, between two avatar files,
+avatar bit for bit, whatever else is sampled with it. The identity slider interpolates either in noise
+space (slerp of two seeds' noises, then DDIM) or, between two avatar files,
 linearly in weight space (meaningful because all fits share one consistent initialisation).
 """
 
@@ -50,12 +52,15 @@ def check_seed(seed: int, name: str = "--seed") -> int:
     return seed
 
 
-def seed_noise(seed: int, dim: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
-    """(x_T [D], step_noise) for a seed, the same on every machine (CPU generator): step_noise() -> [D], the
-    fresh noise of the next DDIM step with η > 0, drawn from the same generator after x_T."""
+Draw = Callable[[tuple], torch.Tensor]  # shape -> standard normal values of that shape, from a seed
+
+
+def seed_noise(seed: int, dim: int) -> tuple[torch.Tensor, Draw]:
+    """(x_T [D], draw) for a seed, the same on every machine (CPU generator): draw(shape) gives the fresh
+    noise of the next DDIM step with η > 0, from the same generator after x_T."""
     generator = torch.Generator().manual_seed(check_seed(seed))
     x_T = torch.randn(dim, generator=generator)
-    return x_T, lambda: torch.randn(dim, generator=generator)
+    return x_T, lambda shape: torch.randn(shape, generator=generator)
 
 
 @torch.no_grad()
@@ -63,7 +68,8 @@ def ddim_sample_projected(denoiser: WeightDenoiser, composites: list, x_T: torch
                           config: ScheduleConfig, eta: float = 0.0,
                           step_noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """DDIM from x_T [B, D] like :func:`schedule.ddim_sample` (x0 prediction), stepping the projected pieces
-    [B, L, width]; with η > 0, step_noise() [B, D] is each step's fresh noise (projected: it is linear)."""
+    [B, L, width]; with η > 0, step_noise() [B, L, width] is each step's fresh noise, projected (the step is
+    linear: ``project(z)`` for full noise z gives exactly the full DDIM's sample)."""
     abar = alphas_cumprod(config)
     ts = ddim_timesteps(config.timesteps, steps)
     project = denoiser.tokenizer.project
@@ -72,7 +78,7 @@ def ddim_sample_projected(denoiser: WeightDenoiser, composites: list, x_T: torch
         h = denoiser.hidden(e, torch.full((x_T.shape[0],), t, dtype=torch.long, device=x_T.device))
         if i + 1 == len(ts):  # the last step lands on ᾱ = 1: its x0 prediction is the sample
             return denoiser.tokenizer.decode(h)
-        noise = project(step_noise().to(x_T.device)) if eta > 0.0 else None
+        noise = step_noise().to(x_T.device) if eta > 0.0 else None
         e = ddim_step(e, Tokenizer.reproject(h, composites), t, ts[i + 1], abar, eta, noise)
 
 
@@ -84,21 +90,25 @@ def ddim_sample_full(model: DiffusionModel, x_T: torch.Tensor, steps: int, eta: 
 
 
 @torch.no_grad()
-def denoise_noise(model: DiffusionModel, noise: torch.Tensor, steps: int | None = None,
-                  step_noise: Callable[[], torch.Tensor] | None = None, eta: float | None = None) -> torch.Tensor:
+def denoise_noise(model: DiffusionModel, noise: torch.Tensor, steps: int | None = None, draw: Draw | None = None,
+                  eta: float | None = None) -> torch.Tensor:
     """noise: [D] standard normal x_T -> weights [D] (DDIM, then the normaliser decoded). η (default the
-    model's ``sample_eta``) > 0 needs step_noise() -> [D] for each step's fresh noise."""
+    model's ``sample_eta``) > 0 needs ``draw`` for each step's fresh noise: an x0 model draws it already
+    projected ([L, width] through ``Tokenizer.noise_factors``, the same law as projecting D values, at a
+    fraction of the cost), an eps or v model as D values."""
     steps = check_steps(model, steps)
     eta = model.config.sample_eta if eta is None else eta
-    if eta > 0.0 and step_noise is None:
+    if eta > 0.0 and draw is None:
         raise HDAError(f"DDIM eta {eta}: sampling needs a source of step noise (a seed)")
     device = next(model.denoiser.parameters()).device
-    batched = (lambda: step_noise()[None]) if step_noise is not None else None
+    x_T = noise.to(device)[None]
     if model.config.prediction == "x0":
-        z = ddim_sample_projected(model.denoiser, model.composites, noise.to(device)[None], steps, model.schedule,
-                                  eta, batched)[0]
+        shape = (model.denoiser.tokenizer.num_tokens, model.config.width)
+        step_noise = (lambda: Tokenizer.reproject(draw(shape)[None].to(device), model.noise_factors)) if draw else None
+        z = ddim_sample_projected(model.denoiser, model.composites, x_T, steps, model.schedule, eta, step_noise)[0]
     else:
-        z = ddim_sample_full(model, noise.to(device)[None], steps, eta, batched)[0]
+        step_noise = (lambda: draw((model.spec.dim,))[None]) if draw else None
+        z = ddim_sample_full(model, x_T, steps, eta, step_noise)[0]
     return model.normalizer.decode(z.cpu())
 
 
@@ -107,8 +117,8 @@ def sample_vectors(model: DiffusionModel, seeds: list[int], steps: int | None = 
     """seeds: S ints -> weights [S, D]; row i depends only on seeds[i] (each is denoised alone)."""
     rows = []
     for s in seeds:
-        x_T, step_noise = seed_noise(s, model.spec.dim)
-        rows.append(denoise_noise(model, x_T, steps, step_noise, eta))
+        x_T, draw = seed_noise(s, model.spec.dim)
+        rows.append(denoise_noise(model, x_T, steps, draw, eta))
     return torch.stack(rows)
 
 
@@ -154,9 +164,10 @@ def interpolate_noise(model, seed_a: int, seed_b: int, t: float, steps: int | No
     with η > 0, each step's noise), then DDIM."""
     model = _as_model(model)
     _check_t(t)
-    a, step_a = seed_noise(seed_a, model.spec.dim)
-    b, step_b = seed_noise(seed_b, model.spec.dim)
-    return denoise_noise(model, slerp(a, b, t), steps, lambda: slerp(step_a(), step_b(), t))
+    a, draw_a = seed_noise(seed_a, model.spec.dim)
+    b, draw_b = seed_noise(seed_b, model.spec.dim)
+    return denoise_noise(model, slerp(a, b, t), steps,
+                         lambda shape: slerp(draw_a(shape).flatten(), draw_b(shape).flatten(), t).reshape(shape))
 
 
 def interpolate_avatars(path_a, path_b, t: float, out) -> Path:

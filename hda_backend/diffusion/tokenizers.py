@@ -144,9 +144,32 @@ class Tokenizer(nn.Module):
             first += count
         return out
 
+    @torch.no_grad()
+    def noise_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(token indices [k], F [width, width])] with F Fᵀ = W_in[:, :n] W_in[:, :n]ᵀ for those tokens.
+
+        ``project(z)`` of z ~ N(0, I_D) is, token by token, N(0, W_in W_inᵀ) and independent across tokens
+        (they read disjoint values), so ``reproject(u, noise_factors())`` with u ~ N(0, I) [B, L, width] has
+        its law: DDIM's fresh noise for η > 0 without drawing and projecting D values per step. F is the
+        symmetric square root (eigh, so a singular W_in W_inᵀ is fine).
+        """
+        out, first = [], 0
+        for proj, count in self.group_sizes:
+            w_in = self.w_in(proj).to(torch.float64)
+            by_length: dict[int, list[int]] = {}
+            for i in range(first, first + count):
+                by_length.setdefault(self.token_lengths[i], []).append(i)
+            for n, tokens in by_length.items():
+                values, vectors = torch.linalg.eigh(w_in[:, :n] @ w_in[:, :n].T)
+                factor = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+                out.append((torch.tensor(tokens, device=w_in.device), factor.to(self.proj_out[proj].weight.dtype)))
+            first += count
+        return out
+
     @staticmethod
     def reproject(h: torch.Tensor, composites: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """h: [B, L, width] -> project(decode(h)) [B, L, width], through ``composites()``."""
+        """h: [B, L, width] -> project(decode(h)) [B, L, width], through ``composites()`` (or any such
+        per-token maps, e.g. ``noise_factors()``)."""
         out = torch.empty_like(h)
         for tokens, c in composites:
             out[:, tokens] = h[:, tokens] @ c.T
