@@ -330,7 +330,8 @@ def _config_lines(config: Config, state: dict) -> list[str]:
         f"- Diffusion (stage 2): `{d.tokenizer}` tokens (one per conv layer), width {d.width}, {d.blocks} blocks, "
         f"{d.heads} heads, feed-forward {d.ffn}; {diff.get('parameters', 0):,} parameters. T = {d.timesteps}, "
         f"betas {d.beta_start:g}..{d.beta_end:g}; {d.epochs} epochs of batch {d.batch} = {diff.get('steps', '?')} "
-        f"steps; EMA {d.ema_decay}; `{d.normalization}` normalisation. Sampling: DDIM, {d.sample_steps} steps, eta 0.",
+        f"steps; EMA {d.ema_decay}; `{d.normalization}` normalisation; {d.prediction} prediction. Sampling: DDIM, "
+        f"{d.sample_steps} steps, eta {d.sample_eta:g}.",
     ]
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from .avatar.gaussians import GaussianConfig
 from .avatar.unet import UNetConfig
-from .constants import NORMALIZATIONS, PRESETS, TOKENIZERS, spoken_list  # noqa: F401 - PRESETS re-exported
+from .constants import NORMALIZATIONS, PREDICTIONS, PRESETS, TOKENIZERS, spoken_list  # noqa: F401 - PRESETS re-exported
 from .errors import HDAError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -87,6 +87,9 @@ class DiffusionConfig:
     heads: int = 4
     ffn: int = 256
     dropout: float = 0.0
+    # Each layer's input projection is the transpose of its output projection: half the parameters, so twice
+    # the width (each layer's output rank) in one size; measured worse than untied (README, stage 2).
+    tied_projections: bool = False
     timesteps: int = 500  # T
     beta_start: float = 1e-4
     beta_end: float = 2e-2
@@ -104,7 +107,15 @@ class DiffusionConfig:
     # Global factor after standardising. None: 1/sqrt(ᾱ_{T-1} λ_max), at most 1, so that DDIM's starting noise
     # N(0, I) matches the noised data along its strongest direction (λ_max: its variance there).
     norm_scale: typing.Optional[float] = None
+    # What the denoiser outputs: x0 (HyperDiffusion's and G.pt's choice), eps (the noise) or v = √ᾱ ε - √(1-ᾱ) x0.
+    # Each layer's output is width-rank, so only x0 keeps samples on the decoder's span: an eps or v output
+    # cannot remove the noise outside it (README, stage 2; scripts/diffusion_study.py measures all three).
+    prediction: str = "x0"
     sample_steps: int = 50  # DDIM steps K
+    # DDIM's η: 0 deterministic, 1 the DDPM posterior's variance. η = 1 measured better on every model of the
+    # weight-set study (wider, less blend-like samples, closer to the training span; README, stage 2).
+    # Model files written before the field (format 1, the bundled default among them) keep η = 0.
+    sample_eta: float = 1.0
     seed: int = 0
 
 
@@ -268,6 +279,8 @@ def _check_diffusion(d: DiffusionConfig, bad) -> None:
         bad("diffusion.tokenizer", d.tokenizer, spoken_list(TOKENIZERS))
     if d.normalization not in NORMALIZATIONS:
         bad("diffusion.normalization", d.normalization, spoken_list(NORMALIZATIONS))
+    if d.prediction not in PREDICTIONS:
+        bad("diffusion.prediction", d.prediction, spoken_list(PREDICTIONS))
     for name, low, high in (("chunk_size", 1, 10_000_000), ("width", 1, 65536), ("blocks", 0, 1000),
                             ("heads", 1, 1024), ("ffn", 1, 1_000_000), ("timesteps", 1, 100_000),
                             ("batch", 1, 1_000_000), ("lr_decay_every", 1, 10_000_000), ("epochs", 1, 10_000_000),
@@ -281,7 +294,7 @@ def _check_diffusion(d: DiffusionConfig, bad) -> None:
     if not 0.0 < d.beta_start <= d.beta_end < 1.0:
         bad("diffusion.beta_start/beta_end", (d.beta_start, d.beta_end), "0 < beta_start <= beta_end < 1")
     for name, low, high in (("dropout", 0.0, 0.99), ("lr_decay", 0.0, 1.0), ("ema_decay", 0.0, 1.0),
-                            ("weight_decay", 0.0, 10.0)):
+                            ("weight_decay", 0.0, 10.0), ("sample_eta", 0.0, 1.0)):
         if not low <= getattr(d, name) <= high:
             bad(f"diffusion.{name}", getattr(d, name), f"{low}..{high}")
     if not 0.0 < d.lr < 1.0:

@@ -1,13 +1,19 @@
-"""Weight-space measurements of trained diffusion models (tokenizer and normalisation ablations).
+"""Weight-space measurements of trained diffusion models (tokenizer, target, capacity and sampler ablations).
 
-    python scripts/diffusion_study.py make-set --base AVATAR --n 24 --rank 4 --out DIR
-    python scripts/diffusion_study.py evaluate --fits DIR --model NAME=DIFF.safetensors [...] [--samples 16]
+    python scripts/diffusion_study.py make-set --base AVATAR --n 96 --rank 32 [--unet-width 16 --unet-levels 2] \
+        --out DIR
+    python scripts/diffusion_study.py evaluate --fits DIR --model NAME=DIFF.safetensors [...] [--samples 64]
+        [--steps K] [--eta η]
 
 ``make-set`` writes a synthetic training set of known structure: base + sum_k c_ik d_k, with c ~ N(0, 1) and
 ``rank`` directions d_k whose entries are Gaussian with a per-layer scale (``--scale`` times the layer's std in
 the base) times a per-coordinate log-normal factor, so coordinates within a layer vary by different amounts,
-as fitted deltas do. ``evaluate`` prints one markdown row per model, all in weight space (comparable across
-normalisations):
+as fitted deltas do. The base is the given avatar, or with ``--unet-width``/``--unet-levels`` a freshly
+initialised avatar UNet of that size (the same layer structure at a fraction of the weights, so a study
+trains in minutes). The base, directions and coefficients are written to ``DIR/basis.safetensors``.
+``evaluate`` prints one markdown row per model, all in weight space (comparable across normalisations),
+after rows that calibrate them (for a set with a basis): new people drawn from the set's own law, blends of
+two training avatars, the mean avatar.
 
 - ``denoise@t``: E|x0_pred - x0|^2 / E|x0 - mean|^2 on the training avatars at timestep t (EMA model);
 - ``in-span``: the length of the samples' component in that span (from the mean), over the same spread
@@ -15,12 +21,17 @@ normalisations):
 - ``off-span``: the samples' distance to the affine span of the training set, over the set's RMS spread
   (0: on the span; about 1: as far off as a typical avatar is from the mean);
 - ``NN ratio``: each sample's distance to its nearest training avatar over the median training
-  nearest-neighbour distance (about 0: copies; about 1: as novel as the training avatars are among themselves).
+  nearest-neighbour distance (about 0: copies; about 1: as novel as the training avatars are among themselves);
+- with a basis (:func:`hda_backend.diffusion.metrics.basis_measures`): ``coef norm`` (1 a new person, 1/2 a
+  blend of two, 0 the mean), ``layer agreement`` (1 when all layers carry one person), ``coef NN`` and
+  ``blend distance`` (the distance to the nearest training person, and to the nearest segment between two,
+  over the same for new people: about 1 new, 0 copies / blends).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -34,38 +45,105 @@ from safetensors import safe_open  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hda_backend.diffusion.metrics import span_measures  # noqa: E402
+from hda_backend.atomic import atomic_save_safetensors  # noqa: E402
+from hda_backend.avatar.unet import AvatarUNet, UNetConfig  # noqa: E402
+from hda_backend.diffusion.metrics import basis_measures, span_measures  # noqa: E402
 from hda_backend.diffusion.model_io import load_diffusion  # noqa: E402
 from hda_backend.diffusion.sample import sample_vectors  # noqa: E402
-from hda_backend.diffusion.schedule import add_noise, alphas_cumprod  # noqa: E402
-from hda_backend.diffusion.weights import load_weight_set, write_avatar  # noqa: E402
+from hda_backend.diffusion.schedule import add_noise, alphas_cumprod, predicted_x0  # noqa: E402
+from hda_backend.diffusion.weights import LayerSpec, load_weight_set, state_dict_to_vector, write_avatar  # noqa: E402
+
+BASIS = "basis.safetensors"
 
 
-def make_set(base: Path, n: int, rank: int, scale: float, seed: int, out: Path) -> None:
+def base_vector(base: Path, unet_width: int | None, unet_levels: int | None, seed: int):
+    """(x0 [D], spec, meta): the base avatar's weights, or with --unet-width/--unet-levels a freshly
+    initialised avatar UNet of that size (seeded) written with the base's other metadata."""
     data = load_weight_set(base)
+    if unet_width is None and unet_levels is None:
+        return data.vectors[0], data.spec, data.meta
+    unet = dict(data.meta.unet, width=unet_width or data.meta.unet["width"],
+                levels=unet_levels or data.meta.unet["levels"])
+    meta = dataclasses.replace(data.meta, unet=unet)
+    torch.manual_seed(seed)
+    state = AvatarUNet(UNetConfig(**unet)).state_dict()
+    spec = LayerSpec.for_unet(meta.unet_config)
+    return state_dict_to_vector({k: v for k, v in state.items() if k in _conv_keys(spec)}, spec), spec, meta
+
+
+def _conv_keys(spec: LayerSpec) -> set:
+    return {f"{layer.name}.{part}" for layer in spec.layers for part in ("weight", "bias")}
+
+
+def make_set(base: Path, n: int, rank: int, scale: float, seed: int, out: Path,
+             unet_width: int | None = None, unet_levels: int | None = None) -> None:
+    x0, spec, meta = base_vector(base, unet_width, unet_levels, seed)
     gen = torch.Generator().manual_seed(seed)
-    x0 = data.vectors[0]
-    directions = torch.randn(rank, data.spec.dim, generator=gen)
-    directions *= torch.exp(torch.randn(data.spec.dim, generator=gen))  # per-coordinate spread
-    for layer in data.spec.layers:
+    directions = torch.randn(rank, spec.dim, generator=gen)
+    directions *= torch.exp(torch.randn(spec.dim, generator=gen))  # per-coordinate spread
+    for layer in spec.layers:
         s = slice(layer.offset, layer.offset + layer.length)
         directions[:, s] *= scale * x0[s].std() / directions[:, s].std()
     coefs = torch.randn(n, rank, generator=gen)
     for i in range(n):
-        write_avatar(x0 + coefs[i] @ directions, data.spec, data.meta, out / f"synth_{i:03d}.hda.safetensors",
+        write_avatar(x0 + coefs[i] @ directions, spec, meta, out / f"synth_{i:03d}.hda.safetensors",
                      origin=f"synthetic:{i} rank:{rank} scale:{scale:g}")
-    print(f"wrote {n} avatars to {out}")
+    # The known structure, for evaluate's coefficient measures (not an avatar: no *.hda.safetensors suffix).
+    atomic_save_safetensors({"base": x0.contiguous(), "directions": directions.contiguous(),
+                             "coefficients": coefs.contiguous()}, out / BASIS, {"rank": str(rank)})
+    print(f"wrote {n} avatars ({spec.dim:,} weights, {len(spec.layers)} layers) and {BASIS} to {out}")
+
+
+def _basis(fits: Path):
+    """make-set's known structure (base, directions, coefficients) or None for a folder of real fits."""
+    path = fits / BASIS
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as fh:
+        return {k: fh.get_tensor(k).double().numpy() for k in ("base", "directions", "coefficients")}
+
+
+def _basis_cells(vectors: np.ndarray, basis, spec: LayerSpec) -> str:
+    if basis is None:
+        return "– | – | – | –"
+    m = basis_measures(vectors, basis["base"], basis["directions"], basis["coefficients"],
+                       [slice(layer.offset, layer.offset + layer.length) for layer in spec.layers])
+    return f"{m.norm.mean():.2f} | {m.agreement.mean():.2f} | {np.median(m.nn):.2f} | {np.median(m.segment):.2f}"
+
+
+def _reference_rows(data, basis, x: np.ndarray, samples: int) -> list[str]:
+    """Rows that calibrate the measures: new people drawn from the set's own law, blends of two training
+    avatars, the mean avatar (only for a set with a known basis)."""
+    if basis is None:
+        return []
+    rng = np.random.default_rng(1)
+    fresh = basis["base"] + rng.standard_normal((samples, basis["directions"].shape[0])) @ basis["directions"]
+    pairs = np.array([rng.choice(len(x), 2, replace=False) for _ in range(samples)])
+    blends = (x[pairs[:, 0]] + x[pairs[:, 1]]) / 2
+    rows = []
+    for name, v in (("new people (the set's law)", fresh), ("blend of two training avatars", blends),
+                    ("mean avatar", np.repeat(x.mean(0, keepdims=True), samples, 0))):
+        span = span_measures(v, x)
+        rows.append(f"| {name} | – | – | – | – | – | – | – | {span.in_span.mean():.3f} | "
+                    f"{span.off_span.mean():.3f} | {np.median(span.nn_ratio):.3f} | "
+                    f"{_basis_cells(v, basis, data.spec)} | – |")
+    return rows
 
 
 @torch.no_grad()
-def evaluate(fits: Path, models: list[tuple[str, Path]], samples: int, steps: int | None) -> None:
+def evaluate(fits: Path, models: list[tuple[str, Path]], samples: int, steps: int | None,
+             eta: float | None) -> None:
     data = load_weight_set(fits)
+    basis = _basis(fits)
     x = data.vectors.double()
     mean = x.mean(0)
     spread = (x - mean).pow(2).sum(1).mean()
-    print("| model | tokenizer | normalisation | parameters | final loss | denoise@100 | denoise@250 | denoise@400 "
-          "| in-span | off-span | NN ratio (median) | s per identity |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | tokenizer / prediction | normalisation | parameters | final loss | denoise@100 | denoise@250 "
+          "| denoise@400 | in-span | off-span | NN ratio (median) | coef norm | layer agreement | coef NN "
+          "| blend distance | s per identity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in _reference_rows(data, basis, x.numpy(), samples):
+        print(row)
     for name, path in models:
         model = load_diffusion(path)
         abar = alphas_cumprod(model.schedule)
@@ -74,19 +152,21 @@ def evaluate(fits: Path, models: list[tuple[str, Path]], samples: int, steps: in
         errors = []
         for t in (100, 250, 400):
             tt = torch.full((len(z),), t)
-            pred = model.denoiser(add_noise(z, torch.randn(z.shape, generator=gen), tt, abar), tt)
+            z_t = add_noise(z, torch.randn(z.shape, generator=gen), tt, abar)
+            pred = predicted_x0(model.denoiser(z_t, tt), z_t, tt, abar, model.config.prediction)
             errors.append(((model.normalizer.decode(pred).double() - x).pow(2).sum(1).mean() / spread).item())
         start = time.perf_counter()
-        s = sample_vectors(model, list(range(samples)), steps).double()
+        s = sample_vectors(model, list(range(samples)), steps, eta).double()
         per_identity = (time.perf_counter() - start) / samples
         span = span_measures(s.numpy(), x.numpy())
         with safe_open(str(path), "pt") as fh:
             loss = float(fh.metadata()["final_loss"])
         params = sum(p.numel() for p in model.denoiser.parameters())
-        print(f"| {name} | {model.config.tokenizer} | {model.config.normalization} | {params:,} | {loss:.4f} | "
-              f"{errors[0]:.4f} | {errors[1]:.4f} | {errors[2]:.4f} | "
+        print(f"| {name} | {model.config.tokenizer} / {model.config.prediction} | {model.config.normalization} | "
+              f"{params:,} | {loss:.4f} | {errors[0]:.4f} | {errors[1]:.4f} | {errors[2]:.4f} | "
               f"{span.in_span.mean():.3f} | {span.off_span.mean():.3f} | "
-              f"{np.median(span.nn_ratio):.3f} | {per_identity:.2f} |")
+              f"{np.median(span.nn_ratio):.3f} | {_basis_cells(s.numpy(), basis, data.spec)} | "
+              f"{per_identity:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -98,18 +178,22 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--scale", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unet-width", type=int, help="a freshly initialised avatar UNet of this width as the base")
+    p.add_argument("--unet-levels", type=int, help="... and this many levels")
     p.add_argument("--out", required=True, type=Path)
     p = sub.add_parser("evaluate")
     p.add_argument("--fits", required=True, type=Path)
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
     p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="DDIM steps (default: each model's)")
+    p.add_argument("--eta", type=float, help="DDIM η (default: each model's)")
     args = parser.parse_args()
     if args.command == "make-set":
-        make_set(args.base, args.n, args.rank, args.scale, args.seed, args.out)
+        make_set(args.base, args.n, args.rank, args.scale, args.seed, args.out, args.unet_width,
+                 args.unet_levels)
     else:
         models = [(m.split("=", 1)[0], Path(m.split("=", 1)[1])) for m in args.model]
-        evaluate(args.fits, models, args.samples, args.steps)
+        evaluate(args.fits, models, args.samples, args.steps, args.eta)
 
 
 if __name__ == "__main__":

@@ -189,18 +189,67 @@ def test_denoiser_shapes_and_time_dependence():
     assert a.shape == (2, spec.dim) and not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("kind", ["layer", "flat1d", "layer_chunked"])
-def test_ddim_on_projected_pieces_equals_ddim_on_weight_vectors(kind):
+@pytest.mark.parametrize("kind, tied, eta", [("layer", False, 0.0), ("flat1d", False, 0.0),
+                                             ("layer_chunked", False, 0.0), ("layer", True, 0.0),
+                                             ("layer", False, 1.0), ("layer_chunked", True, 0.5)])
+def test_ddim_on_projected_pieces_equals_ddim_on_weight_vectors(kind, tied, eta):
     spec = LayerSpec.for_unet(TINY.unet)
     torch.manual_seed(1)
-    model = WeightDenoiser(spec, DenoiserConfig(kind, 1000, 32, 2, 2, 64)).eval()
+    model = WeightDenoiser(spec, DenoiserConfig(kind, 1000, 32, 2, 2, 64, tied=tied)).eval()
     for lin in model.tokenizer.proj_out:  # trained-like, not the zero start
         torch.nn.init.normal_(lin.weight, std=0.05)
     x_T = torch.randn(2, spec.dim)
+
+    def noises():
+        gen = torch.Generator().manual_seed(7)
+        return lambda: torch.randn(2, spec.dim, generator=gen)
+
     with torch.no_grad():
-        reference = ddim_sample(model, x_T, 20, ScheduleConfig())  # plain DDIM through the full model
-        fast = ddim_sample_projected(model, model.tokenizer.composites(), x_T, 20, ScheduleConfig())
+        # plain DDIM through the full model
+        reference = ddim_sample(model, x_T, 20, ScheduleConfig(), "x0", eta, noises())
+        full_noise = noises()
+        fast = ddim_sample_projected(model, model.tokenizer.composites(), x_T, 20, ScheduleConfig(), eta,
+                                     lambda: model.tokenizer.project(full_noise()))
     assert torch.allclose(fast, reference, atol=2e-5), (fast - reference).abs().max()
+
+
+@pytest.mark.parametrize("kind, tied", [("layer", False), ("flat1d", False), ("layer_chunked", True)])
+def test_noise_factors_give_projected_noise_its_covariance(kind, tied):
+    # project(z), z ~ N(0, I_D), is N(0, W_in W_inᵀ) per token (W_in cut to the token's values), tokens
+    # independent: F Fᵀ must equal W_in W_inᵀ, by hand from the token's gathered rows.
+    spec = LayerSpec.for_unet(TINY.unet)
+    torch.manual_seed(2)
+    tok = make_tokenizer(kind, spec, 12, 1000, tied=tied)
+    for lin in tok.proj_out:
+        torch.nn.init.normal_(lin.weight, std=0.1)
+    factors = tok.noise_factors()
+    covered = sorted(int(i) for tokens, _ in factors for i in tokens)
+    assert covered == list(range(tok.num_tokens))
+    # Where each token starts in the vector: split a vector of positions; row i of the pieces is token i.
+    pieces = tok.split(torch.arange(spec.dim, dtype=torch.float32)[None])
+    starts = [int(row[0]) for group in pieces for row in group[0]]
+    for tokens, f in factors:
+        for i in tokens.tolist():
+            n = tok.token_lengths[i]
+            basis = torch.zeros(n, spec.dim)  # the token's own values, one at a time
+            basis[torch.arange(n), starts[i] + torch.arange(n)] = 1.0
+            w = tok.project(basis)[:, i].T.double()  # [width, n]: the token's input map
+            assert torch.allclose(f.double() @ f.double().T, w @ w.T, atol=1e-5)
+
+
+def test_tied_projections_read_with_the_transpose_and_halve_the_parameters():
+    spec = LayerSpec.for_unet(TINY.unet)
+    tok = make_tokenizer("layer", spec, 8, 4096, tied=True)
+    untied = make_tokenizer("layer", spec, 8, 4096)
+    count = lambda t: sum(p.numel() for n, p in t.named_parameters() if n.startswith("proj_"))  # noqa: E731
+    assert count(tok) == spec.dim * 8 and count(untied) == 2 * spec.dim * 8
+    for lin in tok.proj_out:
+        torch.nn.init.normal_(lin.weight)
+    x = torch.randn(3, spec.dim)
+    projected = tok.project(x)
+    for i, layer in enumerate(spec.layers):  # token i is layer i: W_outᵀ x_layer, by hand
+        expected = x[:, layer.offset:layer.offset + layer.length] @ tok.proj_out[i].weight
+        assert torch.allclose(projected[:, i], expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------- training
@@ -416,3 +465,49 @@ def test_bad_model_and_checkpoint_files(small_model, plane_set, tmp_path):
     train_diffusion(fits, tmp_path / "s.safetensors", _small(), steps=10, progress=False, stop_after=5)
     with pytest.raises(HDAError, match="field 'fingerprint' differs"):
         train_diffusion(fits, tmp_path / "s.safetensors", _small(lr=1e-2), steps=10, resume=True, progress=False)
+
+
+def test_version_1_model_files_load_as_x0_and_sample_the_same(small_model, tmp_path):
+    tensors = load_file(small_model)
+    with safe_open(str(small_model), "pt") as fh:
+        metadata = dict(fh.metadata())
+    assert metadata["format_version"] == "2"
+    config = json.loads(metadata["diffusion"])
+    for name in ("prediction", "sample_eta", "tied_projections"):  # fields a version 1 file never had
+        del config[name]
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, old, metadata={**metadata, "format_version": "1", "diffusion": json.dumps(config)})
+    model = load_diffusion(old)
+    assert (model.config.prediction, model.config.sample_eta, model.config.tied_projections) == ("x0", 0.0, False)
+    # Deterministic DDIM as then, whatever today's default η: the same avatar as the new file sampled at η 0.
+    new = load_diffusion(small_model)
+    assert new.config.sample_eta == 1.0
+    assert torch.equal(sample_vectors(model, [3], 4), sample_vectors(new, [3], 4, eta=0.0))
+    save_file(tensors, tmp_path / "v9.safetensors", metadata={**metadata, "format_version": "9"})
+    with pytest.raises(HDAError, match="field 'format_version' is '9', expected one of 1, 2"):
+        load_diffusion(tmp_path / "v9.safetensors")
+    bad = {**json.loads(metadata["diffusion"]), "prediction": "noise"}
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={**metadata, "diffusion": json.dumps(bad)})
+    with pytest.raises(HDAError, match="prediction 'noise', expected one of x0, eps, v"):
+        load_diffusion(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("changes", [{"prediction": "v"}, {"prediction": "eps"}, {"tied_projections": True},
+                                     {"sample_eta": 1.0}])
+def test_training_and_sampling_variants(plane_set, tmp_path, changes):
+    out = tmp_path / "diff.safetensors"
+    train_diffusion(plane_set[0], out, _small(**changes), steps=5, progress=False)
+    model = load_diffusion(out)
+    assert all(getattr(model.config, k) == v for k, v in changes.items())
+    a, b = sample_vectors(model, [1, 2], 3)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    assert torch.equal(sample_vectors(model, [2], 3)[0], b)  # a seed is still one avatar, bit for bit
+    if model.config.sample_eta > 0:  # the step noise comes from the seed: η = 0 gives another avatar
+        assert not torch.equal(sample_vectors(model, [2], 3, eta=0.0)[0], b)
+
+
+def test_bad_prediction_and_eta_in_config():
+    for overrides, field in (({"prediction": "noise"}, "diffusion.prediction"),
+                             ({"sample_eta": 1.5}, "diffusion.sample_eta")):
+        with pytest.raises(HDAError, match=field):
+            load_config("tiny", {"diffusion": overrides})

@@ -281,6 +281,39 @@ def test_span_measures_by_hand():
     np.testing.assert_allclose(got.nn_ratio, [math.sqrt(6) / 2, math.sqrt(17) / 2], atol=1e-12)
 
 
+def test_basis_measures_by_hand():
+    # Two layers of 3 values each, r = 2, directions the unit vectors of each layer's first two values.
+    base = np.array([1.0, 0.0, 0.0, 2.0, 0.0, 0.0])
+    directions = np.array([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+    layers = [slice(0, 3), slice(3, 6)]
+    train = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    samples = base + np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0]]) @ directions
+    samples[2] += np.array([0.0, 0.0, 7.0, 0.0, 0.0, 0.0])  # off the basis: not a coefficient
+    # A sample whose layers disagree: layer 1 carries (2, 0), layer 2 (-2, 0).
+    split = base + np.array([2.0, 0.0, 0.0, -2.0, 0.0, 0.0])
+    got = metrics.basis_measures(np.vstack([samples, split]), base, directions, train, layers)
+    np.testing.assert_allclose(got.norm, [2.0, 0.5, 0.0, 2.0], atol=1e-12)  # |c|^2 / r per layer, averaged
+    np.testing.assert_allclose(got.agreement, [1.0, 1.0, 0.0, 0.0], atol=1e-12)
+    # Nearest training coefficients: (2,0) is a copy, (1,0) lies on the segment (0,0)-(2,0) 1 away from both
+    # ends, (0,0) a copy; the split sample's mean coefficient (0,0) too.
+    fresh = np.random.default_rng(0).standard_normal((256, 2))
+    nn_scale = np.median(np.sqrt(((fresh[:, None] - train[None]) ** 2).sum(-1)).min(1))
+    np.testing.assert_allclose(got.nn, [0.0, 1.0 / nn_scale, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(got.segment, [0.0, 0.0, 0.0, 0.0], atol=1e-12)
+    # A point off every segment: (2, 2) is sqrt(2) from the segment (2,0)-(0,2); its scale from the same draws.
+    seg_scale = np.median([min(_segment_distance_loop(f, train[i], train[j]) for i in range(3) for j in range(3)
+                               if i < j) for f in fresh])
+    far = metrics.basis_measures(base + np.array([[2.0, 2.0]]) @ directions, base, directions, train, layers)
+    np.testing.assert_allclose(far.segment, [math.sqrt(2) / seg_scale], rtol=1e-3)
+    with pytest.raises(HDAError, match="fewer than r"):
+        metrics.basis_measures(samples, base, directions, train, [slice(0, 1), slice(1, 6)])
+
+
+def _segment_distance_loop(p, a, b):
+    q = a + (b - a) * np.linspace(0.0, 1.0, 20001)[:, None]  # brute force along the segment
+    return float(np.sqrt(((p - q) ** 2).sum(1)).min())
+
+
 def test_span_measures_match_least_squares_and_loops():
     rng = np.random.default_rng(3)
     train, samples = rng.normal(size=(6, 20)), rng.normal(size=(4, 20))

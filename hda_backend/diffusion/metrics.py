@@ -324,3 +324,62 @@ def span_measures(samples: np.ndarray, train: np.ndarray) -> SpanMeasures:
     return SpanMeasures(in_span=np.linalg.norm(inside, axis=1) / np.sqrt(spread),
                         off_span=np.linalg.norm(offset - inside @ basis.T, axis=1) / np.sqrt(spread),
                         nn_ratio=_pairwise(s, x).min(1) / train_nn)
+
+
+@dataclass(frozen=True)
+class BasisMeasures:
+    """Samples of a weight set of known structure, x = base + c·B with c ~ N(0, I_r) (scripts/diffusion_study.py).
+
+    Each sample's coefficients are recovered layer by layer (least squares on that layer's rows of B), since a
+    layer-token model could give each layer its own person. One value per sample, [G] each:
+
+    - ``norm``: mean over layers of |ĉ_l|² / r: about 1 for a new person (c ~ N(0, I)), 1/2 for the midpoint
+      of two training people, 0 for the mean;
+    - ``agreement``: |mean_l ĉ_l|² / mean_l |ĉ_l|²: 1 when every layer carries the same person, about 1/L
+      when the layers are independent draws;
+    - ``nn``: the distance from ĉ = mean_l ĉ_l to the nearest training coefficient vector, over the same
+      for fresh N(0, I) draws (median): about 1 new, 0 copies;
+    - ``segment``: the distance from ĉ to the nearest segment between two training coefficient vectors,
+      over the same for fresh draws (median): about 1 new, 0 for a blend of two training people.
+    """
+
+    norm: np.ndarray
+    agreement: np.ndarray
+    nn: np.ndarray
+    segment: np.ndarray
+
+
+def _segment_distance(c: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """c: [G, r], train: [N, r] -> [G]: min over pairs i < j of the distance to the segment [train_i, train_j]."""
+    a = train[:, None, :]  # [N, 1, r]
+    ab = train[None, :, :] - a  # [N, N, r]
+    length2 = np.maximum((ab * ab).sum(-1), 1e-300)
+    out = np.empty(len(c))
+    for g, point in enumerate(c):
+        s = np.clip(((point - a) * ab).sum(-1) / length2, 0.0, 1.0)
+        out[g] = np.sqrt((((a + s[..., None] * ab) - point) ** 2).sum(-1)).min()
+    return out
+
+
+def basis_measures(samples: np.ndarray, base: np.ndarray, directions: np.ndarray, train_coefs: np.ndarray,
+                   layers: list[slice], seed: int = 0) -> BasisMeasures:
+    """samples [G, D]; base [D]; directions B [r, D]; train_coefs [N, r] (N >= 2); layers: the D-slices of
+    the layers (each at least r long) -> :class:`BasisMeasures`. ``seed`` draws the 256 fresh N(0, I)
+    coefficient vectors that set the scale of ``nn`` and ``segment``."""
+    s = np.atleast_2d(np.asarray(samples, np.float64)) - np.asarray(base, np.float64)
+    b = np.asarray(directions, np.float64)
+    c_train = np.asarray(train_coefs, np.float64)
+    r = b.shape[0]
+    if b.shape[1] != s.shape[1] or c_train.ndim != 2 or c_train.shape[1] != r or len(c_train) < 2:
+        raise HDAError(f"basis measures: samples {s.shape}, directions {b.shape}, training coefficients "
+                       f"{c_train.shape}, expected [G, D], [r, D], [N >= 2, r]")
+    if any(sl.stop - sl.start < r for sl in layers):
+        raise HDAError(f"basis measures: a layer has fewer than r = {r} values; expected every layer >= r")
+    per_layer = np.stack([np.linalg.lstsq(b[:, sl].T, s[:, sl].T, rcond=None)[0].T for sl in layers])  # [L, G, r]
+    norm = (per_layer ** 2).sum(-1).mean(0) / r
+    c = per_layer.mean(0)
+    agreement = (c ** 2).sum(-1) / np.maximum((per_layer ** 2).sum(-1).mean(0), 1e-300)
+    fresh = np.random.default_rng(seed).standard_normal((256, r))
+    nn = _pairwise(c, c_train).min(1) / np.median(_pairwise(fresh, c_train).min(1))
+    segment = _segment_distance(c, c_train) / np.median(_segment_distance(fresh, c_train))
+    return BasisMeasures(norm=norm, agreement=agreement, nn=nn, segment=segment)

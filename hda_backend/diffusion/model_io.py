@@ -5,8 +5,8 @@ normaliser's statistics (``normalizer.mean``, ``normalizer.std`` [D]). Metadata 
 
 =================  ==========================================================================
 format             "hda-diffusion"
-format_version     "1"
-diffusion          JSON of DiffusionConfig (tokenizer, denoiser size, schedule, training settings)
+format_version     "2" ("1": written before ``prediction`` and ``sample_eta``; still read, as x0 and η = 0)
+diffusion          JSON of DiffusionConfig (tokenizer, denoiser size, schedule, prediction target, sampler)
 layer_spec         the avatar UNet's layers: names, shapes, offsets in the weight vector
 avatar_meta        what sampled avatars are written with (UNet and Gaussian configs, UV, body)
 normalization      "coordinate" or "layer"
@@ -35,12 +35,14 @@ from ..atomic import atomic_save_safetensors
 from ..checkpoint import read_safetensors
 from ..config import DiffusionConfig
 from ..errors import HDAError
+from . import PREDICTIONS
 from .schedule import ScheduleConfig
 from .transformer import DenoiserConfig, WeightDenoiser
 from .weights import AvatarMeta, LayerSpec, Normalizer, WeightSet
 
 FORMAT = "hda-diffusion"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # version 1 files lack prediction / sample_eta: the config's defaults apply
 SUFFIX = ".safetensors"
 
 
@@ -51,7 +53,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def denoiser_config(d: DiffusionConfig) -> DenoiserConfig:
     return DenoiserConfig(tokenizer=d.tokenizer, chunk_size=d.chunk_size, width=d.width, blocks=d.blocks,
-                          heads=d.heads, ffn=d.ffn, dropout=d.dropout)
+                          heads=d.heads, ffn=d.ffn, dropout=d.dropout, tied=d.tied_projections)
 
 
 def schedule_config(d: DiffusionConfig) -> ScheduleConfig:
@@ -83,6 +85,7 @@ class DiffusionModel:
     config: DiffusionConfig
     path: Path
     _composites: list | None = None  # Tokenizer.composites(), computed at the first sample
+    _noise_factors: list | None = None  # Tokenizer.noise_factors(), computed at the first sample with η > 0
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         """Move the denoiser to ``device`` (in place; the normaliser decodes on the CPU); returns self."""
@@ -100,6 +103,12 @@ class DiffusionModel:
             self._composites = self.denoiser.tokenizer.composites()
         return self._composites
 
+    @property
+    def noise_factors(self) -> list:
+        if self._noise_factors is None:
+            self._noise_factors = self.denoiser.tokenizer.noise_factors()
+        return self._noise_factors
+
 
 def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
     """Read and check a ``DIFF.safetensors`` written by ``hda train-diffusion``; nothing is cached."""
@@ -110,17 +119,25 @@ def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
     if metadata.get("format") != FORMAT:
         raise HDAError(f"diffusion model {path}: field 'format' is {metadata.get('format')!r}, expected "
                        f"'{FORMAT}'")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise HDAError(f"diffusion model {path}: field 'format_version' is {metadata.get('format_version')!r}, "
-                       f"expected '{FORMAT_VERSION}'")
+                       f"expected one of {', '.join(READABLE_VERSIONS)}")
     source = f"diffusion model {path}"
     for name in ("diffusion", "layer_spec", "avatar_meta", "normalization"):
         if name not in metadata:
             raise HDAError(f"{source}: field '{name}' is missing")
     try:
-        config = DiffusionConfig(**json.loads(metadata["diffusion"]))
+        fields = json.loads(metadata["diffusion"])
+        if metadata["format_version"] == "1":  # sampled deterministically then, whatever today's default
+            fields = {"prediction": "x0", "sample_eta": 0.0, **fields}
+        config = DiffusionConfig(**fields)
     except (json.JSONDecodeError, TypeError):
         raise HDAError(f"{source}: field 'diffusion' is not valid JSON of a diffusion config") from None
+    if config.prediction not in PREDICTIONS:
+        raise HDAError(f"{source}: field 'diffusion' has prediction {config.prediction!r}, expected one of "
+                       f"{', '.join(PREDICTIONS)}")
+    if not 0.0 <= config.sample_eta <= 1.0:
+        raise HDAError(f"{source}: field 'diffusion' has sample_eta {config.sample_eta!r}, expected 0..1")
     spec = LayerSpec.from_json(metadata["layer_spec"], source)
     meta = AvatarMeta.from_json(metadata["avatar_meta"], source)
     try:

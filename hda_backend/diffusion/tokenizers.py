@@ -12,6 +12,11 @@ Every tokenizer is a deterministic, parameter-free ``split`` / ``merge`` (vector
 per projection) around learned projections. ``merge(split(x)) == x`` exactly; the padding never reaches the
 output. Projections have no bias (as HyperDiffusion); output projections start at zero, so the untrained
 denoiser predicts the normalised mean, 0 (G.pt's choice).
+
+``tied`` projections read each piece with the transpose of the matrix that writes it (project = W_outᵀ,
+decode = W_out): half the parameters, so twice the token width (twice the rank of each layer's output) in
+the same model size. The per-layer projections are nearly all of a layer-token model's parameters.
+Measured worse than untied projections of half the width (README, stage 2), so not the default.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ class Tokenizer(nn.Module):
     """
 
     def __init__(self, spec: LayerSpec, width: int, pieces: list[tuple[int, int, int, int, int]],
-                 projection_sizes: list[int]):
+                 projection_sizes: list[int], tied: bool = False):
         super().__init__()
+        self.tied = tied
         self.dim = spec.dim
         self.width = width
         groups: dict[int, list[tuple[int, int, int, int, int]]] = {}
@@ -64,7 +70,8 @@ class Tokenizer(nn.Module):
         for g, index in enumerate(gathers):
             self.register_buffer(f"gather_{g}", index, persistent=False)
         self.register_buffer("scatter", scatter, persistent=False)
-        self.proj_in = nn.ModuleList([nn.Linear(n, width, bias=False) for n in projection_sizes])
+        if not tied:
+            self.proj_in = nn.ModuleList([nn.Linear(n, width, bias=False) for n in projection_sizes])
         self.proj_out = nn.ModuleList([nn.Linear(width, n, bias=False) for n in projection_sizes])
         for lin in self.proj_out:
             nn.init.zeros_(lin.weight)
@@ -90,9 +97,13 @@ class Tokenizer(nn.Module):
         flat = torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1)
         return flat[:, self.scatter]
 
+    def w_in(self, proj: int) -> torch.Tensor:
+        """The input projection of group ``proj``: [width, n] (W_outᵀ when tied)."""
+        return self.proj_out[proj].weight.T if self.tied else self.proj_in[proj].weight
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, D] -> projected pieces [B, L, width] (linear in x; no embeddings)."""
-        return torch.cat([self.proj_in[proj](p) for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
+        return torch.cat([p @ self.w_in(proj).T for p, (proj, _) in zip(self.split(x), self.group_sizes)], dim=1)
 
     def embed(self, projected: torch.Tensor) -> torch.Tensor:
         """projected: [B, L, width] -> tokens [B, L, width], with the layer and chunk embeddings added.
@@ -124,7 +135,7 @@ class Tokenizer(nn.Module):
         """
         out, first = [], 0
         for proj, count in self.group_sizes:
-            w_in, w_out = self.proj_in[proj].weight, self.proj_out[proj].weight
+            w_in, w_out = self.w_in(proj), self.proj_out[proj].weight
             by_length: dict[int, list[int]] = {}
             for i in range(first, first + count):
                 by_length.setdefault(self.token_lengths[i], []).append(i)
@@ -133,27 +144,50 @@ class Tokenizer(nn.Module):
             first += count
         return out
 
+    @torch.no_grad()
+    def noise_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(token indices [k], F [width, width])] with F Fᵀ = W_in[:, :n] W_in[:, :n]ᵀ for those tokens.
+
+        ``project(z)`` of z ~ N(0, I_D) is, token by token, N(0, W_in W_inᵀ) and independent across tokens
+        (they read disjoint values), so ``reproject(u, noise_factors())`` with u ~ N(0, I) [B, L, width] has
+        its law: DDIM's fresh noise for η > 0 without drawing and projecting D values per step. F is the
+        symmetric square root (eigh, so a singular W_in W_inᵀ is fine).
+        """
+        out, first = [], 0
+        for proj, count in self.group_sizes:
+            w_in = self.w_in(proj).to(torch.float64)
+            by_length: dict[int, list[int]] = {}
+            for i in range(first, first + count):
+                by_length.setdefault(self.token_lengths[i], []).append(i)
+            for n, tokens in by_length.items():
+                values, vectors = torch.linalg.eigh(w_in[:, :n] @ w_in[:, :n].T)
+                factor = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+                out.append((torch.tensor(tokens, device=w_in.device), factor.to(self.proj_out[proj].weight.dtype)))
+            first += count
+        return out
+
     @staticmethod
     def reproject(h: torch.Tensor, composites: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """h: [B, L, width] -> project(decode(h)) [B, L, width], through ``composites()``."""
+        """h: [B, L, width] -> project(decode(h)) [B, L, width], through ``composites()`` (or any such
+        per-token maps, e.g. ``noise_factors()``)."""
         out = torch.empty_like(h)
         for tokens, c in composites:
             out[:, tokens] = h[:, tokens] @ c.T
         return out
 
 
-def layer_tokenizer(spec: LayerSpec, width: int) -> Tokenizer:
+def layer_tokenizer(spec: LayerSpec, width: int, tied: bool = False) -> Tokenizer:
     pieces = [(layer.offset, layer.length, i, i, 0) for i, layer in enumerate(spec.layers)]
-    return Tokenizer(spec, width, pieces, spec.lengths)
+    return Tokenizer(spec, width, pieces, spec.lengths, tied)
 
 
-def flat1d_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+def flat1d_tokenizer(spec: LayerSpec, width: int, chunk_size: int, tied: bool = False) -> Tokenizer:
     n = math.ceil(spec.dim / chunk_size)
     pieces = [(i * chunk_size, min(chunk_size, spec.dim - i * chunk_size), 0, 0, i) for i in range(n)]
-    return Tokenizer(spec, width, pieces, [chunk_size])
+    return Tokenizer(spec, width, pieces, [chunk_size], tied)
 
 
-def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int, tied: bool = False) -> Tokenizer:
     pieces, sizes = [], []
     for i, layer in enumerate(spec.layers):
         size = min(chunk_size, layer.length)
@@ -161,14 +195,14 @@ def layer_chunked_tokenizer(spec: LayerSpec, width: int, chunk_size: int) -> Tok
         for c in range(math.ceil(layer.length / size)):
             start = c * size
             pieces.append((layer.offset + start, min(size, layer.length - start), i, i, c))
-    return Tokenizer(spec, width, pieces, sizes)
+    return Tokenizer(spec, width, pieces, sizes, tied)
 
 
-def make_tokenizer(kind: str, spec: LayerSpec, width: int, chunk_size: int) -> Tokenizer:
+def make_tokenizer(kind: str, spec: LayerSpec, width: int, chunk_size: int, tied: bool = False) -> Tokenizer:
     if kind == "layer":
-        return layer_tokenizer(spec, width)
+        return layer_tokenizer(spec, width, tied)
     if kind == "flat1d":
-        return flat1d_tokenizer(spec, width, chunk_size)
+        return flat1d_tokenizer(spec, width, chunk_size, tied)
     if kind == "layer_chunked":
-        return layer_chunked_tokenizer(spec, width, chunk_size)
+        return layer_chunked_tokenizer(spec, width, chunk_size, tied)
     raise HDAError(f"tokenizer {kind!r}: expected one of {', '.join(TOKENIZERS)}")

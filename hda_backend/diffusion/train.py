@@ -1,9 +1,9 @@
 """``hda train-diffusion``: train the weight-space denoiser on a folder of fitted avatars (paper §4.2-4.3).
 
-x0-prediction with an MSE loss on normalised weight vectors; AdamW; lr × ``lr_decay`` every
-``lr_decay_every`` epochs (an epoch is ceil(N / batch) steps); an exponential moving average (EMA) of the
-weights, with the usual warm-up min(decay, (1+step)/(10+step)) so short runs are not dominated by the
-initialisation.
+x0-prediction (``diffusion.prediction``: or eps, v) with an MSE loss on normalised weight vectors; AdamW;
+lr × ``lr_decay`` every ``lr_decay_every`` epochs (an epoch is ceil(N / batch) steps); an exponential moving
+average (EMA) of the weights, with the usual warm-up min(decay, (1+step)/(10+step)) so short runs are not
+dominated by the initialisation.
 
 Each step draws the *global* batch (avatar indices, timesteps, noise) from one seeded generator that every
 rank holds identically; rank r trains on rows [r·B/W, (r+1)·B/W) and DistributedDataParallel averages the
@@ -45,7 +45,7 @@ from ..outputs import CHECKPOINT, beside, output_stem
 from ..steplog import append_step_log, read_step_log, write_step_log
 from ..steps import run_steps
 from .model_io import SUFFIX, denoiser_config, save_model, schedule_config
-from .schedule import add_noise, alphas_cumprod
+from .schedule import add_noise, alphas_cumprod, prediction_target
 from .transformer import WeightDenoiser
 from .weights import Normalizer, WeightSet, load_weight_set
 
@@ -226,7 +226,8 @@ def _step(run: _Run, step: int, lr: float, ema_live: list, live: list) -> float:
     rows = slice(run.rank * d.batch // run.world, (run.rank + 1) * d.batch // run.world)
     x0, noise, t = draw_batch(run.generator, run.z, d.batch, d.timesteps)
     x0, noise, t = x0[rows].to(run.device), noise[rows].to(run.device), t[rows].to(run.device)
-    loss = torch.nn.functional.mse_loss(run.net(add_noise(x0, noise, t, run.abar), t), x0)
+    target = prediction_target(x0, noise, t, run.abar, d.prediction)
+    loss = torch.nn.functional.mse_loss(run.net(add_noise(x0, noise, t, run.abar), t), target)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -268,7 +269,7 @@ def _finish(run: _Run) -> None:
         d, history = run.d, run.history
         save_model(run.paths.model, {k: v.cpu() for k, v in run.ema.items()}, run.normalizer, run.data, d,
                    run.total, run.final_loss())
-        line_plot([(f"diffusion loss (x0 MSE, {d.tokenizer} tokens)", [r["step"] for r in history],
+        line_plot([(f"diffusion loss ({d.prediction} MSE, {d.tokenizer} tokens)", [r["step"] for r in history],
                     [r["loss"] for r in history])], log_y=(True,)).save(run.paths.curve)
     if run.world > 1:
         dist.barrier()
