@@ -77,14 +77,23 @@ class Viewport(_Part):
     handle: object = None                            # the SpaceView3D draw handler
     gpu: dict = field(default_factory=dict)          # "shader", "batch": built lazily in the first draw
     views: dict = field(default_factory=dict)        # region pointer -> {"key": view key, "changed": time}
-    posed: dict = field(default_factory=dict)        # object key -> (signature, pose digest, Gaussians)
+    workers: dict = field(default_factory=dict)      # (region, object key) -> hda_backend.latest.LatestWins
+    requested: dict = field(default_factory=dict)    # (region, object key) -> (layer key, submit time) last asked for
+    shown: dict = field(default_factory=dict)        # (region, object key) -> seq of the worker's result uploaded
     drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, textures, terms, shift)
-    stats: dict = field(default_factory=dict)        # object key -> {"ms": last render ms, "scale": factor}
+    stats: dict = field(default_factory=dict)        # object key -> {"ms": pose -> image ms, "scale": factor}
     last_pose: dict = field(default_factory=dict)    # object key -> (pose digest, time it changed)
 
+    def close_workers(self) -> None:
+        """Stop the worker threads (each finishes the stage call it is in)."""
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+
     def forget_images(self) -> None:
-        """Forget cached poses, images and textures (File > Open); the handler and shader stay."""
-        for d in (self.views, self.posed, self.drawn, self.last_pose, self.stats):
+        """Stop the workers; forget images and textures (File > Open); the handler and shader stay."""
+        self.close_workers()
+        for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.stats):
             d.clear()
 
 

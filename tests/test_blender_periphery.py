@@ -478,9 +478,9 @@ cam_data.type = 'PERSP'
 depsgraph = bpy.context.evaluated_depsgraph_get()
 
 obj.hda.shading = "FLAT"
-g, _ = viewport._posed_gaussians(obj, depsgraph)
-vm, K, shift = rig.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
-rgba, depth = viewport.render_layer(obj, g, vm, K, 64, 48)
+request, shift = viewport.request_for(obj, depsgraph, viewport.read_pose(obj, depsgraph),
+                                     np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48)
+rgba, depth = mod("hda_backend.preview").render_preview(request)
 np.save(os.path.join(args["tmp"], "layer_rgba.npy"), rgba)
 np.save(os.path.join(args["tmp"], "layer_depth.npy"), depth)
 np.save(os.path.join(args["tmp"], "proj.npy"), proj)
