@@ -190,3 +190,42 @@ def test_no_blender_data_reaches_the_worker():
             target = stage.func if isinstance(stage, ast.Call) else stage
             assert isinstance(target, ast.Attribute) and getattr(target.value, "id", None) == "preview", \
                 ast.unparse(stage)
+
+
+_CONCURRENT_RASTER = r'''
+import threading, torch
+from hda_backend.render.rasterize import rasterize
+gen = torch.Generator().manual_seed(0)
+n = 400
+means = torch.randn(n, 3, generator=gen) * 0.5 + torch.tensor([0.0, 0.0, 4.0])
+quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=gen), dim=-1)
+scales, opacities = torch.rand(n, 3, generator=gen) * 0.1 + 0.02, torch.rand(n, generator=gen)
+colors, view = torch.rand(n, 3, generator=gen), torch.eye(4)[None]
+K = torch.tensor([[[80.0, 0.0, 48.0], [0.0, 80.0, 40.0], [0.0, 0.0, 1.0]]])
+one = lambda: rasterize(means, quats, scales, opacities, colors, view, K, 96, 80, backend="cpu")[0]
+ref, differ = one(), []
+def loop():
+    for _ in range(30):
+        differ.append(not torch.equal(one(), ref))
+threads = [threading.Thread(target=loop) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+import numba
+print(numba.threading_layer(), sum(differ), len(differ))
+'''
+
+
+def test_threads_rasterizing_at_once_take_turns_under_numbas_workqueue_layer():
+    """The viewport's worker rasterizes while the main thread may render a layer. Under numba's workqueue
+    threading layer (where neither TBB nor OpenMP is installed) two parallel launches at once abort the
+    process; the rasterizer's launches take turns, and every image equals the one rendered alone."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", _CONCURRENT_RASTER], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["workqueue", "0", "90"], run.stdout
