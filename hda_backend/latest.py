@@ -35,15 +35,12 @@ class Finished:
 
 class LatestWins:
     """stages: callables, each taking the previous one's result (the first one the submitted value).
-    ``on_finished(seq)`` (optional) is called on the worker thread after each result lands; it must
-    not touch bpy."""
+    The caller polls (:meth:`latest`) or blocks (:meth:`wait`): nothing calls back into its thread."""
 
-    def __init__(self, stages: Sequence[Callable], name: str = "hda-latest",
-                 on_finished: Callable[[int], None] | None = None):
+    def __init__(self, stages: Sequence[Callable], name: str = "hda-latest"):
         if not stages:
             raise ValueError("LatestWins needs at least one stage")
         self._stages = list(stages)
-        self._on_finished = on_finished
         self._cond = threading.Condition()
         self._slots: list[tuple | None] = [None] * len(self._stages)   # (seq, key, value) waiting per stage
         self._busy = [False] * len(self._stages)
@@ -134,9 +131,6 @@ class LatestWins:
                 if error is None and not last:
                     self._put(stage + 1, (seq, key, value))
                     continue
-                landed = self._finished is None or seq > self._finished.seq
-                if landed:
+                if self._finished is None or seq > self._finished.seq:
                     self._finished = Finished(seq, key, value, error)
                 self._cond.notify_all()
-            if landed and self._on_finished is not None:
-                self._on_finished(seq)
