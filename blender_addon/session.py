@@ -8,7 +8,8 @@ never saved into a .blend or userpref.blend.
 - :data:`backend`: the last *Check backend* result, the running check, the running or last install.
 - :data:`caches`: loaded bodies, bone layouts and avatars, rendered frames, per-avatar errors and
   timings (runtime.py). Keys are runtime's object keys (name + saved uid), never Blender references.
-- :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region images (viewport.py).
+- :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region workers (threads that must be
+  closed: `Viewport.close_workers`) and images (viewport.py).
 - :data:`render`: whether Blender is rendering (handlers.py).
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
 - :data:`models`: loaded diffusion models and their file digests (Sample Identity; diffusion_model.py).
@@ -16,7 +17,8 @@ never saved into a .blend or userpref.blend.
 - :data:`farm`: the last *Check for Farm* result (farm.py), for the sidebar.
 - :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
 
-Running child processes (checks, installs, fits) must be stopped by the caller before :func:`reset`.
+Running child processes (checks, installs, fits) and the viewport's worker threads must be stopped by the
+caller before :func:`reset`.
 """
 
 from __future__ import annotations
