@@ -9,7 +9,8 @@ never saved into a .blend or userpref.blend.
   the background compile of the raster kernels (kernels.py).
 - :data:`caches`: loaded bodies, bone layouts and avatars, rendered frames, per-avatar errors and
   timings (runtime.py). Keys are runtime's object keys (name + saved uid), never Blender references.
-- :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region images (viewport.py).
+- :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region workers (threads that must be
+  closed: `Viewport.close_workers`) and images (viewport.py).
 - :data:`render`: whether Blender is rendering (handlers.py).
 - :data:`native`: what each native splat object holds now (native.py, Blender ≥ 5.3).
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
@@ -18,7 +19,8 @@ never saved into a .blend or userpref.blend.
 - :data:`farm`: the last *Check for Farm* result (farm.py), for the sidebar.
 - :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
 
-Running child processes (checks, installs, fits) must be stopped by the caller before :func:`reset`.
+Running child processes (checks, installs, fits) and the viewport's worker threads must be stopped by the
+caller before :func:`reset`.
 """
 
 from __future__ import annotations
@@ -88,14 +90,23 @@ class Viewport(_Part):
     handle: object = None                            # the SpaceView3D draw handler
     gpu: dict = field(default_factory=dict)          # "shader", "batch": built lazily in the first draw
     views: dict = field(default_factory=dict)        # region pointer -> {"key": view key, "changed": time}
-    posed: dict = field(default_factory=dict)        # object key -> (signature, pose digest, Gaussians)
+    workers: dict = field(default_factory=dict)      # (region, object key) -> hda_backend.latest.LatestWins
+    requested: dict = field(default_factory=dict)    # (region, object key) -> (layer key, submit time) last asked for
+    shown: dict = field(default_factory=dict)        # (region, object key) -> seq of the worker's result uploaded
     drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, textures, terms, shift)
-    stats: dict = field(default_factory=dict)        # object key -> {"ms": last render ms, "scale": factor}
+    stats: dict = field(default_factory=dict)        # object key -> {"ms": pose -> image ms, "scale": factor}
     last_pose: dict = field(default_factory=dict)    # object key -> (pose digest, time it changed)
 
+    def close_workers(self) -> None:
+        """Stop the worker threads (each finishes the stage call it is in)."""
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+
     def forget_images(self) -> None:
-        """Forget cached poses, images and textures (File > Open); the handler and shader stay."""
-        for d in (self.views, self.posed, self.drawn, self.last_pose, self.stats):
+        """Stop the workers; forget images and textures (File > Open); the handler and shader stay."""
+        self.close_workers()
+        for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.stats):
             d.clear()
 
 

@@ -7,21 +7,28 @@ from which the fragment shader writes ``gl_FragDepth``, so scene geometry in fro
 and the avatar hides what is behind it. The camera maths (the region as a backend camera, window
 depth) is hda_backend.rig's: ``viewport_camera``, ``depth_terms``, ``ndc_depth``.
 
-Interactive rates on a CPU: while the view or the pose is changing (navigation, playback) the
-avatar renders at :data:`NAV_SCALE` of the region's size; once both have been still for
-:data:`SETTLE_S` a timer asks for one full-resolution redraw. Posed Gaussians are kept per avatar
-and pose, so orbiting around a still avatar only re-rasterizes (the UNet does not run again), and
-the last image and its GPU textures are kept per region, so a redraw with nothing changed (a hover,
-a click elsewhere) draws the cached textures.
+Interactive rates on a CPU: the draw callback never waits for the backend. On the main thread it
+reads the pose and the view (all bpy access stays there) and hands them, as arrays, to a worker of
+that region and avatar (hda_backend.latest.LatestWins running hda_backend.preview's two stages, pose
+-> Gaussians then rasterize, each on its own thread, so the UNet of one frame overlaps the raster of
+the one before). A newer request replaces one still waiting (the latest pose wins: playback skips
+frames rather than falling behind). Until its image is ready the callback draws the newest finished
+one; a main-thread timer (:func:`_poll`) redraws the views when one lands. While the view or the pose
+is changing (navigation, playback) the avatar renders at :data:`NAV_SCALE` of the region's size; once
+both have been still for :data:`SETTLE_S` a timer asks for one full-resolution redraw. The worker
+keeps the Gaussians of the last pose, so orbiting around a still avatar only re-rasterizes (the UNet
+does not run again), and the last image and its GPU textures are kept per region, so a redraw with
+nothing changed (a hover, a click elsewhere) draws the cached textures.
 
 Orthographic views are drawn through a pinhole camera pulled far back along the view axis (the
 rasterizer is perspective only); its depth is shifted back into the orthographic view's.
 
-What it keeps between draws (the handler, the shader, per-region images) is session.viewport.
+What it keeps between draws (the handler, the shader, the workers, per-region images) is
+session.viewport.
 
 Never in background mode: ``register()`` adds nothing when ``bpy.app.background`` (no window will
 ever draw, and the ``gpu`` module refuses to draw there); shaders are built lazily in the first
-draw. ``unregister()`` removes the handler, the settle timer and every GPU resource.
+draw. ``unregister()`` removes the handler and the timers, stops the workers and frees every GPU resource.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from .objects import object_key, scene_avatars
 NAV_SCALE = 0.35         # resolution factor while the view or pose is changing
 MIN_NAV_PIXELS = 96      # ... but never below this many pixels on the short side
 SETTLE_S = 0.3           # still for this long: render at full resolution
+POLL_S = 0.01            # how often the main thread looks for a finished image while a worker is busy
 
 # ------------------------------------------------------------------------------------ image size
 def render_size(width: int, height: int, moving: bool) -> tuple[int, int]:
@@ -141,46 +149,80 @@ def _digest(*arrays) -> bytes:
     return b"".join(runtime.quantize(a).tobytes() for a in arrays)
 
 
-def _posed_gaussians(obj, depsgraph):
-    """(Gaussians, pose key) of the avatar as posed now; the UNet runs only when the pose changes."""
-    import torch
+def read_pose(obj, depsgraph):
+    """(pose [165], transl [3], pose key) of the avatar ``obj`` as evaluated in ``depsgraph``."""
+    pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(runtime.get_avatar(obj).body))
+    return pose, transl, _digest(pose, transl)
 
-    posed = session.viewport.posed
-    key = object_key(obj)
+
+def request_for(obj, depsgraph, posed, view, proj, width: int, height: int):
+    """(preview.PreviewRequest, depth shift) of the avatar ``obj`` at ``posed`` (from :func:`read_pose`),
+    seen by a view (view [4,4], projection [4,4] matrices) at width x height: everything is read from
+    Blender here, on the main thread, so the worker gets arrays only."""
+    from ..hda_backend import rig
+    from ..hda_backend.preview import PreviewRequest
+
     avatar = runtime.get_avatar(obj)
-    pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))
-    sig, digest = runtime.signature(obj), _digest(pose, transl)
-    cached = posed.get(key)
-    if cached is not None and cached[0] == sig and cached[1] == digest:
-        return cached[2], digest
-    with torch.inference_mode():
-        g = runtime.fast_gaussians(obj, pose, transl)
-    posed[key] = (sig, digest, g)
-    return g, digest
+    fast = session.caches.avatars[object_key(obj)][2]
+    pose, transl, pose_key = posed
+    matrix = np.array(obj.evaluated_get(depsgraph).matrix_world)
+    viewmat, K, shift = rig.viewport_camera(view, proj, width, height, matrix)
+    request = PreviewRequest(fast, pose, transl, pose_key, viewmat, K, int(width), int(height),
+                             runtime.shading(obj), avatar.gaussian_config.sh_degree)
+    return request, shift
 
 
-def render_layer(obj, g, viewmat, K, width: int, height: int):
-    """Rasterize posed Gaussians for the viewport: (rgba [H,W,4], depth [H,W]) as runtime.to_layer gives."""
-    import torch
+def _worker(slot):
+    """The worker of one (region, avatar): pose -> Gaussians, then rasterize, each on its own thread."""
+    from ..hda_backend import preview
+    from ..hda_backend.latest import LatestWins
 
-    from ..hda_backend.render.frames import render_gaussians
-
-    device = g.means.device
-    with torch.inference_mode():
-        out, alpha = render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32, device=device),
-                                      torch.as_tensor(K, dtype=torch.float32, device=device), int(width), int(height),
-                                      shading=runtime.shading(obj), render_mode="RGB+ED",
-                                      sh_degree=runtime.get_avatar(obj).gaussian_config.sh_degree)
-        out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
-    return runtime.to_layer(out[..., :3], alpha, out[..., 3])
+    workers = session.viewport.workers
+    if slot not in workers:
+        workers[slot] = LatestWins([preview.PoseStage(), preview.raster_stage], name="hda-viewport")
+    return workers[slot]
 
 
-def _settled():
+def _tag_views() -> None:
     for window in getattr(bpy.context.window_manager, "windows", ()):
         for area in window.screen.areas:
             if area.type == 'VIEW_3D':
                 area.tag_redraw()
+
+
+def _settled():
+    _tag_views()
     return None
+
+
+def _poll():
+    """Main-thread timer while workers are busy: redraw the views when a newer image has finished."""
+    state = session.viewport
+    busy = any(not w.idle() for w in state.workers.values())  # first: what lands after this is still seen
+    if any(w.finished_seq() > state.shown.get(slot, 0) for slot, w in state.workers.items()):
+        _tag_views()
+    return POLL_S if busy else None
+
+
+def _pick_up(slot) -> None:
+    """Upload the worker's newest finished image of ``slot`` if it has not been shown yet. A request that
+    failed raises its error and leaves nothing to draw (never a stale image passing for the new pose);
+    the error stays in the sidebar until an image lands."""
+    state = session.viewport
+    worker = state.workers.get(slot)
+    finished = worker.latest() if worker is not None else None
+    if finished is None or finished.seq <= state.shown.get(slot, 0):
+        return
+    state.shown[slot] = finished.seq
+    if finished.error is not None:
+        state.drawn.pop(slot, None)
+        raise finished.error
+    layer_key, terms, shift, submitted, scale = finished.key
+    rgba, depth = finished.value
+    color_tex, depth_tex = upload(rgba, depth)
+    state.drawn[slot] = (layer_key, color_tex, depth_tex, terms, shift)
+    state.stats[slot[1]] = {"ms": 1e3 * (time.monotonic() - submitted), "scale": scale}
+    session.caches.errors.pop(slot[1], None)
 
 
 def _draw():
@@ -204,28 +246,30 @@ def _draw():
         seen.update(key=view_key, changed=now)
     for obj in avatars:
         key = object_key(obj)
+        slot = (rkey, key)
         try:
-            g, pose_key = _posed_gaussians(obj, depsgraph)
+            _pick_up(slot)
+            posed = read_pose(obj, depsgraph)
+            pose_key = posed[2]
             last = state.last_pose.get(key)
             if last is None or last[0] != pose_key:
                 state.last_pose[key] = last = (pose_key, now)
             moving = now - max(seen["changed"], last[1]) < SETTLE_S
             width, height = render_size(region.width, region.height, moving)
             layer_key = (view_key, pose_key, runtime.signature(obj), width, height, runtime.shading(obj))
-            drawn = state.drawn.get((rkey, key))
-            if drawn is None or drawn[0] != layer_key:
-                t0 = time.perf_counter()
-                matrix = np.array(obj.evaluated_get(depsgraph).matrix_world)
-                viewmat, K, shift = rig.viewport_camera(view[0], view[1], width, height, matrix)
-                rgba, depth = render_layer(obj, g, viewmat, K, width, height)
-                color_tex, depth_tex = upload(rgba, depth)
-                drawn = (layer_key, color_tex, depth_tex, rig.depth_terms(view[1]), shift)
-                state.drawn[(rkey, key)] = drawn
-                state.stats[key] = {"ms": 1e3 * (time.perf_counter() - t0), "scale": width / max(1, region.width)}
+            drawn = state.drawn.get(slot)
+            asked = state.requested.get(slot)
+            if (drawn is None or drawn[0] != layer_key) and (asked is None or asked != layer_key):
+                request, shift = request_for(obj, depsgraph, posed, view[0], view[1], width, height)
+                meta = (layer_key, rig.depth_terms(view[1]), shift, now, width / max(1, region.width))
+                _worker(slot).submit(meta, request)  # a request still waiting there is dropped
+                state.requested[slot] = layer_key
+                if not bpy.app.timers.is_registered(_poll):
+                    bpy.app.timers.register(_poll, first_interval=POLL_S)
                 if moving and not bpy.app.timers.is_registered(_settled):
                     bpy.app.timers.register(_settled, first_interval=SETTLE_S)
-            draw_layer(drawn[1], drawn[2], drawn[3], drawn[4])
-            session.caches.errors.pop(key, None)
+            if drawn is not None:  # the newest finished image, until the one asked for is ready
+                draw_layer(drawn[1], drawn[2], drawn[3], drawn[4])
         except Exception as exc:  # noqa: BLE001 - a draw callback must never raise (it would on every redraw)
             session.caches.errors[key] = str(exc) if isinstance(exc, HDAError) else f"{type(exc).__name__}: {exc}"
 
@@ -256,6 +300,8 @@ def unregister() -> None:
         bpy.types.SpaceView3D.draw_handler_remove(state.handle, 'WINDOW')
     while _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
-    while bpy.app.timers.is_registered(_settled):
-        bpy.app.timers.unregister(_settled)
+    for timer in (_settled, _poll):
+        while bpy.app.timers.is_registered(timer):
+            bpy.app.timers.unregister(timer)
+    state.close_workers()
     state.reset()  # the handle, the shader and every cached image and texture

@@ -39,7 +39,6 @@ def main(zip_path: str) -> None:
     tmp = tempfile.mkdtemp(prefix="hda_bench_")
     bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
     vp = importlib.import_module(ADDON + ".blender_addon.viewport")
-    session = importlib.import_module(ADDON + ".blender_addon.session")
     rig = importlib.import_module(ADDON + ".hda_backend.rig")
     motion_op = importlib.import_module(ADDON + ".operators.motion")
     scene = bpy.context.scene
@@ -78,23 +77,20 @@ def main(zip_path: str) -> None:
     depsgraph = bpy.context.evaluated_depsgraph_get()
     proj = np.array(cam.calc_matrix_camera(depsgraph, x=WIDTH, y=HEIGHT))
     view = np.linalg.inv(np.array(cam.matrix_world))
-    obj_matrix = np.array(obj.matrix_world)
-    g, _ = vp._posed_gaussians(obj, depsgraph)  # warm-up: numba JIT, UV layout, caches
-
-    def pose_again():
-        session.viewport.posed.clear()
-        vp._posed_gaussians(obj, depsgraph)
+    preview = importlib.import_module(ADDON + ".hda_backend.preview")
+    posed = vp.read_pose(obj, depsgraph)
+    request, _ = vp.request_for(obj, depsgraph, posed, view, proj, WIDTH, HEIGHT)
+    g = preview.PoseStage()(request)[1]  # warm-up: numba JIT, UV layout, caches
 
     print("pose -> UNet -> Gaussians (cpu preset, %d Gaussians): median %.1f ms, min %.1f ms"
-          % ((g.means.shape[0],) + timed(pose_again)))
+          % ((g.means.shape[0],) + timed(lambda: preview.PoseStage()(request))))
     layers = {}
     for moving in (False, True):
         w, h = vp.render_size(WIDTH, HEIGHT, moving)
-        viewmat, K, shift = rig.viewport_camera(view, proj, w, h, obj_matrix)
-        vp.render_layer(obj, g, viewmat, K, w, h)
-        layers[(w, h)] = vp.render_layer(obj, g, viewmat, K, w, h) + (shift,)
+        request, shift = vp.request_for(obj, depsgraph, posed, view, proj, w, h)
+        layers[(w, h)] = preview.raster_stage((request, g)) + (shift,)
         print("rasterize + layer %dx%d: median %.1f ms, min %.1f ms"
-              % ((w, h) + timed(lambda: vp.render_layer(obj, g, viewmat, K, w, h))))
+              % ((w, h) + timed(lambda: preview.raster_stage((request, g)))))
 
     class Probe(bpy.types.RenderEngine):
         bl_idname = "HDA_BENCH_GPU"

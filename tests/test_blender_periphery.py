@@ -478,9 +478,9 @@ cam_data.type = 'PERSP'
 depsgraph = bpy.context.evaluated_depsgraph_get()
 
 obj.hda.shading = "FLAT"
-g, _ = viewport._posed_gaussians(obj, depsgraph)
-vm, K, shift = rig.viewport_camera(np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48, obj_m)
-rgba, depth = viewport.render_layer(obj, g, vm, K, 64, 48)
+request, shift = viewport.request_for(obj, depsgraph, viewport.read_pose(obj, depsgraph),
+                                     np.linalg.inv(np.array(cam.matrix_world)), proj, 64, 48)
+rgba, depth = mod("hda_backend.preview").render_preview(request)
 np.save(os.path.join(args["tmp"], "layer_rgba.npy"), rgba)
 np.save(os.path.join(args["tmp"], "layer_depth.npy"), depth)
 np.save(os.path.join(args["tmp"], "proj.npy"), proj)
@@ -506,6 +506,33 @@ class OffscreenProbe(bpy.types.RenderEngine):
                 color = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
                 zbuf = np.array(fb.read_depth(0, 0, 64, 48).to_list(), dtype=np.float32)
             off.free()
+            # The draw handler itself, through its worker, with a stand-in context (background Blender
+            # has no region): the first draw asks the worker, the next one draws what it finished.
+            from types import SimpleNamespace
+            region = SimpleNamespace(width=64, height=48, as_pointer=lambda: 1)
+            fake = SimpleNamespace(region=region, scene=bpy.context.scene, window_manager=None,
+                                   region_data=SimpleNamespace(view_matrix=np.linalg.inv(np.array(cam.matrix_world)),
+                                                               window_matrix=proj),
+                                   evaluated_depsgraph_get=lambda: depsgraph)
+            viewport.bpy = SimpleNamespace(context=fake, app=bpy.app)
+            try:
+                off = gpu.types.GPUOffScreen(64, 48, format='RGBA32F')
+                with off.bind():
+                    fb = gpu.state.active_framebuffer_get()
+                    fb.clear(color=(0.2, 0.3, 0.4, 1.0), depth=clear_depth)
+                    viewport._draw()
+                    first = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
+                    workers = list(session.viewport.workers.values())
+                    report["vp_worker_threads"] = sorted({t.name for w in workers for t in w._threads})
+                    report["vp_worker_idle"] = all(w.wait(lambda w: w.idle(), 120) for w in workers)
+                    viewport._draw()
+                    second = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
+                off.free()
+            finally:
+                viewport.bpy = bpy
+            report["vp_worker_first"] = float(np.abs(first.reshape(-1, 4) - [0.2, 0.3, 0.4, 1.0]).max())
+            report["vp_worker_vs_direct"] = float(np.abs(second - color).max())
+            report["vp_worker_errors"] = dict(session.caches.errors)
             np.save(os.path.join(args["tmp"], "gpu_color.npy"), color.reshape(48, 64, 4))
             np.save(os.path.join(args["tmp"], "gpu_depth.npy"), zbuf.reshape(48, 64))
             report["gpu"] = [gpu.platform.renderer_get(), gpu.platform.backend_type_get()]
@@ -532,6 +559,8 @@ report["wm_props_left"] = [p for p in ("hda_fit",) if hasattr(bpy.types.WindowMa
 report["handlers_left"] = {n: len(getattr(bpy.app.handlers, n)) - c for n, c in handlers_before.items()
                            if len(getattr(bpy.app.handlers, n)) != c}
 report["ops_left"] = sorted(dir(bpy.ops.hda))
+import threading
+report["vp_threads_left"] = sorted(t.name for t in threading.enumerate() if t.name.startswith("hda-viewport"))
 mark("unregister")
 with open(args["out"], "w") as f:
     json.dump(report, f)
@@ -672,6 +701,12 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     color, zbuf = np.load(tmp_path / "gpu_color.npy"), np.load(tmp_path / "gpu_depth.npy")
     assert np.abs(color - want).max() < 1e-4
     assert np.abs(zbuf[drawn] - ndc[drawn]).max() < 1e-5 and np.abs(zbuf[~drawn] - r["clear_depth"]).max() < 1e-6
+    # The draw handler through its worker: the first draw only asks (the view shows nothing yet), the
+    # worker's two threads render off the main thread, and the next draw shows the same pixels as the
+    # layer drawn directly; unregister stops the threads.
+    assert r["vp_worker_threads"] == ["hda-viewport-0", "hda-viewport-1"] and r["vp_worker_idle"]
+    assert r["vp_worker_first"] < 1e-6 and r["vp_worker_errors"] == {}, (r["vp_worker_first"], r["vp_worker_errors"])
+    assert r["vp_worker_vs_direct"] < 1e-6 and r["vp_threads_left"] == [], (r["vp_worker_vs_direct"], r["vp_threads_left"])
 
     # Unregister: no handlers, window-manager properties or operators left.
     assert r["handlers_left"] == {} and r["wm_props_left"] == [] and r["ops_left"] == []

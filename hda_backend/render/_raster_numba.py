@@ -17,6 +17,7 @@ Importing this module needs numba; `rasterize` falls back to the PyTorch twin wh
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -39,6 +40,11 @@ _SIGMA_CLAMP = _F32(0.5 * 3.33 * 3.33 + 1.0)
 _EXP_COEFFS = tuple(_F32(1.0 / math.factorial(i)) for i in range(9))
 _EIGHTH = _F32(-0.125)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# Parallel kernels launch one at a time in a process: numba's workqueue threading layer (the one left
+# where neither TBB nor OpenMP is installed) aborts the process when two threads launch at once, and the
+# viewport's worker rasterizes while Blender's main thread may render a layer. Each launch uses every
+# core already, so nothing is lost by taking turns.
+_LAUNCH = threading.Lock()
 
 
 @njit(parallel=True, cache=True)
@@ -497,9 +503,10 @@ def _kernel_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_id
 def _run_parallel(kernel, *args, tiles_per_chunk: int = _TILES_PER_CHUNK):
     """Call a parallel kernel with torch's thread count (one knob, torch.set_num_threads or
     OMP_NUM_THREADS, limits both) and dynamic scheduling in chunks of tiles_per_chunk (0: static)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    previous = numba.set_parallel_chunksize(tiles_per_chunk)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_parallel_chunksize(previous)
+    with _LAUNCH:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        previous = numba.set_parallel_chunksize(tiles_per_chunk)
+        try:
+            return kernel(*args)
+        finally:
+            numba.set_parallel_chunksize(previous)

@@ -1,0 +1,236 @@
+"""hda_backend.latest (the viewport's worker: latest request wins) and hda_backend.preview (its job).
+
+The worker's logic is checked without timing anything: fake stages block on explicit events, and the
+test waits for states (a request taken, a result landed), never for durations. The preview stages on
+the worker give the same images as the serial path (render_preview) and as the avatar's float32 twin.
+"""
+
+from __future__ import annotations
+
+import ast
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hda_backend.errors import HDAError
+from hda_backend.latest import LatestWins
+from hda_backend.preview import PoseStage, PreviewRequest, raster_stage, render_preview
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 10.0  # seconds: only a bound for a broken worker; nothing here depends on it
+
+
+def test_the_latest_request_wins_and_stale_ones_are_dropped():
+    gate, entered, gate3, calls = threading.Event(), threading.Event(), threading.Event(), []
+
+    def slow(value):
+        calls.append(value)
+        if value == 1:
+            entered.set()
+            assert gate.wait(WAIT)
+        if value == 3:
+            assert gate3.wait(WAIT)
+        return value * 10
+
+    worker = LatestWins([slow])
+    try:
+        assert worker.latest() is None
+        assert worker.submit("a", 1) == 1
+        assert entered.wait(WAIT)            # the stage is busy with request 1
+        worker.submit("b", 2)
+        worker.submit("c", 3)                # replaces 2, which never started
+        assert worker.dropped == 1 and not worker.idle()
+        gate.set()
+        assert worker.wait(lambda w: w.finished_seq() == 1, WAIT)   # request 1 lands first ...
+        assert worker.latest().value == 10 and not worker.idle()
+        gate3.set()                                                   # ... then 3, while 2 never runs
+        assert worker.wait(lambda w: w.finished_seq() == 3 and w.idle(), WAIT)
+        done = worker.latest()
+        assert (done.seq, done.key, done.value, done.error) == (3, "c", 30, None)
+        assert calls == [1, 3]
+    finally:
+        worker.close()
+
+
+def test_two_stages_overlap_and_finish_in_order():
+    """While stage 2 works on request 1, stage 1 evaluates request 2 (the pipeline overlaps)."""
+    second_busy, release, overlapped = threading.Event(), threading.Event(), []
+
+    def first(value):
+        if value == 2:
+            overlapped.append(second_busy.is_set() and not release.is_set())
+        return value + 100
+
+    def second(value):
+        if value == 101:
+            second_busy.set()
+            assert release.wait(WAIT)
+        return -value
+
+    worker = LatestWins([first, second])
+    try:
+        worker.submit("one", 1)
+        assert second_busy.wait(WAIT)
+        worker.submit("two", 2)
+        assert worker.wait(lambda w: w.taken(2) and w._slots[1] is not None, WAIT)  # 2 passed stage 1
+        assert overlapped == [True] and worker.finished_seq() == 0
+        release.set()
+        assert worker.wait(lambda w: w.finished_seq() == 2 and w.idle(), WAIT)
+        assert worker.latest().value == -102 and worker.dropped == 0
+    finally:
+        worker.close()
+
+
+def test_a_failing_stage_hands_back_its_error_and_the_worker_goes_on():
+    def stage(value):
+        if value < 0:
+            raise HDAError("bad pose")
+        return value
+
+    worker = LatestWins([stage, lambda v: v * 2])
+    try:
+        worker.submit("bad", -1)
+        assert worker.wait(lambda w: w.finished_seq() == 1, WAIT)
+        done = worker.latest()
+        assert done.value is None and isinstance(done.error, HDAError) and str(done.error) == "bad pose"
+        worker.submit("good", 4)
+        assert worker.wait(lambda w: w.finished_seq() == 2, WAIT)
+        assert worker.latest().value == 8 and worker.latest().error is None
+    finally:
+        worker.close()
+
+
+def test_close_stops_every_thread():
+    worker = LatestWins([lambda v: v, lambda v: v], name="hda-test-close")
+    worker.close()
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("hda-test-close"))
+    with pytest.raises(RuntimeError):
+        worker.submit("late", 1)
+
+
+# ------------------------------------------------------------------------------------ the job itself
+@pytest.fixture(scope="module")
+def avatar():
+    from hda_backend.avatar.io import SUFFIX, load_avatar
+    from hda_backend.body import load_body
+
+    path = sorted((REPO / "assets" / "default" / "references").glob("*" + SUFFIX))[0]
+    return load_avatar(path, load_body()).eval()
+
+
+def _requests(fast, count: int):
+    from hda_backend.motion import procedural
+    from hda_backend.render.camera import intrinsics, look_at
+
+    K = intrinsics(80, 60, 35.0).numpy()
+    view = look_at(torch.tensor([0.4, 0.3, 3.2]), torch.tensor([0.0, -0.1, 0.0]), torch.tensor([0.0, 1.0, 0.0])).numpy()
+    poses = procedural("walk", count).poses.reshape(count, -1).numpy()
+    return [PreviewRequest(fast, poses[i], np.zeros(3, np.float32), poses[i].tobytes(), view, K, 80, 60, "flat", 1)
+            for i in range(count)]
+
+
+def test_preview_on_the_worker_equals_the_serial_path_and_the_float32_twin(avatar):
+    from hda_backend.avatar.realtime import RealtimeAvatar
+    from hda_backend.layer import to_layer
+    from hda_backend.render.frames import render_gaussians
+
+    fast = RealtimeAvatar(avatar, "float32")
+    requests = _requests(fast, 3)
+    worker = LatestWins([PoseStage(), raster_stage])
+    try:
+        for request in requests:
+            seq = worker.submit(request.pose_key, request)
+            assert worker.wait(lambda w: w.finished_seq() == seq, 60.0)
+            rgba, depth = worker.latest().value
+            serial = render_preview(request)
+            np.testing.assert_array_equal(rgba, serial[0])
+            np.testing.assert_array_equal(depth, serial[1])
+            with torch.inference_mode():  # the float32 reference: Avatar itself, rasterized, layered
+                g = avatar(torch.as_tensor(request.pose).reshape(1, 55, 3)).index(0)
+                out, alpha = render_gaussians(g, torch.as_tensor(request.viewmat),
+                                              torch.as_tensor(request.K), 80, 60, render_mode="RGB+ED", sh_degree=3)
+            ref = to_layer(out[..., :3].numpy(), alpha[..., 0].numpy(), out[..., 3].numpy())
+            np.testing.assert_allclose(rgba, ref[0], atol=2e-4)
+    finally:
+        worker.close()
+
+
+def test_an_unchanged_pose_is_not_evaluated_again(avatar):
+    from hda_backend.avatar.realtime import RealtimeAvatar
+
+    class Counting(RealtimeAvatar):
+        calls = 0
+
+        def __call__(self, pose, transl=None):
+            Counting.calls += 1
+            return super().__call__(pose, transl)
+
+    fast = Counting(avatar, "float32")
+    first, second = _requests(fast, 2)
+    stage = PoseStage()
+    _, g1 = stage(first)
+    _, again = stage(first)
+    stage(second)
+    assert Counting.calls == 2 and again is g1
+
+
+def test_no_blender_data_reaches_the_worker():
+    """bpy stays on the main thread: the worker's modules never import it, and the viewport hands the
+    worker only hda_backend.preview's stages."""
+    for module in ("latest.py", "preview.py"):
+        tree = ast.parse((REPO / "hda_backend" / module).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(x.split(".")[0] in {"bpy", "gpu", "mathutils"} for x in names | modules), module
+    tree = ast.parse((REPO / "blender_addon" / "viewport.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "LatestWins"]
+    assert calls, "the viewport no longer uses the worker"
+    for call in calls:
+        stages = call.args[0]
+        assert isinstance(stages, (ast.List, ast.Tuple))
+        for stage in stages.elts:
+            target = stage.func if isinstance(stage, ast.Call) else stage
+            assert isinstance(target, ast.Attribute) and getattr(target.value, "id", None) == "preview", \
+                ast.unparse(stage)
+
+
+_CONCURRENT_RASTER = r'''
+import threading, torch
+from hda_backend.render.rasterize import rasterize
+gen = torch.Generator().manual_seed(0)
+n = 400
+means = torch.randn(n, 3, generator=gen) * 0.5 + torch.tensor([0.0, 0.0, 4.0])
+quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=gen), dim=-1)
+scales, opacities = torch.rand(n, 3, generator=gen) * 0.1 + 0.02, torch.rand(n, generator=gen)
+colors, view = torch.rand(n, 3, generator=gen), torch.eye(4)[None]
+K = torch.tensor([[[80.0, 0.0, 48.0], [0.0, 80.0, 40.0], [0.0, 0.0, 1.0]]])
+one = lambda: rasterize(means, quats, scales, opacities, colors, view, K, 96, 80, backend="cpu")[0]
+ref, differ = one(), []
+def loop():
+    for _ in range(30):
+        differ.append(not torch.equal(one(), ref))
+threads = [threading.Thread(target=loop) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+import numba
+print(numba.threading_layer(), sum(differ), len(differ))
+'''
+
+
+def test_threads_rasterizing_at_once_take_turns_under_numbas_workqueue_layer():
+    """The viewport's worker rasterizes while the main thread may render a layer. Under numba's workqueue
+    threading layer (where neither TBB nor OpenMP is installed) two parallel launches at once abort the
+    process; the rasterizer's launches take turns, and every image equals the one rendered alone."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", _CONCURRENT_RASTER], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["workqueue", "0", "90"], run.stdout
