@@ -18,11 +18,13 @@ All handlers are ``@persistent`` (they survive File > Open) and synchronous: tim
 No handler lets an exception escape into Blender, whatever the engine (Workbench, EEVEE, Cycles):
 a failure becomes one line on stderr and in the sidebar (session.caches.errors). A failure that
 would leave the person out of a render (a bad avatar file, no backend, no camera) fails that
-render: in ``blender -b`` the process exits with status 1 and the line (Blender offers Python no
-other way to abort a render; the compositor cannot fail one), and in the interface the frame
+render: in ``blender -b`` the process exits with status 1 after the line (Blender offers Python no
+other way to abort a render and the compositor cannot fail one; raising SystemExit from a handler
+works on 5.0 but crashes Blender 4.2 mid-render, so the process ends itself), and in the interface the frame
 shows magenta where the missing layer is (compositor.py) while the sidebar shows the error.
 """
 
+import os
 import sys
 
 import bpy
@@ -42,15 +44,15 @@ def _report(scene, failures, rendering: bool, notes=()) -> None:
     for line in lines:
         print(line, file=sys.stderr, flush=True)
     if lines and rendering and bpy.app.background:
-        raise SystemExit(lines[0] + " (render failed)")
+        print(lines[0] + " (render failed)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def _guarded(scene, step, rendering: bool) -> None:
     """Run ``step()``; an unexpected error is reported like a failed avatar, never raised into Blender."""
     try:
         step()
-    except SystemExit:
-        raise
     except Exception as exc:  # noqa: BLE001 - a handler must survive anything
         _report(scene, [error_text(exc)], rendering)
 
