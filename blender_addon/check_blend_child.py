@@ -43,7 +43,7 @@ def main(argv) -> None:
             notes.append("torch is not importable here: avatar files were hashed, not loaded")
         lines = farm.check_scene(scene, load_avatars=load)
         report = {"scene": scene.name, "frames": [scene.frame_start, scene.frame_end],
-                  "avatars": len(farm.scene_avatars(scene)), "lines": lines, "notes": notes}
+                  "avatars": len(farm.farm_avatars(scene)), "lines": lines, "notes": notes}
     with open(out, "w") as fh:
         json.dump(report, fh)
 
