@@ -35,7 +35,7 @@ import bpy
 
 from ..hda_backend import bake_key
 from ..hda_backend.errors import HDAError
-from ..hda_backend.export_ply import read_comments, write_ply
+from ..hda_backend.ply_comments import read_comments
 from . import bake_inputs, layers
 
 SPLAT_DIR = "//hda_splats"
@@ -149,6 +149,8 @@ def write_frame(obj, scene, depsgraph, frame: int, g) -> str:
     """Write the native avatar's splats ``g`` (Gaussians in the armature's frame, native.frame_splats)
     for ``frame`` with the bake key of its pose in ``depsgraph``. Raises HDAError for bad input (no
     scene camera: the splats are widened for it)."""
+    from ..hda_backend.export_ply import write_ply  # torch: not at register()
+
     w, h = layers.render_size(scene)
     camera = depsgraph.scene_eval.camera or scene.camera
     key = bake_key.encode(bake_inputs.identity(obj, w, h), bake_inputs.frame_inputs(obj, depsgraph, camera, w, h))

@@ -34,6 +34,7 @@ import torch
 from .atomic import write_bytes
 from .avatar.gaussians import SH_COEFFS, Gaussians
 from .errors import HDAError
+from .ply_comments import comment_lines
 from .render._projection import _sh_bases
 from .rotations import matrix_to_quat, quat_multiply
 
@@ -44,7 +45,6 @@ PROPERTIES: tuple[str, ...] = (
     "rot_0", "rot_1", "rot_2", "rot_3",
 )
 OPACITY_EPS = 1e-6
-HEADER_LIMIT = 1 << 16  # bytes of a file read_comments searches for the end of the header
 COORDS = ("body", "zup")
 # +Y up (the body frame) to +Z up (Blender): (x, y, z) -> (x, -z, y), a +90 degree turn about X.
 YUP_TO_ZUP = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -145,14 +145,9 @@ def ply_rows(g: Gaussians, source: str = "gaussians") -> np.ndarray:
 
 
 def ply_header(count: int, comments: dict[str, str] | None = None) -> bytes:
-    """The header of a file of ``count`` Gaussians; ``comments`` {name: one-line ASCII text} become
-    ``comment <name> <text>`` lines (readers skip them; :func:`read_comments` reads them back)."""
-    lines = ["ply", "format binary_little_endian 1.0"]
-    for name, text in (comments or {}).items():
-        if not name.isidentifier() or "\n" in text or "\r" in text or not text.isascii():
-            raise HDAError(f"PLY comment {name!r}: expected an identifier and one line of ASCII text")
-        lines.append(f"comment {name} {text}")
-    lines += [f"element vertex {count}"]
+    """The header of a file of ``count`` Gaussians, with ``comments`` {name: one-line ASCII text}
+    (hda_backend/ply_comments.py, which reads them back)."""
+    lines = ["ply", "format binary_little_endian 1.0", *comment_lines(comments), f"element vertex {count}"]
     lines += [f"property float {name}" for name in PROPERTIES]
     lines += ["end_header"]
     return ("\n".join(lines) + "\n").encode("ascii")
@@ -168,25 +163,6 @@ def write_ply(path: str | os.PathLike, g: Gaussians, comments: dict[str, str] | 
     except OSError as exc:
         raise HDAError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     return path
-
-
-def read_comments(path: str | os.PathLike) -> dict[str, str]:
-    """{name: text} of a PLY file's ``comment <name> <text>`` header lines. Raises HDAError when the
-    file is missing or does not start with a PLY header."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(HEADER_LIMIT)
-    except OSError as exc:
-        raise HDAError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    end = head.find(b"end_header")
-    if not head.startswith(b"ply") or end < 0:
-        raise HDAError(f"{path}: not a PLY file, expected a header starting 'ply' and ending 'end_header'")
-    comments = {}
-    for line in head[:end].decode("ascii", "replace").splitlines():
-        parts = line.split(" ", 2)
-        if parts[0] == "comment" and len(parts) == 3:
-            comments[parts[1]] = parts[2]
-    return comments
 
 
 def parse_frames(spec: str | None, count: int) -> list[int]:

@@ -13,9 +13,10 @@ from hda_backend.body import load_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
 from hda_backend.errors import HDAError
-from hda_backend.export_ply import (PROPERTIES, YUP_TO_ZUP, output_paths, parse_frames, read_comments,
-                                    transform_gaussians, write_ply)
+from hda_backend.export_ply import (PROPERTIES, YUP_TO_ZUP, output_paths, parse_frames, transform_gaussians,
+                                    write_ply)
 from hda_backend.motion import procedural
+from hda_backend.ply_comments import read_comments
 from hda_backend.render.camera import intrinsics, look_at
 from hda_backend.render.frames import render_gaussians
 
