@@ -234,6 +234,7 @@ def on_save_post(*_):
 HANDLERS = (
     ("save_pre", on_save_pre),
     ("save_post", on_save_post),
+    ("save_post_fail", on_save_post),  # a failed save must not leave the baked frames over the live splats
     ("frame_change_post", on_frame_change),
     ("depsgraph_update_post", on_depsgraph_update),
     ("load_post", on_load_post),

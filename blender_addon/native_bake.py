@@ -42,6 +42,7 @@ SPLAT_DIR = "//hda_splats"
 MODIFIER = "HDA Farm Splats"      # the modifier and its node group
 PREFIX_INPUT = "Frames"           # the group's string input: the frame files' path up to the number
 PADDING = 4                        # digits of the frame number in the file names
+MISSING = "no splat file: bake it"  # Check for Farm's reason for a frame without its file (bake_key.MISSING's twin)
 # The SH coefficient 0 of r, g, b and the opacity of a splat whose frame file is missing: colour =
 # C0·sh0 + 0.5 (gsplat's C0, hda_backend/render/_projection.py) = (1, 0.5, 1), opaque. Geometry nodes
 # store a 4-float value only as a colour attribute (their FLOAT4 value socket has 3 components and
@@ -162,7 +163,7 @@ def stored_key(obj, frame: int) -> str | None:
     HDAError when the file is missing or not a PLY file."""
     path = frame_path(obj, frame)
     if not os.path.isfile(path):
-        raise HDAError(bake_key.MISSING)
+        raise HDAError(MISSING)
     return read_comments(path).get(bake_key.ATTRIBUTE)
 
 

@@ -361,6 +361,10 @@ def phase_native_bake():
     pb.keyframe_insert("rotation_quaternion", frame=FRAMES[1])
     report["check_stale_op"] = call(bpy.ops.hda.check_farm)
     report["check_stale"] = list(caches_farm().lines)
+    # The camera moved (the widening depends on it) and the range grew by a frame never baked.
+    scene.camera.location.x += 0.1
+    scene.frame_end = FRAMES[1] + (FRAMES[1] - FRAMES[0])
+    report["check_camera_range"] = sys.modules[ADDON + ".blender_addon.farm"].check_scene(scene)
 
 
 def caches_farm():

@@ -197,10 +197,13 @@ def test_a_frame_without_its_baked_file_renders_magenta_not_empty(native_farm_ru
     np.testing.assert_allclose(arrays["missing_base"][:, 3], 1.0)
 
 
-def test_a_pose_changed_after_the_bake_is_named_stale(native_farm_runs):
+def test_pose_camera_and_range_changes_after_the_bake_are_named(native_farm_runs):
     root, (baked, _), _ = native_farm_runs
     stale = ["HDA_Avatar: frame 10: the pose changed since the bake"]
     assert baked["check_stale_op"] == [["FINISHED"], None] and baked["check_stale"] == stale
+    assert baked["check_camera_range"] == ["HDA_Avatar: frame 1: the camera changed since the bake",
+                                           "HDA_Avatar: frame 10: the pose changed since the bake",
+                                           "HDA_Avatar: frame 19: no splat file: bake it"]
     # hda check-blend's Blender side, on the file the farm process saved after changing the pose.
     out = root / "check.json"
     proc = subprocess.run([str(BPY53_PYTHON), str(REPO / "blender_addon" / "check_blend_child.py"), str(REPO),
