@@ -55,11 +55,12 @@ def _stored_key(obj, frame: int) -> str | None:
     return read_strings(path).get(bake_key.ATTRIBUTE)
 
 
-def check_scene(scene, load_avatars: bool = True) -> list[str]:
+def check_scene(scene, load_avatars: bool = True, saved: bool = False) -> list[str]:
     """One line per problem that would make a farm render of ``scene`` wrong (empty: ready).
 
     load_avatars: also load each avatar (needs the backend), as a render with the add-on would:
     a bad avatar file is reported even while its baked layers are still fresh.
+    saved: ``scene`` is as its file was saved, not driven by the add-on (``hda check-blend``).
     """
     avatars = farm_avatars(scene)
     lines = [f"{copy.name}: shares its uid with {original.name} (a duplicate), so both use one set of layer "
@@ -70,7 +71,7 @@ def check_scene(scene, load_avatars: bool = True) -> list[str]:
     width, height = layers.render_size(scene)
     identities = {}
     for obj in avatars:
-        problem = native_bake.modifier_problem(obj) if obj.hda.native else _compositor_problem(obj, scene)
+        problem = native_bake.modifier_problem(obj, saved) if obj.hda.native else _compositor_problem(obj, scene)
         if problem:
             lines.append(problem)
         try:

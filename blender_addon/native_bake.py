@@ -167,13 +167,18 @@ def stored_key(obj, frame: int) -> str | None:
     return read_comments(path).get(bake_key.ATTRIBUTE)
 
 
-def modifier_problem(obj) -> str | None:
-    """Why the saved file would not load this avatar's baked frames from this file's folder, or None."""
+def modifier_problem(obj, saved: bool = False) -> str | None:
+    """Why the saved file would not load this avatar's baked frames from this file's folder, or None.
+    saved: the file is checked as saved (``hda check-blend``), where the modifier must be on; in a
+    session with the add-on it is off until the file is saved."""
     prefix = modifier_prefix(obj)
     if prefix is None:
         return f"{obj.name}: its splats do not read baked frames (a native avatar): bake it with the add-on enabled"
     if prefix != stored_prefix(obj):
         return f"{obj.name}: its splats read {prefix}NNNN.ply, expected {stored_prefix(obj)}NNNN.ply: bake it again"
+    if saved and not obj.hda.splats.modifiers[MODIFIER].show_render:
+        return (f"{obj.name}: its '{MODIFIER}' modifier is off in the saved file, so a farm renders the pose "
+                f"saved in it: save the file with the add-on enabled")
     return None
 
 

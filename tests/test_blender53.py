@@ -206,9 +206,19 @@ def test_pose_camera_and_range_changes_after_the_bake_are_named(native_farm_runs
                                            "HDA_Avatar: frame 19: no splat file: bake it"]
     # hda check-blend's Blender side, on the file the farm process saved after changing the pose.
     out = root / "check.json"
-    proc = subprocess.run([str(BPY53_PYTHON), str(REPO / "blender_addon" / "check_blend_child.py"), str(REPO),
-                           str(root / "scene" / "avatar.blend"), str(out)], capture_output=True, text=True,
-                          timeout=300)
+    check = [str(BPY53_PYTHON), str(REPO / "blender_addon" / "check_blend_child.py"), str(REPO),
+             str(root / "scene" / "avatar.blend"), str(out)]
+    proc = subprocess.run(check, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["avatars"] == 1 and report["lines"] == stale, report
+    # The same file saved with its modifier off (e.g. after the add-on was disabled): named too.
+    off = root / "off.py"
+    off.write_text("import bpy\nbpy.ops.wm.open_mainfile(filepath=%r)\n"
+                   "next(o for o in bpy.data.objects if o.type == 'POINTCLOUD').modifiers['HDA Farm Splats']"
+                   ".show_render = False\nbpy.ops.wm.save_mainfile()\n" % str(root / "scene" / "avatar.blend"))
+    subprocess.run([str(BPY53_PYTHON), str(off)], capture_output=True, check=True, timeout=300)
+    subprocess.run(check, capture_output=True, check=True, timeout=300)
+    assert json.loads(out.read_text())["lines"] == [
+        "HDA_Avatar: its 'HDA Farm Splats' modifier is off in the saved file, so a farm renders the pose saved in "
+        "it: save the file with the add-on enabled"] + stale
