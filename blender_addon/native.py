@@ -243,11 +243,19 @@ HANDLERS = (
 )
 
 
+def _farm_modifiers(on: bool) -> None:
+    try:
+        native_bake.set_farm_modifiers(on)
+    except AttributeError:  # bpy.data is restricted (Blender starting up): load_post switches them
+        pass
+
+
 def register() -> None:
     for name, func in HANDLERS:
         handlers = getattr(bpy.app.handlers, name)
         if func not in handlers:
             handlers.append(func)
+    _farm_modifiers(False)  # the add-on drives the splats from now on
 
 
 def unregister() -> None:
@@ -255,3 +263,4 @@ def unregister() -> None:
         handlers = getattr(bpy.app.handlers, name)
         while func in handlers:
             handlers.remove(func)
+    _farm_modifiers(True)  # without the add-on the baked frames are the splats, in the session and when saved

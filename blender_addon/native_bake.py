@@ -17,8 +17,8 @@ export-ply`` writes for other viewers; a *Bake* node cache would need Blender (n
 write it, frame by frame, from splats it already holds.
 
 The splat object carries a geometry-nodes modifier (:data:`MODIFIER`) that replaces its points with
-the frame's file. It is switched on in the saved file (save_pre) and off again while this add-on
-drives the splats live (save_post, load_post): with the add-on the live rewrite is the truth at every
+the frame's file. It is switched on in the saved file (save_pre) and when the add-on is disabled, and
+off while this add-on drives the splats live (register, save_post, load_post; native.py): with the add-on the live rewrite is the truth at every
 frame, including poses not baked yet. Without it, the saved file renders the baked frames. A frame
 whose file is missing or unreadable (Import PLY then yields no points and prints "PLY Importer: ...
 Invalid PLY header") renders the splats saved in the file in opaque pink-magenta instead

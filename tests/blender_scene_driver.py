@@ -351,6 +351,10 @@ def phase_native_bake():
     report["modifier_live"] = [mod.show_render, mod.show_viewport]
     bpy.ops.wm.save_mainfile()
     report["modifier_after_save"] = mod.show_render
+    bpy.ops.preferences.addon_disable(module=ADDON)
+    report["modifier_disabled"] = mod.show_render   # no add-on: the baked frames are the splats
+    bpy.ops.preferences.addon_enable(module=ADDON)
+    report["modifier_enabled"] = mod.show_render
     folder = os.path.join(os.path.dirname(args["blend"]), "hda_splats", "avatar", arm.hda.uid)
     report["baked"] = sorted(os.listdir(folder))
     report["check_fresh"] = sys.modules[ADDON + ".blender_addon.farm"].check_scene(scene)

@@ -171,6 +171,7 @@ def test_native_farm_render_without_the_addon_shows_each_baked_pose(native_farm_
     assert baked["bake"] == [["FINISHED"], None]
     assert baked["baked"] == [f"frame_{f:04d}.ply" for f in range(FRAMES[0], FRAMES[1] + 1)]
     assert baked["modifier_live"] == [False, False] and baked["modifier_after_save"] is False
+    assert baked["modifier_disabled"] is True and baked["modifier_enabled"] is False
     assert baked["check_fresh"] == []
     assert not farm["addon_loaded"] and farm["modifier_saved"] == [True, True]
     h, w = arrays["empty_1"].shape[:2]
