@@ -4,10 +4,11 @@ For each enabled avatar of the scene and each frame ``blender -b file.blend -a``
 range and step), the avatar's baked file must exist and its bake key (hda_backend/bake_key.py) must
 match what the avatar would show now: same identity and settings, same pose, same placement, same
 camera. For an avatar on the compositing layer that file is its layer EXR (key in the header), and
-the saved compositor must read it from this file's own layer folder; for a native avatar (Blender
-≥ 5.3) it is its splat PLY (key in a header comment, native_bake.py), and its splat object's
-modifier must read it from this file's own folder. Each problem is one line naming the avatar, the frames and what changed. Used by the
-``hda.check_farm`` operator (sidebar) and by ``hda check-blend FILE.blend`` (farm_cli.py).
+the saved compositor must read it from this file's own layer folder; for a native avatar (Blender ≥
+5.3) it is its splat PLY (key in a header comment, native_bake.py), and its splat object's modifier
+must read it from this file's own folder. Each problem is one line naming the avatar, the frames and
+what changed. Used by the ``hda.check_farm`` operator (sidebar) and by ``hda check-blend
+FILE.blend`` (farm_cli.py).
 
 The check steps the scene through its frames (``frame_set``) and puts the current frame back.
 """

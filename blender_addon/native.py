@@ -152,18 +152,27 @@ def bake(obj, scene, depsgraph, frame: int) -> str:
 
 
 def update(scene, depsgraph, avatars=None) -> list[str]:
-    """Write the splats of the enabled native avatars (default: all of ``scene``'s). A failing avatar's
-    splats are emptied and its error kept and returned, one line per avatar."""
+    """Write the splats of the enabled native avatars (default: all of ``scene``'s). A failing avatar
+    (a bad avatar file, no backend) shows its baked splats of this frame where they are current (its
+    farm modifier goes on, native_bake.py), else its splats are emptied; its error is kept and
+    returned, one line per avatar."""
     failures = []
     for obj in native_avatars(scene) if avatars is None else avatars:
         if not obj.hda.enabled:
             continue
         try:
             write(obj, scene, depsgraph)
+            native_bake.use_baked(obj, False)
             session.caches.errors.pop(object_key(obj), None)
         except Exception as exc:  # noqa: BLE001 - one avatar failing must not stop the others or the render
             message = error_text(exc)
             session.caches.errors[object_key(obj)] = message
+            session.native.written.pop(object_key(obj), None)
+            if native_bake.baked_is_current(obj, scene, depsgraph, scene.frame_current):
+                native_bake.use_baked(obj, True)
+                failures.append(f"{obj.name}: {message}; its baked splats are current and are used")
+                continue
+            native_bake.use_baked(obj, False)
             failures.append(f"{obj.name}: {message}")
             splats = obj.hda.splats
             if splats is not None:

@@ -17,14 +17,16 @@ export-ply`` writes for other viewers; a *Bake* node cache would need Blender (n
 write it, frame by frame, from splats it already holds.
 
 The splat object carries a geometry-nodes modifier (:data:`MODIFIER`) that replaces its points with
-the frame's file. It is switched on in the saved file (save_pre) and when the add-on is disabled, and
-off while this add-on drives the splats live (register, save_post, load_post; native.py): with the add-on the live rewrite is the truth at every
-frame, including poses not baked yet. Without it, the saved file renders the baked frames. A frame
-whose file is missing or unreadable (Import PLY then yields no points and prints "PLY Importer: ...
-Invalid PLY header") renders the splats saved in the file in opaque pink-magenta instead
-(:data:`MISSING_RADIANCE`, as the compositing path paints a missing layer magenta), never a
-person-less frame. Stale files (pose, identity, camera or settings changed
-since the bake) are reported by *Check for Farm* and ``hda check-blend`` (farm.py).
+the frame's file. It is switched on in the saved file (save_pre) and when the add-on is disabled,
+and off while this add-on drives the splats live (register, save_post, load_post; native.py): with
+the add-on the live rewrite is the truth at every frame, including poses not baked yet. Without it,
+the saved file renders the baked frames. A frame whose file is missing or unreadable (Import PLY
+then yields no points and prints "PLY Importer: ... Invalid PLY header") renders the splats saved in
+the file in opaque pink-magenta instead (:data:`MISSING_RADIANCE`, as the compositing path paints a
+missing layer magenta), never a person-less frame. Stale files (pose, identity, camera or settings
+changed since the bake) are reported by *Check for Farm* and ``hda check-blend`` (farm.py). With the
+add-on but no working backend, an avatar whose live write fails shows its current baked frame
+(:func:`baked_is_current`, native.update), as the compositing path uses a current baked layer.
 """
 
 from __future__ import annotations
@@ -165,6 +167,29 @@ def stored_key(obj, frame: int) -> str | None:
     if not os.path.isfile(path):
         raise HDAError(MISSING)
     return read_comments(path).get(bake_key.ATTRIBUTE)
+
+
+def baked_is_current(obj, scene, depsgraph, frame: int) -> bool:
+    """Whether the avatar's splat file of ``frame`` exists and its bake key matches the avatar as
+    evaluated in ``depsgraph`` (so it can stand in when the backend cannot write the splats: a farm
+    with the add-on but without torch), and the modifier reads it."""
+    w, h = layers.render_size(scene)
+    try:
+        stored = stored_key(obj, frame)
+        camera = depsgraph.scene_eval.camera or scene.camera
+        inputs = bake_inputs.frame_inputs(obj, depsgraph, camera, w, h)
+        current = bake_key.stale_reason(stored, bake_inputs.identity(obj, w, h), inputs) is None
+    except HDAError:
+        return False
+    return current and modifier_problem(obj) is None
+
+
+def use_baked(obj, on: bool) -> None:
+    """Switch the avatar's farm modifier: on, its splats are the baked file of each frame."""
+    splats = obj.hda.splats
+    mod = splats.modifiers.get(MODIFIER) if splats is not None else None
+    if mod is not None and mod.show_render != on:
+        mod.show_render = mod.show_viewport = on
 
 
 def modifier_problem(obj, saved: bool = False) -> str | None:

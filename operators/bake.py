@@ -61,7 +61,8 @@ class HDA_OT_bake_layer(bpy.types.Operator):
             self.report({'ERROR'}, failures[0])
             return {'CANCELLED'}
         count = len(farm.farm_avatars(scene))
-        self.report({'INFO'}, f"Baked frames {start}-{end} of {count} avatar(s) beside {bpy.data.filepath or 'the temporary folder'}")
+        where = bpy.data.filepath or "the temporary folder"
+        self.report({'INFO'}, f"Baked frames {start}-{end} of {count} avatar(s) beside {where}")
         return {'FINISHED'}
 
 

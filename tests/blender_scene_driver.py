@@ -355,8 +355,26 @@ def phase_native_bake():
     report["modifier_disabled"] = mod.show_render   # no add-on: the baked frames are the splats
     bpy.ops.preferences.addon_enable(module=ADDON)
     report["modifier_enabled"] = mod.show_render
+    # The add-on without a working backend (as on a farm without torch): the current bake stands in.
+    rt = sys.modules[ADDON + ".blender_addon.runtime"]
+    get_avatar = rt.get_avatar
+
+    def no_backend(obj):
+        raise ImportError("No module named 'torch'")
+
+    rt.get_avatar = no_backend
+    scene.frame_set(FRAMES[1])
+    cloud = arm.hda.splats.evaluated_get(bpy.context.evaluated_depsgraph_get()).data
+    positions = np.empty(len(cloud.points) * 3, np.float32)
+    cloud.attributes["position"].data.foreach_get("vector", positions)
+    arrays["fallback_positions"] = positions.reshape(-1, 3)
+    report["fallback"] = [mod.show_render, dict(caches().errors)]
+    rt.get_avatar = get_avatar
+    scene.frame_set(FRAMES[0])
+    report["fallback_restored"] = mod.show_render
     folder = os.path.join(os.path.dirname(args["blend"]), "hda_splats", "avatar", arm.hda.uid)
     report["baked"] = sorted(os.listdir(folder))
+    report["uid"] = arm.hda.uid
     report["check_fresh"] = sys.modules[ADDON + ".blender_addon.farm"].check_scene(scene)
     arrays["matrix_world"] = np.array(arm.matrix_world)
     # A pose changed after the bake: Check for Farm names the frame (the file is not saved).

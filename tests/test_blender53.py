@@ -173,6 +173,15 @@ def test_native_farm_render_without_the_addon_shows_each_baked_pose(native_farm_
     assert baked["modifier_live"] == [False, False] and baked["modifier_after_save"] is False
     assert baked["modifier_disabled"] is True and baked["modifier_enabled"] is False
     assert baked["check_fresh"] == []
+    # With the add-on but no backend, a frame's current bake is shown (its file's splats), not nothing.
+    assert baked["fallback"][0] is True and baked["fallback_restored"] is False
+    assert [e.split(";")[0] for e in baked["fallback"][1].values()] == [
+        "the backend does not import (No module named 'torch')"]
+    plyfile = pytest.importorskip("plyfile")
+    file_10 = plyfile.PlyData.read(str(root / "scene" / "hda_splats" / "avatar" / baked["uid"]
+                                       / "frame_0010.ply"))["vertex"]
+    np.testing.assert_array_equal(baked_arrays["fallback_positions"],
+                                  np.stack([file_10["x"], file_10["y"], file_10["z"]], 1))
     assert not farm["addon_loaded"] and farm["modifier_saved"] == [True, True]
     h, w = arrays["empty_1"].shape[:2]
     reference = _flat_frames(baked_arrays["matrix_world"], w, h)
