@@ -13,8 +13,13 @@ match with the backend drops from 30 to 19 dB at 256², measured by scripts/nati
 - on depsgraph updates of an avatar armature or the scene camera while posing (not during renders).
 A pose the splats already hold (same avatar signature, pose, camera and resolution) is not written again.
 
-An avatar that fails (missing file, broken rig) gets an empty point cloud and its error is kept in
-session.caches.errors and printed, as for the compositing layer: never the previous pose silently.
+An avatar that fails (missing file, broken rig, no backend) shows its baked frame where that is
+current (native_bake.py), else gets an empty point cloud; its error is kept in session.caches.errors
+and printed, as for the compositing layer: never the previous pose silently.
+
+The farm bake (native_bake.py): *Bake* writes each frame's splats beside the file and gives the splat
+object a geometry-nodes modifier that loads them without the add-on; it is on in the saved file and
+off while this add-on runs (the handlers below, register and unregister).
 
 Imports no torch until an avatar is written (register() stays cheap). Blender 4.2-5.2 never run this
 module's code (api.py imports it everywhere): register() is called only from Blender 5.3 on, and
