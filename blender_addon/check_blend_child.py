@@ -41,9 +41,9 @@ def main(argv) -> None:
         load = importlib.util.find_spec("torch") is not None
         if not load:
             notes.append("torch is not importable here: avatar files were hashed, not loaded")
-        lines = farm.check_scene(scene, load_avatars=load)
+        lines = farm.check_scene(scene, load_avatars=load, saved=True)
         report = {"scene": scene.name, "frames": [scene.frame_start, scene.frame_end],
-                  "avatars": len(farm.scene_avatars(scene)), "lines": lines, "notes": notes}
+                  "avatars": len(farm.farm_avatars(scene)), "lines": lines, "notes": notes}
     with open(out, "w") as fh:
         json.dump(report, fh)
 

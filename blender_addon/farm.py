@@ -1,11 +1,14 @@
 """*Check for Farm*: will the saved file render every avatar on a machine without this add-on?
 
 For each enabled avatar of the scene and each frame ``blender -b file.blend -a`` renders (the frame
-range and step), the avatar's layer file must exist and its bake key (hda_backend/bake_key.py, in
-the EXR header) must match what the avatar would show now: same identity and settings, same pose,
-same placement, same camera. The saved compositor must also read that layer from this file's own
-layer folder. Each problem is one line naming the avatar, the frames and what changed. Used by the
-``hda.check_farm`` operator (sidebar) and by ``hda check-blend FILE.blend`` (farm_cli.py).
+range and step), the avatar's baked file must exist and its bake key (hda_backend/bake_key.py) must
+match what the avatar would show now: same identity and settings, same pose, same placement, same
+camera. For an avatar on the compositing layer that file is its layer EXR (key in the header), and
+the saved compositor must read it from this file's own layer folder; for a native avatar (Blender ≥
+5.3) it is its splat PLY (key in a header comment, native_bake.py), and its splat object's modifier
+must read it from this file's own folder. Each problem is one line naming the avatar, the frames and
+what changed. Used by the ``hda.check_farm`` operator (sidebar) and by ``hda check-blend
+FILE.blend`` (farm_cli.py).
 
 The check steps the scene through its frames (``frame_set``) and puts the current frame back.
 """
@@ -19,9 +22,9 @@ import bpy
 from ..hda_backend import bake_key
 from ..hda_backend.errors import HDAError
 from ..hda_backend.exr import read_strings
-from . import bake_inputs, compositor, layers, runtime, session
+from . import bake_inputs, compositor, layers, native_bake, runtime, session
 from .messages import error_text
-from .objects import duplicate_uids, object_key, scene_avatars
+from .objects import duplicate_uids, native_avatars, object_key, scene_avatars
 
 
 def _compositor_problem(obj, scene) -> str | None:
@@ -38,13 +41,29 @@ def _compositor_problem(obj, scene) -> str | None:
     return None
 
 
-def check_scene(scene, load_avatars: bool = True) -> list[str]:
+def farm_avatars(scene) -> list:
+    """The avatars a farm render of ``scene`` shows: enabled, on either path, by name."""
+    return sorted(scene_avatars(scene) + [o for o in native_avatars(scene) if o.hda.enabled], key=lambda o: o.name)
+
+
+def _stored_key(obj, frame: int) -> str | None:
+    """The bake key of the avatar's baked file of ``frame``; HDAError(MISSING) without one."""
+    if obj.hda.native:
+        return native_bake.stored_key(obj, frame)
+    path = layers.frame_path(obj, frame)
+    if not os.path.isfile(path):
+        raise HDAError(bake_key.MISSING)
+    return read_strings(path).get(bake_key.ATTRIBUTE)
+
+
+def check_scene(scene, load_avatars: bool = True, saved: bool = False) -> list[str]:
     """One line per problem that would make a farm render of ``scene`` wrong (empty: ready).
 
     load_avatars: also load each avatar (needs the backend), as a render with the add-on would:
     a bad avatar file is reported even while its baked layers are still fresh.
+    saved: ``scene`` is as its file was saved, not driven by the add-on (``hda check-blend``).
     """
-    avatars = scene_avatars(scene)
+    avatars = farm_avatars(scene)
     lines = [f"{copy.name}: shares its uid with {original.name} (a duplicate), so both use one set of layer "
              f"files: save the file with the add-on enabled to give it its own, then bake"
              for copy, original in duplicate_uids(bpy.data.objects) if copy in avatars]
@@ -53,7 +72,7 @@ def check_scene(scene, load_avatars: bool = True) -> list[str]:
     width, height = layers.render_size(scene)
     identities = {}
     for obj in avatars:
-        problem = _compositor_problem(obj, scene)
+        problem = native_bake.modifier_problem(obj, saved) if obj.hda.native else _compositor_problem(obj, scene)
         if problem:
             lines.append(problem)
         try:
@@ -75,12 +94,8 @@ def check_scene(scene, load_avatars: bool = True) -> list[str]:
             for obj in avatars:
                 if obj.name not in identities:
                     continue
-                path = layers.frame_path(obj, frame)
-                if not os.path.isfile(path):
-                    reasons[obj.name][frame] = bake_key.MISSING
-                    continue
                 try:
-                    stored = read_strings(path).get(bake_key.ATTRIBUTE)
+                    stored = _stored_key(obj, frame)
                     inputs = bake_inputs.frame_inputs(obj, depsgraph, camera, width, height)
                 except HDAError as exc:
                     reasons[obj.name][frame] = str(exc)
@@ -96,7 +111,7 @@ def check_scene(scene, load_avatars: bool = True) -> list[str]:
 
 def summary(scene, lines: list[str]) -> str:
     """One line for the sidebar and reports."""
-    avatars = len(scene_avatars(scene))
+    avatars = len(farm_avatars(scene))
     if not lines:
         return (f"Ready for the farm: {avatars} avatar(s), frames {scene.frame_start}-{scene.frame_end} baked "
                 f"and current")

@@ -44,13 +44,14 @@ def file_folder(blend_path: str | None = None) -> str:
     return (name[:-6] if name.lower().endswith(".blend") else name) if blend else UNSAVED
 
 
-def layer_dir(blend_path: str | None = None) -> str:
+def layer_dir(blend_path: str | None = None, root: str = LAYER_DIR) -> str:
     """The layer folder of one .blend, absolute: next to the .blend (``blend_path``, default the open
-    file), or in Blender's temporary folder while the file is unsaved."""
+    file), or in Blender's temporary folder while the file is unsaved. ``root``: the '//'-relative
+    folder of all files' layers (native_bake.py keeps its splat frames the same way)."""
     blend = _blend(blend_path)
     if blend:
-        return os.path.join(os.path.dirname(os.path.abspath(blend)), LAYER_DIR[2:], file_folder(blend))
-    return os.path.join(bpy.app.tempdir or os.path.join(os.path.expanduser("~"), ".cache"), "hda_layers", UNSAVED)
+        return os.path.join(os.path.dirname(os.path.abspath(blend)), root[2:], file_folder(blend))
+    return os.path.join(bpy.app.tempdir or os.path.join(os.path.expanduser("~"), ".cache"), root[2:], UNSAVED)
 
 
 def _frame_name(frame: int) -> str:

@@ -3,9 +3,10 @@
 Opens the file in a Blender Python (this interpreter when it has the ``bpy`` module, else a Blender
 binary: ``--blender``, ``$HDA_BLENDER`` or ``blender`` on PATH) in a child process, runs
 blender_addon/farm.py's check on the scene ``blender -b FILE.blend -a`` renders (the file's active
-scene) and prints one line per avatar problem: layers missing, placeholders, stale (pose, placement,
-camera, identity or settings changed since the bake), a compositor that does not read them, a
-duplicated avatar sharing another's layers, an avatar file that does not load. Exit status 0 when
+scene) and prints one line per avatar problem: layers (or a native avatar's splat frames, Blender
+≥ 5.3) missing, placeholders, stale (pose, placement, camera, identity or settings changed since the
+bake), a compositor (or splat modifier) that does not read them, a duplicated avatar sharing
+another's layers, an avatar file that does not load. Exit status 0 when
 the file is ready for the farm, 1 when any problem was found, 2 for bad input.
 """
 
@@ -29,7 +30,7 @@ TIMEOUT_S = 3600
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("check-blend", help="report every avatar whose baked layers are missing or stale "
+    p = sub.add_parser("check-blend", help="report every avatar whose baked layers or splat frames are missing or stale "
                                            "before a .blend is sent to a render farm (exit status 1 if any)")
     p.add_argument("blend", help="the saved .blend file")
     p.add_argument("--blender", help=f"a Blender executable (default: this Python's bpy module, else ${ENV_BLENDER}, "

@@ -34,6 +34,7 @@ import torch
 from .atomic import write_bytes
 from .avatar.gaussians import SH_COEFFS, Gaussians
 from .errors import HDAError
+from .ply_comments import comment_lines
 from .render._projection import _sh_bases
 from .rotations import matrix_to_quat, quat_multiply
 
@@ -143,19 +144,22 @@ def ply_rows(g: Gaussians, source: str = "gaussians") -> np.ndarray:
     return out
 
 
-def ply_header(count: int) -> bytes:
-    lines = ["ply", "format binary_little_endian 1.0", f"element vertex {count}"]
+def ply_header(count: int, comments: dict[str, str] | None = None) -> bytes:
+    """The header of a file of ``count`` Gaussians, with ``comments`` {name: one-line ASCII text}
+    (hda_backend/ply_comments.py, which reads them back)."""
+    lines = ["ply", "format binary_little_endian 1.0", *comment_lines(comments), f"element vertex {count}"]
     lines += [f"property float {name}" for name in PROPERTIES]
     lines += ["end_header"]
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def write_ply(path: str | os.PathLike, g: Gaussians) -> Path:
-    """Write one frame's Gaussians to ``path`` (atomically: a temporary file, then a rename)."""
+def write_ply(path: str | os.PathLike, g: Gaussians, comments: dict[str, str] | None = None) -> Path:
+    """Write one frame's Gaussians to ``path`` (atomically: a temporary file, then a rename), with
+    ``comments`` in its header (see :func:`ply_header`)."""
     path = Path(path)
     rows = ply_rows(g, source=str(path))
     try:
-        write_bytes(path, ply_header(rows.shape[0]) + rows.tobytes())
+        write_bytes(path, ply_header(rows.shape[0], comments) + rows.tobytes())
     except OSError as exc:
         raise HDAError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     return path

@@ -53,6 +53,22 @@ def camera_dilation(means: torch.Tensor, viewmat, K, near: float = 1e-3) -> torc
 
 
 @torch.no_grad()
+def splat_gaussians(g: Gaussians, matrix=None, source: str = "gaussians", dilation=None) -> Gaussians:
+    """One frame's Gaussians (body frame) as the splat object holds them: widened by ``dilation`` [M]
+    (variance added to every axis, :func:`camera_dilation`; None: not widened), then moved by
+    ``matrix`` [4,4] into the splat object's frame (None: the identity). What :func:`splat_arrays`
+    converts, and what a farm bake writes as a PLY file (blender_addon/native_bake.py), so the two
+    hold the same splats. Raises HDAError as :func:`splat_arrays`."""
+    check_gaussians(g, source)
+    if dilation is not None:
+        g = g._replace(scales=torch.sqrt(g.scales.double() ** 2 + dilation.double().to(g.scales.device)[:, None])
+                       .to(g.scales.dtype))
+    if matrix is not None:
+        g = transform_gaussians(g, torch.as_tensor(np.asarray(matrix, dtype=np.float64)))
+    return g
+
+
+@torch.no_grad()
 def splat_arrays(g: Gaussians, matrix=None, source: str = "gaussians", dilation=None) -> dict[str, np.ndarray]:
     """One frame's Gaussians (no batch dimension, in the body frame) -> the attribute arrays above.
 
@@ -62,12 +78,7 @@ def splat_arrays(g: Gaussians, matrix=None, source: str = "gaussians", dilation=
     Returns {name: float32 C-contiguous array} in :data:`ATTRIBUTES` order, shapes as listed there.
     Raises HDAError for Gaussians a file must not hold (NaN, scales <= 0, opacities outside [0,1]).
     """
-    check_gaussians(g, source)
-    if dilation is not None:
-        g = g._replace(scales=torch.sqrt(g.scales.double() ** 2 + dilation.double().to(g.scales.device)[:, None])
-                       .to(g.scales.dtype))
-    if matrix is not None:
-        g = transform_gaussians(g, torch.as_tensor(np.asarray(matrix, dtype=np.float64)))
+    g = splat_gaussians(g, matrix, source, dilation)
     m = g.means.shape[0]
     sh = g.sh.float().cpu()
     out = {

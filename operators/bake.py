@@ -1,18 +1,20 @@
-"""hda.bake_layer: pre-render the avatars' compositing layers of a frame range, for render farms.
+"""hda.bake_layer: pre-render the avatars of a frame range for render farms.
 
 A farm renders the saved .blend with ``blender -b file.blend -a`` and may not have this add-on (or
-torch): the compositor then reads the layer files baked here. Synchronous on purpose: it is also
-what a render script calls in ``blender -b``, where no timer or modal operator runs.
+torch): the compositor then reads the layer files baked here, and a native avatar's splat object
+(Blender ≥ 5.3) loads the splat files baked here (blender_addon/native_bake.py). Synchronous on
+purpose: it is also what a render script calls in ``blender -b``, where no timer or modal operator runs.
 """
 
 import bpy
 from bpy.props import IntProperty
 
-from ..blender_addon.api import compositor, layers, scene_avatars
+from ..blender_addon.api import compositor, error_text, farm, layers, native, scene_avatars
 
 
 class HDA_OT_bake_layer(bpy.types.Operator):
-    """Render every enabled avatar's compositing layer for a frame range into //hda_layers (for farms)"""
+    """Bake every enabled avatar for a frame range: compositing layers into //hda_layers, native
+    avatars' splats into //hda_splats (for farms)"""
 
     bl_idname = "hda.bake_layer"
     bl_label = "Bake Avatar Layer"
@@ -23,7 +25,7 @@ class HDA_OT_bake_layer(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return context.scene is not None and bool(scene_avatars(context.scene))
+        return context.scene is not None and bool(farm.farm_avatars(context.scene))
 
     def execute(self, context):
         scene = context.scene
@@ -33,8 +35,9 @@ class HDA_OT_bake_layer(bpy.types.Operator):
             self.report({'ERROR'}, f"frame range {start}..{end}: expected start <= end")
             return {'CANCELLED'}
         if not bpy.data.filepath:
-            self.report({'WARNING'}, "The file is not saved: layers go to a temporary folder a farm cannot see")
+            self.report({'WARNING'}, "The file is not saved: baked frames go to a temporary folder a farm cannot see")
         compositor.sync(scene)
+        natives = [obj for obj in farm.farm_avatars(scene) if obj.hda.native]
         current = scene.frame_current
         wm = context.window_manager
         wm.progress_begin(start, end)
@@ -42,7 +45,14 @@ class HDA_OT_bake_layer(bpy.types.Operator):
         try:
             for frame in range(start, end + 1):
                 scene.frame_set(frame)
-                failures += layers.update_scene(scene, context.evaluated_depsgraph_get(), frame)[0]
+                depsgraph = context.evaluated_depsgraph_get()
+                if scene_avatars(scene):
+                    failures += layers.update_scene(scene, depsgraph, frame)[0]
+                for obj in natives:
+                    try:
+                        native.bake(obj, scene, depsgraph, frame)
+                    except Exception as exc:  # noqa: BLE001 - reported; the other avatars still bake
+                        failures.append(f"{obj.name}: frame {frame}: {error_text(exc)}")
                 wm.progress_update(frame)
         finally:
             wm.progress_end()
@@ -50,8 +60,9 @@ class HDA_OT_bake_layer(bpy.types.Operator):
         if failures:
             self.report({'ERROR'}, failures[0])
             return {'CANCELLED'}
-        count = len(scene_avatars(scene))
-        self.report({'INFO'}, f"Baked frames {start}-{end} of {count} avatar(s) into {layers.layer_dir()}")
+        count = len(farm.farm_avatars(scene))
+        where = bpy.data.filepath or "the temporary folder"
+        self.report({'INFO'}, f"Baked frames {start}-{end} of {count} avatar(s) beside {where}")
         return {'FINISHED'}
 
 

@@ -2,7 +2,7 @@
 
 import bpy
 
-from ..blender_addon.api import farm, scene_avatars, session
+from ..blender_addon.api import farm, session
 
 
 class HDA_OT_check_farm(bpy.types.Operator):
@@ -15,7 +15,7 @@ class HDA_OT_check_farm(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if context.scene is None or not scene_avatars(context.scene):
+        if context.scene is None or not farm.farm_avatars(context.scene):
             cls.poll_message_set("The scene has no enabled HDA avatar")
             return False
         return True

@@ -12,6 +12,10 @@ OUT/arrays.npz (pixels, matrices). Phases:
 - farm:   open the saved file *without* the add-on and render from the baked layers.
 - key:    the key render test alone (used on Blender 4.2 with torch from an existing environment).
 - native: Blender ≥ 5.3: the same avatar on the native path (a Gaussian-splat object rendered by Cycles).
+- native_bake: Blender ≥ 5.3: a native avatar saved and baked for farms; Check for Farm before and
+          after a pose change.
+- native_farm: Blender ≥ 5.3: open that file *without* the add-on, render from the baked splats,
+          evaluate a frame that has no baked file, then change a pose and save (for hda check-blend).
 """
 
 import importlib
@@ -360,8 +364,97 @@ def phase_native():
     report["splats_after_layer"] = [arm.hda.splats is None, [o.name for o in bpy.data.objects if o.type == 'POINTCLOUD']]
 
 
+def native_scene(samples):
+    scene = setup_scene()
+    scene.cycles.samples = samples
+    scene.cycles.pixel_filter_type = 'BOX'  # the rasterizer samples pixel centres (no wider filter)
+    scene.cycles.filter_width = 1.0
+    return scene
+
+
+def phase_native_bake():
+    enable(args["zip"])
+    scene = native_scene(args["samples"])
+    arm, _ = add_keyed_avatar(scene)
+    arm.hda.render_path = 'NATIVE'
+    bpy.ops.wm.save_as_mainfile(filepath=args["blend"])
+    report["bake"] = call(bpy.ops.hda.bake_layer)
+    mod = arm.hda.splats.modifiers.get("HDA Farm Splats")
+    report["modifier_live"] = [mod.show_render, mod.show_viewport]
+    bpy.ops.wm.save_mainfile()
+    report["modifier_after_save"] = mod.show_render
+    bpy.ops.preferences.addon_disable(module=ADDON)
+    report["modifier_disabled"] = mod.show_render   # no add-on: the baked frames are the splats
+    bpy.ops.preferences.addon_enable(module=ADDON)
+    report["modifier_enabled"] = mod.show_render
+    # The add-on without a working backend (as on a farm without torch): the current bake stands in.
+    rt = sys.modules[ADDON + ".blender_addon.runtime"]
+    get_avatar = rt.get_avatar
+
+    def no_backend(obj):
+        raise ImportError("No module named 'torch'")
+
+    rt.get_avatar = no_backend
+    scene.frame_set(FRAMES[1])
+    cloud = arm.hda.splats.evaluated_get(bpy.context.evaluated_depsgraph_get()).data
+    positions = np.empty(len(cloud.points) * 3, np.float32)
+    cloud.attributes["position"].data.foreach_get("vector", positions)
+    arrays["fallback_positions"] = positions.reshape(-1, 3)
+    report["fallback"] = [mod.show_render, dict(caches().errors)]
+    rt.get_avatar = get_avatar
+    scene.frame_set(FRAMES[0])
+    report["fallback_restored"] = mod.show_render
+    folder = os.path.join(os.path.dirname(args["blend"]), "hda_splats", "avatar", arm.hda.uid)
+    report["baked"] = sorted(os.listdir(folder))
+    report["uid"] = arm.hda.uid
+    report["check_fresh"] = sys.modules[ADDON + ".blender_addon.farm"].check_scene(scene)
+    arrays["matrix_world"] = np.array(arm.matrix_world)
+    # A pose changed after the bake: Check for Farm names the frame (the file is not saved).
+    pb = arm.pose.bones["left_shoulder"]
+    pb.rotation_quaternion = (0.7071, 0.0, 0.0, 0.7071)
+    pb.keyframe_insert("rotation_quaternion", frame=FRAMES[1])
+    report["check_stale_op"] = call(bpy.ops.hda.check_farm)
+    report["check_stale"] = list(caches_farm().lines)
+    # The camera moved (the widening depends on it) and the range grew by a frame never baked.
+    scene.camera.location.x += 0.1
+    scene.frame_end = FRAMES[1] + (FRAMES[1] - FRAMES[0])
+    report["check_camera_range"] = sys.modules[ADDON + ".blender_addon.farm"].check_scene(scene)
+
+
+def caches_farm():
+    return sys.modules[ADDON + ".blender_addon.session"].farm
+
+
+def phase_native_farm():
+    bpy.ops.wm.open_mainfile(filepath=args["blend"])
+    report["addon_loaded"] = any(m.startswith(ADDON) for m in sys.modules)
+    scene = bpy.context.scene
+    splats = next(o for o in scene.objects if o.type == 'POINTCLOUD')
+    mod = splats.modifiers["HDA Farm Splats"]
+    report["modifier_saved"] = [mod.show_render, mod.node_group is not None]
+    render("farm")
+    splats.hide_render = True
+    render("empty")
+    splats.hide_render = False
+    # A frame with no baked file: the saved splats in magenta, not an empty frame.
+    scene.frame_set(FRAMES[1] + 1)
+    cloud = splats.evaluated_get(bpy.context.evaluated_depsgraph_get()).data
+    base = np.empty(len(cloud.points) * 4, np.float32)
+    report["missing_frame_type"] = cloud.attributes["radiance:base"].data_type
+    cloud.attributes["radiance:base"].data.foreach_get("color", base)
+    report["missing_frame"] = {"points": len(cloud.points), "saved_points": len(splats.data.points),
+                               "sh": sorted(a.name for a in cloud.attributes if a.name.startswith("radiance:sh"))}
+    arrays["missing_base"] = base.reshape(-1, 4)
+    # A pose changed after the bake, saved without the add-on: for hda check-blend.
+    arm = splats.parent
+    pb = arm.pose.bones["left_shoulder"]
+    pb.rotation_quaternion = (0.7071, 0.0, 0.0, 0.7071)
+    pb.keyframe_insert("rotation_quaternion", frame=FRAMES[1])
+    bpy.ops.wm.save_mainfile()
+
+
 {"main": phase_main, "reload": phase_reload, "farm": phase_farm, "key": phase_key,
- "native": phase_native}[args["phase"]]()
+ "native": phase_native, "native_bake": phase_native_bake, "native_farm": phase_native_farm}[args["phase"]]()
 with open(os.path.join(OUT, "report.json"), "w") as fh:
     json.dump(report, fh)
 np.savez(os.path.join(OUT, "arrays.npz"), **arrays)

@@ -6,6 +6,7 @@ a clip onto the native avatar, and compare its render with the backend's too."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -67,14 +68,14 @@ def native_run(tmp_path_factory, built_zip):  # noqa: F811
                 clip=str(clip))
 
 
-def _check_native(got, empty, ref_rgb, ref_alpha, label: str) -> np.ndarray:
+def _check_native(got, empty, ref_rgb, ref_alpha, label: str, min_psnr: float = NATIVE_MIN_PSNR) -> np.ndarray:
     """PSNR of a native render against the backend's over the same empty render; returns the region."""
     expected = ref_rgb + empty[..., :3] * (1 - ref_alpha[..., None])
     changed = np.abs(got[..., :3] - empty[..., :3]).max(-1) > 1e-2
     region = (ref_alpha > 0.02) | changed
     psnr = _psnr(got[..., :3][region], expected[region])
     print(f"{label}: native vs backend PSNR {psnr:.2f} dB on {region.sum()} avatar pixels")
-    assert psnr >= NATIVE_MIN_PSNR, f"{label}: PSNR {psnr:.1f} dB against the backend render"
+    assert psnr >= min_psnr, f"{label}: PSNR {psnr:.1f} dB against the backend render"
     assert (changed & ~(ref_alpha > 1e-3)).sum() < 0.02 * region.sum()  # nothing far outside the avatar
     return ref_alpha > 0.02
 
@@ -145,3 +146,89 @@ def test_posing_rewrites_the_splats_for_the_evaluated_pose(native_run):
     np.testing.assert_allclose(arrays["posed_positions"], expected, atol=2e-5)
     frame_1 = _poses()["pose"][0]
     assert np.abs(arrays["posed_pose"] - frame_1).max() > 0.5  # the shoulder moved away from the key
+
+
+FARM_SAMPLES = 16           # Cycles samples of the farm renders (measured: see README, Blender 5.3 > Farms)
+FARM_MIN_PSNR = 30.0
+
+
+@pytest.fixture(scope="module")
+def native_farm_runs(tmp_path_factory, built_zip):  # noqa: F811
+    """Bake a native avatar with the add-on (frames 1-10), then render the saved file in a fresh bpy
+    process where the add-on is not installed, from its baked splat files."""
+    root = tmp_path_factory.mktemp("blender53_farm")
+    baked = _run(BPY53_PYTHON, "native_bake", root, _dirs(root, BPY53_PYTHON), zip=str(built_zip),
+                 samples=FARM_SAMPLES)
+    farm_root = root / "farm"   # its own Blender user folders: no extension installed there
+    farm_root.mkdir()
+    farm = _run(BPY53_PYTHON, "native_farm", farm_root, _dirs(farm_root, BPY53_PYTHON),
+                blend=str(root / "scene" / "avatar.blend"))
+    return root, baked, farm
+
+
+def test_native_farm_render_without_the_addon_shows_each_baked_pose(native_farm_runs):
+    root, (baked, baked_arrays), (farm, arrays) = native_farm_runs
+    assert baked["bake"] == [["FINISHED"], None]
+    assert baked["baked"] == [f"frame_{f:04d}.ply" for f in range(FRAMES[0], FRAMES[1] + 1)]
+    assert baked["modifier_live"] == [False, False] and baked["modifier_after_save"] is False
+    assert baked["modifier_disabled"] is True and baked["modifier_enabled"] is False
+    assert baked["check_fresh"] == []
+    # With the add-on but no backend, a frame's current bake is shown (its file's splats), not nothing.
+    assert baked["fallback"][0] is True and baked["fallback_restored"] is False
+    assert [e.split(";")[0] for e in baked["fallback"][1].values()] == [
+        "the backend does not import (No module named 'torch')"]
+    plyfile = pytest.importorskip("plyfile")
+    file_10 = plyfile.PlyData.read(str(root / "scene" / "hda_splats" / "avatar" / baked["uid"]
+                                       / "frame_0010.ply"))["vertex"]
+    np.testing.assert_array_equal(baked_arrays["fallback_positions"],
+                                  np.stack([file_10["x"], file_10["y"], file_10["z"]], 1))
+    assert not farm["addon_loaded"] and farm["modifier_saved"] == [True, True]
+    h, w = arrays["empty_1"].shape[:2]
+    reference = _flat_frames(baked_arrays["matrix_world"], w, h)
+    regions = {frame: _check_native(arrays[f"farm_{frame}"], arrays[f"empty_{frame}"], *reference[frame],
+                                    f"farm frame {frame}", FARM_MIN_PSNR) for frame in FRAMES}
+    assert (regions[1] ^ regions[10]).sum() > 100
+    for frame, other in ((1, 10), (10, 1)):   # each frame shows its own pose, not the saved one
+        ref_rgb, ref_alpha = reference[other]
+        empty = arrays[f"empty_{frame}"]
+        region = regions[frame] | regions[other]
+        wrong = ref_rgb + empty[..., :3] * (1 - ref_alpha[..., None])
+        assert _psnr(arrays[f"farm_{frame}"][..., :3][region], wrong[region]) < FARM_MIN_PSNR - 6
+
+
+def test_a_frame_without_its_baked_file_renders_magenta_not_empty(native_farm_runs):
+    _, _, (farm, arrays) = native_farm_runs
+    missing = farm["missing_frame"]
+    assert missing["points"] == missing["saved_points"] > 0 and missing["sh"] == []
+    assert farm["missing_frame_type"] == "FLOAT_COLOR"
+    # colour = C0 * sh0 + 0.5 (gsplat's SH basis): pink-magenta (1, 0.5, 1), opaque.
+    colour = 0.2820947917738781 * arrays["missing_base"][:, :3] + 0.5
+    np.testing.assert_allclose(colour, np.broadcast_to([1.0, 0.5, 1.0], colour.shape), atol=1e-5)
+    np.testing.assert_allclose(arrays["missing_base"][:, 3], 1.0)
+
+
+def test_pose_camera_and_range_changes_after_the_bake_are_named(native_farm_runs):
+    root, (baked, _), _ = native_farm_runs
+    stale = ["HDA_Avatar: frame 10: the pose changed since the bake"]
+    assert baked["check_stale_op"] == [["FINISHED"], None] and baked["check_stale"] == stale
+    assert baked["check_camera_range"] == ["HDA_Avatar: frame 1: the camera changed since the bake",
+                                           "HDA_Avatar: frame 10: the pose changed since the bake",
+                                           "HDA_Avatar: frame 19: no splat file: bake it"]
+    # hda check-blend's Blender side, on the file the farm process saved after changing the pose.
+    out = root / "check.json"
+    check = [str(BPY53_PYTHON), str(REPO / "blender_addon" / "check_blend_child.py"), str(REPO),
+             str(root / "scene" / "avatar.blend"), str(out)]
+    proc = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["avatars"] == 1 and report["lines"] == stale, report
+    # The same file saved with its modifier off (e.g. after the add-on was disabled): named too.
+    off = root / "off.py"
+    off.write_text("import bpy\nbpy.ops.wm.open_mainfile(filepath=%r)\n"
+                   "next(o for o in bpy.data.objects if o.type == 'POINTCLOUD').modifiers['HDA Farm Splats']"
+                   ".show_render = False\nbpy.ops.wm.save_mainfile()\n" % str(root / "scene" / "avatar.blend"))
+    subprocess.run([str(BPY53_PYTHON), str(off)], capture_output=True, check=True, timeout=300)
+    subprocess.run(check, capture_output=True, check=True, timeout=300)
+    assert json.loads(out.read_text())["lines"] == [
+        "HDA_Avatar: its 'HDA Farm Splats' modifier is off in the saved file, so a farm renders the pose saved in "
+        "it: save the file with the add-on enabled"] + stale

@@ -16,6 +16,7 @@ from hda_backend.errors import HDAError
 from hda_backend.export_ply import (PROPERTIES, YUP_TO_ZUP, output_paths, parse_frames, transform_gaussians,
                                     write_ply)
 from hda_backend.motion import procedural
+from hda_backend.ply_comments import read_comments
 from hda_backend.render.camera import intrinsics, look_at
 from hda_backend.render.frames import render_gaussians
 
@@ -115,6 +116,28 @@ def test_plyfile_reads_the_same_values(tmp_path):
     ours = read_ply(path)
     for name in PROPERTIES:
         assert np.array_equal(vertex[name], ours[name]), name
+
+
+def test_header_comments_are_read_back_and_leave_the_values(tmp_path):
+    plyfile = pytest.importorskip("plyfile")
+    g = random_gaussians(20, seed=4)
+    key = '{"camera": "AAA=", "identity": "ab12", "version": 1}'
+    path = write_ply(tmp_path / "g.ply", g, {"hdaBakeKey": key, "other": "two words"})
+    assert read_comments(path) == {"hdaBakeKey": key, "other": "two words"}
+    ply = plyfile.PlyData.read(str(path))  # an independent reader sees the same comments and values
+    assert ply.comments == [f"hdaBakeKey {key}", "other two words"]
+    plain = read_ply(write_ply(tmp_path / "plain.ply", g))
+    assert read_comments(tmp_path / "plain.ply") == {}
+    for name in PROPERTIES:
+        assert np.array_equal(ply["vertex"][name], plain[name]), name
+    with pytest.raises(HDAError, match="one line of ASCII"):
+        write_ply(tmp_path / "bad.ply", g, {"hdaBakeKey": "two\nlines"})
+    assert not (tmp_path / "bad.ply").exists()
+    (tmp_path / "text.ply").write_text("not a ply file")
+    with pytest.raises(HDAError, match="text.ply: not a PLY file"):
+        read_comments(tmp_path / "text.ply")
+    with pytest.raises(HDAError, match="missing.ply: cannot read"):
+        read_comments(tmp_path / "missing.ply")
 
 
 def test_sh_convention_matches_the_reference_implementation(tmp_path):
