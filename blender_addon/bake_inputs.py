@@ -6,27 +6,12 @@ read the same values the same way.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..hda_backend import bake_key
 from ..hda_backend.errors import HDAError
-from . import runtime, session
-
-
-def _file_sha256(path: str) -> str:
-    """SHA-256 of an avatar file, remembered per (path, modification time, size) for the session."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise HDAError(f"avatar file not found: {path}") from None
-    stamp = (st.st_mtime_ns, st.st_size)
-    known = session.caches.file_hashes.get(path)
-    if known is None or known[0] != stamp:
-        known = (stamp, bake_key.file_sha256(path))
-        session.caches.file_hashes[path] = known
-    return known[1]
+from . import runtime
+from .paths import file_sha256
 
 
 def identity(obj, width: int, height: int) -> str:
@@ -36,7 +21,7 @@ def identity(obj, width: int, height: int) -> str:
     h = obj.hda
     path = runtime.abspath(h.avatar_path.strip())
     if path:
-        source = {"file": _file_sha256(path)}
+        source = {"file": file_sha256(path, "avatar file")}
     else:
         mixed = h.identity_mix > 0 and h.seed_b != h.seed
         source = {"seed": h.seed, "seed_b": h.seed_b if mixed else None,

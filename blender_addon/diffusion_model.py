@@ -6,12 +6,11 @@ bundles (:data:`DEFAULT_MODEL`, ``assets/default/diffusion.safetensors`` in the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from ..hda_backend.errors import HDAError
 from . import session
-from .paths import EXT_ROOT
+from .paths import EXT_ROOT, file_sha256
 
 DEFAULT_MODEL = os.path.join("assets", "default", "diffusion.safetensors")
 ENV_MODEL = "HDA_DIFFUSION_MODEL"
@@ -53,18 +52,6 @@ def load_model(path: str, device: str = "cpu"):
 
 
 def model_digest(path: str) -> str:
-    """sha256 (hex) of the model file, computed once per session and file version: what sampled
-    identity files are addressed by (identity.py)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise HDAError(f"diffusion model file not found: {path}") from None
-    stamp = (st.st_mtime_ns, st.st_size)
-    cached = session.models.digests.get(path)
-    if cached is None or cached[0] != stamp:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        session.models.digests[path] = (stamp, h.hexdigest())
-    return session.models.digests[path][1]
+    """sha256 (hex) of the model file, once per session and file version: what sampled identity files
+    are addressed by (identity.py)."""
+    return file_sha256(path, "diffusion model file")

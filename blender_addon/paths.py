@@ -10,11 +10,31 @@ import hashlib
 import os
 import shutil
 
+from ..hda_backend.constants import AVATAR_SUFFIX
+from ..hda_backend.errors import HDAError
+from . import session
+
 # The extension's root folder (holds hda_backend/, blender_addon/, operators/).
 EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVATAR_DIR = "hda_avatars"   # new avatar files, beside the saved .blend
-AVATAR_SUFFIX = ".hda.safetensors"
 DIGEST_CHARS = 12            # hex digits of a copy's sha256 that tell two same-named avatar files apart
+
+
+def file_sha256(path: str, what: str) -> str:
+    """Hex SHA-256 of a file, remembered per (path, modification time, size) for the session
+    (session.caches.file_hashes): avatar files for bake keys, diffusion models for sampled identities'
+    file names. ``what`` names the file in the error when it is missing ("avatar file", ...)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise HDAError(f"{what} not found: {path}") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    known = session.caches.file_hashes.get(path)
+    if known is None or known[0] != stamp:
+        with open(path, "rb") as fh:
+            known = (stamp, hashlib.file_digest(fh, "sha256").hexdigest())
+        session.caches.file_hashes[path] = known
+    return known[1]
 
 
 def addon_id() -> str:

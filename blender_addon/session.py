@@ -14,7 +14,7 @@ never saved into a .blend or userpref.blend.
 - :data:`render`: whether Blender is rendering (handlers.py).
 - :data:`native`: what each native splat object holds now (native.py, Blender ≥ 5.3).
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
-- :data:`models`: loaded diffusion models and their file digests (Sample Identity; diffusion_model.py).
+- :data:`models`: loaded diffusion models (Sample Identity; diffusion_model.py).
 - :data:`identity`: live identity samples running on worker threads, and the requests waiting (identity.py).
 - :data:`farm`: the last *Check for Farm* result (farm.py), for the sidebar.
 - :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
@@ -59,7 +59,7 @@ class Caches(_Part):
     errors: dict = field(default_factory=dict)       # object key -> last error line, for the sidebar
     timings: dict = field(default_factory=dict)      # object key -> {stage: ms} of the last frame rendered
     stats: dict = field(default_factory=lambda: {"hits": 0, "misses": 0})
-    file_hashes: dict = field(default_factory=dict)  # avatar file path -> ((mtime_ns, size), sha256), bake keys
+    file_hashes: dict = field(default_factory=dict)  # file path -> ((mtime_ns, size), sha256): avatar files, models (paths.file_sha256)
 
     def add_frame(self, key, rgba, depth, budget: int) -> None:
         """Keep a rendered frame within ``budget`` bytes, dropping the least recently used ones; a
@@ -139,7 +139,6 @@ class Fit(_Part):
 @dataclass
 class Models(_Part):
     loaded: dict = field(default_factory=dict)       # path -> ((mtime, size), DiffusionModel)
-    digests: dict = field(default_factory=dict)      # path -> ((mtime, size), sha256 hex of the file)
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 
 import numpy as np
 
@@ -38,15 +37,6 @@ REASONS = {                          # why a frame's layer is stale, by what cha
 }
 NOT_BAKED = "a placeholder, not baked: bake it"
 MISSING = "no layer file: bake it"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def identity_digest(fields: dict) -> str:

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from build_extension import build_or_report  # scripts/ is sys.path[0] when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 ADDON = "bl_ext.user_default.hda_avatars"
 
@@ -89,12 +91,9 @@ def main(argv=None) -> int:
         _child(args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        build = subprocess.run([sys.executable, str(REPO / "scripts" / "build_extension.py"), "--output-dir", tmp],
-                               capture_output=True, text=True)
-        if build.returncode != 0:
-            print(build.stdout + build.stderr, file=sys.stderr)
+        zip_path = build_or_report(Path(tmp))
+        if zip_path is None:
             return 1
-        zip_path = next(Path(tmp).glob("*.zip"))
         cold = _run(args, "cold", Path(tmp) / "user_cold", zip_path)
         warm = _run(args, "warmup", Path(tmp) / "user_warm", zip_path)
         after = _run(args, "after", Path(tmp) / "user_warm", zip_path)

@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from build_extension import build_or_report  # scripts/ is sys.path[0] when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 ADDON = "bl_ext.user_default.hda_avatars"
 VIEWPORT = (1280, 720)
@@ -351,13 +353,10 @@ def main(argv=None) -> int:
         _child(args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        build = subprocess.run([sys.executable, str(REPO / "scripts" / "build_extension.py"), "--output-dir", tmp],
-                               capture_output=True, text=True)
-        if build.returncode != 0:
-            print(build.stdout + build.stderr, file=sys.stderr)
+        zip_path = build_or_report(Path(tmp))
+        if zip_path is None:
             return 1
         env = dict(os.environ, BLENDER_USER_RESOURCES=str(Path(tmp) / "user"), OMP_WAIT_POLICY="PASSIVE")
-        zip_path = next(Path(tmp).glob("*.zip"))
         cmd = [sys.executable, __file__, "--preset", args.preset, "--size", str(args.size),
                "--frames", str(args.frames), "--zip", str(zip_path)]
         return subprocess.run(cmd, env=env).returncode

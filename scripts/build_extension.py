@@ -116,16 +116,24 @@ def build(output_dir: Path, stage_dir: Path | None = None, blender: str | None =
     return zip_path
 
 
+def build_or_report(output_dir: Path, stage_dir: Path | None = None, blender: str | None = None) -> Path | None:
+    """:func:`build`, or None after one line on stderr saying why not (for this script and the benchmarks
+    that install the zip into a fresh Blender)."""
+    try:
+        return build(output_dir, stage_dir, blender)
+    except BuildError as exc:
+        print(f"build_extension: error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=REPO / "dist")
     parser.add_argument("--stage-dir", type=Path, default=None, help="default: <output-dir>/stage")
     parser.add_argument("--blender", help="a Blender executable to build/validate with instead of the bpy wheel")
     args = parser.parse_args(argv)
-    try:
-        zip_path = build(args.output_dir, args.stage_dir, args.blender)
-    except BuildError as exc:
-        print(f"build_extension: error: {exc}", file=sys.stderr)
+    zip_path = build_or_report(args.output_dir, args.stage_dir, args.blender)
+    if zip_path is None:
         return 1
     print(f"{zip_path} ({zip_path.stat().st_size / 1024:.1f} KiB), validated")
     return 0

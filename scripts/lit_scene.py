@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from build_extension import build_or_report  # scripts/ is sys.path[0] when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 24     # one walk cycle
 FRAME = 9       # mid-stride
@@ -91,10 +93,8 @@ def main(argv=None) -> int:
 
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
-        build = subprocess.run([sys.executable, str(REPO / "scripts" / "build_extension.py"), "--output-dir", tmp],
-                               capture_output=True, text=True)
-        if build.returncode != 0:
-            print(build.stdout + build.stderr, file=sys.stderr)
+        zip_path = build_or_report(Path(tmp))
+        if zip_path is None:
             return 1
         clip = procedural("walk", frames=FRAMES, fps=24.0)
         motion = Path(tmp) / "walk.npz"

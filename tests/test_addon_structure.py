@@ -340,3 +340,19 @@ def test_duplicated_avatars_get_their_own_uid_and_the_original_keeps_its(ext):
     assert uids[0] == "u1" and uids[3] == "u2" and rig.hda.uid == "u1" and len(set(uids)) == 5
     assert all(len(u) == 12 and int(u, 16) >= 0 for u in uids[1:3] + uids[4:])
     assert objects.ensure_unique_uids([copy2, other, copy, original, rig, blank]) == []
+
+
+def test_file_digests_are_hashlibs_and_follow_the_file(ext, tmp_path):
+    import hashlib
+
+    paths, session = ext("blender_addon.paths"), ext("blender_addon.session")
+    errors = ext("hda_backend.errors")
+    session.reset()
+    f = tmp_path / "a.hda.safetensors"
+    f.write_bytes(b"person one")
+    assert paths.file_sha256(str(f), "avatar file") == hashlib.sha256(b"person one").hexdigest()
+    f.write_bytes(b"person number two")  # a new size: the remembered digest must not be reused
+    assert paths.file_sha256(str(f), "avatar file") == hashlib.sha256(b"person number two").hexdigest()
+    with pytest.raises(errors.HDAError, match="diffusion model file not found: .*gone"):
+        paths.file_sha256(str(tmp_path / "gone"), "diffusion model file")
+    session.reset()

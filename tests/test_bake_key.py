@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import pytest
@@ -47,12 +46,6 @@ def test_identity_digest_is_canonical_and_covers_every_field():
     base = {"file": "ab", "body": "", "shading": "flat", "size": [4, 5]}
     for field, value in (("file", "ac"), ("body", "//b.npz"), ("shading", "clay"), ("size", [5, 4])):
         assert bake_key.identity_digest({**base, field: value}) != a
-
-
-def test_file_sha256_is_hashlibs(tmp_path):
-    data = np.random.default_rng(1).bytes(3 << 20)
-    (tmp_path / "f").write_bytes(data)
-    assert bake_key.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
 
 def test_frame_ranges_and_summaries():
