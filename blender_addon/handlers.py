@@ -128,7 +128,29 @@ def on_save_pre(filepath="", *_):
         _guarded(bpy.context.scene, lambda: _store_paths(target), False)
 
 
+@persistent
+def on_save_post(filepath="", *_):
+    """After File › Save Copy the open file is still the original, so the paths stored for the copy go
+    back to what they were and the compositor reads the original's layers again."""
+    before, session.render.before_save = session.render.before_save, None
+    if before is None or os.path.abspath(before[0]) == os.path.abspath(bpy.data.filepath or before[0]):
+        return
+    _guarded(bpy.context.scene, lambda: _restore_paths(before[1]), False)
+
+
+def _restore_paths(values) -> None:
+    for name, prop, value in values:
+        obj = bpy.data.objects.get(name)
+        if obj is not None and obj.hda.is_avatar:
+            setattr(obj.hda, prop, value)
+    if bpy.data.filepath:
+        for scene in bpy.data.scenes:
+            compositor.retarget(scene, bpy.data.filepath)
+
+
 def _store_paths(target: str) -> None:
+    values = []
+    session.render.before_save = (target, values)
     for obj in bpy.data.objects:
         if obj.type != 'ARMATURE' or not obj.hda.is_avatar:
             continue
@@ -136,6 +158,7 @@ def _store_paths(target: str) -> None:
             value = getattr(obj.hda, prop).strip()
             if not value:
                 continue
+            values.append((obj.name, prop, getattr(obj.hda, prop)))
             absolute = bpy.path.abspath(value)
             if prop == "avatar_path":
                 absolute = _keep_with_blend(obj, absolute, target)
@@ -155,6 +178,7 @@ HANDLERS = (
     ("render_cancel", on_render_done),
     ("load_post", on_load_post),
     ("save_pre", on_save_pre),
+    ("save_post", on_save_post),
 )
 
 

@@ -114,6 +114,7 @@ class Viewport(_Part):
 class Render(_Part):
     rendering: bool = False          # between render_pre and render_post/complete/cancel
     hidden_proxies: list = field(default_factory=list)  # shadow-only proxies hidden for a Workbench render
+    before_save: tuple | None = None  # (target, [(object name, property, value)]) between save_pre and save_post
 
 
 @dataclass

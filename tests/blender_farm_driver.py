@@ -163,6 +163,12 @@ def phase_stale():
     report["b_baked"] = check()
     report["a_untouched"] = file_bytes(a_blend, uid) == a_bytes
 
+    # File > Save Copy into another folder: the open file stays B, with B's paths and layers.
+    copy_blend = os.path.join(os.path.dirname(b_blend), "copies", "C.blend")
+    os.makedirs(os.path.dirname(copy_blend), exist_ok=True)
+    bpy.ops.wm.save_as_mainfile(filepath=copy_blend, copy=True)
+    report["save_copy"] = [bpy.data.filepath == b_blend, image.filepath, check()]
+
     # Shift+D on the avatar and its proxy.
     for other in bpy.context.view_layer.objects.selected:
         other.select_set(False)
