@@ -18,7 +18,10 @@ is changing (navigation, playback) the avatar renders at :data:`NAV_SCALE` of th
 both have been still for :data:`SETTLE_S` a timer asks for one full-resolution redraw. The worker
 keeps the Gaussians of the last pose, so orbiting around a still avatar only re-rasterizes (the UNet
 does not run again), and the last image and its GPU textures are kept per region, so a redraw with
-nothing changed (a hover, a click elsewhere) draws the cached textures.
+nothing changed (a hover, a click elsewhere) draws the cached textures. While moving, requests also
+allow the level of detail of hda_backend.preview.PoseStage (the last UNet output re-skinned to the new
+pose, the UNet on every REFRESH_FRAMES-th frame); the settled redraw asks for full quality, so the
+image left on screen once the playhead stops is the full path's.
 
 Orthographic views are drawn through a pinhole camera pulled far back along the view axis (the
 rasterizer is perspective only); its depth is shifted back into the orthographic view's.
@@ -155,10 +158,11 @@ def read_pose(obj, depsgraph):
     return pose, transl, _digest(pose, transl)
 
 
-def request_for(obj, depsgraph, posed, view, proj, width: int, height: int):
+def request_for(obj, depsgraph, posed, view, proj, width: int, height: int, lod: bool = False):
     """(preview.PreviewRequest, depth shift) of the avatar ``obj`` at ``posed`` (from :func:`read_pose`),
-    seen by a view (view [4,4], projection [4,4] matrices) at width x height: everything is read from
-    Blender here, on the main thread, so the worker gets arrays only."""
+    seen by a view (view [4,4], projection [4,4] matrices) at width x height; lod: the worker may
+    re-skin its last UNet output (while moving). Everything is read from Blender here, on the main
+    thread, so the worker gets arrays only."""
     from ..hda_backend import rig
     from ..hda_backend.preview import PreviewRequest
 
@@ -168,7 +172,7 @@ def request_for(obj, depsgraph, posed, view, proj, width: int, height: int):
     matrix = np.array(obj.evaluated_get(depsgraph).matrix_world)
     viewmat, K, shift = rig.viewport_camera(view, proj, width, height, matrix)
     request = PreviewRequest(fast, pose, transl, pose_key, viewmat, K, int(width), int(height),
-                             runtime.shading(obj), avatar.gaussian_config.sh_degree)
+                             runtime.shading(obj), avatar.gaussian_config.sh_degree, lod)
     return request, shift
 
 
@@ -256,11 +260,12 @@ def _draw():
                 state.last_pose[key] = last = (pose_key, now)
             moving = now - max(seen["changed"], last[1]) < SETTLE_S
             width, height = render_size(region.width, region.height, moving)
-            layer_key = (view_key, pose_key, runtime.signature(obj), width, height, runtime.shading(obj))
+            # moving is in the key: the settled redraw asks for full quality even at the same size
+            layer_key = (view_key, pose_key, runtime.signature(obj), width, height, runtime.shading(obj), moving)
             drawn = state.drawn.get(slot)
             asked = state.requested.get(slot)
             if (drawn is None or drawn[0] != layer_key) and (asked is None or asked != layer_key):
-                request, shift = request_for(obj, depsgraph, posed, view[0], view[1], width, height)
+                request, shift = request_for(obj, depsgraph, posed, view[0], view[1], width, height, moving)
                 meta = (layer_key, rig.depth_terms(view[1]), shift, now, width / max(1, region.width))
                 _worker(slot).submit(meta, request)  # a request still waiting there is dropped
                 state.requested[slot] = layer_key

@@ -8,6 +8,7 @@ the worker give the same images as the serial path (render_preview) and as the a
 from __future__ import annotations
 
 import ast
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from hda_backend.errors import HDAError
 from hda_backend.latest import LatestWins
-from hda_backend.preview import PoseStage, PreviewRequest, raster_stage, render_preview
+from hda_backend.preview import REFRESH_FRAMES, PoseStage, PreviewRequest, raster_stage, render_preview
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: only a bound for a broken worker; nothing here depends on it
@@ -164,9 +165,9 @@ def test_an_unchanged_pose_is_not_evaluated_again(avatar):
     class Counting(RealtimeAvatar):
         calls = 0
 
-        def __call__(self, pose, transl=None):
+        def raw_output(self, pose):
             Counting.calls += 1
-            return super().__call__(pose, transl)
+            return super().raw_output(pose)
 
     fast = Counting(avatar, "float32")
     first, second = _requests(fast, 2)
@@ -175,6 +176,75 @@ def test_an_unchanged_pose_is_not_evaluated_again(avatar):
     _, again = stage(first)
     stage(second)
     assert Counting.calls == 2 and again is g1
+
+
+class _FakeFast:
+    """A stand-in for RealtimeAvatar that records which pose's UNet output skins which pose."""
+
+    def __init__(self):
+        self.log = []
+
+    def raw_output(self, pose):
+        self.log.append(("unet", int(pose[0])))
+        return f"raw{int(pose[0])}", "posed"
+
+    def skin(self, raw, pose, transl=None, posed=None):
+        self.log.append(("skin", raw, int(pose[0])))
+        return (raw, int(pose[0]))
+
+
+def _fake(fast, frame: int, lod: bool) -> PreviewRequest:
+    pose = np.full(165, frame, np.float32)
+    return PreviewRequest(fast, pose, np.zeros(3, np.float32), pose.tobytes(), np.eye(4), np.eye(3), 8, 8,
+                          "flat", 1, lod)
+
+
+def test_the_level_of_detail_reskins_and_refreshes_the_unet_every_nth_frame():
+    """Playback (lod requests): the UNet runs on frames 0, 4, 8; frames between re-skin the last UNet
+    output. A request without lod (the playhead stopped) always gets its own pose's UNet output, even
+    when the lod one of that pose was just re-skinned; an lod request of a pose whose own output is at
+    hand is that output's Gaussians."""
+    fast = _FakeFast()
+    stage = PoseStage(refresh_frames=4)
+    got = [stage(_fake(fast, f, True))[1] for f in range(10)]
+    assert got == [("raw0", 0), ("raw0", 1), ("raw0", 2), ("raw0", 3), ("raw4", 4), ("raw4", 5), ("raw4", 6),
+                   ("raw4", 7), ("raw8", 8), ("raw8", 9)]
+    assert [e for e in fast.log if e[0] == "unet"] == [("unet", 0), ("unet", 4), ("unet", 8)]
+    assert stage.unet_runs == 3
+    assert stage(_fake(fast, 9, False))[1] == ("raw9", 9)           # stopped: full quality
+    assert stage(_fake(fast, 9, False))[1] == ("raw9", 9) and stage.unet_runs == 4   # cached now
+    assert stage(_fake(fast, 9, True))[1] == ("raw9", 9) and stage.unet_runs == 4    # exact is fine for lod
+    assert stage(_fake(fast, 10, True))[1] == ("raw9", 10)          # playback resumes from that output
+    other = _FakeFast()                                              # another avatar: its own UNet first
+    assert stage(_fake(other, 11, True))[1] == ("raw11", 11)
+    assert [stage(_fake(fast, f, False))[1] for f in (12, 13)] == [("raw12", 12), ("raw13", 13)]
+    assert PoseStage().refresh_frames == REFRESH_FRAMES
+
+
+def test_when_playback_stops_the_shown_image_is_the_full_paths(avatar):
+    """Through the worker: a played clip (lod requests) shows re-skinned frames that differ from the full
+    path, and the request sent once the playhead stops (same pose, no lod) shows the full path's image."""
+    from hda_backend.avatar.realtime import RealtimeAvatar
+
+    fast = RealtimeAvatar(avatar, "float32")
+    requests = _requests(fast, 6)
+    worker = LatestWins([PoseStage(), raster_stage])
+    try:
+        shown = []
+        for request in requests:
+            seq = worker.submit(request.pose_key, dataclasses.replace(request, lod=True))
+            assert worker.wait(lambda w: w.finished_seq() == seq, 60.0)
+            shown.append(worker.latest().value)
+        full = [render_preview(r) for r in requests]
+        differs = [not np.array_equal(s[0], f[0]) for s, f in zip(shown, full)]
+        assert differs == [False, True, True, True, False, True]     # the UNet ran on frames 0 and 4
+        seq = worker.submit(requests[-1].pose_key, requests[-1])      # stopped on the last frame
+        assert worker.wait(lambda w: w.finished_seq() == seq, 60.0)
+        rgba, depth = worker.latest().value
+        np.testing.assert_array_equal(rgba, full[-1][0])
+        np.testing.assert_array_equal(depth, full[-1][1])
+    finally:
+        worker.close()
 
 
 def test_no_blender_data_reaches_the_worker():

@@ -3,6 +3,8 @@
 - hda_backend.avatar.realtime.RealtimeAvatar against Avatar in float32: maps, Gaussians, and renders of
   the bundled reference avatars and a sampled identity within PSNR_FLOOR_DB (40 dB);
 - its sparse vertex normals against body.vertex_normals;
+- the viewport's level of detail (RealtimeAvatar.skin of an earlier pose's UNet output): exactly the
+  fast path with the same pose's output, within PSNR_LOD_FLOOR_DB of it a few frames of a walk later;
 - hda_backend.layer.to_layer against to_layer_reference;
 - hda_backend.exr's threaded chunk compression against the same chunks compressed one by one.
 """
@@ -24,6 +26,7 @@ from hda_backend.diffusion.weights import write_avatar
 from hda_backend.fit.losses import psnr
 from hda_backend.layer import DEPTH_FAR, to_layer, to_layer_reference
 from hda_backend.motion import procedural
+from hda_backend.preview import PSNR_LOD_FLOOR_DB, REFRESH_FRAMES
 from hda_backend.render.camera import intrinsics, look_at
 from hda_backend.render.frames import render_gaussians
 
@@ -83,6 +86,45 @@ def test_bf16_fast_path_renders_trained_avatars_within_the_floor(body, sampled, 
         mine = render_gaussians(fast(poses[frame]), view, K, size, size)[0]
         worst = min(worst, float(psnr(mine, ref)))
     assert PSNR_FLOOR_DB < worst < 150.0, worst
+
+
+@torch.inference_mode()
+def test_reskinning_a_poses_own_unet_output_is_the_fast_path_exactly(body):
+    """skin(raw_output(pose)) is __call__ (bit for bit, with the posed template reused or recomputed),
+    and __call__ is still the float32 twin, Avatar itself."""
+    avatar = load_avatar(REFERENCES[1], body).eval()
+    fast = RealtimeAvatar(avatar, "float32")
+    gen = torch.Generator().manual_seed(4)
+    pose, transl = 0.3 * torch.randn(165, generator=gen), torch.tensor([0.2, 0.1, -0.3])
+    raw, posed = fast.raw_output(pose)
+    assert raw.shape == (1, avatar.layout.texels.shape[0], 59)
+    for mine, again, full, ref in zip(fast.skin(raw, pose, transl), fast.skin(raw, pose, transl, posed),
+                                      fast(pose, transl), avatar(pose.reshape(1, 55, 3), transl[None]).index(0)):
+        assert torch.equal(mine, full) and torch.equal(again, full)
+        torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", [p.name for p in REFERENCES])
+@torch.inference_mode()
+def test_reskinned_nearby_frames_render_within_the_lod_floor(body, which):
+    """The level of detail: frame k's UNet output skinned to frame k + d of a walk at 24 fps
+    (d < REFRESH_FRAMES, as the viewport's pose stage allows) renders within PSNR_LOD_FLOOR_DB of the full
+    path at k + d, and really differs from it (the pose-dependent detail is stale)."""
+    avatar = load_avatar(DEFAULT / "references" / which, body).eval()
+    fast = RealtimeAvatar(avatar, "float32")
+    clip = procedural("walk", 24, 24.0)
+    size = 128
+    K = intrinsics(size, size, 35.0)
+    view = look_at(torch.tensor([0.4, 0.3, 3.2]), torch.tensor([0.0, -0.1, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    worst, best = float("inf"), 0.0
+    for k in range(0, 24, 4):
+        raw, _ = fast.raw_output(clip.poses[k])
+        for d in range(1, REFRESH_FRAMES):
+            pose = clip.poses[(k + d) % 24]
+            full = render_gaussians(fast(pose), view, K, size, size)[0]
+            value = float(psnr(render_gaussians(fast.skin(raw, pose), view, K, size, size)[0], full))
+            worst, best = min(worst, value), max(best, value)
+    assert worst >= PSNR_LOD_FLOOR_DB and best < 80.0, (worst, best)
 
 
 def test_fast_layer_equals_the_reference_layer():

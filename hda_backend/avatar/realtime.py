@@ -89,19 +89,39 @@ class RealtimeAvatar:
         flat[self.texels] = texel
         return flat.reshape(1, res, res, 6).permute(0, 3, 1, 2), posed
 
-    def __call__(self, pose, transl=None) -> Gaussians:
-        """pose [165] or [1,55,3] axis-angle; transl [3] or None -> Gaussians of one frame (no batch
-        dimension), like ``avatar(pose, transl).index(0)``. Run under ``torch.inference_mode``."""
+    def _pose(self, pose) -> torch.Tensor:
+        return torch.as_tensor(pose, dtype=torch.float32, device=self.device).reshape(1, 55, 3)
+
+    def raw_output(self, pose):
+        """pose [165] or [1,55,3] -> (raw [1,M,59], the posed template): the UNet's per-texel output for
+        this pose (its pose-dependent part; global orientation and translation do not enter it), in
+        float32, with the posed template :meth:`skin` reuses. Run under ``torch.inference_mode``."""
         avatar = self.avatar
-        pose = torch.as_tensor(pose, dtype=torch.float32, device=self.device).reshape(1, 55, 3)
-        if transl is not None:
-            transl = torch.as_tensor(transl, dtype=torch.float32, device=self.device).reshape(1, 3)
-        maps, posed = self.pose_inputs(pose)
+        maps, posed = self.pose_inputs(self._pose(pose))
         if avatar.static:
             maps = avatar._rest_maps(maps).contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device)():
             out = avatar.unet(maps)
         # [1,59,R,R] -> [1,M,59]: a texel's channels are contiguous in channels-last memory.
-        raw = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])[self.texels].float()[None]
+        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])[self.texels].float()[None], posed
+
+    def skin(self, raw: torch.Tensor, pose, transl=None, posed=None) -> Gaussians:
+        """raw [1,M,59] from :meth:`raw_output` of this pose or another one; pose, transl as
+        :meth:`__call__`; posed: the posed template of this pose when already at hand -> Gaussians of
+        one frame: ``gaussians.decode`` with this pose's skinning (pose correctives and transforms).
+        With the raw output of the same pose this is :meth:`__call__` exactly; with an earlier pose's it
+        is the viewport's level of detail during playback (hda_backend.preview), which costs no UNet."""
+        avatar = self.avatar
+        pose = self._pose(pose)
+        if transl is not None:
+            transl = torch.as_tensor(transl, dtype=torch.float32, device=self.device).reshape(1, 3)
+        if posed is None:
+            posed = pose_body(avatar.body, local_pose(pose))
         transforms = global_transform(avatar.body, pose, transl)[:, None] @ posed.transforms
         return decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
+
+    def __call__(self, pose, transl=None) -> Gaussians:
+        """pose [165] or [1,55,3] axis-angle; transl [3] or None -> Gaussians of one frame (no batch
+        dimension), like ``avatar(pose, transl).index(0)``. Run under ``torch.inference_mode``."""
+        raw, posed = self.raw_output(pose)
+        return self.skin(raw, pose, transl, posed)
