@@ -34,6 +34,9 @@ PREDICTIONS = ("x0", "eps", "v")                    # diffusion.prediction: what
 # steps) takes about 10 h at 20 steps/s, and slower GPUs several times that.
 FIT_ALL_WAIT_HOURS = 72.0
 
+# ----------------------------------------------------------------------------------------- blender
+NATIVE_BLENDER_MIN = (5, 3, 0)  # the first Blender with Gaussian-splat point clouds (the add-on's native path)
+
 # --------------------------------------------------------------------------------------------- limits
 MAX_SAMPLES = 100_000        # avatars one sampling call draws: `hda sample --n`, the weight-space baselines
 MAX_EVAL_SAMPLES = 1000      # samples per row of `hda eval-gen` (each one is rendered and compared)
@@ -45,4 +48,3 @@ def spoken_list(names) -> str:
     """``a, b or c``: the names as the one-line errors list what is expected."""
     names = [str(n) for n in names]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-NATIVE_BLENDER_MIN = (5, 3, 0)  # the first Blender with Gaussian-splat point clouds (the add-on's native path)

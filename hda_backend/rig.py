@@ -474,4 +474,3 @@ def is_uniform_scale(scale) -> bool:
     the only world transforms a Gaussian survives without shearing."""
     scale = np.asarray(scale, dtype=np.float64)
     return bool((scale > 0).all() and np.abs(scale - scale.mean()).max() <= 1e-4 * np.abs(scale).max())
-

@@ -14,6 +14,7 @@ from hda_backend.avatar.model import Avatar
 from hda_backend.avatar.unet import UNetConfig
 from hda_backend.avatar.gaussians import GaussianConfig
 from hda_backend.body import load_body
+from hda_backend.body.parts import parts_of_weights
 from hda_backend.devices import DeviceError, DeviceGuard, parse_device, rank_device, resolve_device
 from hda_backend.errors import HDAError
 from hda_backend.fit.losses import photometric_loss
@@ -165,6 +166,14 @@ def test_a_render_frame_and_its_loss_stay_on_the_avatar_device(body, monkeypatch
         loss, terms = photometric_loss(rgb, alpha[..., 0], image, mask, weights)
     assert calls == [{META}] and rgb.shape == (12, 16, 3) and loss.device == META
     assert set(terms) == {"l1", "ssim", "mask"} and all(t.device == META for t in terms.values())
+
+
+def test_body_parts_of_an_avatar_stay_on_its_device(body):
+    # eval-gen labels the parts of an avatar on its device (diffusion.gallery): the joint->part matrix follows.
+    avatar = Avatar.from_init(body, 32, TINY, GaussianConfig(), seed=0).to("meta")
+    with DeviceGuard("meta"):
+        parts = parts_of_weights(avatar.binding.weights)
+    assert parts.device == META and parts.shape == (avatar.num_gaussians,)
 
 
 # ---------------------------------------------------------------------------------------------------

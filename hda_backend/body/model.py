@@ -33,7 +33,7 @@ _HOW_TO_FIX = (
 
 @dataclass(frozen=True)
 class BodyModel:
-    """Arrays of an SMPL-X-format body as float32/long tensors (loaded on the CPU; see :meth:`to`).
+    """Arrays of an SMPL-X-format body as float32/long tensors (loaded on the CPU; see :meth:`apply`).
 
     v_template [V,3] rest T-pose in metres (Y up, facing +Z); faces [F,3]; vt [T,2] and ft [F,3] the UV
     atlas (ft in the same face order as faces); J_regressor [55,V]; weights [V,55]; parents [55] (root -1);
@@ -53,12 +53,9 @@ class BodyModel:
     sha256: str
     path: str
 
-    def to(self, device: str | torch.device) -> "BodyModel":
-        """The same body with its arrays on ``device`` (``Avatar.to`` moves its body this way)."""
-        return self.apply(lambda t: t.to(device))
-
     def apply(self, fn) -> "BodyModel":
-        """The same body with ``fn`` applied to every array (nn.Module._apply's tensor function)."""
+        """The same body with ``fn`` applied to every array (``Avatar.to`` moves its body this way, with
+        nn.Module._apply's tensor function)."""
         return map_tensors(self, fn)
 
     @property

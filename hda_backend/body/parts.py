@@ -43,10 +43,10 @@ def joint_part(name: str) -> str:
 JOINT_PARTS: tuple[int, ...] = tuple(PARTS.index(joint_part(n)) for n in JOINT_NAMES)  # [55] part index
 
 
-def part_matrix() -> torch.Tensor:
-    """[55, P] float32: 1 where joint j belongs to part p."""
-    m = torch.zeros(NUM_JOINTS, len(PARTS))
-    m[torch.arange(NUM_JOINTS), torch.tensor(JOINT_PARTS)] = 1.0
+def part_matrix(device: str | torch.device | None = None) -> torch.Tensor:
+    """[55, P] float32 on ``device`` (None: the CPU): 1 where joint j belongs to part p."""
+    m = torch.zeros(NUM_JOINTS, len(PARTS), device=device)
+    m[torch.arange(NUM_JOINTS, device=device), torch.tensor(JOINT_PARTS, device=device)] = 1.0
     return m
 
 
@@ -55,4 +55,4 @@ def parts_of_weights(weights: torch.Tensor) -> torch.Tensor:
     a tie goes to the lower index."""
     if weights.ndim != 2 or weights.shape[1] != NUM_JOINTS:
         raise HDAError(f"body parts: weights of shape {tuple(weights.shape)}, expected [M, {NUM_JOINTS}]")
-    return (weights.float() @ part_matrix()).argmax(dim=1)
+    return (weights.float() @ part_matrix(weights.device)).argmax(dim=1)  # on the weights' device (eval-gen on CUDA)
