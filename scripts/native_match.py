@@ -23,13 +23,10 @@ import torch
 
 from hda_backend import rig
 from hda_backend.avatar.io import load_avatar
+from hda_backend.layer import srgb_to_linear
 from hda_backend.body import load_body
 from hda_backend.native_splats import ATTRIBUTES, camera_dilation, splat_arrays
 from hda_backend.render.frames import render_gaussians
-
-
-def srgb_to_linear(c):
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
 def linear_to_srgb(x):

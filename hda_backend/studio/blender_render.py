@@ -14,7 +14,6 @@ CPU, and writes ``images/<cam>/<frame>.png`` (RGB over the background colour) an
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -23,10 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import layer  # numpy only: this process still never imports torch
+
 
 def srgb_to_linear(c):
-    c = np.asarray(c, dtype=np.float64)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    """The sRGB curve (hda_backend.layer's) of a spec's colour list, in float64."""
+    return layer.srgb_to_linear(np.asarray(c, dtype=np.float64))
 
 
 def save_png_atomic(path: Path, array: np.ndarray) -> None:
