@@ -183,7 +183,6 @@ def update(scene, depsgraph, avatars=None) -> list[str]:
             if splats is not None:
                 _fill(splats.data, {}, 0)
                 splats.update_tag(refresh={'DATA'})
-            session.native.written.pop(object_key(obj), None)
     return failures
 
 

@@ -7,7 +7,7 @@ import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import deps, session
-from .paths import EXT_ROOT, addon_id, user_dir  # noqa: F401 - EXT_ROOT: preferences.EXT_ROOT as before
+from .paths import addon_id, user_dir
 
 
 def get_prefs(context=None):

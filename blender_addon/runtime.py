@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from ..hda_backend.errors import HDAError
-from ..hda_backend.layer import ALPHA_EMPTY, DEPTH_FAR, to_layer  # noqa: F401 - the add-on's names for them
+from ..hda_backend.layer import ALPHA_EMPTY, to_layer  # noqa: F401 - ALPHA_EMPTY: viewport.py reads runtime.ALPHA_EMPTY
 from . import session
 from .objects import object_key
 
@@ -229,7 +229,7 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     """Render the avatar of ``obj`` at an SMPL-X pose through an OpenCV camera (no bpy evaluation).
 
     pose [165], transl [3] (body frame); viewmat [4,4] (body frame -> camera), K [3,3]. Returns
-    (rgba [H,W,4] float16 linear premultiplied, depth [H,W] float32 camera z, DEPTH_FAR where empty);
+    (rgba [H,W,4] float16 linear premultiplied, depth [H,W] float32 camera z, layer.DEPTH_FAR where empty);
     both read-only and shared with the frame cache. Colour is half precision because the layer file
     stores it so (exr.layer_channels): nothing is lost, and a cached frame costs 12 bytes a pixel, not 20.
     """
@@ -275,7 +275,7 @@ def render_avatar(obj, depsgraph, camera, width: int, height: int):
     """Render the avatar ``obj`` as posed in ``depsgraph`` through ``camera`` at width x height pixels.
 
     Returns (rgba [H,W,4] float16 linear premultiplied, depth [H,W] float32 camera z in scene units,
-    DEPTH_FAR where empty), read-only and cached by (avatar, pose, camera, resolution). Raises
+    layer.DEPTH_FAR where empty), read-only and cached by (avatar, pose, camera, resolution). Raises
     HDAError for bad input (missing file, no camera, a broken rig).
     """
     key = object_key(obj)

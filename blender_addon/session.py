@@ -91,7 +91,7 @@ class Viewport(_Part):
     gpu: dict = field(default_factory=dict)          # "shader", "batch": built lazily in the first draw
     views: dict = field(default_factory=dict)        # region pointer -> {"key": view key, "changed": time}
     workers: dict = field(default_factory=dict)      # (region, object key) -> hda_backend.latest.LatestWins
-    requested: dict = field(default_factory=dict)    # (region, object key) -> (layer key, submit time) last asked for
+    requested: dict = field(default_factory=dict)    # (region, object key) -> layer key last asked for
     shown: dict = field(default_factory=dict)        # (region, object key) -> seq of the worker's result uploaded
     drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, textures, terms, shift)
     stats: dict = field(default_factory=dict)        # object key -> {"ms": pose -> image ms, "scale": factor}
@@ -119,7 +119,7 @@ class Render(_Part):
 
 @dataclass
 class Native(_Part):
-    written: dict = field(default_factory=dict)      # object key -> (signature, pose digest) its splats hold
+    written: dict = field(default_factory=dict)      # object key -> (signature, pose, camera) its splats hold
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 import bpy
 from bpy.props import StringProperty
 
-from ..blender_addon.api import deps, probe, session
+from ..blender_addon.api import EXT_ROOT, deps, probe, session
 from ..blender_addon.api import preferences as prefs_mod
 
 CHECK_TIMEOUT_S = 180.0     # importing torch the first time after an install can be slow
@@ -49,7 +49,7 @@ def _finish_check(job):
 
 
 def start_check(context):
-    argv, env = probe.command(sys.path, prefs_mod.EXT_ROOT, prefs_mod.body_path(context))
+    argv, env = probe.command(sys.path, EXT_ROOT, prefs_mod.body_path(context))
     job = deps.Job(argv, env=env, describe=None, on_exit=_finish_check).start()
     session.backend.check_job = job
     return job
