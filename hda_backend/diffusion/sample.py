@@ -25,7 +25,6 @@ import math
 import time
 from typing import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm

@@ -14,7 +14,6 @@ CPU, and writes ``images/<cam>/<frame>.png`` (RGB over the background colour) an
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
