@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
