@@ -19,7 +19,8 @@ ALPHA_EMPTY = 1.0e-4    # below this coverage a pixel has no avatar depth
 
 
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    """sRGB-encoded values in [0,1] -> linear (the IEC 61966-2-1 curve)."""
+    """sRGB-encoded values in [0,1] (an array or a sequence) -> linear (the IEC 61966-2-1 curve)."""
+    c = np.asarray(c)
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 

@@ -43,13 +43,12 @@ import dataclasses
 import importlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from build_extension import build_or_report  # scripts/ is sys.path[0] when a script runs
+from build_extension import run_with_built_zip  # scripts/ is sys.path[0] when a script runs
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = "bl_ext.user_default.hda_avatars"
@@ -403,14 +402,8 @@ def main(argv=None) -> int:
     if args.zip:
         _child(args)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        zip_path = build_or_report(Path(tmp))
-        if zip_path is None:
-            return 1
-        env = dict(os.environ, BLENDER_USER_RESOURCES=str(Path(tmp) / "user"), OMP_WAIT_POLICY="PASSIVE")
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--size", str(args.size),
-               "--frames", str(args.frames), "--zip", str(zip_path)]
-        return subprocess.run(cmd, env=env).returncode
+    return run_with_built_zip(__file__, ["--preset", args.preset, "--size", str(args.size),
+                                         "--frames", str(args.frames)])
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -124,6 +126,18 @@ def build_or_report(output_dir: Path, stage_dir: Path | None = None, blender: st
     except BuildError as exc:
         print(f"build_extension: error: {exc}", file=sys.stderr)
         return None
+
+
+def run_with_built_zip(script: str, args: list[str]) -> int:
+    """Build the zip into a temporary folder and run ``script ARGS --zip ZIP`` in a fresh Python whose
+    Blender user resources are empty there too, so the extension installs as a user's would (the
+    benchmarks' parent half); the child's exit status, or 1 after :func:`build_or_report`'s line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = build_or_report(Path(tmp))
+        if zip_path is None:
+            return 1
+        env = dict(os.environ, BLENDER_USER_RESOURCES=str(Path(tmp) / "user"), OMP_WAIT_POLICY="PASSIVE")
+        return subprocess.run([sys.executable, script, *args, "--zip", str(zip_path)], env=env).returncode
 
 
 def main(argv=None) -> int:

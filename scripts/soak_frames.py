@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from build_extension import build_or_report  # scripts/ is sys.path[0] when a script runs
+from build_extension import run_with_built_zip  # scripts/ is sys.path[0] when a script runs
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = "bl_ext.user_default.hda_avatars"
@@ -72,7 +70,7 @@ def _child(args) -> None:
         before = dict(stats)
         for frame in frames:
             scene.frame_set(frame)
-            failures = layers.update_scene(scene, bpy.context.evaluated_depsgraph_get())
+            failures, _notes = layers.update_scene(scene, bpy.context.evaluated_depsgraph_get())
             if failures:
                 raise SystemExit(f"soak: frame {frame}: {failures[0]}")
             if frame == 100:
@@ -107,14 +105,8 @@ def main(argv=None) -> int:
     if args.zip:
         _child(args)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        zip_path = build_or_report(Path(tmp))
-        if zip_path is None:
-            return 1
-        env = dict(os.environ, BLENDER_USER_RESOURCES=str(Path(tmp) / "user"), OMP_WAIT_POLICY="PASSIVE")
-        cmd = [sys.executable, __file__, "--frames", str(args.frames), "--size", str(args.size),
-               "--cache-mb", str(args.cache_mb), "--zip", str(zip_path)]
-        return subprocess.run(cmd, env=env).returncode
+    return run_with_built_zip(__file__, ["--frames", str(args.frames), "--size", str(args.size),
+                                         "--cache-mb", str(args.cache_mb)])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from blender_addon import deps, fitjob
-from tests.test_blender_extension import ADDON, BPY42_PYTHON, BPY50_PYTHON, REPO, _hermetic_env, _pid_alive, _wait_for
+from tests.test_blender_extension import ADDON, BPY42_PYTHON, BPY50_PYTHON, _hermetic_env, _pid_alive, _wait_for
 from tests.test_blender_extension import built_zip  # noqa: F401 - the zip fixture, built once per module
 
 REPO = Path(__file__).resolve().parent.parent

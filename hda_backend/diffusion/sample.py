@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
 from pathlib import Path
 from typing import Callable
 

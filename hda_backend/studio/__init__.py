@@ -3,5 +3,6 @@ of cameras through real Blender (Cycles), written in the dataset format of :mod:
 
 Nothing here imports bpy at module level. The Blender side lives in
 :mod:`hda_backend.studio.blender_render`, which runs as its own process (``python -m ...``) and imports
-only bpy, numpy and Pillow, so Blender's global state and libraries never share a process with torch.
+only bpy, numpy, Pillow and numpy-only helpers (layer, atomic), so Blender's global state and libraries
+never share a process with torch.
 """

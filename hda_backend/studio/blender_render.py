@@ -4,43 +4,30 @@
 
 WORK_DIR holds ``scene.json`` (render settings, cameras, lights, materials, which images to render
 and where) and ``scene.npz`` (faces, rest coordinates and per-frame vertices of every mesh), written by
-:mod:`hda_backend.studio.synth`. This process imports only bpy, numpy and Pillow (never torch). For
-each frame it moves the meshes, then renders every camera that still lacks its image with Cycles on the
-CPU, and writes ``images/<cam>/<frame>.png`` (RGB over the background colour) and
-``masks/<cam>/<frame>.png`` (the render's alpha) atomically, mask first. After each pair it prints
-``HDA-DONE <cam> <frame>`` so the parent can drive a progress bar.
+:mod:`hda_backend.studio.synth`. This process imports only bpy, numpy, Pillow and the numpy-only
+:mod:`hda_backend.layer` and :mod:`hda_backend.atomic` (never torch). For each frame it moves the meshes,
+then renders every camera that still lacks its image with Cycles on the CPU, and writes
+``images/<cam>/<frame>.png`` (RGB over the background colour) and ``masks/<cam>/<frame>.png`` (the
+render's alpha) atomically, mask first. After each pair it prints ``HDA-DONE <cam> <frame>`` so the
+parent can drive a progress bar.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .. import layer  # numpy only: this process still never imports torch
-
-
-def srgb_to_linear(c):
-    """The sRGB curve (hda_backend.layer's) of a spec's colour list, in float64."""
-    return layer.srgb_to_linear(np.asarray(c, dtype=np.float64))
+from hda_backend.atomic import replacing
+from hda_backend.layer import srgb_to_linear
 
 
 def save_png_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- materials -----------------------------------------------------------------------------------------

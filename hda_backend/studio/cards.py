@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import write_text
+from ..atomic import replacing, write_text
 from ..body import load_body
 from .person import sample_clip, subject_seed
 from .synth import NUM_BETAS, _scene_spec, _write_npz, camera_names, frame_names, plan_subject, run_blender
@@ -80,11 +80,9 @@ def render_cards(seed: int, count: int, size: int, out: Path, samples: int = 16,
             labels.append(label(plan["attrs"], i))
             shutil.rmtree(out_dir)
     sheet = contact_sheet(tiles, columns=min(columns, count), labels=[x.split(" / ")[0] for x in labels])
-    out.parent.mkdir(parents=True, exist_ok=True)
     # a 256-colour palette keeps the sheet small enough to commit; the people are flat-lit cloth and skin
     image = sheet.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    tmp_png = out.with_name(out.name + ".tmp")
-    image.save(tmp_png, format="PNG", optimize=True)
-    tmp_png.replace(out)
+    with replacing(out) as tmp_png:
+        image.save(tmp_png, format="PNG", optimize=True)
     write_text(out.with_suffix(".txt"), "\n".join(labels) + "\n")
     return out
