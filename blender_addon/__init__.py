@@ -54,7 +54,7 @@ def unregister():
     from .. import operators
     from ..hda_backend.constants import NATIVE_BLENDER_MIN
     from ..operators import fit
-    from . import handlers, identity, kernels, menus, preferences, props, session, viewport
+    from . import handlers, identity, kernels, layers, menus, preferences, props, session, viewport
 
     operators.stop_jobs()        # cancels running checks/installs, removes their timers
     kernels.unregister()         # stops the kernel compile and its timers
@@ -63,6 +63,7 @@ def unregister():
     identity.unregister()        # removes the live-identity timer, waits for a running sample
     menus.unregister()           # Shift+A, File > Import / Export entries
     handlers.unregister()
+    layers.close_writer()        # finishes the layer files' compressed rewrites
     if bpy.app.version >= NATIVE_BLENDER_MIN:
         from . import native
 

@@ -9,6 +9,10 @@ add-on code: render farms use the frames written by *Bake Avatar Layer*; with th
 every rendered frame rewrites its file from the armature's evaluated pose just before Blender
 composites it.
 
+Files are written through one :class:`~hda_backend.layer_writer.LayerWriter` (session.render): the
+frame handler's write stores the blocks raw, and the file is rewritten ZIP-compressed on a background
+thread, the same image (why that never shows a wrong frame: hda_backend/layer_writer.py).
+
 Each file carries its bake key in its header (hda_backend/bake_key.py; checked by farm.py). A file
 without one is a *placeholder*: it exists only so that the image node knows the layer's passes,
 and its depth is 0 everywhere, which the compositor paints as a missing layer, like a missing file.
@@ -23,7 +27,8 @@ import numpy as np
 
 from ..hda_backend import bake_key
 from ..hda_backend.errors import HDAError
-from ..hda_backend.exr import layer_channels, read_strings, write_exr
+from ..hda_backend.exr import layer_channels, read_strings
+from ..hda_backend.layer_writer import LayerWriter
 from . import bake_inputs, runtime, session
 from .messages import error_text
 from .objects import object_key, scene_avatars
@@ -52,6 +57,19 @@ def layer_dir(blend_path: str | None = None, root: str = LAYER_DIR) -> str:
     if blend:
         return os.path.join(os.path.dirname(os.path.abspath(blend)), root[2:], file_folder(blend))
     return os.path.join(bpy.app.tempdir or os.path.join(os.path.expanduser("~"), ".cache"), root[2:], UNSAVED)
+
+
+def _writer() -> LayerWriter:
+    if session.render.layer_files is None:
+        session.render.layer_files = LayerWriter()
+    return session.render.layer_files
+
+
+def close_writer() -> None:
+    """Finish the queued compressed rewrites and stop their thread (unregister)."""
+    if session.render.layer_files is not None:
+        session.render.layer_files.close()
+        session.render.layer_files = None
 
 
 def _frame_name(frame: int) -> str:
@@ -87,15 +105,12 @@ def write_placeholder(obj, scene, frame: int, blend_path: str | None = None) -> 
     w, h = render_size(scene)
     rgba = np.zeros((h, w, 4), np.float32)
     depth = np.zeros((h, w), np.float32)
-    return str(write_exr(frame_path(obj, frame, blend_path), layer_channels(rgba, depth)))
+    return str(_writer().write(frame_path(obj, frame, blend_path), layer_channels(rgba, depth)))
 
 
 def remove_frame(obj, frame: int) -> None:
     """Delete the avatar's layer file of ``frame`` (an avatar that failed to render has none)."""
-    try:
-        os.remove(frame_path(obj, frame))
-    except FileNotFoundError:
-        pass
+    _writer().remove(frame_path(obj, frame))
 
 
 def write_frame(obj, scene, depsgraph, frame: int) -> str:
@@ -105,7 +120,7 @@ def write_frame(obj, scene, depsgraph, frame: int) -> str:
     camera = depsgraph.scene_eval.camera or scene.camera
     rgba, depth = runtime.render_avatar(obj, depsgraph, camera, w, h)
     key = bake_key.encode(bake_inputs.identity(obj, w, h), bake_inputs.frame_inputs(obj, depsgraph, camera, w, h))
-    return str(write_exr(frame_path(obj, frame), layer_channels(rgba, depth), {bake_key.ATTRIBUTE: key}))
+    return str(_writer().write(frame_path(obj, frame), layer_channels(rgba, depth), {bake_key.ATTRIBUTE: key}))
 
 
 def baked_is_current(obj, scene, depsgraph, frame: int) -> bool:

@@ -262,9 +262,7 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
                                       sh_degree=avatar.gaussian_config.sh_degree)
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     t2 = time.perf_counter()
-    rgba, depth = to_layer(out[..., :3], alpha, out[..., 3])
-    rgba = rgba.astype(np.float16)
-    rgba.flags.writeable = False
+    rgba, depth = to_layer(out[..., :3], alpha, out[..., 3], dtype=np.float16)
     t3 = time.perf_counter()
     caches.timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
     caches.add_frame(frame_key, rgba, depth, budget)

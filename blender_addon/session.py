@@ -11,7 +11,7 @@ never saved into a .blend or userpref.blend.
   timings (runtime.py). Keys are runtime's object keys (name + saved uid), never Blender references.
 - :data:`viewport`: the 3D-view draw handler, its GPU resources, per-region workers (threads that must be
   closed: `Viewport.close_workers`) and images (viewport.py).
-- :data:`render`: whether Blender is rendering (handlers.py).
+- :data:`render`: whether Blender is rendering (handlers.py), the layer files' writer (layers.py).
 - :data:`native`: what each native splat object holds now (native.py, Blender ≥ 5.3).
 - :data:`fit`: the running or last fit and the avatar it is for (operators/fit.py).
 - :data:`models`: loaded diffusion models (Sample Identity; diffusion_model.py).
@@ -19,8 +19,8 @@ never saved into a .blend or userpref.blend.
 - :data:`farm`: the last *Check for Farm* result (farm.py), for the sidebar.
 - :data:`registration`: the classes register() registered, the sys.path entries the preferences added.
 
-Running child processes (checks, installs, fits) and the viewport's worker threads must be stopped by the
-caller before :func:`reset`.
+Running child processes (checks, installs, fits), the viewport's worker threads and the layer writer's
+thread must be stopped by the caller before :func:`reset`.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class Render(_Part):
     rendering: bool = False          # between render_pre and render_post/complete/cancel
     hidden_proxies: list = field(default_factory=list)  # shadow-only proxies hidden for a Workbench render
     before_save: tuple | None = None  # (target, [(object name, property, value)]) between save_pre and save_post
+    layer_files: object = None       # hda_backend.layer_writer.LayerWriter of the layer files (layers.py); closed by unregister
 
 
 @dataclass

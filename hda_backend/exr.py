@@ -56,15 +56,17 @@ def _deflate(predicted: bytes) -> bytes:
     return zlib.compress(predicted, 1)
 
 
-def _zip_chunks(lines: np.ndarray, workers: int) -> list[bytes]:
+def _zip_chunks(lines: np.ndarray, workers: int, compress: bool = True) -> list[bytes]:
     """The ZIP-compressed data of each block of LINES_PER_BLOCK scanlines of lines [H, bytes] uint8, or
-    its raw bytes where compression does not shrink it (as the format allows)."""
+    its raw bytes where compression does not shrink it (as the format allows) or ``compress`` is False."""
     height = lines.shape[0]
     full = height - height % LINES_PER_BLOCK
     groups = [lines[:full].reshape(full // LINES_PER_BLOCK, -1)] if full else []
     if full < height:
         groups.append(lines[full:].reshape(1, -1))
     raw = [row for group in groups for row in group]
+    if not compress:
+        return [r.tobytes() for r in raw]
     predicted = [row.tobytes() for group in groups for row in _predict(group)]
     if workers > 1:
         # zlib releases the GIL: the blocks deflate in parallel, and map keeps their order.
@@ -76,11 +78,14 @@ def _zip_chunks(lines: np.ndarray, workers: int) -> list[bytes]:
 
 
 def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None = None,
-               workers: int | None = None) -> bytes:
+               workers: int | None = None, compress: bool = True) -> bytes:
     """EXR file bytes of channels {name: [H,W] array, row 0 at the top}; float16 arrays are stored
     as HALF, anything else as FLOAT (32-bit). ``strings``: extra header attributes of type string
     (ASCII; e.g. the layer's bake key), read back by :func:`read_strings`. ``workers``: threads
-    compressing the chunks (None: one per CPU); the bytes are the same for any number."""
+    compressing the chunks (None: one per CPU); the bytes are the same for any number.
+    ``compress=False`` stores every block raw: the same image in the same ZIP-typed file, several
+    times larger, written in a fraction of the time (readers take a block whose size is the raw
+    size as stored raw; hda_backend.layer_writer rewrites such files compressed later)."""
     if not channels:
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
@@ -115,7 +120,7 @@ def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None =
     lines = np.concatenate([p.view(np.uint8).reshape(height, -1) for p in little], axis=1)
     starts = range(0, height, LINES_PER_BLOCK)
     workers = min(len(starts), os.cpu_count() or 1) if workers is None else workers
-    packed = _zip_chunks(lines, workers)
+    packed = _zip_chunks(lines, workers, compress)
     chunks = [struct.pack("<ii", y, len(data)) + data for y, data in zip(starts, packed)]
     offset = len(prefix) + 8 * len(chunks)
     table = bytearray()

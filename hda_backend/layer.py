@@ -46,11 +46,14 @@ def covered_box(alpha: np.ndarray) -> tuple[slice, slice] | None:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray,
+             dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """The values of :func:`to_layer_reference` (to rounding), converting only the covered box.
-    Both arrays are returned read-only (the frame cache and the viewport share them)."""
+    ``dtype``: of the RGBA (float16 for the layer file and the frame cache, which store colour in
+    half: made so directly, without a float32 frame to convert). Both arrays are returned read-only
+    (the frame cache, the viewport and the layer writer share them)."""
     h, w = alpha.shape
-    rgba = np.zeros((h, w, 4), dtype=np.float32)
+    rgba = np.zeros((h, w, 4), dtype=dtype)
     z = np.full((h, w), DEPTH_FAR, dtype=np.float32)
     box = covered_box(alpha)
     if box is not None:

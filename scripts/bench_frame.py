@@ -14,8 +14,8 @@ the stages the final-render handler runs (blender_addon.layers.write_frame), cal
     raster    the Gaussian rasterizer, RGB + expected depth
     glue      linear premultiplied layer + EXR encoding and atomic write
 
-once through the fast paths the add-on runs (hda_backend.avatar.realtime, hda_backend.layer, threaded
-EXR) and once through their float32 reference twins (the path before them), and, as a check, the
+once through the fast paths the add-on runs (hda_backend.avatar.realtime, hda_backend.layer, the layer
+file written with raw blocks and compressed on a background thread, hda_backend.layer_writer) and once through their float32 reference twins (the path before them), and, as a check, the
 whole handler path end to end (``handler``: runtime.render_avatar + the file, frame cache off).
 
 The viewport part plays the same keyed clip in a 1280x720 view at the playback (navigation)
@@ -77,6 +77,7 @@ def _child(args) -> None:
     uvmap = importlib.import_module(ADDON + ".hda_backend.uvmap")
     frames_mod = importlib.import_module(ADDON + ".hda_backend.render.frames")
     exr = importlib.import_module(ADDON + ".hda_backend.exr")
+    layer_writer = importlib.import_module(ADDON + ".hda_backend.layer_writer")
     layer = importlib.import_module(ADDON + ".hda_backend.layer")
     atomic = importlib.import_module(ADDON + ".hda_backend.atomic")
     precision = importlib.import_module(ADDON + ".hda_backend.precision")
@@ -111,6 +112,7 @@ def _child(args) -> None:
           f"{'yes' if precision.bf16_native('cpu') else 'no'} -> fast-path UNet in {fast.precision}, "
           f"channels-last; reference UNet float32, channels-last")
     w, h = layers.render_size(scene)
+    writer = layer_writer.LayerWriter()  # as the handler's: raw blocks now, compressed on its thread
     sh_degree = avatar.gaussian_config.sh_degree
 
     def frame_stages(pose_t, transl_t, viewmat, K, reference: bool) -> list[float]:
@@ -143,8 +145,8 @@ def _child(args) -> None:
             rgba, depth = layer.to_layer_reference(img[..., :3], alpha, img[..., 3])
             atomic.write_bytes(out, exr.encode_exr(exr.layer_channels(rgba, depth), workers=1))
         else:
-            rgba, depth = layer.to_layer(img[..., :3], alpha, img[..., 3])
-            exr.write_exr(out, exr.layer_channels(rgba, depth))
+            rgba, depth = layer.to_layer(img[..., :3], alpha, img[..., 3], dtype=np.float16)
+            writer.write(out, exr.layer_channels(rgba, depth))
         t.append(time.perf_counter())
         return [1e3 * (b - a) for a, b in zip(t, t[1:])]
 

@@ -53,6 +53,9 @@ def test_blender_reads_what_we_write(tmp_path):
         path = write_exr(tmp_path / f"plain_{h}x{w}_{np.dtype(dtype).name}.exr",
                          {c: rgba[..., i] for i, c in enumerate("RGBA")})
         cases[path] = rgba.astype(np.float32)
+        raw = tmp_path / f"raw_{h}x{w}_{np.dtype(dtype).name}.exr"  # every block stored raw (LayerWriter)
+        raw.write_bytes(encode_exr({c: rgba[..., i] for i, c in enumerate("RGBA")}, compress=False))
+        cases[raw] = rgba.astype(np.float32)
     layer = write_exr(tmp_path / "layer_0001.exr",
                       layer_channels(rng.uniform(0, 1, (20, 24, 4)), np.full((20, 24), 1e10)))
     result = _read_in_blender([*cases, layer], tmp_path)

@@ -142,6 +142,13 @@ def test_fast_layer_equals_the_reference_layer():
     assert z[12, 25] == DEPTH_FAR and not rgba.flags.writeable and not z.flags.writeable
     empty_rgba, empty_z = to_layer(rgb * 0, alpha * 0, depth * 0)
     assert not empty_rgba.any() and (empty_z == DEPTH_FAR).all()
+    # Half colour (the layer file's and the frame cache's): the reference rounded to half, within half's
+    # own rounding step.
+    half, half_z = to_layer(rgb, alpha, depth, dtype=np.float16)
+    assert half.dtype == np.float16 and not half.flags.writeable
+    np.testing.assert_allclose(half.astype(np.float32), ref_rgba.astype(np.float16).astype(np.float32),
+                               atol=2 ** -14, rtol=2 ** -10)
+    np.testing.assert_array_equal(half_z, ref_z)
 
 
 def test_threaded_exr_compression_writes_the_same_bytes():
