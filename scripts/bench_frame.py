@@ -81,7 +81,6 @@ def _child(args) -> None:
     layer = importlib.import_module(ADDON + ".hda_backend.layer")
     atomic = importlib.import_module(ADDON + ".hda_backend.atomic")
     precision = importlib.import_module(ADDON + ".hda_backend.precision")
-    autocast = precision.autocast
 
     scene = bpy.context.scene
     scene.render.resolution_x = scene.render.resolution_y = args.size
@@ -109,8 +108,8 @@ def _child(args) -> None:
           f"{os.environ.get('OMP_WAIT_POLICY')}, preset {args.preset} (UV {avatar.uv_res}, "
           f"{avatar.num_gaussians} Gaussians), image {args.size}x{args.size}")
     print(f"CPU features: torch kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 "
-          f"{'yes' if precision.bf16_native('cpu') else 'no'} -> fast-path UNet in {fast.precision}, "
-          f"channels-last; reference UNet float32, channels-last")
+          f"{'yes' if precision.bf16_native('cpu') else 'no'} -> fast-path UNet in {fast.precision}"
+          f"{' (conv + SiLU fused by oneDNN)' if fast.fused else ''}, channels-last; reference UNet float32, channels-last")
     w, h = layers.render_size(scene)
     writer = layer_writer.LayerWriter()  # as the handler's: raw blocks now, compressed on its thread
     sh_degree = avatar.gaussian_config.sh_degree
@@ -126,8 +125,7 @@ def _child(args) -> None:
         if reference:
             raw_map = avatar.unet(maps)
         else:
-            with autocast(fast.precision)():
-                raw_map = avatar.unet(maps)
+            raw_map = fast.run_unet(maps)
         t.append(time.perf_counter())
         if reference:
             raw = gaussians.gather_texels(raw_map, avatar.binding)

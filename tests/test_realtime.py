@@ -19,7 +19,9 @@ import torch
 
 from hda_backend import exr
 from hda_backend.avatar.io import SUFFIX, load_avatar
+from hda_backend.avatar import realtime
 from hda_backend.avatar.realtime import PSNR_FLOOR_DB, RealtimeAvatar, vertex_face_matrix, vertex_normals_sparse
+from hda_backend.avatar.unet import conv_layer
 from hda_backend.body import load_body, vertex_normals
 from hda_backend.diffusion.sample import load_diffusion, sample_vectors
 from hda_backend.diffusion.weights import write_avatar
@@ -86,6 +88,38 @@ def test_bf16_fast_path_renders_trained_avatars_within_the_floor(body, sampled, 
         mine = render_gaussians(fast(poses[frame]), view, K, size, size)[0]
         worst = min(worst, float(psnr(mine, ref)))
     assert PSNR_FLOOR_DB < worst < 150.0, worst
+
+
+@pytest.mark.skipif(not realtime.fused_conv_available("cpu"), reason="this torch lacks oneDNN's fused convolution")
+@pytest.mark.parametrize("silu", [True, False])
+@torch.inference_mode()
+def test_fused_bf16_layer_is_conv_and_silu_under_autocast(silu):
+    """oneDNN's conv + SiLU in one call against the module's conv_layer under bf16 autocast (its twin),
+    and against float32 within bf16's precision."""
+    gen = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    h = torch.randn(1, 16, 20, 20, generator=gen).contiguous(memory_format=torch.channels_last)
+    fused = realtime.fused_bf16_layer(conv, h.to(torch.bfloat16), silu).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        twin = conv_layer(conv, h, silu).float()
+    exact = conv_layer(conv, h, silu)
+    scale = float(exact.abs().max())
+    assert float((fused - twin).abs().max()) <= 0.02 * scale
+    assert float((fused - exact).abs().max()) <= 0.02 * scale
+    assert float((fused - exact).abs().max()) > 0  # it did run in bf16
+
+
+@torch.inference_mode()
+def test_without_the_fused_operator_the_unet_runs_under_autocast(body, monkeypatch):
+    avatar = load_avatar(REFERENCES[0], body).eval()
+    monkeypatch.setattr(realtime, "fused_conv_available", lambda device="cpu": False)
+    fast = RealtimeAvatar(avatar, "bfloat16")
+    maps, _ = fast.pose_inputs(0.2 * torch.randn(1, 55, 3, generator=torch.Generator().manual_seed(4)))
+    assert not fast.fused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = avatar.unet(maps)
+    torch.testing.assert_close(fast.run_unet(maps), expected, atol=0, rtol=0)
+    assert not RealtimeAvatar(avatar, "float32").fused and not realtime.fused_conv_available("meta")
 
 
 @torch.inference_mode()

@@ -54,23 +54,35 @@ class AvatarUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B,6,R,R] (normals, positions in metres) -> [B,59,R,R] raw Gaussian parameters."""
-        if self.config.position_scale != 1.0:
-            x = torch.cat([x[:, :3], x[:, 3:] * self.config.position_scale], 1)
+        return run_unet(self, x, conv_layer)
 
-        def block(convs, h):
-            for conv in convs:
-                h = F.silu(conv(h))
-            return h
 
-        skips = [block(self.inc, x)]
-        for convs in self.down:
-            skips.append(block(convs, F.max_pool2d(skips[-1], 2)))
-        h = skips.pop()
-        for convs in self.up:
-            skip = skips.pop()
-            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            h = block(convs, torch.cat([skip, h], dim=1))
-        return self.outc(h)
+def conv_layer(conv: nn.Conv2d, h: torch.Tensor, silu: bool) -> torch.Tensor:
+    """One conv of the UNet, followed by SiLU where ``silu`` (every conv but the last)."""
+    h = conv(h)
+    return F.silu(h) if silu else h
+
+
+def run_unet(unet: AvatarUNet, x: torch.Tensor, layer) -> torch.Tensor:
+    """The UNet's forward pass with each conv (+ SiLU) done by ``layer(conv, h, silu)``: :func:`conv_layer`
+    for the module itself, a fused kernel for the fast path (hda_backend.avatar.realtime). x: [B,6,R,R]."""
+    if unet.config.position_scale != 1.0:
+        x = torch.cat([x[:, :3], x[:, 3:] * unet.config.position_scale], 1)
+
+    def block(convs, h):
+        for conv in convs:
+            h = layer(conv, h, True)
+        return h
+
+    skips = [block(unet.inc, x)]
+    for convs in unet.down:
+        skips.append(block(convs, F.max_pool2d(skips[-1], 2)))
+    h = skips.pop()
+    for convs in unet.up:
+        skip = skips.pop()
+        h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        h = block(convs, torch.cat([skip, h], dim=1))
+    return layer(unet.outc, h, False)
 
 
 def init_unet(unet: AvatarUNet, seed: int = 0, out_gain: float = 0.01) -> AvatarUNet:
