@@ -101,22 +101,22 @@ def _camera(obj, scene, depsgraph):
 
 
 def _inputs(obj, scene, depsgraph):
-    """(avatar, pose, transl, camera or None) of ``obj`` as evaluated in ``depsgraph``, quantised."""
-    avatar = runtime.get_avatar(obj)
-    pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(avatar.body))
-    return avatar, runtime.quantize(pose), runtime.quantize(transl), _camera(obj, scene, depsgraph)
+    """(pose, transl, camera or None) of ``obj`` as evaluated in ``depsgraph``, quantised."""
+    pose, transl = runtime.read_pose(obj, depsgraph, runtime.get_layout(runtime.get_avatar(obj).body))
+    return runtime.quantize(pose), runtime.quantize(transl), _camera(obj, scene, depsgraph)
 
 
-def _splats(obj, avatar, pose, transl, camera):
-    """The Gaussians the splat object holds for that pose: posed, widened for the camera, in the
-    armature's frame (native_splats.splat_gaussians)."""
+def _splats(obj, pose, transl, camera):
+    """The Gaussians the splat object holds for that pose: posed through the avatar's fast path (as
+    the compositing layer's renders and the viewport: runtime.fast_gaussians), widened for the
+    camera, in the armature's frame (native_splats.splat_gaussians)."""
     import torch
 
     from ..hda_backend import rig
     from ..hda_backend.native_splats import camera_dilation, splat_gaussians
 
     with torch.inference_mode():
-        g = runtime.pose_gaussians(avatar, pose, transl)
+        g = runtime.fast_gaussians(obj, pose, transl)
         dilation = None if camera is None else camera_dilation(g.means, *camera)
         return splat_gaussians(g, rig.body_to_world(np.eye(4)), f"avatar '{obj.name}'", dilation)
 
@@ -134,13 +134,13 @@ def write(obj, scene, depsgraph) -> bool:
 
     splats = splat_object(obj)
     key = object_key(obj)
-    avatar, pose, transl, camera = _inputs(obj, scene, depsgraph)
+    pose, transl, camera = _inputs(obj, scene, depsgraph)
     stamp = (session.caches.avatars[key][0], pose.tobytes() + transl.tobytes(),
              None if camera is None else camera[0].tobytes() + camera[1].tobytes())
     if session.native.written.get(key) == stamp:
         return False
     session.native.written.pop(key, None)
-    g = _splats(obj, avatar, pose, transl, camera)
+    g = _splats(obj, pose, transl, camera)
     arrays = splat_arrays(g, source=f"avatar '{obj.name}'")
     _fill(splats.data, arrays, g.means.shape[0])
     splats.update_tag(refresh={'DATA'})
