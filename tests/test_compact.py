@@ -16,8 +16,8 @@ from hda_backend.avatar.unet import AvatarUNet, init_unet
 from hda_backend.body import load_body
 from hda_backend.checkpoint import read_safetensors
 from hda_backend.config import load_config
-from hda_backend.diffusion.compact import CompactConfig, compact_model, compact_tensors, int8_names
-from hda_backend.diffusion.int8 import dequantize_rows, quantize_rows
+from hda_backend.diffusion.compact import CompactConfig, compact_model, compact_tensors, int8_axes
+from hda_backend.diffusion.int8 import dequantize, quantize
 from hda_backend.diffusion.model_io import read_model_file
 from hda_backend.diffusion.sample import load_diffusion, sample_vectors
 from hda_backend.diffusion.train import train_diffusion
@@ -46,28 +46,38 @@ def _brute_force_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("huge", [False, True])
-def test_quantize_rows_matches_a_per_row_brute_force(huge):
+@pytest.mark.parametrize("per", ["row", "column"])
+def test_quantize_matches_a_per_row_brute_force(huge, per):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(7, 33, generator=gen) * torch.tensor([1.0, 1e-3, 30.0, 1e-9, 0.0, 2.0, 1.0])[:, None]
     w[5, 3] = -2.0 * 127  # a row whose largest value is negative: it must come back as -127 · scale exactly
     if huge:
         w[6] *= 1e7  # beyond float16's range: the matrix keeps float32 scales
-    q, scale = quantize_rows(w)
-    q_ref, scale_ref = _brute_force_rows(w.numpy())
+    if per == "column":  # the same matrix transposed: its columns are the rows above
+        w = w.T.contiguous()
+    q, scale = quantize(w, per)
+    rows = w.numpy() if per == "row" else w.numpy().T
+    q_ref, scale_ref = _brute_force_rows(rows)
+    if per == "column":
+        q_ref, scale_ref = q_ref.T, scale_ref[None]
+    else:
+        scale_ref = scale_ref[:, None]
     assert q.dtype == torch.int8 and scale.dtype == (torch.float32 if huge else torch.float16)
     assert np.array_equal(q.numpy(), q_ref) and np.array_equal(scale.numpy(), scale_ref)
-    back = dequantize_rows(q, scale)
-    # The bound that makes int8 safe to reason about: every value within half a step of its row.
-    assert ((back - w).abs() <= scale.float()[:, None] / 2).all()
-    assert (scale.float() >= w.abs().amax(1) / 127).all() and int(q.abs().max()) == 127
-    assert torch.equal(back[4], torch.zeros(33)) and float(back[5, 3]) == float(w[5, 3])
+    back = dequantize(q, scale)
+    # The bound that makes int8 safe to reason about: every value within half a step of its row (column).
+    assert ((back - w).abs() <= scale.float() / 2).all()
+    assert (scale.float() >= w.abs().amax(1 if per == "row" else 0, keepdim=True) / 127).all()
+    assert int(q.abs().max()) == 127
+    zero, outlier = ((4,), (5, 3)) if per == "row" else ((slice(None), 4), (3, 5))
+    assert torch.equal(back[zero], torch.zeros(33)) and float(back[outlier]) == float(w[outlier])
 
 
 def test_a_row_on_the_grid_comes_back_exactly():
     w = torch.tensor([[127.0, -64.0, 1.0, 0.0], [127 / 1024, -64 / 1024, 1 / 1024, 0.0]])  # steps 1 and 2^-10
-    q, scale = quantize_rows(w)
-    assert q.tolist() == [[127, -64, 1, 0]] * 2 and scale.tolist() == [1.0, 1 / 1024]
-    assert torch.equal(dequantize_rows(q, scale), w)
+    q, scale = quantize(w, "row")
+    assert q.tolist() == [[127, -64, 1, 0]] * 2 and scale.tolist() == [[1.0], [1 / 1024]]
+    assert torch.equal(dequantize(q, scale), w)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +107,10 @@ def trained(tmp_path_factory, body):
 
 def test_an_int8_file_round_trips_and_loads_as_float32(trained, tmp_path):
     metadata, tensors = read_model_file(trained)
-    names = int8_names(tensors)
-    assert names and all(".proj_in." in n or ".proj_out." in n for n in names)
+    axes = int8_axes(tensors)
+    names = list(axes)
+    assert names and all((".proj_in." in n and per == "column") or (".proj_out." in n and per == "row")
+                         for n, per in axes.items())
     written, fields = compact_tensors(tensors, {"denoiser": "int8", "normalizer": "float16"})
     path = tmp_path / "int8.safetensors"
     save_file(written, path, metadata={**metadata, **fields})
@@ -107,16 +119,17 @@ def test_an_int8_file_round_trips_and_loads_as_float32(trained, tmp_path):
         assert json.loads(f.metadata()["int8"]) == names and json.loads(f.metadata()["half"]) == [
             "denoiser", "normalizer"]
     for key, dtype in stored.items():
-        base = key.removesuffix(".scale")
         assert dtype == ("I8" if key in names else "F16"), key
-        assert key in tensors or base in names, key
+        assert key in tensors or key.removesuffix(".scale") in names, key
     got_metadata, got = read_model_file(path)
     assert got_metadata == {**metadata, "half": fields["half"]} and set(got) == set(tensors)
     for key, value in got.items():
-        if key in names:  # exactly the per-row reference, within half a step of the float32 weights
-            q, scale = quantize_rows(tensors[key])
-            assert value.dtype == torch.float32 and torch.equal(value, dequantize_rows(q, scale))
-            assert ((value - tensors[key]).abs() <= scale.float()[:, None] / 2).all()
+        if key in names:  # exactly the brute-forced reference, within half a step of the float32 weights
+            q, scale = quantize(tensors[key], axes[key])
+            # one scale per avatar weight: per row of an output projection, per column of an input one
+            assert scale.shape == ((q.shape[0], 1) if axes[key] == "row" else (1, q.shape[1]))
+            assert value.dtype == torch.float32 and torch.equal(value, dequantize(q, scale))
+            assert ((value - tensors[key]).abs() <= scale.float() / 2).all()
         else:  # as stored; load_diffusion upcasts
             assert value.dtype == torch.float16 and torch.equal(value, tensors[key].half())
     model = load_diffusion(path)
@@ -202,10 +215,12 @@ NAME = "model.tokenizer.proj_out.0.weight"
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m, t: t.pop(NAME + ".scale"), f"tensor '{NAME}.scale' is missing: the per-row scales of int8 tensor"),
+    (lambda m, t: t.pop(NAME + ".scale"), f"tensor '{NAME}.scale' is missing: the scales of int8 tensor"),
     (lambda m, t: t.update({NAME + ".scale": t[NAME + ".scale"].to(torch.int32)}),
      f"tensor '{NAME}.scale' is int32 of shape"),
     (lambda m, t: t.update({NAME + ".scale": t[NAME + ".scale"][:-1]}), f"tensor '{NAME}.scale' is float16 of shape"),
+    (lambda m, t: t.update({NAME + ".scale": t[NAME + ".scale"][:, 0]}),
+     f"tensor '{NAME}.scale' is float16 of shape \\(\\d+,\\), expected .* one scale per row or per column"),
     (lambda m, t: t.update({NAME + ".scale": -t[NAME + ".scale"] - 1}), "holds a negative or non-finite scale"),
     (lambda m, t: t.update({NAME: t[NAME].float()}), f"tensor '{NAME}' is float32 of shape .* expected an int8"),
     (lambda m, t: t.pop(NAME), f"tensor '{NAME}' \\(listed in field 'int8'\\) is missing"),

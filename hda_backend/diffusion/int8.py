@@ -1,12 +1,13 @@
-"""Symmetric per-row int8 storage of weight matrices, as model files hold them.
+"""Symmetric int8 storage of weight matrices with one scale per row or per column, as model files hold them.
 
-A matrix W [R, C] is stored as q = round(W / s) [R, C] int8 in -127..127 and one scale per row s [R]:
-s_r = max_c |W_rc| / 127, rounded up to the next float16 (so |W / s| <= 127 needs no clamping), or float32 for
-a matrix with a row beyond float16's range. Read back as q·s, every value is within s_r / 2 of the original.
+A matrix W [R, C] is stored as q = round(W / s) [R, C] int8 in -127..127 and scales s of shape [R, 1] (per row)
+or [1, C] (per column): s = max |W| / 127 over the row (column), rounded up to the next float16 (so |W / s| <= 127
+needs no clamping), or float32 for a matrix with a row (column) beyond float16's range. Read back as q·s
+(broadcast), every value is within s / 2 of the original.
 
-In a safetensors file the scales of tensor ``NAME`` are the tensor ``NAME.scale``, and the metadata field
-``int8`` is the JSON list of the names stored this way. :func:`dequantize_tensors` checks all of it and
-returns float32 matrices under their own names, so a reader sees the file as if it held float32.
+In a safetensors file the scales of tensor ``NAME`` are the tensor ``NAME.scale`` (its shape says which axis),
+and the metadata field ``int8`` is the JSON list of the names stored this way. :func:`dequantize_tensors`
+checks all of it and returns float32 matrices under their own names, so a reader sees them as float32.
 """
 
 from __future__ import annotations
@@ -22,32 +23,35 @@ SCALE_SUFFIX = ".scale"
 FIELD = "int8"  # the metadata field listing the quantised tensors
 LEVELS = 127  # symmetric: -128 stays unused, so q and -q are both representable
 SCALE_DTYPES = (torch.float16, torch.float32)
+AXES = {"row": 1, "column": 0}  # the axis each kind of scale takes its maximum over
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: [R, C] float -> (q [R, C] int8, scale [R] float16, or float32 beyond float16's range), with
-    |q·scale - w| <= scale / 2 element-wise (a zero row has scale 0 and q 0)."""
+def quantize(w: torch.Tensor, per: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [R, C] float -> (q [R, C] int8, scale [R, 1] for ``per="row"`` or [1, C] for ``per="column"``, float16,
+    or float32 beyond float16's range), with |q·scale - w| <= scale / 2 element-wise (a zero row or column has
+    scale 0 and q 0)."""
     w = w.detach().to(torch.float32)
-    exact = w.abs().amax(dim=1) / LEVELS
+    exact = w.abs().amax(dim=AXES[per], keepdim=True) / LEVELS
     scale = exact.half()
     scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
     if not torch.isfinite(scale).all():
         scale = exact
     s = scale.float()
-    q = torch.round(w / torch.where(s > 0, s, 1.0)[:, None]).clamp(-LEVELS, LEVELS)
+    q = torch.round(w / torch.where(s > 0, s, 1.0)).clamp(-LEVELS, LEVELS)
     return q.to(torch.int8), scale
 
 
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q: [R, C] int8, scale: [R] -> [R, C] float32 = q·scale."""
-    return q.to(torch.float32) * scale.to(torch.float32)[:, None]
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q: [R, C] int8, scale: [R, 1] or [1, C] -> [R, C] float32 = q·scale."""
+    return q.to(torch.float32) * scale.to(torch.float32)
 
 
-def quantize_tensors(tensors: dict, names) -> dict:
-    """tensors: name -> tensor; the 2-D tensors ``names`` replaced by their int8 values and ``NAME.scale``."""
+def quantize_tensors(tensors: dict, axes: dict) -> dict:
+    """tensors: name -> tensor; axes: name -> "row" | "column": those 2-D tensors replaced by their int8 values
+    and ``NAME.scale``."""
     out = dict(tensors)
-    for name in names:
-        out[name], out[name + SCALE_SUFFIX] = quantize_rows(tensors[name])
+    for name, per in axes.items():
+        out[name], out[name + SCALE_SUFFIX] = quantize(tensors[name], per)
     return out
 
 
@@ -77,13 +81,14 @@ def dequantize_tensors(metadata: dict, tensors: dict, source: str) -> tuple[dict
             raise HDAError(f"{source}: tensor '{name}' is {str(q.dtype)[6:]} of shape {tuple(q.shape)}, expected "
                            f"an int8 matrix (listed in field '{FIELD}')")
         if scale is None:
-            raise HDAError(f"{source}: tensor '{name}{SCALE_SUFFIX}' is missing: the per-row scales of int8 "
+            raise HDAError(f"{source}: tensor '{name}{SCALE_SUFFIX}' is missing: the scales of int8 "
                            f"tensor '{name}'")
-        if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) != (q.shape[0],):
+        rows, columns = q.shape
+        if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) not in ((rows, 1), (1, columns)):
             raise HDAError(f"{source}: tensor '{name}{SCALE_SUFFIX}' is {str(scale.dtype)[6:]} of shape "
-                           f"{tuple(scale.shape)}, expected float16 or float32 of shape ({q.shape[0]},), one scale "
-                           f"per row of '{name}'")
+                           f"{tuple(scale.shape)}, expected float16 or float32 of shape ({rows}, 1) or (1, {columns}), "
+                           f"one scale per row or per column of '{name}'")
         if not (torch.isfinite(scale).all() and (scale >= 0).all()):
             raise HDAError(f"{source}: tensor '{name}{SCALE_SUFFIX}' holds a negative or non-finite scale")
-        out[name] = dequantize_rows(q, out.pop(name + SCALE_SUFFIX))
+        out[name] = dequantize(q, out.pop(name + SCALE_SUFFIX))
     return {k: v for k, v in metadata.items() if k != FIELD}, out
