@@ -11,10 +11,11 @@ gallery view, must reach the threshold of the lossiest precision in the file so 
   values, stored as int8 with one scale per avatar weight (:mod:`.int8`): per row of an output projection
   W_out [n, width] and per column of an input projection W_in [width, n], the row or column that writes or
   reads that weight (per row of W_in, a scale spans a whole layer, and the bundled model's worst render fell
-  from 50.4 to 44.1 dB); the denoiser's other tensors in float16. It halves the file again, so that a width-48 denoiser fits the 64 MB bundle (README, *Default model*), and
-  is kept at ``int8_min_psnr_db``, 40 dB by default: 14 dB above the ~26 dB that separates two different
-  people in ``hda eval-gen`` (an error with 1/25 of their squared difference), and above the 35 dB under
-  which the bundled model's tests call two renders different people.
+  from 50.4 to 44.1 dB); the denoiser's other tensors in float16. It halves the file again, so that a
+  width-48 denoiser fits the 64 MB bundle (README, *Default model*), and is kept at ``int8_min_psnr_db``,
+  40 dB by default: 14 dB above the ~26 dB that separates two different people in ``hda eval-gen`` (an
+  error with 1/25 of their squared difference), and above the 35 dB under which the bundled model's tests
+  call two renders different people.
 
 The loaders read every precision back as float32, so a compact file is read like any other.
 """

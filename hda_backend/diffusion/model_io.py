@@ -2,8 +2,8 @@
 
 Tensors: the denoiser's EMA weights (``model.<key>``, float32, or in a shipped copy float16, with its per-layer
 projections possibly int8) and the normaliser's statistics (``normalizer.mean``, ``normalizer.std`` [D]). An
-int8 tensor ``NAME`` [R, C] has its per-row scales in ``NAME.scale`` [R] (float16, or float32) and is read as
-``NAME`` · scale per row (:mod:`.int8`). Metadata (safetensors' string map):
+int8 tensor ``NAME`` [R, C] has its scales in ``NAME.scale``, [R, 1] (per row) or [1, C] (per column), float16 or
+float32, and is read as ``NAME`` · scale (broadcast; :mod:`.int8`). Metadata (safetensors' string map):
 
 =================  ==========================================================================
 format             "hda-diffusion"
