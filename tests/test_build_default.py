@@ -136,7 +136,8 @@ def test_half_tensors_casts_only_the_named_groups():
 def test_compact_keeps_float32_where_half_would_change_the_renders(built, tmp_path):
     body = load_body()
     src = built["work"] / "diffusion" / "diffusion.safetensors"
-    strict = compact_model(src, tmp_path / "strict.safetensors", body, CompactConfig(seeds=(0, 1), min_psnr_db=1e9))
+    strict = compact_model(src, tmp_path / "strict.safetensors", body,
+                           CompactConfig(seeds=(0, 1), min_psnr_db=1e9, int8_min_psnr_db=1e9))
     assert strict["half"] == []
     with safe_open(str(tmp_path / "strict.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}

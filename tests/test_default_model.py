@@ -12,6 +12,7 @@ from safetensors import safe_open
 from hda_backend.avatar.io import SUFFIX, load_avatar
 from hda_backend.body import load_body
 from hda_backend.diffusion.compact import GROUPS
+from hda_backend.diffusion.int8 import SCALE_SUFFIX
 from hda_backend.diffusion.gallery import GalleryConfig, gallery_views, mse_matrix, psnr_distance, render_gallery
 from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible
 from hda_backend.diffusion.sample import load_diffusion, sample_vectors
@@ -66,11 +67,15 @@ def test_bundle_is_small_and_complete():
 def test_half_precision_groups_are_what_the_file_says(model):
     with safe_open(str(MODEL), "pt") as f:
         half = json.loads(f.metadata()["half"])
+        int8 = json.loads(f.metadata().get("int8", "[]"))  # the denoiser's projections, if compact kept int8
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert set(half) <= set(GROUPS)
     for key, dtype in dtypes.items():
         group = next(g for g, prefix in GROUPS.items() if key.startswith(prefix))
-        assert dtype == ("F16" if group in half else "F32"), key
+        if key in int8:
+            assert dtype == "I8" and dtypes[key + SCALE_SUFFIX] in ("F16", "F32"), key
+        elif key.removesuffix(SCALE_SUFFIX) not in int8:
+            assert dtype == ("F16" if group in half else "F32"), key
     # The loader works in float32 whatever the file holds.
     assert all(p.dtype == torch.float32 for p in model.denoiser.parameters())
 

@@ -1,7 +1,9 @@
 """The diffusion model file format, ``DIFF.safetensors`` (written by ``hda train-diffusion``).
 
-Tensors: the denoiser's EMA weights (``model.<key>``, float32, or float16 in a shipped copy) and the
-normaliser's statistics (``normalizer.mean``, ``normalizer.std`` [D]). Metadata (safetensors' string map):
+Tensors: the denoiser's EMA weights (``model.<key>``, float32, or in a shipped copy float16, with its per-layer
+projections possibly int8) and the normaliser's statistics (``normalizer.mean``, ``normalizer.std`` [D]). An
+int8 tensor ``NAME`` [R, C] has its scales in ``NAME.scale``, [R, 1] (per row) or [1, C] (per column), float16 or
+float32, and is read as ``NAME`` · scale (broadcast; :mod:`.int8`). Metadata (safetensors' string map):
 
 =================  ==========================================================================
 format             "hda-diffusion"
@@ -15,10 +17,12 @@ steps              optimiser steps trained
 num_avatars        size of the training set
 final_loss         the last logged loss
 sources            JSON list of the training avatars' file names
-half               (optional) JSON list of the groups stored in float16: "denoiser", "normalizer"
+half               (optional) JSON list of the groups whose float tensors are float16: "denoiser", "normalizer"
+int8               (optional) JSON list of the tensors stored in int8 (each with its ``NAME.scale``)
 =================  ==========================================================================
 
 Loading checks every field and tensor and refuses a mismatch with one line naming the file and the field.
+Readers get float32 whatever the file holds: int8 tensors are dequantised, float16 ones upcast.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ..checkpoint import read_safetensors
 from ..config import DiffusionConfig
 from ..errors import HDAError
 from . import PREDICTIONS
+from .int8 import dequantize_tensors
 from .schedule import ScheduleConfig
 from .transformer import DenoiserConfig, WeightDenoiser
 from .weights import AvatarMeta, LayerSpec, Normalizer, WeightSet
@@ -47,8 +52,11 @@ SUFFIX = ".safetensors"
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(metadata, tensors) of a diffusion model file, unchecked; one-line HDAError if it is unreadable."""
-    return read_safetensors(path, "diffusion model")
+    """(metadata, tensors) of a diffusion model file with its int8 tensors dequantised to float32 (the ``int8``
+    field and the scales dropped; see :mod:`.int8`); otherwise unchecked. One-line HDAError if it is unreadable
+    or its int8 tensors are malformed."""
+    metadata, tensors = read_safetensors(path, "diffusion model")
+    return dequantize_tensors(metadata, tensors, f"diffusion model {path}")
 
 
 def denoiser_config(d: DiffusionConfig) -> DenoiserConfig:
