@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--out", required=True, help="folder for <subject>.hda.safetensors")
     p.add_argument("--init-from", help="start every subject from this avatar (default: the first subject's fit)")
+    p.add_argument("--init", choices=("first", "mean"), default="first",
+                   help="first: every later subject starts from the first subject's fit; mean: from the mean of "
+                        "the fits before it, in doubling rounds (means/ in --out)")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000))
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     add_device_arg(p)
@@ -244,7 +247,7 @@ def cmd_fit_all(args) -> None:
     from .fit.fit_all import fit_all
 
     log = fit_all(args.dataset, args.out, config_from_args(args), init_from=args.init_from, steps=args.steps,
-                  backend=args.backend, device=args.device, wait_hours=args.wait_hours)
+                  backend=args.backend, device=args.device, wait_hours=args.wait_hours, init=args.init)
     fitted = sum(row["status"] == "fitted" for row in log)
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
 
