@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="samples per generated row (default: as many as reference avatars)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="DDIM steps for model rows (default: the model's)")
+    p.add_argument("--seed-sets", type=_positive("--seed-sets", 1000), default=1,
+                   help="model rows: MMD/COV/1-NNA also on this many independent seed sets of n (default 1)")
     p.add_argument("--poses", help="gallery poses, comma-separated clip@phase (default walk@0.25,wave@0.25,squat@0.5)")
     p.add_argument("--cameras", type=_positive("--cameras", 16), default=4, help="gallery cameras around the body")
     p.add_argument("--size", type=_positive("--size", 1024), default=128, help="gallery image size")
@@ -295,7 +297,8 @@ def cmd_eval_gen(args) -> None:
         azimuths_deg=tuple(360.0 * c / args.cameras for c in range(args.cameras)), size=args.size,
         fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend,
         device=str(resolve_device(args.device, log=print)))  # with the other status lines, before the work
-    eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, baselines=baselines, gallery=gallery)
+    eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, seed_sets=args.seed_sets,
+                                baselines=baselines, gallery=gallery)
     perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
     inception, inception_status = load_inception(args.inception)
     for status in (lpips_status, inception_status):
