@@ -166,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="assets/default", help="the bundle folder (default: assets/default)")
     p.add_argument("--work", default="build/default", help="intermediate data and the build record "
                                                            "(default: build/default)")
-    p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=24)
+    p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=None,
+                   help="training subjects (default 96)")
+    p.add_argument("--held-out", type=int_in("--held-out", 0, 100_000), default=None,
+                   help="further subjects fitted but never trained on: eval-gen's reference set (default 32; 0: "
+                        "evaluate against the training fits)")
+    p.add_argument("--init", choices=("first", "mean"), default=None,
+                   help="fit-all --init for the fits (default: the build's recipe)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
@@ -315,8 +321,9 @@ def cmd_build_default(args) -> None:
     from .build_default import DefaultBuildConfig, build_default
 
     start = time.perf_counter()
-    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until,
-                  device=args.device)
+    given = {"subjects": args.subjects, "held_out": args.held_out, "fit_init": args.init}
+    build = DefaultBuildConfig(**{k: v for k, v in given.items() if v is not None})
+    build_default(args.out, args.work, build, redo=args.redo, until=args.until, device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")
 
 
