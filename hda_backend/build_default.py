@@ -497,6 +497,7 @@ def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, sta
         "## Evaluation (`hda eval-gen`, the diffusion issue's table)",
         "",
         *_eval_lines(build, report),
+        "",
         *([f"Note: {n}" for n in report.get("notes", []) if n]),
         "",
         "## Build time",
