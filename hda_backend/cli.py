@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluate against the training fits)")
     p.add_argument("--init", choices=("first", "mean"), default=None,
                    help="fit-all --init for the fits (default: the build's recipe)")
+    p.add_argument("--seed-sets", type=int_in("--seed-sets", 1, 30), default=None,
+                   help="eval-gen --seed-sets of the eval stage (default 3)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
@@ -321,7 +323,8 @@ def cmd_build_default(args) -> None:
     from .build_default import DefaultBuildConfig, build_default
 
     start = time.perf_counter()
-    given = {"subjects": args.subjects, "held_out": args.held_out, "fit_init": args.init}
+    given = {"subjects": args.subjects, "held_out": args.held_out, "fit_init": args.init,
+             "eval_seed_sets": args.seed_sets}
     build = DefaultBuildConfig(**{k: v for k, v in given.items() if v is not None})
     build_default(args.out, args.work, build, redo=args.redo, until=args.until, device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")

@@ -213,6 +213,16 @@ def test_eval_references_the_held_out_fits_and_checks_memorisation_against_train
     assert [s["seed"] for s in rows["default"]["seed_sets"]] == [0, 2, 4]
 
 
+def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
+    """`--subjects 24 --held-out 0 --init first --seed-sets 1` are the shipped 24-subject build's settings."""
+    record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
+    seen = {}
+    monkeypatch.setattr(bd, "build_default", lambda out, work, build, **kw: seen.update(build=build))
+    assert main(["build-default", "--subjects", "24", "--held-out", "0", "--init", "first", "--seed-sets", "1"]) == 0
+    assert seen["build"] == bd.DefaultBuildConfig.from_record(record["config"])
+    assert main(["build-default"]) == 0 and seen["build"] == bd.DefaultBuildConfig()
+
+
 def test_a_record_from_before_the_split_is_read_with_its_settings(tmp_path):
     """The shipped 24-subject build.json has no held_out / fit_init / eval_seed_sets: it reads as no split."""
     record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
