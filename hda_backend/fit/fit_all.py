@@ -136,19 +136,19 @@ def fit_all(dataset_dir, out_dir, config: Config, init_from=None, steps: int | N
 
     fits = [out_dir / f"{s.name}{SUFFIX}" for s in subjects]
     try:
-        if init_from is None:
+        if init_from is not None:
+            for subject in subjects[rank::world]:
+                run(subject, init_from, steps)
+        else:
             first = subjects[0]
             if rank == 0:
                 run(first, None, steps)
             if distributed:
                 wait_for_ranks(waiting, wait_hours, rank, f"rank 0's first fit ({first.name})")
-        if init_from is not None:
-            for subject in subjects[rank::world]:
-                run(subject, init_from, steps)
-        elif init == "first":
+        if init_from is None and init == "first":
             for subject in subjects[1:][rank::world]:
                 run(subject, fits[0], steps)
-        else:
+        elif init_from is None:
             for k, members in enumerate(mean_rounds(len(subjects))):
                 start = fits[0]  # the mean of one fit is that fit
                 if members.start > 1:
