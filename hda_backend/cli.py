@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--out", required=True, help="folder for <subject>.hda.safetensors")
     p.add_argument("--init-from", help="start every subject from this avatar (default: the first subject's fit)")
+    p.add_argument("--init", choices=("first", "mean"), default="first",
+                   help="first: every later subject starts from the first subject's fit; mean: from the mean of "
+                        "the fits before it, in doubling rounds (means/ in --out)")
     p.add_argument("--steps", type=_positive("--steps", 10_000_000))
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
     add_device_arg(p)
@@ -143,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="samples per generated row (default: as many as reference avatars)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="DDIM steps for model rows (default: the model's)")
+    p.add_argument("--seed-sets", type=_positive("--seed-sets", 1000), default=1,
+                   help="model rows: MMD/COV/1-NNA also on this many independent seed sets of n (default 1)")
     p.add_argument("--poses", help="gallery poses, comma-separated clip@phase (default walk@0.25,wave@0.25,squat@0.5)")
     p.add_argument("--cameras", type=_positive("--cameras", 16), default=4, help="gallery cameras around the body")
     p.add_argument("--size", type=_positive("--size", 1024), default=128, help="gallery image size")
@@ -161,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="assets/default", help="the bundle folder (default: assets/default)")
     p.add_argument("--work", default="build/default", help="intermediate data and the build record "
                                                            "(default: build/default)")
-    p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=24)
+    p.add_argument("--subjects", type=int_in("--subjects", 2, 100_000), default=None,
+                   help="training subjects (default 96)")
+    p.add_argument("--held-out", type=int_in("--held-out", 0, 100_000), default=None,
+                   help="further subjects fitted but never trained on: eval-gen's reference set (default 32; 0: "
+                        "evaluate against the training fits)")
+    p.add_argument("--init", choices=("first", "mean"), default=None,
+                   help="fit-all --init for the fits (default: the build's recipe)")
+    p.add_argument("--seed-sets", type=int_in("--seed-sets", 1, 30), default=None,
+                   help="eval-gen --seed-sets of the eval stage (default 3)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
@@ -244,7 +257,7 @@ def cmd_fit_all(args) -> None:
     from .fit.fit_all import fit_all
 
     log = fit_all(args.dataset, args.out, config_from_args(args), init_from=args.init_from, steps=args.steps,
-                  backend=args.backend, device=args.device, wait_hours=args.wait_hours)
+                  backend=args.backend, device=args.device, wait_hours=args.wait_hours, init=args.init)
     fitted = sum(row["status"] == "fitted" for row in log)
     print(f"fitted {fitted}, skipped {len(log) - fitted} subjects into {args.out}")
 
@@ -292,7 +305,8 @@ def cmd_eval_gen(args) -> None:
         azimuths_deg=tuple(360.0 * c / args.cameras for c in range(args.cameras)), size=args.size,
         fov_deg=config.render.fov_deg, backend=args.backend or config.render.backend,
         device=str(resolve_device(args.device, log=print)))  # with the other status lines, before the work
-    eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, baselines=baselines, gallery=gallery)
+    eval_config = EvalGenConfig(n=args.n, seed=args.seed, steps=args.steps, seed_sets=args.seed_sets,
+                                baselines=baselines, gallery=gallery)
     perceptual, lpips_status = load_lpips(config.fit.lpips_alexnet)
     inception, inception_status = load_inception(args.inception)
     for status in (lpips_status, inception_status):
@@ -309,8 +323,10 @@ def cmd_build_default(args) -> None:
     from .build_default import DefaultBuildConfig, build_default
 
     start = time.perf_counter()
-    build_default(args.out, args.work, DefaultBuildConfig(subjects=args.subjects), redo=args.redo, until=args.until,
-                  device=args.device)
+    given = {"subjects": args.subjects, "held_out": args.held_out, "fit_init": args.init,
+             "eval_seed_sets": args.seed_sets}
+    build = DefaultBuildConfig(**{k: v for k, v in given.items() if v is not None})
+    build_default(args.out, args.work, build, redo=args.redo, until=args.until, device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")
 
 

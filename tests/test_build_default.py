@@ -22,8 +22,11 @@ from hda_backend.diffusion.weights import write_avatar
 from hda_backend.errors import HDAError
 from hda_backend.render.frames import render_gaussians
 
+# 2 training and 2 held-out subjects; fits from the running mean (subject_002 and _003 start from the mean
+# of subject_000 and _001).
 TINY = bd.DefaultBuildConfig(
-    subjects=2, cameras=2, frames=4, size=32, cycles_samples=1, preset="tiny", references=1,
+    subjects=2, held_out=2, fit_init="mean", cameras=2, frames=4, size=32, cycles_samples=1, preset="tiny",
+    references=1,
     overrides={"fit": {"steps": 12, "init_steps": 6, "checkpoint_every": 6, "log_every": 3},
                "diffusion": {"width": 16, "heads": 2, "ffn": 32, "epochs": 12, "checkpoint_every": 6,
                              "sample_steps": 4}})
@@ -68,7 +71,7 @@ def test_an_interrupted_build_is_recorded_and_finished_by_running_it_again(built
     assert stages["eval"]["attempts"] == 2
     assert [line for line in built["lines"] if line.endswith("skipped")] == [
         f"[{s}] done ({stages[s]['seconds']:.0f} s), skipped" for s in ("studio", "fits", "diffusion", "bundle")]
-    assert stages["studio"]["made"] == 2 * 2 * 4 and stages["fits"]["made"] == 2
+    assert stages["studio"]["made"] == 4 * 2 * 4 and stages["fits"]["made"] == 4
     # The finished stages were not redone: the fitted avatars are the same files.
     assert {p: p.stat().st_mtime_ns for p in built["mtimes"]} == built["mtimes"]
 
@@ -82,7 +85,10 @@ def test_the_bundle_holds_the_model_references_card_and_record(built):
     card = (out / "MODEL_CARD.md").read_text()
     for row in state["stages"]["eval"]["rows"]:
         assert f"| {row['name']} ({row['kind']}" in card and f"{row['mmd_psnr_db']:.2f}" in card
-    assert "2 synthetic subjects" in card and bd.LICENCE in card
+    assert "4 synthetic subjects" in card and bd.LICENCE in card
+    assert "the other 2 (subject_002–subject_003) are held out" in card
+    assert "Against the 2 held-out subjects" in card and "Against the 2 training subjects" in card
+    assert "On 3 independent seed sets of 2" in card and "| default | 4..5 |" in card
     assert json.loads((out / "build.json").read_text())["stages"]["card"]["status"] == "done"
 
 
@@ -118,6 +124,7 @@ def test_settings_and_record_mismatches_are_one_line_errors(built, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["build-default", "--subjects", "1"], "--subjects 1: expected 2..100000"),
     (["build-default", "--subjects", "lots"], "--subjects 'lots': expected a whole number"),
+    (["build-default", "--held-out", "1", "--work", "/nonexistent/w"], "--held-out 1: expected 0"),
 ])
 def test_cli_bad_arguments(argv, message, capsys):
     assert main(argv) == 2
@@ -168,3 +175,64 @@ def _view_psnrs(a, b, model, body) -> list[float]:
                                      background=views.background)[0].clamp(0, 1) for g in posed)
             psnrs.append(-10 * math.log10(max(float(((x - y) ** 2).mean()), 1e-10)))
     return psnrs
+
+
+def _vectors(paths):
+    out = []
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
+            out.append(torch.cat([f.get_tensor(k).flatten().double() for k in sorted(f.keys())]))
+    return torch.stack(out)
+
+
+def test_held_out_subjects_never_reach_the_diffusion_stage(built):
+    work = built["work"]
+    fits = {n: work / "fits" / f"{n}{SUFFIX}" for n in ("subject_000", "subject_001", "subject_002", "subject_003")}
+    assert all(p.is_file() for p in fits.values())  # every subject is fitted, held-out ones too
+    assert built["state"]["stages"]["diffusion"]["avatars"] == 2
+    # The normaliser's mean is the mean avatar of what the model was trained on: the two training fits only.
+    from hda_backend.diffusion.weights import load_weight_set
+    train = load_weight_set([fits["subject_000"], fits["subject_001"]])
+    every = load_weight_set(list(fits.values()))
+    with safe_open(str(work / "diffusion" / "diffusion.safetensors"), "pt") as f:
+        mean = f.get_tensor("normalizer.mean")
+    torch.testing.assert_close(mean, train.vectors.double().mean(0).float(), rtol=0, atol=1e-6)
+    assert (mean - every.vectors.mean(0)).abs().max() > 1e-3
+    # The fits stage ran --init mean: the held-out subjects started from the mean of the first two fits.
+    torch.testing.assert_close(_vectors([work / "fits" / "means" / f"mean_of_first_00002{SUFFIX}"])[0],
+                               _vectors([fits["subject_000"], fits["subject_001"]]).mean(0), rtol=0, atol=1e-6)
+
+
+def test_eval_references_the_held_out_fits_and_checks_memorisation_against_training(built):
+    report = json.loads((built["work"] / "eval" / "eval_gen.json").read_text())
+    assert [Path(p).name for p in report["reference"]["files"]] == [f"subject_002{SUFFIX}", f"subject_003{SUFFIX}"]
+    assert report["train"]["count"] == 2 and not report["train"]["same_as_reference"] and report["n"] == 2
+    rows = {r["name"]: r for r in built["state"]["stages"]["eval"]["rows"]}
+    assert set(rows) == {"default", "copy", "pca", "blend"} and built["state"]["stages"]["eval"]["reference"] == "held-out"
+    # The copy row returns training avatars: memorisation against the training set, not the held-out one.
+    assert rows["copy"]["vs_train"]["mmd_psnr_db"] == 100.0 and rows["copy"]["mmd_psnr_db"] < 100.0
+    assert [s["seed"] for s in rows["default"]["seed_sets"]] == [0, 2, 4]
+
+
+def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
+    """`--subjects 24 --held-out 0 --init first --seed-sets 1` are the shipped 24-subject build's settings."""
+    record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
+    seen = {}
+    monkeypatch.setattr(bd, "build_default", lambda out, work, build, **kw: seen.update(build=build))
+    assert main(["build-default", "--subjects", "24", "--held-out", "0", "--init", "first", "--seed-sets", "1"]) == 0
+    assert seen["build"] == bd.DefaultBuildConfig.from_record(record["config"])
+    assert main(["build-default"]) == 0 and seen["build"] == bd.DefaultBuildConfig()
+
+
+def test_a_record_from_before_the_split_is_read_with_its_settings(tmp_path):
+    """The shipped 24-subject build.json has no held_out / fit_init / eval_seed_sets: it reads as no split."""
+    record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
+    old = bd.DefaultBuildConfig.from_record(record["config"])
+    assert (old.subjects, old.held_out, old.fit_init, old.eval_seed_sets, old.eval_n) == (24, 0, "first", 1, 24)
+    assert old.names(held_out=True) == [] and len(old.names()) == 24
+    assert "24 synthetic subjects" in bd._data_line(old) and "held out" not in bd._data_line(old)
+    (tmp_path / "build.json").write_text(json.dumps(record))
+    paths = bd.BuildPaths(tmp_path, tmp_path / "out")
+    assert bd.read_state(paths, old)["stages"]["card"]["status"] == "done"
+    with pytest.raises(HDAError, match="field 'config' differs"):
+        bd.read_state(paths, bd.DefaultBuildConfig())

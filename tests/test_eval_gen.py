@@ -711,3 +711,37 @@ def test_eval_gen_held_out_reference_with_injected_lpips_and_features(tmp_path):
     table = (tmp_path / "out" / "eval_gen.md").read_text()
     assert "MMD-LPIPS" in table and "KID×1000" in table and "held-out" in table
     assert "## Against the training set (memorisation)" in table and "| **no** |" in table
+
+
+def test_eval_gen_seed_sets_match_separately_sampled_and_rendered_sets(evaluated, tmp_path, capsys):
+    ref, out, _, _ = evaluated
+    model = out.parent / "diff.safetensors"
+    body = load_body()
+    config = EvalGenConfig(n=3, seed=0, steps=5, seed_sets=3, baselines=(), gallery=GALLERY)
+    report = evaluate_generation(ref, tmp_path / "out", body, models={"diff": model}, config=config, progress=False)
+    row = report["rows"][0]
+    assert [s["seed"] for s in row["seed_sets"]] == [0, 3, 6]
+    assert {k: row["seed_sets"][0][k] for k in ("mmd_psnr_db", "cov_psnr", "one_nna_psnr")} == {
+        k: row[k] for k in ("mmd_psnr_db", "cov_psnr", "one_nna_psnr")}
+    views = gallery_views(body, GALLERY)
+
+    def gallery(files):
+        return torch.stack([render_avatar(load_avatar(Path(f), body), views)[0] for f in files])
+
+    def distance(a, b):  # -PSNR of the MSE pooled over views, pixels and channels, by hand
+        mse = np.array([[float(((x - y) ** 2).mean()) for y in b] for x in a])
+        return 10 * np.log10(np.maximum(mse, 1e-10))
+
+    r = gallery(sorted(ref.glob("*.hda.safetensors")))
+    for s in row["seed_sets"]:
+        g = gallery(sample_avatars(model, seed=s["seed"], n=3, steps=5, out_dir=tmp_path / f"direct{s['seed']}"))
+        d_gr, d_gg, d_rr = distance(g, r), distance(g, g), distance(r, r)
+        assert s["mmd_psnr_db"] == pytest.approx(-d_gr.min(axis=0).mean(), abs=1e-4)
+        assert s["cov_psnr"] == pytest.approx(len(set(d_gr.argmin(axis=1))) / r.shape[0])
+        assert s["one_nna_psnr"] == pytest.approx(metrics.one_nna(d_gg, d_gr, d_rr))
+    assert row["seed_sets"][1]["mmd_psnr_db"] != row["seed_sets"][2]["mmd_psnr_db"]  # different samples
+    assert "## Seed sets" in (tmp_path / "out" / "eval_gen.md").read_text()
+    code = main(["eval-gen", "--reference", str(ref), "--model", f"diff={model}", "--n", "6", "--seed-sets", "500",
+                 "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--seed-sets 500: expected 1.." in err

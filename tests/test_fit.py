@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hda_backend.avatar.io import load_avatar, save_avatar
+from hda_backend.avatar.io import SUFFIX, load_avatar, save_avatar
 from hda_backend.avatar.gaussians import GaussianConfig
 from hda_backend.avatar.model import Avatar
 from hda_backend.avatar.unet import UNetConfig
@@ -290,3 +290,107 @@ def test_appearance_stage_starts_the_unet_near_the_fitted_map(subject_dir, tmp_p
     subject = load_subject(subject_dir)
     as_map = evaluate(subject, MapAvatar(avatar, raw), max_frames=1)  # posed by LBS alone
     assert as_map["train"]["psnr"] > evaluate(subject, avatar, max_frames=1)["train"]["psnr"]
+
+
+def _dataset(subject_dir, root, names):
+    for name in names:
+        shutil.copytree(subject_dir, root / name)
+        meta = json.loads((root / name / "subject.json").read_text())
+        (root / name / "subject.json").write_text(json.dumps({**meta, "name": name}))
+    return root
+
+
+def _tensors(path):
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+
+
+MEAN_NAMES = ("s0", "s1", "s2", "s3", "s4")
+
+
+@pytest.fixture(scope="module")
+def mean_fits(subject_dir, tmp_path_factory):
+    """fit-all --init mean over 5 subjects, once uninterrupted and once interrupted in subject s3's fit
+    (after its first checkpoint) and finished by running it again."""
+    from hda_backend.fit import fit_all as fa
+
+    root = tmp_path_factory.mktemp("mean_init")
+    data = _dataset(subject_dir, root / "data", MEAN_NAMES)
+    config = load_config("tiny", {"fit": {"steps": 4, "init_steps": 4, "log_every": 1, "checkpoint_every": 2}})
+    whole = fa.fit_all(data, root / "whole", config, progress=False, init="mean")
+    real = fa.fit_subject
+
+    def killed_in_s3(subject, out, *args, **kwargs):
+        if subject.name == "s3":
+            real(subject, out, *args, **{**kwargs, "stop_after": 2})
+            raise KeyboardInterrupt
+        return real(subject, out, *args, **kwargs)
+
+    fa.fit_subject = killed_in_s3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fa.fit_all(data, root / "resumed", config, progress=False, init="mean")
+    finally:
+        fa.fit_subject = real
+    assert (root / "resumed" / "s3.ckpt.safetensors").is_file() and not (root / "resumed" / f"s4{SUFFIX}").exists()
+    again = fa.fit_all(data, root / "resumed", config, progress=False, init="mean")
+    return {"root": root, "data": data, "whole": whole, "again": again}
+
+
+def test_fit_all_mean_init_files_are_the_brute_force_means(mean_fits):
+    from hda_backend.fit.fit_all import mean_rounds
+
+    assert [list(r) for r in mean_rounds(5)] == [[1], [2, 3], [4]]
+    assert [list(r) for r in mean_rounds(9)] == [[1], [2, 3], [4, 5, 6, 7], [8]]
+    assert mean_rounds(1) == [] and [list(r) for r in mean_rounds(2)] == [[1]]
+    out = mean_fits["root"] / "whole"
+    assert sorted(p.name for p in (out / "means").iterdir()) == [
+        f"mean_of_first_00002{SUFFIX}", f"mean_of_first_00004{SUFFIX}"]
+    for first in (2, 4):
+        mean, _ = _tensors(out / "means" / f"mean_of_first_{first:05d}{SUFFIX}")
+        fits = [_tensors(out / f"{n}{SUFFIX}")[0] for n in MEAN_NAMES[:first]]
+        assert set(mean) == set(fits[0])
+        for key, value in mean.items():
+            brute = sum(f[key].double() for f in fits) / first
+            assert torch.allclose(value.double(), brute, rtol=0, atol=1e-7), key
+    # Each subject records the avatar it started from: s1 the first fit, then the means of its round.
+    starts = {n: _tensors(out / f"{n}{SUFFIX}")[1]["origin"] for n in MEAN_NAMES}
+    assert starts == {"s0": "fit:s0", "s1": f"fit:s1 init:s0{SUFFIX}",
+                      "s2": f"fit:s2 init:mean_of_first_00002{SUFFIX}", "s3": f"fit:s3 init:mean_of_first_00002{SUFFIX}",
+                      "s4": f"fit:s4 init:mean_of_first_00004{SUFFIX}"}
+    # The fit moved s2 away from the mean it started from.
+    fitted, start = _tensors(out / f"s2{SUFFIX}")[0], _tensors(out / "means" / f"mean_of_first_00002{SUFFIX}")[0]
+    assert any(not torch.equal(fitted[k], start[k]) for k in start)
+
+
+def test_fit_all_mean_init_resumed_after_an_interruption_equals_an_uninterrupted_run(mean_fits):
+    root = mean_fits["root"]
+    assert {r["subject"]: r["status"] for r in mean_fits["again"]} == {
+        "s0": "skipped", "s1": "skipped", "s2": "skipped", "s3": "fitted", "s4": "fitted"}
+    for name in [f"{n}{SUFFIX}" for n in MEAN_NAMES] + [f"means/mean_of_first_{k:05d}{SUFFIX}" for k in (2, 4)]:
+        a, b = _tensors(root / "whole" / name)[0], _tensors(root / "resumed" / name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_fit_all_mean_init_under_two_ranks_equals_one_process(mean_fits, tmp_path):
+    """Which avatar a subject starts from depends on its index only, so 2 torchrun ranks fit what one did."""
+    cfg = _config(tmp_path, steps=4, init_steps=4, log_every=1, checkpoint_every=2)
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+           "-m", "hda_backend.cli", "fit-all", str(mean_fits["data"]), "--out", str(out), "--config", str(cfg),
+           "--init", "mean"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    logs = [json.loads(line) for k in (0, 1) for line in (out / f"fit_all.rank{k}.jsonl").read_text().splitlines()]
+    assert sorted(r["subject"] for r in logs) == list(MEAN_NAMES) and {r["rank"] for r in logs} == {0, 1}
+    for name in [f"{n}{SUFFIX}" for n in MEAN_NAMES] + [f"means/mean_of_first_{k:05d}{SUFFIX}" for k in (2, 4)]:
+        a, b = _tensors(mean_fits["root"] / "whole" / name)[0], _tensors(out / name)[0]
+        for key in a:  # one thread per rank here, two in-process: float sums may round differently
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key)
+
+
+def test_fit_all_init_mean_and_init_from_are_exclusive(subject_dir, tmp_path, capsys):
+    code = main(["fit-all", str(subject_dir.parent), "--out", str(tmp_path / "f"), "--preset", "tiny",
+                 "--init", "mean", "--init-from", str(tmp_path / "x.hda.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--init mean and --init-from" in err

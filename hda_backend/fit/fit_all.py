@@ -31,6 +31,9 @@ from ..devices import log_stderr, rank_device, resolve_device
 from ..errors import HDAError
 from .trainer import FitPaths, fit_subject
 
+INITS = ("first", "mean")  # --init: every later subject from the first fit, or from the running mean
+MEANS_FOLDER = "means"
+
 
 def _init_distributed(requested: str, log: Callable[[str], None]) -> tuple[int, int, bool, torch.device]:
     """(rank, world, distributed, this rank's device) for ``--device`` ``requested``."""
@@ -74,15 +77,42 @@ def wait_for_ranks(group, hours: float, rank: int, what: str) -> None:
                        f"({str(exc).splitlines()[0][:160]}); raise --wait-hours, or re-run fit-all to resume") from None
 
 
+def mean_rounds(count: int) -> list[range]:
+    """``--init mean``'s rounds over subjects 1..count-1: round k holds indices 2^k .. 2^(k+1)-1 (the last
+    one cut at ``count``), which all start from the mean of the first 2^k fits."""
+    return [range(1 << k, min(2 << k, count)) for k in range(max(count - 1, 0).bit_length())]
+
+
+def mean_path(out_dir: Path, first: int) -> Path:
+    return out_dir / MEANS_FOLDER / f"mean_of_first_{first:05d}{SUFFIX}"
+
+
+def write_mean_avatar(fits: list[Path], path: Path) -> Path:
+    """The element-wise mean of the avatar files ``fits`` (one architecture), accumulated in float64 and
+    written atomically to ``path`` as an ordinary avatar file."""
+    from ..diffusion.weights import load_weight_set, write_avatar
+
+    weights = load_weight_set(fits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_avatar(weights.vectors.double().mean(dim=0).float(), weights.spec, weights.meta, path,
+                        origin=f"mean of {len(fits)} fits: {fits[0].name} .. {fits[-1].name}")
+
+
 def fit_all(dataset_dir, out_dir, config: Config, init_from=None, steps: int | None = None,
             backend: str | None = None, progress: bool = True, device: str = "auto",
-            wait_hours: float = FIT_ALL_WAIT_HOURS) -> list[dict]:
+            wait_hours: float = FIT_ALL_WAIT_HOURS, init: str = "first") -> list[dict]:
     """Fit the subjects of ``dataset_dir`` into ``out_dir/<subject>.hda.safetensors``.
 
     Returns this rank's log: {"subject", "status": "fitted"|"skipped", "rank"} per subject it handled;
     the same lines go to ``out_dir/fit_all.rank<k>.jsonl``. ``device``: auto | cpu | cuda[:N] (under
-    torchrun, see ``devices.rank_device``); ``wait_hours``: how long ranks wait for each other.
+    torchrun, see ``devices.rank_device``); ``wait_hours``: how long ranks wait for each other;
+    ``init``: "first" (every later subject from the first fit) or "mean" (from the running mean, in
+    doubling rounds; see the module docstring).
     """
+    if init not in INITS:
+        raise HDAError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+    if init == "mean" and init_from is not None:
+        raise HDAError("--init mean and --init-from both choose the initial weights: give one of them")
     subjects = list_subjects(dataset_dir)
     if not subjects:
         raise HDAError(f"dataset {dataset_dir}: no subject folders (with subject.json) found")
@@ -104,18 +134,34 @@ def fit_all(dataset_dir, out_dir, config: Config, init_from=None, steps: int | N
                     log=lambda m: print(f"[rank {rank}] {m}", flush=True), device=rank_dev)
         log.append({"subject": subject.name, "status": "fitted", "rank": rank})
 
+    fits = [out_dir / f"{s.name}{SUFFIX}" for s in subjects]
     try:
-        if init_from is None:
-            first, rest = subjects[0], subjects[1:]
+        if init_from is not None:
+            for subject in subjects[rank::world]:
+                run(subject, init_from, steps)
+        else:
+            first = subjects[0]
             if rank == 0:
                 run(first, None, steps)
             if distributed:
                 wait_for_ranks(waiting, wait_hours, rank, f"rank 0's first fit ({first.name})")
-            init = out_dir / f"{first.name}{SUFFIX}"
-        else:
-            rest, init = subjects, init_from
-        for subject in rest[rank::world]:
-            run(subject, init, steps)
+        if init_from is None and init == "first":
+            for subject in subjects[1:][rank::world]:
+                run(subject, fits[0], steps)
+        elif init_from is None:
+            for k, members in enumerate(mean_rounds(len(subjects))):
+                start = fits[0]  # the mean of one fit is that fit
+                if members.start > 1:
+                    start = mean_path(out_dir, members.start)
+                    if rank == 0 and not start.is_file():  # written once: a resumed round reuses it
+                        write_mean_avatar(fits[:members.start], start)
+                    if distributed:
+                        wait_for_ranks(waiting, wait_hours, rank, f"the mean of the first {members.start} fits")
+                for i in members[rank::world]:
+                    run(subjects[i], start, steps)
+                if distributed and members.stop < len(subjects):
+                    wait_for_ranks(waiting, wait_hours, rank, f"round {k}'s fits (subjects {members.start}.."
+                                                              f"{members.stop - 1})")
         with (out_dir / f"fit_all.rank{rank}.jsonl").open("w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in log)
         if distributed:
