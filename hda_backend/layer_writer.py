@@ -67,6 +67,9 @@ class LayerWriter:
         return path
 
     def _rewrite(self, path: Path, generation: int, channels, strings) -> bool:
+        with self._lock:
+            if self._latest.get(path) != generation:
+                return False  # superseded already: no need to compress it
         data = encode_exr(channels, strings, workers=1)
         with self._lock:
             if self._latest.get(path) != generation:
