@@ -5,7 +5,7 @@ Stages, in order (WORK defaults to ``build/default``, OUT to ``assets/default``)
 - ``studio``     ``hda synth``: training and held-out subjects rendered by Cycles  -> WORK/studio/
 - ``fits``       ``hda fit-all``: the first subject in full, the rest from it (or the running mean) -> WORK/fits/
 - ``diffusion``  ``hda train-diffusion`` on the training subjects' fits only        -> WORK/diffusion/
-- ``bundle``     float16 where lossless (:mod:`.diffusion.compact`) + reference avatars -> OUT/
+- ``bundle``     int8 / float16 where renders keep (:mod:`.diffusion.compact`) + reference avatars -> OUT/
 - ``eval``       ``hda eval-gen`` of the bundled model against the held-out fits (the training fits
                  for memorisation), with the copy, PCA and blend baselines
 - ``card``       OUT/MODEL_CARD.md and OUT/build.json
@@ -48,6 +48,9 @@ STATE_FORMAT = "hda-build-default"
 MODEL_FILE = "diffusion.safetensors"
 CARD_FILE = "MODEL_CARD.md"
 LICENCE = "CC0-1.0"
+# eval-gen's contact sheets shipped beside the model: every row's first samples beside their nearest
+# reference (held-out) subject, and all 32 samples of the model beside their nearest training subject.
+SHEETS = ("samples_vs_nearest.png", "default_vs_nearest_training.png")
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,11 @@ class DefaultBuildConfig:
     preset: str = "cpu"  # fitting and diffusion recipe; `overrides` are applied on top
     # The cpu preset's width-64 denoiser is 77M parameters (150 MB in float16): its per-layer projections
     # scale with width x UNet size. Each layer's x0 is decoded linearly from one width-sized token, so
-    # samples live in a width-dimensional subspace per layer: below N-1 = 23 dimensions (width 16) samples
-    # collapse onto each other (measured, README Default model). Width 24 is the narrowest that spans the
-    # training set, and keeps the bundle under 64 MB in float16.
-    overrides: dict = field(default_factory=lambda: {"diffusion": {"width": 24, "heads": 2, "ffn": 96, "epochs": 600}})
+    # samples live in a width-dimensional subspace per layer; below N-1 dimensions samples collapse onto
+    # each other, and a narrow decoder makes blends: on weight sets of known structure width 48 gave new
+    # people a coefficient norm of 0.73 against width 24's 0.53 (README, Stage 2). Width 48 is the widest
+    # that fits the 64 MB bundle, with its projections in int8 (62.4 MB model, README Default model).
+    overrides: dict = field(default_factory=lambda: {"diffusion": {"width": 48, "heads": 2, "ffn": 192, "epochs": 600}})
     references: int = 2  # fitted avatars shipped for tests, spread over the subjects
     eval_seed: int = 0  # eval-gen samples seeds eval_seed .. eval_seed + n - 1, n = held_out (or subjects)
     eval_seed_sets: int = 3  # MMD/COV/1-NNA also on the next seed sets of n (eval-gen --seed-sets)
@@ -301,9 +305,9 @@ def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
 def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
                 device: str = "auto") -> dict:
     state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    sheet = paths.eval / "samples_vs_nearest.png"
-    if sheet.is_file():
-        shutil.copy2(sheet, paths.out / "samples_vs_nearest.png")
+    for name in SHEETS:
+        if (paths.eval / name).is_file():
+            shutil.copy2(paths.eval / name, paths.out / name)
     write_text(paths.card, model_card(paths, build, config, state))
     return {}
 
@@ -367,7 +371,8 @@ def _files_table(paths: BuildPaths) -> list[str]:
     lines = ["| file | contents | size |", "|---|---|---|"]
     files = [(paths.model, "the diffusion model: EMA denoiser weights, normaliser statistics, metadata")]
     files += [(p, "a fitted reference avatar (tests, comparisons)") for p in sorted(paths.references.glob(f"*{SUFFIX}"))]
-    files += [(paths.out / "samples_vs_nearest.png", "samples beside their nearest reference subject (held out where the build has a split)")]
+    files += [(paths.out / "samples_vs_nearest.png", "samples beside their nearest reference subject (held out where the build has a split)"),
+              (paths.out / "default_vs_nearest_training.png", "every sample of the model beside its nearest training subject")]
     total = 0
     for path, what in files:
         if path.is_file():
@@ -448,13 +453,36 @@ def _eval_lines(build: DefaultBuildConfig, report: dict) -> list[str]:
     return lines
 
 
+def _trial_text(trial: dict) -> str:
+    """One compact trial of the bundle record: '<group> in <precision>: worst X dB (needs Y)'. Records
+    made before int8 existed have no 'precisions' and tried float16 only."""
+    if "precisions" not in trial:
+        return f"{'+'.join(trial['groups'])} in float16: worst {trial['worst_psnr_db']:.1f} dB"
+    tried = ", ".join(f"{g} in {trial['precisions'][g]}" for g in trial["groups"])
+    return f"{tried}: worst {trial['worst_psnr_db']:.1f} dB (needs {trial['min_psnr_db']:g})"
+
+
+def _precision_line(model: dict, trials: str, refs: str) -> str:
+    seeds = model["config"]["seeds"]
+    common = (f"{len(seeds)} samples (seeds {seeds[0]}..{seeds[-1]}) render within the threshold of the "
+              f"float32 model's in every gallery view")
+    if "precisions" not in model:  # a record from before int8
+        return (f"Half precision where it changes nothing measurable: each tensor group is kept in float16 only "
+                f"if {common.replace('the threshold', format(model['config']['min_psnr_db'], 'g') + ' dB PSNR')}. "
+                f"Measured: {trials}. Kept in float16: {', '.join(model['half']) or 'nothing'}. References: {refs}.")
+    kept = ", ".join(f"{g} in {p}" for g, p in model["precisions"].items()) or "everything in float32"
+    return (f"Smaller precisions only where the renders keep: a tensor group is stored in int8 (the denoiser's "
+            f"projections, {model['config']['int8_min_psnr_db']:g} dB) or float16 "
+            f"({model['config']['min_psnr_db']:g} dB) only if {common}. Measured: {trials}. Kept: {kept}. "
+            f"References: {refs}.")
+
+
 def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> str:
 
     report = json.loads((paths.eval / "eval_gen.json").read_text())
     bundle = state["stages"]["bundle"]
     half = bundle["model"]
-    trials = "; ".join(f"{'+'.join(t['groups'])} in float16: worst {t['worst_psnr_db']:.1f} dB"
-                       for t in half["trials"])
+    trials = "; ".join(_trial_text(t) for t in half["trials"])
     refs = ", ".join(f"`{n}` ({'float16' if r['half'] else 'float32'}, worst {r['worst_psnr_db']:.1f} dB)"
                      for n, r in bundle["references"].items())
     found = [s for s in ("studio", "fits") if state["stages"].get(s, {}).get("found")]
@@ -488,11 +516,7 @@ def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, sta
         "",
         *_files_table(paths),
         "",
-        f"Half precision where it changes nothing measurable: each tensor group is kept in float16 only if "
-        f"{len(half['config']['seeds'])} samples (seeds {half['config']['seeds'][0]}.."
-        f"{half['config']['seeds'][-1]}) render within {half['config']['min_psnr_db']:g} dB PSNR of the float32 "
-        f"model's in every gallery view. Measured: {trials}. Kept in float16: "
-        f"{', '.join(half['half']) or 'nothing'}. References: {refs}.",
+        _precision_line(half, trials, refs),
         "",
         "## Evaluation (`hda eval-gen`, the diffusion issue's table)",
         "",

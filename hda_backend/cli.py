@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_blend_parser(sub)
 
     p = sub.add_parser("build-default", help="build the bundled default model from nothing: studio, fit-all, "
-                                             "diffusion, float16 bundle, eval-gen, model card (resumable)")
+                                             "diffusion, int8/float16 bundle, eval-gen, model card (resumable)")
     p.add_argument("--out", default="assets/default", help="the bundle folder (default: assets/default)")
     p.add_argument("--work", default="build/default", help="intermediate data and the build record "
                                                            "(default: build/default)")
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit-all --init for the fits (default: the build's recipe)")
     p.add_argument("--seed-sets", type=int_in("--seed-sets", 1, 30), default=None,
                    help="eval-gen --seed-sets of the eval stage (default 3)")
+    p.add_argument("--width", type=int_in("--width", 1, 4096), default=None,
+                   help="the denoiser's width, FFN 4 x width (default 48; the shipped 24-subject model: 24)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
@@ -325,6 +327,9 @@ def cmd_build_default(args) -> None:
     start = time.perf_counter()
     given = {"subjects": args.subjects, "held_out": args.held_out, "fit_init": args.init,
              "eval_seed_sets": args.seed_sets}
+    if args.width is not None:
+        recipe = DefaultBuildConfig().overrides
+        given["overrides"] = {**recipe, "diffusion": {**recipe["diffusion"], "width": args.width, "ffn": 4 * args.width}}
     build = DefaultBuildConfig(**{k: v for k, v in given.items() if v is not None})
     build_default(args.out, args.work, build, redo=args.redo, until=args.until, device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")

@@ -83,6 +83,8 @@ def test_the_bundle_holds_the_model_references_card_and_record(built):
     assert model.config.width == 16 and model.spec.dim == load_diffusion(work / "diffusion" / "diffusion.safetensors").spec.dim
     assert [p.name for p in (out / "references").iterdir()] == [f"subject_000{SUFFIX}"]
     card = (out / "MODEL_CARD.md").read_text()
+    for sheet in bd.SHEETS:  # eval-gen's sheets, shipped and listed
+        assert (out / sheet).read_bytes() == (work / "eval" / sheet).read_bytes() and f"`{sheet}`" in card
     for row in state["stages"]["eval"]["rows"]:
         assert f"| {row['name']} ({row['kind']}" in card and f"{row['mmd_psnr_db']:.2f}" in card
     assert "4 synthetic subjects" in card and bd.LICENCE in card
@@ -90,6 +92,10 @@ def test_the_bundle_holds_the_model_references_card_and_record(built):
     assert "Against the 2 held-out subjects" in card and "Against the 2 training subjects" in card
     assert "On 3 independent seed sets of 2" in card and "| default | 4..5 |" in card
     assert json.loads((out / "build.json").read_text())["stages"]["card"]["status"] == "done"
+    model = json.loads((out / "build.json").read_text())["stages"]["bundle"]["model"]
+    for trial in model["trials"]:  # each precision tried, with its worst PSNR and its own threshold
+        tried = ", ".join(f"{g} in {trial['precisions'][g]}" for g in trial["groups"])
+        assert f"{tried}: worst {trial['worst_psnr_db']:.1f} dB (needs {trial['min_psnr_db']:g})" in card
 
 
 def test_redo_repeats_that_stage_and_every_later_one_only(built):
@@ -215,11 +221,12 @@ def test_eval_references_the_held_out_fits_and_checks_memorisation_against_train
 
 
 def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
-    """`--subjects 24 --held-out 0 --init first --seed-sets 1` are the shipped 24-subject build's settings."""
+    """`--subjects 24 --held-out 0 --init first --seed-sets 1 --width 24` are the shipped 24-subject build's settings."""
     record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
     seen = {}
     monkeypatch.setattr(bd, "build_default", lambda out, work, build, **kw: seen.update(build=build))
-    assert main(["build-default", "--subjects", "24", "--held-out", "0", "--init", "first", "--seed-sets", "1"]) == 0
+    assert main(["build-default", "--subjects", "24", "--held-out", "0", "--init", "first", "--seed-sets", "1",
+                 "--width", "24"]) == 0
     assert seen["build"] == bd.DefaultBuildConfig.from_record(record["config"])
     assert main(["build-default"]) == 0 and seen["build"] == bd.DefaultBuildConfig()
 
@@ -236,3 +243,14 @@ def test_a_record_from_before_the_split_is_read_with_its_settings(tmp_path):
     assert bd.read_state(paths, old)["stages"]["card"]["status"] == "done"
     with pytest.raises(HDAError, match="field 'config' differs"):
         bd.read_state(paths, bd.DefaultBuildConfig())
+
+
+def test_a_record_from_before_int8_keeps_its_float16_wording():
+    """The shipped 24-subject record tried float16 only; its card line says so, as it did."""
+    record = json.loads((Path(bd.__file__).resolve().parent.parent / "assets" / "default" / "build.json").read_text())
+    model = record["stages"]["bundle"]["model"]
+    trials = "; ".join(bd._trial_text(t) for t in model["trials"])
+    line = bd._precision_line(model, trials, "refs")
+    assert line.startswith("Half precision where it changes nothing measurable")
+    assert f"{model['config']['min_psnr_db']:g} dB PSNR" in line
+    assert all(f"{'+'.join(t['groups'])} in float16: worst {t['worst_psnr_db']:.1f} dB" in line for t in model["trials"])

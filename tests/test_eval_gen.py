@@ -17,7 +17,7 @@ from hda_backend.avatar.unet import UNetConfig
 from hda_backend.body import load_body, pose_body
 from hda_backend.cli import main
 from hda_backend.config import load_config
-from hda_backend.diffusion import baselines, image_stats, metrics
+from hda_backend.diffusion import baselines, eval_gen, image_stats, metrics
 from hda_backend.diffusion.eval_gen import EvalGenConfig, evaluate_generation, format_table
 from hda_backend.diffusion.gallery import (GalleryConfig, gallery_views, load_inception, mse_matrix, pairwise,
                                            parse_pose, psnr_distance, render_avatar, render_avatar_parts,
@@ -567,6 +567,26 @@ def test_eval_gen_pca_row_is_new_and_in_the_training_span(evaluated):
     scores = [float(psnr(first, r)) for r in refs]
     assert row["samples"][0]["nearest_reference"] == f"subj_{int(np.argmax(scores))}"
     assert row["samples"][0]["nearest_psnr_db"] == pytest.approx(max(scores), abs=1e-3)
+    # Without a separate training set the nearest training subject is the nearest reference.
+    assert row["samples"][0]["nearest_training"] == row["samples"][0]["nearest_reference"]
+
+
+def test_eval_gen_model_samples_beside_their_nearest_training_subjects(evaluated, tmp_path):
+    """<model>_vs_nearest_training.png: every sample of a model row beside its nearest training subject
+    (argmax PSNR over independently rendered galleries); only model rows get one."""
+    ref, out, report, _ = evaluated
+    row = next(r for r in report["rows"] if r["name"] == "diff")
+    body, views = load_body(), gallery_views(load_body(), GALLERY)
+    refs = [render_avatar(load_avatar(p, body), views)[0] for p in sorted(ref.glob("*.hda.safetensors"))]
+    for i, sample in enumerate(row["samples"]):
+        image = render_avatar(load_avatar(row["files"][i], body), views)[0]
+        scores = [float(psnr(image, r)) for r in refs]
+        assert sample["nearest_training"] == f"subj_{int(np.argmax(scores))}"
+        assert sample["nearest_training_psnr_db"] == pytest.approx(max(scores), abs=1e-3)
+    sheet = Image.open(out / "diff_vs_nearest_training.png")
+    zoom = -(-eval_gen.SHEET_TILE // GALLERY.size)
+    assert sheet.width >= 2 * eval_gen.TRAINING_SHEET_PAIRS * GALLERY.size * zoom
+    assert sorted(p.name for p in out.glob("*_vs_nearest_training.png")) == ["diff_vs_nearest_training.png"]
 
 
 def test_eval_gen_writes_table_sheet_and_sample_files(evaluated):

@@ -15,7 +15,9 @@ several points, so a claim about it needs more than one set.
 
 Outputs in the output folder: ``eval_gen.md`` (table and protocol), ``eval_gen.json`` (every number,
 per-sample plausibility and nearest references), ``samples_vs_nearest.png`` (each sample beside its
-nearest reference subject, same pose and camera) and ``samples/<row>/sample_NNN.hda.safetensors``.
+nearest reference subject, same pose and camera), ``<model>_vs_nearest_training.png`` (every sample of a
+model row beside its nearest training subject: copies and blends show) and
+``samples/<row>/sample_NNN.hda.safetensors``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .weights import WeightSet, load_weight_set, write_avatar
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SAMPLE_PREFIX = "sample_"
 SHEET_TILE = 128  # minimum tile size on samples_vs_nearest.png
+TRAINING_SHEET_PAIRS = 4  # sample / nearest training subject pairs per row on <model>_vs_nearest_training.png
 
 
 @dataclass(frozen=True)
@@ -330,10 +333,11 @@ def _appearance(stats: _Stats, against: _Stats, k: int) -> dict:
 
 
 def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[Path], sets: _Sets, config,
-                 lpips: Callable | None, inception: Callable | None) -> tuple[dict, list, np.ndarray, np.ndarray]:
+                 lpips: Callable | None, inception: Callable | None) -> tuple[dict, list, tuple, tuple]:
     """The maths of one row: MMD, COV, 1-NNA (PSNR, LPIPS), FID/KID, colour, sharpness, precision/recall,
     novelty, plausibility, and the same against the training set when it is separate; returns (the row's
-    metric fields, per-sample details, each sample's nearest reference and its distance)."""
+    metric fields, per-sample details, (each sample's nearest reference, its distance), (its nearest training
+    subject, its distance))."""
     ref = sets.ref
     stats = _gallery_stats(gallery, config.gallery.background)
     mse_gr = mse_matrix(gallery.images, ref.gallery.images)
@@ -359,6 +363,7 @@ def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[P
                            "one_nna_psnr": one_nna(d_gg, d_gt, d_tt),
                            **{key: appearance[key] for key in ("precision", "recall", "pr_k")}}
     nearest, nearest_d = _nearest(d_gr)
+    nearest_t, nearest_t_d = _nearest(psnr_distance(mse_gt))
     # No copies: no sample nearer (RMS over the gallery) a training subject than the closest training pair.
     nearest_train = float(np.sqrt(mse_gt).min())
     row.update(novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(),
@@ -367,10 +372,18 @@ def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[P
                plausible_fraction=float(np.mean([v.ok for v in verdicts])))
     details = [{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
                 "nearest_reference": ref.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
+                "nearest_training": sets.train.names[int(nearest_t[i])],
+                "nearest_training_psnr_db": float(-nearest_t_d[i]),
                 "novelty_weight_ratio": float(nov_w.ratios[i]), "novelty_image_ratio": float(nov_i.ratios[i]),
                 "colourfulness": float(stats.colourfulness[i]), "sharpness": float(stats.sharpness[i])}
                for i in range(len(files))]
-    return row, details, nearest, nearest_d
+    return row, details, (nearest, nearest_d), (nearest_t, nearest_t_d)
+
+
+def _zoomed(tiles: list, config: EvalGenConfig) -> list:
+    """Small galleries are enlarged (nearest neighbour) so that the labels fit above each tile."""
+    zoom = -(-SHEET_TILE // config.gallery.size)
+    return [np.repeat(np.repeat(to_uint8(t), zoom, axis=0), zoom, axis=1) for t in tiles]
 
 
 def _fidelity(gallery: Gallery, sets: _Sets) -> dict:
@@ -397,15 +410,13 @@ def _seed_sets(name: str, source: Path, row: dict, inputs: _Inputs, body: BodyMo
 
 
 def _write_report(out_dir: Path, report: dict, sheet_tiles: list, sheet_labels: list, config: EvalGenConfig) -> None:
-    """eval_gen.json, eval_gen.md and samples_vs_nearest.png."""
+    """eval_gen.json, eval_gen.md and samples_vs_nearest.png (the first samples of every row beside their
+    nearest reference subject)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "eval_gen.json", json.dumps(report, indent=2))
     write_text(out_dir / "eval_gen.md", format_report(report))
     columns = 2 * min(config.contact_pairs, max(len(r["files"]) for r in report["rows"]))
-    # Small galleries are enlarged (nearest neighbour) so that the labels fit above each tile.
-    zoom = -(-SHEET_TILE // config.gallery.size)
-    tiles = [np.repeat(np.repeat(to_uint8(t), zoom, axis=0), zoom, axis=1) for t in sheet_tiles]
-    sheet = contact_sheet(tiles, columns=max(columns, 2), labels=sheet_labels)
+    sheet = contact_sheet(_zoomed(sheet_tiles, config), columns=max(columns, 2), labels=sheet_labels)
     save_png(out_dir / "samples_vs_nearest.png", np.asarray(sheet))
 
 
@@ -444,8 +455,8 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     for name, kind, source in inputs.rows:
         files, seconds, gen = _row_avatars(name, kind, source, inputs, out_dir / "samples" / name, config, progress)
         gallery, verdicts = _render_row(gen, body, views, masks, config, progress, name)
-        metrics, details, nearest, nearest_d = _row_metrics(gallery, gen, verdicts, files, sets, config, lpips,
-                                                            inception)
+        metrics, details, (nearest, nearest_d), (nearest_t, nearest_t_d) = _row_metrics(
+            gallery, gen, verdicts, files, sets, config, lpips, inception)
         if kind == "model" and config.seed_sets > 1:
             metrics["seed_sets"] = _seed_sets(name, source, metrics, inputs, body, views, sets, out_dir, config,
                                               progress)
@@ -456,6 +467,12 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
             sheet_tiles += [gallery.images[i, 0], ref_side.gallery.images[int(nearest[i]), 0]]
             sheet_labels += [f"{name} {i}" + ("" if verdicts[i].ok else " (!)"),
                              f"{ref_side.names[int(nearest[i])][:12]} {-nearest_d[i]:.1f}dB"]
+        if kind == "model":  # every sample of a model beside its nearest training subject
+            tiles = [t for i in range(len(files)) for t in (gallery.images[i, 0], train_side.gallery.images[int(nearest_t[i]), 0])]
+            labels = [t for i in range(len(files)) for t in (
+                f"{name} {i}", f"{train_side.names[int(nearest_t[i])][:12]} {-nearest_t_d[i]:.1f}dB")]
+            save_png(out_dir / f"{name}_vs_nearest_training.png",
+                     np.asarray(contact_sheet(_zoomed(tiles, config), columns=2 * TRAINING_SHEET_PAIRS, labels=labels)))
         del gallery
 
     report = {
