@@ -65,6 +65,13 @@ def _writer() -> LayerWriter:
     return session.render.layer_files
 
 
+def flush_writer() -> None:
+    """Wait until every layer file written so far is in its final, compressed form (after a bake: the
+    files a farm copies, and what *Check for Farm* and Save As see)."""
+    if session.render.layer_files is not None:
+        session.render.layer_files.flush()
+
+
 def close_writer() -> None:
     """Finish the queued compressed rewrites and stop their thread (unregister)."""
     if session.render.layer_files is not None:

@@ -57,6 +57,7 @@ class HDA_OT_bake_layer(bpy.types.Operator):
         finally:
             wm.progress_end()
             scene.frame_set(current)
+            layers.flush_writer()  # the baked files are final (compressed) when the operator returns
         if failures:
             self.report({'ERROR'}, failures[0])
             return {'CANCELLED'}

@@ -130,6 +130,10 @@ def phase_stale():
     report["a_files"] = layer_files(a_blend, uid)
     report["baked"] = check()
     a_bytes = file_bytes(a_blend, uid)
+    # Bake returns once its files are final: ZIP-compressed, smaller than the raw blocks the frame handler
+    # writes first (hda_backend/layer_writer.py): 4 half + 1 float channels per pixel, plus the header.
+    w, h = module("blender_addon.layers").render_size(scene)
+    report["a_compressed"] = [len(b) < w * h * (4 * 2 + 4) for b in a_bytes.values()]
 
     cam = scene.camera
     x = cam.location.x

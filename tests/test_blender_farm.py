@@ -100,6 +100,7 @@ def test_each_saved_file_owns_its_layers(farm_root):
     assert r["save_as"] == (_lines("HDA_Avatar", [1], bake_key.NOT_BAKED)
                             + _lines("HDA_Avatar", [2, 3], bake_key.MISSING))
     assert r["b_baked"] == [] and r["a_untouched"]
+    assert r["a_compressed"] == [True] * len(r["a_files"])  # Bake left its files final
     # Save Copy elsewhere leaves the open file B reading B's own baked layers, ready as before.
     assert r["save_copy"] == [True, r["b_image"], []]
 
