@@ -11,7 +11,8 @@ composites it.
 
 Files are written through one :class:`~hda_backend.layer_writer.LayerWriter` (session.render): the
 frame handler's write stores the blocks raw, and the file is rewritten ZIP-compressed on a background
-thread, the same image (why that never shows a wrong frame: hda_backend/layer_writer.py).
+thread, the same image (why that never shows a wrong frame: hda_backend/layer_writer.py). *Bake*
+waits for the rewrites (:func:`flush_writer`), so the files it leaves are final.
 
 Each file carries its bake key in its header (hda_backend/bake_key.py; checked by farm.py). A file
 without one is a *placeholder*: it exists only so that the image node knows the layer's passes,
