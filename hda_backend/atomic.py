@@ -36,11 +36,13 @@ _libc = None
 
 
 @contextmanager
-def replacing(path: str | os.PathLike) -> Iterator[Path]:
+def replacing(path: str | os.PathLike, make_parents: bool = True) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write; on success it becomes ``path`` (readable by all:
-    mkstemp makes owner-only files, and these are meant to be shared), on any failure it is removed."""
+    mkstemp makes owner-only files, and these are meant to be shared), on any failure it is removed.
+    ``make_parents=False``: a missing folder is an error (OSError) instead of being created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
@@ -110,14 +112,16 @@ def _link_into_place(fd: int, path: Path) -> None:
         raise
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], make_parents: bool = True) -> Path:
     """Call ``write(fh)`` on a binary file that becomes ``path`` (mode 0644) only once ``write`` returned;
-    see the module docstring. On any failure ``path`` is left as it was."""
+    see the module docstring. On any failure ``path`` is left as it was. ``make_parents=False``: a
+    missing folder is an error (OSError) instead of being created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd = _open_anonymous(path.parent)
     if fd is None:
-        with replacing(path) as tmp, open(tmp, "wb") as fh:
+        with replacing(path, make_parents) as tmp, open(tmp, "wb") as fh:
             write(fh)
         return path
     with os.fdopen(fd, "wb") as fh:
@@ -132,8 +136,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return write_atomic(path, lambda fh: fh.write(data))
+def write_bytes(path: str | os.PathLike, data: bytes, make_parents: bool = True) -> Path:
+    return write_atomic(path, lambda fh: fh.write(data), make_parents)
 
 
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict) -> Path:

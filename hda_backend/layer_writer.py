@@ -13,6 +13,8 @@ Why this never shows a wrong frame:
 - a rewrite replaces the file only if no later :meth:`LayerWriter.write` or :meth:`LayerWriter.remove`
   of that path came after the write it belongs to (a generation per path, checked and acted on under
   one lock, so a newer frame or a deleted layer is never overwritten by an older one);
+- a file (or its folder) that someone else moved or deleted meanwhile is left gone: a rewrite never
+  creates a file or a folder, it only replaces the raw file it wrote;
 - if the process ends first, the raw file stays: valid and current, only larger.
 
 The queue is bounded (:data:`MAX_PENDING` rewrites): a caller that writes faster than the rewrites keep
@@ -75,8 +77,10 @@ class LayerWriter:
             if self._latest.get(path) != generation:
                 return False  # a newer write or a removal of this path came after ours
             del self._latest[path]
+            if not path.is_file():
+                return False  # moved or deleted by someone else (a project folder moved): never bring it back
             try:
-                write_bytes(path, data)
+                write_bytes(path, data, make_parents=False)  # nor its folder, if that goes in the meantime
             except OSError:
                 return False  # the raw file stays in place: same image, only larger
         return True

@@ -255,3 +255,17 @@ def test_killing_checkpoint_writes_leaves_a_whole_checkpoint_and_no_temporary(tm
         last = step
     if mode == "fallback":  # the kills do land in writes: the named temporaries show it
         assert partial >= 1
+
+
+@pytest.mark.parametrize("anonymous", [True, False])
+def test_write_bytes_without_make_parents_never_creates_a_folder(tmp_path, monkeypatch, anonymous):
+    """make_parents=False: a missing folder is an OSError, through O_TMPFILE and through the mkstemp
+    fallback alike, and nothing is created; an existing folder is written as usual."""
+    from hda_backend import atomic
+
+    if not anonymous:
+        monkeypatch.setattr(atomic, "_open_anonymous", lambda folder: None)
+    with pytest.raises(OSError):
+        atomic.write_bytes(tmp_path / "gone" / "f.bin", b"x", make_parents=False)
+    assert not (tmp_path / "gone").exists()
+    assert atomic.write_bytes(tmp_path / "f.bin", b"y", make_parents=False).read_bytes() == b"y"

@@ -100,3 +100,19 @@ def test_close_finishes_the_rewrites_and_a_later_write_starts_again(tmp_path):
     writer.write(path, _channels(5))
     writer.close()
     assert path.read_bytes() == encode_exr(_channels(5))
+
+
+def test_a_moved_folder_is_not_brought_back(held, tmp_path):
+    """A project folder moved (or a layer deleted) by someone else while a rewrite is queued stays gone:
+    the rewrite creates neither the file nor its folder."""
+    writer, release = held
+    folder = tmp_path / "project_a" / "hda_layers"
+    writer.write(folder / "layer_0001.exr", _channels(6))
+    writer.write(tmp_path / "other" / "layer_0001.exr", _channels(7))
+    (tmp_path / "project_a").rename(tmp_path / "project_b")
+    (tmp_path / "other" / "layer_0001.exr").unlink()
+    release.set()
+    writer.flush()
+    assert not (tmp_path / "project_a").exists() and not (tmp_path / "other" / "layer_0001.exr").exists()
+    moved = tmp_path / "project_b" / "hda_layers" / "layer_0001.exr"
+    assert moved.read_bytes() == encode_exr(_channels(6), compress=False)  # the moved file as it was
