@@ -9,7 +9,6 @@ differentiates them), then a raster step with its own backward. The raster step 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
