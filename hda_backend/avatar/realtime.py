@@ -12,7 +12,7 @@ measured by ``scripts/bench_frame.py`` (README, Speed):
   prefer, and the UNet's output is read back channels-last, where a texel's 59 values are contiguous;
 - the UNet runs in bfloat16 where the CPU has bf16 instructions (``precision.resolve``), float32
   elsewhere. On the CPU each conv and its SiLU are one oneDNN call (:func:`fused_bf16_layer`, oneDNN's
-  convolution with a SiLU post-op, the kernel ``torch.compile`` itself fuses to), 10-15 % faster than
+  convolution with a SiLU post-op, the kernel ``torch.compile`` itself fuses to), 12 % faster in one measured run than
   autocast, which runs SiLU as a pass of its own; where that operator is missing, and on CUDA, bf16
   autocast. Its weights are read from ``avatar.unet`` at every call and never copied, frozen or
   traced, so a weight edit (identity mix, a loaded file) is seen at once.
