@@ -464,17 +464,20 @@ def _trial_text(trial: dict) -> str:
 
 def _precision_line(model: dict, trials: str, refs: str) -> str:
     seeds = model["config"]["seeds"]
-    common = (f"{len(seeds)} samples (seeds {seeds[0]}..{seeds[-1]}) render within the threshold of the "
-              f"float32 model's in every gallery view")
+
+    def kept_if(threshold: str) -> str:
+        return (f"{len(seeds)} samples (seeds {seeds[0]}..{seeds[-1]}) render within {threshold} of the float32 "
+                f"model's in every gallery view")
+
     if "precisions" not in model:  # a record from before int8
         return (f"Half precision where it changes nothing measurable: each tensor group is kept in float16 only "
-                f"if {common.replace('the threshold', format(model['config']['min_psnr_db'], 'g') + ' dB PSNR')}. "
-                f"Measured: {trials}. Kept in float16: {', '.join(model['half']) or 'nothing'}. References: {refs}.")
+                f"if {kept_if(format(model['config']['min_psnr_db'], 'g') + ' dB PSNR')}. Measured: {trials}. "
+                f"Kept in float16: {', '.join(model['half']) or 'nothing'}. References: {refs}.")
     kept = ", ".join(f"{g} in {p}" for g, p in model["precisions"].items()) or "everything in float32"
     return (f"Smaller precisions only where the renders keep: a tensor group is stored in int8 (the denoiser's "
             f"projections, {model['config']['int8_min_psnr_db']:g} dB) or float16 "
-            f"({model['config']['min_psnr_db']:g} dB) only if {common}. Measured: {trials}. Kept: {kept}. "
-            f"References: {refs}.")
+            f"({model['config']['min_psnr_db']:g} dB) only if {kept_if('the threshold')}. Measured: {trials}. "
+            f"Kept: {kept}. References: {refs}.")
 
 
 def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict) -> str:
