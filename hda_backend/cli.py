@@ -18,7 +18,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .cli_args import Parser, add_config_args, add_device_arg, config_from_args, int_in  # noqa: E402
-from .constants import FIT_ALL_WAIT_HOURS  # noqa: E402
+from .constants import FIT_ALL_WAIT_HOURS, PROJECTIONS  # noqa: E402
 from .errors import HDAError  # noqa: E402
 from .studio.cli import STUDIO_COMMANDS  # noqa: E402
 from .diffusion.cli import DIFFUSION_COMMANDS, cmd_bench_sample  # noqa: E402
@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-sets", type=int_in("--seed-sets", 1, 30), default=None,
                    help="eval-gen --seed-sets of the eval stage (default 3)")
     p.add_argument("--width", type=int_in("--width", 1, 4096), default=None,
-                   help="the denoiser's width, FFN 4 x width (default 48; the shipped 24-subject model: 24)")
+                   help="the denoiser's width, FFN 4 x width (default 96; the shipped 24-subject model: 24)")
+    p.add_argument("--projections", choices=PROJECTIONS, default=None,
+                   help="the denoiser's per-layer projections (default principal; the shipped 24-subject model: "
+                        "learned)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
@@ -323,13 +326,21 @@ def cmd_eval_gen(args) -> None:
 
 def cmd_build_default(args) -> None:
     from .build_default import DefaultBuildConfig, build_default
+    from .config import DiffusionConfig
 
     start = time.perf_counter()
     given = {"subjects": args.subjects, "held_out": args.held_out, "fit_init": args.init,
              "eval_seed_sets": args.seed_sets}
+    recipe = DefaultBuildConfig().overrides
+    diffusion = dict(recipe["diffusion"])
     if args.width is not None:
-        recipe = DefaultBuildConfig().overrides
-        given["overrides"] = {**recipe, "diffusion": {**recipe["diffusion"], "width": args.width, "ffn": 4 * args.width}}
+        diffusion.update(width=args.width, ffn=4 * args.width)
+    if args.projections is not None:
+        diffusion["projections"] = args.projections
+        if args.projections == DiffusionConfig.projections:  # the preset's own, so no override (as old records)
+            del diffusion["projections"]
+    if diffusion != recipe["diffusion"]:
+        given["overrides"] = {**recipe, "diffusion": diffusion}
     build = DefaultBuildConfig(**{k: v for k, v in given.items() if v is not None})
     build_default(args.out, args.work, build, redo=args.redo, until=args.until, device=args.device)
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")

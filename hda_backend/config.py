@@ -19,7 +19,7 @@ import yaml
 
 from .avatar.gaussians import GaussianConfig
 from .avatar.unet import UNetConfig
-from .constants import NORMALIZATIONS, PREDICTIONS, PRESETS, TOKENIZERS, spoken_list  # noqa: F401 - PRESETS re-exported
+from .constants import NORMALIZATIONS, PREDICTIONS, PRESETS, PROJECTIONS, TOKENIZERS, spoken_list  # noqa: F401 - PRESETS re-exported
 from .errors import HDAError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -90,6 +90,10 @@ class DiffusionConfig:
     # Each layer's input projection is the transpose of its output projection: half the parameters, so twice
     # the width (each layer's output rank) in one size; measured worse than untied (README, stage 2).
     tied_projections: bool = False
+    # learned (zero-initialised, trained) | principal: fixed before training to the top principal directions of
+    # each layer's weights in the training set, tied, with small learned heads (tokenizers.py; README, stage 2).
+    projections: str = "learned"
+    principal_rank: int = 0  # principal directions per layer (0: width); the file stores this many values per weight
     timesteps: int = 500  # T
     beta_start: float = 1e-4
     beta_end: float = 2e-2
@@ -281,8 +285,10 @@ def _check_diffusion(d: DiffusionConfig, bad) -> None:
         bad("diffusion.normalization", d.normalization, spoken_list(NORMALIZATIONS))
     if d.prediction not in PREDICTIONS:
         bad("diffusion.prediction", d.prediction, spoken_list(PREDICTIONS))
-    for name, low, high in (("chunk_size", 1, 10_000_000), ("width", 1, 65536), ("blocks", 0, 1000),
-                            ("heads", 1, 1024), ("ffn", 1, 1_000_000), ("timesteps", 1, 100_000),
+    if d.projections not in PROJECTIONS:
+        bad("diffusion.projections", d.projections, spoken_list(PROJECTIONS))
+    for name, low, high in (("chunk_size", 1, 10_000_000), ("width", 1, 65536), ("principal_rank", 0, 65536),
+                            ("blocks", 0, 1000), ("heads", 1, 1024), ("ffn", 1, 1_000_000), ("timesteps", 1, 100_000),
                             ("batch", 1, 1_000_000), ("lr_decay_every", 1, 10_000_000), ("epochs", 1, 10_000_000),
                             ("checkpoint_every", 1, 10_000_000), ("log_every", 1, 10_000_000)):
         if not low <= getattr(d, name) <= high:

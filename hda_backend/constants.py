@@ -28,6 +28,7 @@ AVATAR_SUFFIX = ".hda.safetensors"  # an avatar file (hda_backend/avatar/io.py)
 TOKENIZERS = ("layer", "flat1d", "layer_chunked")   # diffusion.tokenizer
 NORMALIZATIONS = ("coordinate", "layer")            # diffusion.normalization
 PREDICTIONS = ("x0", "eps", "v")                    # diffusion.prediction: what the denoiser outputs
+PROJECTIONS = ("learned", "principal")              # diffusion.projections: the tokenizer's per-layer maps
 
 # ------------------------------------------------------------------------------------------ devices
 # How long fit-all's ranks wait for each other (rank 0's first fit): a paper-preset first fit (700k

@@ -221,12 +221,13 @@ def test_eval_references_the_held_out_fits_and_checks_memorisation_against_train
 
 
 def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
-    """`--subjects 24 --held-out 0 --init first --seed-sets 1 --width 24` are the shipped 24-subject build's settings."""
+    """`--subjects 24 --held-out 0 --init first --seed-sets 1 --width 24 --projections learned` are the shipped
+    24-subject build's settings."""
     record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
     seen = {}
     monkeypatch.setattr(bd, "build_default", lambda out, work, build, **kw: seen.update(build=build))
     assert main(["build-default", "--subjects", "24", "--held-out", "0", "--init", "first", "--seed-sets", "1",
-                 "--width", "24"]) == 0
+                 "--width", "24", "--projections", "learned"]) == 0
     assert seen["build"] == bd.DefaultBuildConfig.from_record(record["config"])
     assert main(["build-default"]) == 0 and seen["build"] == bd.DefaultBuildConfig()
 

@@ -89,7 +89,10 @@ def body():
 def trained(tmp_path_factory, body):
     """A tiny model trained on 12 avatars that differ like different people: random init + four random
     directions of the init's mean magnitude (two of them render ~24 dB apart, two people ~26 dB)."""
-    root = tmp_path_factory.mktemp("compact")
+    return _train(tmp_path_factory.mktemp("compact"), body)
+
+
+def _train(root: Path, body, **changes) -> Path:
     spec = LayerSpec.for_unet(TINY.unet)
     meta = AvatarMeta(unet=TINY.unet.to_dict(), gaussians=TINY.gaussians.to_dict(), uv_res=TINY.uv.res,
                       body_id=body.body_id, body_sha256=body.sha256, pose_input="posed")
@@ -100,9 +103,28 @@ def trained(tmp_path_factory, body):
         write_avatar(base + torch.randn(4, generator=gen) @ directions, spec, meta,
                      root / "fits" / f"s{i}.hda.safetensors", f"test:{i}")
     d = dataclasses.replace(TINY.diffusion, width=16, heads=2, ffn=32, blocks=1, checkpoint_every=1000,
-                            log_every=100, sample_steps=4)
+                            log_every=100, sample_steps=4, **changes)
     train_diffusion(root / "fits", root / "model.safetensors", d, steps=60, progress=False)
     return root / "model.safetensors"
+
+
+def test_a_principal_model_stores_its_one_projection_in_int8(body, tmp_path):
+    # Principal projections are tied: only W_out is int8 (per row); the small heads and scales are float16,
+    # and the file samples like the float32 model up to the int8 rounding of the directions.
+    trained = _train(tmp_path, body, projections="principal")
+    metadata, tensors = read_model_file(trained)
+    axes = int8_axes(tensors)
+    assert axes and all(".proj_out." in n and per == "row" for n, per in axes.items())
+    assert not any(".proj_in." in n for n in tensors)
+    written, fields = compact_tensors(tensors, {"denoiser": "int8", "normalizer": "float16"})
+    for name in ("model.tokenizer.proj_scale", "model.tokenizer.head_in.0.weight", "model.tokenizer.head_out.0.weight"):
+        assert written[name].dtype == torch.float16, name
+    path = tmp_path / "int8.safetensors"
+    save_file(written, path, metadata={**metadata, **fields})
+    reference, small = load_diffusion(trained), load_diffusion(path)
+    a, b = sample_vectors(reference, [0, 1]), sample_vectors(small, [0, 1])
+    spread = (a - reference.normalizer.mean).norm(dim=1)
+    assert ((a - b).norm(dim=1) < 0.05 * spread).all(), (a - b).norm(dim=1) / spread
 
 
 def test_an_int8_file_round_trips_and_loads_as_float32(trained, tmp_path):

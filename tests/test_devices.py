@@ -229,6 +229,26 @@ def _run_pair(first_fit_s: float, wait_hours: float) -> dict:
     return out
 
 
+@pytest.mark.parametrize("principal", [0, 8])
+def test_the_weight_denoiser_and_its_sampling_maps_follow_it_to_meta(principal):
+    # Sampling's per-token maps (composites, noise factors and their token indices) are made where the
+    # denoiser is; principal projections are set from the data on the CPU (as training does) and then move.
+    from hda_backend.config import load_config
+    from hda_backend.diffusion.transformer import DenoiserConfig, WeightDenoiser
+    from hda_backend.diffusion.weights import LayerSpec
+
+    spec = LayerSpec.for_unet(load_config("tiny").unet)
+    model = WeightDenoiser(spec, DenoiserConfig("layer", 1000, 16, 1, 2, 32, principal=principal))
+    if principal:
+        model.tokenizer.set_principal_projections(torch.randn(6, spec.dim))
+    model = model.to("meta")
+    with DeviceGuard("meta"):
+        out = model(torch.zeros(2, spec.dim, device=META), torch.zeros(2, dtype=torch.long, device=META))
+        maps = model.tokenizer.composites() + model.tokenizer.noise_factors()
+    assert out.device == META and out.shape == (2, spec.dim)
+    assert all(tokens.device == META and m.device == META for tokens, m in maps)
+
+
 def test_ranks_wait_for_a_first_fit_longer_than_the_default_timeout():
     assert _run_pair(first_fit_s=2.5, wait_hours=1.0) == {0: "ok", 1: "ok"}
 

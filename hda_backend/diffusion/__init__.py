@@ -4,6 +4,6 @@ The names below (defined in hda_backend/constants.py) are shared by the modules 
 which must not import torch to parse.
 """
 
-from ..constants import MAX_SAMPLES, MAX_SEED, NORMALIZATIONS, PREDICTIONS, TOKENIZERS
+from ..constants import MAX_SAMPLES, MAX_SEED, NORMALIZATIONS, PREDICTIONS, PROJECTIONS, TOKENIZERS
 
-__all__ = ["MAX_SAMPLES", "MAX_SEED", "NORMALIZATIONS", "PREDICTIONS", "TOKENIZERS"]
+__all__ = ["MAX_SAMPLES", "MAX_SEED", "NORMALIZATIONS", "PREDICTIONS", "PROJECTIONS", "TOKENIZERS"]

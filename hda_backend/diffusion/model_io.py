@@ -39,7 +39,7 @@ from ..atomic import atomic_save_safetensors
 from ..checkpoint import read_safetensors
 from ..config import DiffusionConfig
 from ..errors import HDAError
-from . import PREDICTIONS
+from . import PREDICTIONS, PROJECTIONS
 from .int8 import dequantize_tensors
 from .schedule import ScheduleConfig
 from .transformer import DenoiserConfig, WeightDenoiser
@@ -61,7 +61,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def denoiser_config(d: DiffusionConfig) -> DenoiserConfig:
     return DenoiserConfig(tokenizer=d.tokenizer, chunk_size=d.chunk_size, width=d.width, blocks=d.blocks,
-                          heads=d.heads, ffn=d.ffn, dropout=d.dropout, tied=d.tied_projections)
+                          heads=d.heads, ffn=d.ffn, dropout=d.dropout, tied=d.tied_projections,
+                          principal=(d.principal_rank or d.width) if d.projections == "principal" else 0)
 
 
 def schedule_config(d: DiffusionConfig) -> ScheduleConfig:
@@ -144,6 +145,9 @@ def load_diffusion(path: str | os.PathLike) -> DiffusionModel:
     if config.prediction not in PREDICTIONS:
         raise HDAError(f"{source}: field 'diffusion' has prediction {config.prediction!r}, expected one of "
                        f"{', '.join(PREDICTIONS)}")
+    if config.projections not in PROJECTIONS:
+        raise HDAError(f"{source}: field 'diffusion' has projections {config.projections!r}, expected one of "
+                       f"{', '.join(PROJECTIONS)}")
     if not 0.0 <= config.sample_eta <= 1.0:
         raise HDAError(f"{source}: field 'diffusion' has sample_eta {config.sample_eta!r}, expected 0..1")
     spec = LayerSpec.from_json(metadata["layer_spec"], source)

@@ -209,11 +209,16 @@ def _setup(data: WeightSet, paths: DiffusionPaths, d: DiffusionConfig, total: in
     scale = d.norm_scale or terminal_scale(normalizer.encode(data.vectors), abar[-1].item())
     normalizer = Normalizer.fit(data.vectors, data.spec, d.normalization, d.norm_eps, scale)
     torch.manual_seed(d.seed)  # model initialisation (and dropout): identical on every rank
-    model = WeightDenoiser(data.spec, denoiser_config(d)).to(device)
+    z = normalizer.encode(data.vectors)
+    model = WeightDenoiser(data.spec, denoiser_config(d))
+    if d.projections == "principal":
+        model.tokenizer.set_principal_projections(z)
+    model = model.to(device)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # The fused AdamW kernel is several times faster on the large per-layer projections.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, fused=True)
-    return _Run(d, data, paths, normalizer, normalizer.encode(data.vectors), abar, model, model, ema, optimizer,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=d.lr,
+                                  weight_decay=d.weight_decay, fused=True)
+    return _Run(d, data, paths, normalizer, z, abar, model, model, ema, optimizer,
                 torch.Generator().manual_seed(d.seed), _fingerprint(d, data, total), total, per_epoch, device,
                 rank, world)
 

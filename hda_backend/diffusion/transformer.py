@@ -29,6 +29,7 @@ class DenoiserConfig:
     ffn: int = 2048  # hidden size of each block's feed-forward layer
     dropout: float = 0.0
     tied: bool = False  # tied input/output projections (tokenizers.py)
+    principal: int = 0  # k > 0: fixed projections onto k principal directions (tokenizers.py), set in training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +70,8 @@ class WeightDenoiser(nn.Module):
     def __init__(self, spec: LayerSpec, config: DenoiserConfig):
         super().__init__()
         self.config = config
-        self.tokenizer = make_tokenizer(config.tokenizer, spec, config.width, config.chunk_size, config.tied)
+        self.tokenizer = make_tokenizer(config.tokenizer, spec, config.width, config.chunk_size, config.tied,
+                                        config.principal)
         self.time_mlp = nn.Sequential(nn.Linear(config.width, config.width), nn.SiLU(),
                                       nn.Linear(config.width, config.width))
         self.blocks = nn.ModuleList([Block(config.width, config.heads, config.ffn, config.dropout)
