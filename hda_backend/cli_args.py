@@ -6,8 +6,14 @@ Kept apart from ``hda_backend/cli.py`` because that module imports the subcomman
 from __future__ import annotations
 
 import argparse
+import re
 
 from .errors import HDAError
+
+# Parsing must not import torch (it takes seconds): the device is checked by form here and resolved by
+# hda_backend.devices when the command runs.
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,15 +36,17 @@ def int_in(name: str, low: int, high: int):
     return parse
 
 
-def device_arg(text: str) -> str:
-    """argparse type of ``--device``: auto, cpu, cuda or cuda:N, else a one-line error."""
-    from .devices import parse_device
-
-    return parse_device(text)
+def parse_device(text: str, name: str = "--device") -> str:
+    """The device request ``text`` checked: "auto", "cpu", "cuda" or "cuda:N" (the argparse type of
+    ``--device``), else a one-line error."""
+    value = str(text).strip().lower()
+    if not _DEVICE.match(value):
+        raise HDAError(f"{name} {text!r}: expected {DEVICE_CHOICES}")
+    return value
 
 
 def add_device_arg(p) -> None:
-    p.add_argument("--device", type=device_arg, default="auto",
+    p.add_argument("--device", type=parse_device, default="auto",
                    help="auto, cpu, cuda or cuda:N: where the tensors live (auto: the first CUDA device if "
                         "torch sees one, else the CPU, said in one log line); --backend picks the rasterizer")
 

@@ -10,26 +10,14 @@ its inputs. :class:`DeviceGuard` checks that rule while a test runs the pipeline
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from typing import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .cli_args import parse_device
 from .errors import HDAError
-
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def parse_device(text: str, name: str = "--device") -> str:
-    """The device request ``text`` checked: "auto", "cpu", "cuda" or "cuda:N" (argparse type)."""
-    value = str(text).strip().lower()
-    if not _PATTERN.match(value):
-        raise HDAError(f"{name} {text!r}: expected {DEVICE_CHOICES}")
-    return value
-
 
 def log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)

@@ -2,9 +2,12 @@
 the ``meta`` device under :class:`DeviceGuard`, and fit-all's wait for the first fit (two gloo ranks)."""
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -287,6 +290,17 @@ def test_every_entry_point_takes_device(command, capsys):
     assert main(COMMANDS[command] + ["--device", "gpu0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device 'gpu0': expected auto, cpu, cuda or cuda:N" in err
+
+
+def test_parsing_every_entry_point_with_a_device_does_not_import_torch():
+    # `hda ... --help` and argument errors answer without the seconds torch takes to import: --device is
+    # checked by form when parsed, resolved by hda_backend.devices when the command runs.
+    script = ("import json, sys\nfrom hda_backend.cli import build_parser\nparser = build_parser()\n"
+              f"for args in {json.dumps(list(COMMANDS.values()))}:\n"
+              "    parser.parse_args(args + ['--device', 'cuda:1'])\n"
+              "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_a_cuda_request_without_cuda_is_one_line(tmp_path, capsys):
