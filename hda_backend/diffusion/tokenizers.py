@@ -19,11 +19,11 @@ the same model size. The per-layer projections are nearly all of a layer-token m
 Measured worse than untied projections of half the width (README, stage 2), so not the default.
 
 ``principal`` projections (``principal`` = k > 0; ``set_principal_projections``) are fixed before training
-and tied: each group's W_out [n, k] is the top-k principal directions V of its pieces in the normalised training
-set times one scale c per group, and reading is W_outᵀ / c², so that the k coefficients have unit RMS. A
-layer's output then reaches every direction along which the training avatars differ (up to k of them) at
-the size of tied projections, k values per weight. Between the coefficients and the transformer sit two
-small learned maps per group, ``head_in`` [width, k] and ``head_out`` [k, width]:
+and tied: each group's W_out [n, k] is the top-k principal directions V of its pieces in the normalised
+training set times one scale c per group, and reading is W_outᵀ / c², so that the k coefficients have unit
+RMS. A layer's output then reaches every direction along which the training avatars differ (up to k of
+them) at the size of tied projections, k values per weight. Between the coefficients and the transformer
+sit two small learned maps per group, ``head_in`` [width, k] and ``head_out`` [k, width]:
 
 - ``head_in`` starts as the map that sends every layer's coefficients of a training avatar to the same
   vector, the avatar's coordinates in the joint principal directions of the whole set. Tokens of one person
@@ -44,7 +44,6 @@ from torch import nn
 from ..errors import HDAError
 from . import TOKENIZERS
 from .weights import LayerSpec
-
 
 
 def _principal_rows(m: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,7 +138,7 @@ class Tokenizer(nn.Module):
         return flat[:, self.scatter]
 
     def w_in(self, proj: int) -> torch.Tensor:
-        """The input map of group ``proj``: [width, n] (W_outᵀ when tied; head_in · W_outᵀ / c² when principal)."""
+        """The input map of group ``proj``: [width, n] (W_outᵀ when tied; head_in·W_outᵀ/c² when principal)."""
         if self.principal:
             return self.head_in[proj].weight @ self.proj_out[proj].weight.T / self.proj_scale[proj] ** 2
         return self.proj_out[proj].weight.T if self.tied else self.proj_in[proj].weight
