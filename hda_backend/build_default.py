@@ -69,15 +69,14 @@ class DefaultBuildConfig:
     cycles_samples: int = 16
     preset: str = "cpu"  # fitting and diffusion recipe; `overrides` are applied on top
     # The cpu preset's width-64 denoiser is 77M parameters (150 MB in float16): its per-layer projections
-    # scale with width x UNet size. Each layer's x0 is decoded linearly from one token, so samples live in a
-    # width-dimensional subspace per layer, and a narrow decoder makes blends. Principal projections (each
-    # layer's top principal directions of the training fits, fixed and tied, with small learned heads) give
-    # each layer all 95 directions of 96 subjects at the size of an untied width-48 model, which is the widest
-    # that fits the 64 MB bundle with its projections in int8. On weight sets of known structure they gave
-    # new people a coefficient norm of 1.01 (a new person: 1, a blend: 0.49) where learned width-48
-    # projections gave 0.74, both trained 3x as long as the first study's rows (README, Stage 2).
-    overrides: dict = field(default_factory=lambda: {"diffusion": {
-        "width": 96, "heads": 2, "ffn": 384, "projections": "principal", "epochs": 600}})
+    # scale with width x UNet size. Each layer's x0 is decoded linearly from one width-sized token, so
+    # samples live in a width-dimensional subspace per layer; below N-1 dimensions samples collapse onto
+    # each other, and a narrow decoder makes blends: on weight sets of known structure width 48 gave new
+    # people a coefficient norm of 0.73 against width 24's 0.53 (README, Stage 2). Width 48 is the widest
+    # that fits the 64 MB bundle, with its projections in int8 (62.4 MB model, README Default model).
+    # Principal projections (--projections principal) did better on those weight sets but worse on 22 real
+    # studio fits (README, Stage 2), so they are not the default until the 96 fits decide.
+    overrides: dict = field(default_factory=lambda: {"diffusion": {"width": 48, "heads": 2, "ffn": 192, "epochs": 600}})
     references: int = 2  # fitted avatars shipped for tests, spread over the subjects
     eval_seed: int = 0  # eval-gen samples seeds eval_seed .. eval_seed + n - 1, n = held_out (or subjects)
     eval_seed_sets: int = 3  # MMD/COV/1-NNA also on the next seed sets of n (eval-gen --seed-sets)

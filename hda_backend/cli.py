@@ -176,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-sets", type=int_in("--seed-sets", 1, 30), default=None,
                    help="eval-gen --seed-sets of the eval stage (default 3)")
     p.add_argument("--width", type=int_in("--width", 1, 4096), default=None,
-                   help="the denoiser's width, FFN 4 x width (default 96; the shipped 24-subject model: 24)")
+                   help="the denoiser's width, FFN 4 x width (default 48; the shipped 24-subject model: 24)")
     p.add_argument("--projections", choices=PROJECTIONS, default=None,
-                   help="the denoiser's per-layer projections (default principal; the shipped 24-subject model: "
-                        "learned)")
+                   help="the denoiser's per-layer projections (default learned; principal: each layer's fixed "
+                        "principal directions, README Stage 2)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)

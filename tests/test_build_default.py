@@ -230,6 +230,10 @@ def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
                  "--width", "24", "--projections", "learned"]) == 0
     assert seen["build"] == bd.DefaultBuildConfig.from_record(record["config"])
     assert main(["build-default"]) == 0 and seen["build"] == bd.DefaultBuildConfig()
+    assert main(["build-default", "--projections", "principal", "--width", "96"]) == 0
+    assert seen["build"].overrides == {"diffusion": {"width": 96, "heads": 2, "ffn": 384, "epochs": 600,
+                                                     "projections": "principal"}}
+    assert seen["build"].model_config().diffusion.projections == "principal"
 
 
 def test_a_record_from_before_the_split_is_read_with_its_settings(tmp_path):
