@@ -51,16 +51,11 @@ def _principal_rows(m: torch.Tensor, k: int) -> torch.Tensor:
 
     Through the smaller Gram matrix; each vector's sign makes its largest entry positive (deterministic).
     """
-    if m.shape[0] <= m.shape[1]:
-        values, u = torch.linalg.eigh(m @ m.T)
-        values, u = values.flip(0), u.flip(1)
-        keep = int((values > values[0].clamp(min=0) * 1e-10).sum().clamp(max=k))
-        v = (u[:, :keep].T @ m) / values[:keep].sqrt()[:, None]
-    else:
-        values, vectors = torch.linalg.eigh(m.T @ m)
-        values, vectors = values.flip(0), vectors.flip(1)
-        keep = int((values > values[0].clamp(min=0) * 1e-10).sum().clamp(max=k))
-        v = vectors[:, :keep].T
+    rows = m.shape[0] <= m.shape[1]
+    values, vectors = torch.linalg.eigh(m @ m.T if rows else m.T @ m)
+    values, vectors = values.flip(0), vectors.flip(1)
+    keep = int((values > values[0].clamp(min=0) * 1e-10).sum().clamp(max=k))
+    v = (vectors[:, :keep].T @ m) / values[:keep].sqrt()[:, None] if rows else vectors[:, :keep].T
     return v * torch.sign(v[torch.arange(keep), v.abs().argmax(dim=1)])[:, None]
 
 
@@ -138,16 +133,9 @@ class Tokenizer(nn.Module):
         return flat[:, self.scatter]
 
     def w_in(self, proj: int) -> torch.Tensor:
-        """The input map of group ``proj``: [width, n] (W_outᵀ when tied; head_in·W_outᵀ/c² when principal)."""
-        if self.principal:
-            return self.head_in[proj].weight @ self.proj_out[proj].weight.T / self.proj_scale[proj] ** 2
+        """The input projection of group ``proj``: [width, n] (W_outᵀ when tied; principal groups read through
+        ``_read``, never as a [width, n] matrix)."""
         return self.proj_out[proj].weight.T if self.tied else self.proj_in[proj].weight
-
-    def w_out(self, proj: int) -> torch.Tensor:
-        """The output map of group ``proj``: [n, width] (W_out; W_out · head_out when principal)."""
-        if self.principal:
-            return self.proj_out[proj].weight @ self.head_out[proj].weight
-        return self.proj_out[proj].weight
 
     def _read(self, pieces: torch.Tensor, proj: int) -> torch.Tensor:
         """pieces [B, G, n] -> [B, G, width]: ``w_in`` applied (principal: through the k coefficients)."""
@@ -193,8 +181,8 @@ class Tokenizer(nn.Module):
         """
         if not self.principal:
             raise ValueError("set_principal_projections: the tokenizer was not made with principal > 0")
-        joint = _principal_rows(z.to(torch.float64), self.width)  # [r, D]: the joint directions
-        person = z.to(torch.float64) @ joint.T  # [N, r]: each avatar's coordinates along them
+        z64 = z.to(torch.float64)
+        person = z64 @ _principal_rows(z64, self.width).T  # [N, r]: coordinates along the joint directions
         person = person / person.pow(2).mean(0).sqrt().clamp(min=1e-30)
         for pieces, (proj, count) in zip(self.split(z), self.group_sizes):
             m = pieces.reshape(-1, pieces.shape[-1]).to(torch.float64)  # [N·G, n]
@@ -225,7 +213,7 @@ class Tokenizer(nn.Module):
             if self.principal:  # through the k x k Gram matrix: never a [width, n] matrix
                 c = self.head_in[proj].weight @ self._gram(proj, n) @ self.head_out[proj].weight
             else:
-                c = self.w_in(proj)[:, :n] @ self.w_out(proj)[:n]
+                c = self.w_in(proj)[:, :n] @ self.proj_out[proj].weight[:n]
             out.append((tokens, c))
         return out
 
