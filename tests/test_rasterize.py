@@ -274,6 +274,59 @@ def test_numba_kernels_match_torch_twin():
         assert cosine(fast_grads[name], slow_grads[name]) >= 0.9999, name
 
 
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
+@pytest.mark.parametrize("sh_degree", [None, 0, 1, 2, 3])
+def test_fused_projection_matches_torch_twins(sh_degree):
+    fused = importlib.import_module("hda_backend.render._projection_numba")
+    scene = make_scene(seed=20 + (sh_degree or 0), sh_degree=sh_degree, n=400, width=64, height=48, n_cams=3)
+    scene["opacities"][:4] = 0.003  # below 1/255: culled by opacity
+    if sh_degree is not None:
+        scene["colors"] = scene["colors"] * 4  # some colours below 0: the clamp is exercised
+    args = [scene[k] for k in ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks")]
+    torch.set_num_threads(2)  # the kernel splits the Gaussians over threads
+    radii, means2d, depths, conics, rgb = fused.project_and_shade(
+        *args, 64, 48, sh_degree, raster_module.EPS2D, 0.01, 1e10)
+    torch.set_num_threads(1)
+    ref_radii, ref_means2d, ref_depths, ref_conics = projection.project_gaussians(
+        scene["means"], scene["quats"], scene["scales"], scene["viewmats"], scene["Ks"], 64, 48,
+        opacities=scene["opacities"], eps2d=raster_module.EPS2D)
+    assert torch.equal(radii, ref_radii)
+    visible = (ref_radii > 0).all(-1)
+    assert visible.sum() > 600 and (~visible).sum() >= 3 * 4  # culled: opacity, behind, off-screen
+    torch.testing.assert_close(depths, ref_depths, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(means2d[visible], ref_means2d[visible], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(conics[visible], ref_conics[visible], rtol=1e-5, atol=1e-7)
+    if sh_degree is None:
+        assert rgb is None
+    else:
+        campos = torch.linalg.inv(scene["viewmats"])[:, :3, 3]
+        dirs = scene["means"][None] - campos[:, None]
+        ref_rgb = torch.clamp_min(projection.spherical_harmonics(sh_degree, dirs, scene["colors"]) + 0.5, 0.0)
+        assert (ref_rgb == 0).any()  # the clamp at 0 is exercised
+        torch.testing.assert_close(rgb, ref_rgb, rtol=2e-6, atol=1e-6)  # float32 rounding
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
+def test_cpu_backend_without_gradients_projects_with_the_fused_kernel(monkeypatch):
+    fused = raster_module._numba_projection()
+    real, calls = fused.project_and_shade, []
+    monkeypatch.setattr(fused, "project_and_shade", lambda *a: calls.append(1) or real(*a))
+    scene = make_scene(seed=15, sh_degree=3, n_cams=2)
+    with torch.no_grad():
+        out, alpha, _ = rasterize(**scene, backend="cpu", render_mode="RGB+ED")
+    assert calls == [1]
+    ref, ref_alpha = reference_render(**scene, render_mode="RGB+ED")
+    assert psnr(out[..., :3].double(), ref[..., :3]) >= 40
+    assert (alpha.double() - ref_alpha).abs().max() <= 1e-3
+    covered = ref_alpha[..., 0] > 0.5
+    assert (out[..., 3].double()[covered] - ref[..., 3][covered]).abs().max() <= 1e-3
+    # The twins run where autograd needs them, and for inputs that are not float32.
+    render_with_grads(rasterize, scene, backend="cpu")
+    with torch.no_grad():
+        rasterize(**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in scene.items()}, backend="cpu")
+    assert calls == [1]
+
+
 def test_twin_in_float64_matches_reference_tightly():
     scene = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in make_scene(seed=8).items()}
     out, alpha, grads = render_with_grads(rasterize, scene, backend="torch")

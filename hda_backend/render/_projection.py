@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: fainter fragments are skipped
-_MAX_EXTEND = 3.33  # gsplat's fixed bound on the radius, in standard deviations
+MAX_EXTEND = 3.33  # gsplat's fixed bound on the radius, in standard deviations
 
 
 def quat_scale_to_rs(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def project_gaussians(
     depths = tz
 
     with torch.no_grad():
-        extend = torch.full_like(tz, _MAX_EXTEND)
+        extend = torch.full_like(tz, MAX_EXTEND)
         valid = (a * c - b * b > 0) & (depths > near_plane) & (depths < far_plane)
         if opacities is not None:
             op = opacities.detach()[None, :].expand_as(tz)
@@ -118,34 +118,37 @@ def project_gaussians(
     return radii, means2d, depths, conics
 
 
-# Real SH basis constants of gsplat's `_eval_sh_bases_fast` (Sloan, JCGT 2013), in gsplat's basis order.
+# Real SH basis constants of gsplat's `_eval_sh_bases_fast` (Sloan, JCGT 2013), in gsplat's basis order;
+# the numba kernel (_projection_numba) reads the same tuple.
 _SH_C0 = 0.2820947917738781
+SH_BASIS = (
+    _SH_C0,                                                       # degree 0
+    0.48860251190292,                                             # degree 1
+    -1.092548430592079, 0.5462742152960395, 0.9461746957575601, 0.3153915652525201,  # degree 2
+    -2.285228997322329, 0.4570457994644658, 1.445305721320277, -0.5900435899266435,  # degree 3
+    1.865881662950577, 1.119528997770346,
+)
 
 
 def _sh_bases(degree: int, dirs: torch.Tensor) -> torch.Tensor:
     """[..., (degree+1)^2] real SH basis at unit directions dirs [..., 3]."""
-    out = [torch.full_like(dirs[..., 0], _SH_C0)]
+    B = SH_BASIS
+    out = [torch.full_like(dirs[..., 0], B[0])]
     if degree >= 1:
         x, y, z = dirs.unbind(-1)
-        a = 0.48860251190292
-        out += [-a * y, a * z, -a * x]
+        out += [-B[1] * y, B[1] * z, -B[1] * x]
     if degree >= 2:
         z2 = z * z
         fC1 = x * x - y * y
         fS1 = 2 * x * y
-        tB = -1.092548430592079 * z
-        tA = 0.5462742152960395
-        out += [tA * fS1, tB * y, 0.9461746957575601 * z2 - 0.3153915652525201, tB * x, tA * fC1]
+        tB = B[2] * z
+        out += [B[3] * fS1, tB * y, B[4] * z2 - B[5], tB * x, B[3] * fC1]
     if degree >= 3:
-        tC = -2.285228997322329 * z2 + 0.4570457994644658
-        tB = 1.445305721320277 * z
-        tA = -0.5900435899266435
+        tC = B[6] * z2 + B[7]
+        tB = B[8] * z
         fC2 = x * fC1 - y * fS1
         fS2 = x * fS1 + y * fC1
-        out += [
-            tA * fS2, tB * fS1, tC * y, z * (1.865881662950577 * z2 - 1.119528997770346),
-            tC * x, tB * fC1, tA * fC2,
-        ]
+        out += [B[9] * fS2, tB * fS1, tC * y, z * (B[10] * z2 - B[11]), tC * x, tB * fC1, B[9] * fC2]
     return torch.stack(out, dim=-1)
 
 

@@ -1,7 +1,9 @@
 """`rasterize`: 3D Gaussian splatting with gsplat's conventions, on CUDA (gsplat) or on the CPU (our own).
 
 The CPU backend splits the work like gsplat: projection and SH colours in plain PyTorch (autograd
-differentiates them), then a raster step with its own backward. The raster step runs as numba kernels over
+differentiates them), then a raster step with its own backward. When no input needs a gradient, the
+projection and SH colours run as one numba kernel instead (`_projection_numba`, tested against the PyTorch
+twins). The raster step runs as numba kernels over
 16×16 tiles (`_raster_numba`), or, when numba is missing or backend="torch", as the dense PyTorch twin
 (`_raster_torch`) the kernels are tested against.
 """
@@ -31,6 +33,19 @@ def _numba_raster():
     except ImportError:
         return None
     return _raster_numba
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_projection():
+    """The fused numba projection module (imported with the raster kernels, so present with them)."""
+    from . import _projection_numba
+    return _projection_numba
+
+
+def _fused_projection(inputs) -> bool:
+    """Whether the CPU backend may project and shade with the fused numba kernel: it has no backward,
+    so only when no input needs a gradient, and it computes in float32, the dtype of every input."""
+    return all(t.dtype == torch.float32 and not (t.requires_grad and torch.is_grad_enabled()) for t in inputs)
 
 
 def numba_available() -> bool:
@@ -107,16 +122,22 @@ def rasterize(
     if backend == "cpu" and means.device.type != "cpu":
         raise HDAError(f"rasterize: backend 'cpu' got tensors on {means.device}; expected CPU tensors")
 
-    radii, means2d, depths, conics = project_gaussians(
-        means, quats, scales, viewmats, Ks, width, height, opacities=opacities,
-        eps2d=EPS2D, near_plane=near_plane, far_plane=far_plane,
-    )
-    if sh_degree is None:
-        feats = colors[None].expand(C, N, colors.shape[-1])
+    raster = _numba_raster() if backend == "cpu" else None
+    inputs = (means, quats, scales, opacities, colors, viewmats, Ks)
+    if raster is not None and _fused_projection(inputs):
+        radii, means2d, depths, conics, shaded = _numba_projection().project_and_shade(
+            *inputs, width, height, sh_degree, EPS2D, near_plane, far_plane)
     else:
-        campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C,3]
-        dirs = means[None, :, :] - campos[:, None, :]
-        feats = torch.clamp_min(spherical_harmonics(sh_degree, dirs, colors) + 0.5, 0.0)
+        radii, means2d, depths, conics = project_gaussians(
+            means, quats, scales, viewmats, Ks, width, height, opacities=opacities,
+            eps2d=EPS2D, near_plane=near_plane, far_plane=far_plane,
+        )
+        shaded = None
+        if sh_degree is not None:
+            campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C,3]
+            dirs = means[None, :, :] - campos[:, None, :]
+            shaded = torch.clamp_min(spherical_harmonics(sh_degree, dirs, colors) + 0.5, 0.0)
+    feats = colors[None].expand(C, N, colors.shape[-1]) if sh_degree is None else shaded
     if render_mode == "RGB+ED":
         feats = torch.cat([feats, depths[..., None]], dim=-1)
     elif render_mode == "ED":
@@ -127,7 +148,6 @@ def rasterize(
         "radii": radii, "means2d": means2d, "depths": depths, "conics": conics, "opacities": opac,
         "width": width, "height": height, "n_cameras": C,
     }
-    raster = _numba_raster() if backend == "cpu" else None
     if raster is not None:
         opac = opac.contiguous()
         isect_offsets, flatten_ids = raster.bin_tiles(means2d, conics, opac, radii, depths, width, height)
