@@ -90,16 +90,20 @@ def test_bf16_fast_path_renders_trained_avatars_within_the_floor(body, sampled, 
     assert PSNR_FLOOR_DB < worst < 150.0, worst
 
 
-@pytest.mark.skipif(not realtime.fused_conv_available("cpu"), reason="this torch lacks oneDNN's fused convolution")
+FUSED = pytest.mark.skipif(not realtime.fused_conv_available("cpu"), reason="this torch lacks oneDNN's fused convolution")
+
+
+@FUSED
 @pytest.mark.parametrize("silu", [True, False])
 @torch.inference_mode()
-def test_fused_bf16_layer_is_conv_and_silu_under_autocast(silu):
-    """oneDNN's conv + SiLU in one call against the module's conv_layer under bf16 autocast (its twin),
-    and against float32 within bf16's precision."""
+def test_fused_bf16_convs_are_conv_and_silu_under_autocast(silu):
+    """oneDNN's conv + SiLU in one call with packed weights against the module's conv_layer under bf16
+    autocast (its twin), against float32 within bf16's precision, and exactly equal to the same oneDNN
+    call given the plain bf16 weights (the packing changes the layout, not the values)."""
     gen = torch.Generator().manual_seed(3)
     conv = torch.nn.Conv2d(16, 24, 3, padding=1)
     h = torch.randn(1, 16, 20, 20, generator=gen).contiguous(memory_format=torch.channels_last)
-    fused = realtime.fused_bf16_layer(conv, h.to(torch.bfloat16), silu).float()
+    fused = realtime.FusedBf16Convs()(conv, h.to(torch.bfloat16), silu).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         twin = conv_layer(conv, h, silu).float()
     exact = conv_layer(conv, h, silu)
@@ -107,6 +111,55 @@ def test_fused_bf16_layer_is_conv_and_silu_under_autocast(silu):
     assert float((fused - twin).abs().max()) <= 0.02 * scale
     assert float((fused - exact).abs().max()) <= 0.02 * scale
     assert float((fused - exact).abs().max()) > 0  # it did run in bf16
+    plain = torch.ops.mkldnn._convolution_pointwise(
+        h.to(torch.bfloat16), conv.weight.to(torch.bfloat16), conv.bias.to(torch.bfloat16), conv.padding,
+        conv.stride, conv.dilation, conv.groups, "swish" if silu else "none", [], "").float()
+    assert torch.equal(fused, plain)
+
+
+@FUSED
+def test_fused_bf16_convs_see_every_weight_edit():
+    """Each way of changing a conv's weights is seen at the next call: in-place edits (through .data,
+    which bypasses the version counter, too), assignment to .data, a new Parameter, load_state_dict,
+    edits of inference tensors; and so is a new input size."""
+    gen = torch.Generator().manual_seed(5)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    h = torch.randn(1, 8, 12, 12, generator=gen).contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+    convs = realtime.FusedBf16Convs()
+
+    def expected(x):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return conv_layer(conv, x.float(), True).float()
+
+    def check(x=h):
+        out = convs(conv, x, True).float()
+        assert float((out - expected(x)).abs().max()) <= 0.02 * float(expected(x).abs().max())
+        return out
+
+    first = check()
+    with torch.inference_mode():
+        assert torch.equal(convs(conv, h, True).float(), first)  # reused
+    edits = [
+        lambda: conv.weight.mul_(-1.5),
+        lambda: conv.weight.data.mul_(-1.5),
+        lambda: conv.bias.data.add_(0.3),
+        lambda: setattr(conv.weight, "data", torch.randn(conv.weight.shape, generator=gen)),
+        lambda: setattr(conv, "weight", torch.nn.Parameter(torch.randn(conv.weight.shape, generator=gen))),
+        lambda: conv.load_state_dict({"weight": torch.randn(conv.weight.shape, generator=gen), "bias": conv.bias}),
+    ]
+    previous = first
+    for edit in edits:
+        with torch.no_grad():
+            edit()
+        out = check()
+        assert not torch.equal(out, previous)
+        previous = out
+    check(torch.randn(1, 8, 20, 16, generator=gen).contiguous(memory_format=torch.channels_last).to(torch.bfloat16))
+    with torch.inference_mode():  # weights without a version counter
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        first = check()
+        conv.weight.mul_(-1.5)
+        assert not torch.equal(check(), first)
 
 
 @torch.inference_mode()
