@@ -90,6 +90,38 @@ def test_bf16_fast_path_renders_trained_avatars_within_the_floor(body, sampled, 
     assert PSNR_FLOOR_DB < worst < 150.0, worst
 
 
+@pytest.mark.skipif(realtime._fused_decoder() is None, reason="numba missing")
+@pytest.mark.parametrize("skin_rotations,sh_degree", [(True, 3), (True, 1), (False, 0)])
+@torch.inference_mode()
+def test_fused_decoder_is_decode(body, skin_rotations, sh_degree):
+    """The numba decoder against gaussians.decode (its twin) on raw outputs far from zero, a posed
+    template and a global motion; and its sparse skinning weights hold every dense one."""
+    from dataclasses import replace
+
+    from hda_backend.avatar import _decode_numba
+    from hda_backend.avatar.gaussians import decode
+    from hda_backend.uvmap import global_transform
+
+    avatar = load_avatar(REFERENCES[0], body).eval()
+    config = replace(avatar.gaussian_config, skin_rotations=skin_rotations, sh_degree=sh_degree)
+    gen = torch.Generator().manual_seed(11)
+    pose = 0.4 * torch.randn(1, 55, 3, generator=gen)
+    posed = realtime.pose_body(body, realtime.local_pose(pose))
+    transforms = global_transform(body, pose, torch.tensor([[0.3, -0.1, 0.2]]))[:, None] @ posed.transforms
+    raw = 0.5 * torch.randn(1, avatar.binding.texels.shape[0], 59, generator=gen)
+    ids, weights = _decode_numba.sparse_weights(avatar.binding.weights)
+    dense = torch.zeros_like(avatar.binding.weights).scatter_add_(1, torch.from_numpy(ids), torch.from_numpy(weights))
+    torch.testing.assert_close(dense, avatar.binding.weights.float(), atol=0, rtol=0)
+    assert ids.shape[1] < 55 // 2  # sparse: a texel blends a few joints
+    fused = _decode_numba.decode_fused(raw, avatar.binding, (ids, weights), posed.rest_vertices, transforms, config)
+    twin = decode(raw, avatar.binding, posed.rest_vertices, transforms, config).index(0)
+    for name, mine, ref in zip(twin._fields, fused, twin):
+        assert mine.shape == ref.shape, name
+        torch.testing.assert_close(mine, ref, atol=2e-6, rtol=1e-5, msg=name)
+    assert (twin.sh[:, (sh_degree + 1) ** 2:] == 0).all() and (twin.sh[:, :(sh_degree + 1) ** 2] != 0).any()
+    assert RealtimeAvatar(avatar, "float32").decoder is _decode_numba  # the fast path decodes with it
+
+
 FUSED = pytest.mark.skipif(not realtime.fused_conv_available("cpu"), reason="this torch lacks oneDNN's fused convolution")
 
 

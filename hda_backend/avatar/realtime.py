@@ -18,7 +18,9 @@ measured by ``scripts/bench_frame.py`` (README, Speed):
   convs keep a bf16 copy in oneDNN's layout only while the conv's weights still equal its source, so a
   weight edit (identity mix, a loaded file) is seen at once.
 
-Skinning and decoding are the reference's own functions (``gaussians.decode``), in float32.
+Skinning is the reference's own (``pose_body``, ``global_transform``); decoding runs as one numba kernel
+(``_decode_numba.decode_fused``, float32, tested against its twin ``gaussians.decode``) where numba is
+installed and on the CPU, else through ``decode`` itself.
 """
 
 from __future__ import annotations
@@ -99,6 +101,15 @@ def vertex_normals_sparse(vertices: torch.Tensor, faces: torch.Tensor, incidence
     return torch.nn.functional.normalize(incidence @ face_n, dim=-1, eps=1e-12)
 
 
+def _fused_decoder():
+    """The fused numba decoder module (hda_backend.avatar._decode_numba), or None without numba."""
+    try:
+        from . import _decode_numba
+    except ImportError:
+        return None
+    return _decode_numba
+
+
 class RealtimeAvatar:
     """One frame at a time through ``avatar``, precomputed for its body and UV layout.
 
@@ -119,6 +130,9 @@ class RealtimeAvatar:
         self.device = device
         self.fused = self.precision == "bfloat16" and fused_conv_available(device)
         self.convs = FusedBf16Convs() if self.fused else None
+        self.decoder = _fused_decoder() if device.type == "cpu" else None
+        # The skinning weights as (joint ids, weights) per texel, for the fused decoder.
+        self.sparse_weights = None if self.decoder is None else self.decoder.sparse_weights(avatar.binding.weights)
 
     def pose_inputs(self, pose: torch.Tensor):
         """pose [1,55,3] -> (maps [1,6,R,R] in channels-last memory, the posed template), the values of
@@ -171,6 +185,9 @@ class RealtimeAvatar:
         if posed is None:
             posed = pose_body(avatar.body, local_pose(pose))
         transforms = global_transform(avatar.body, pose, transl)[:, None] @ posed.transforms
+        if self.decoder is not None and not raw.requires_grad:
+            return self.decoder.decode_fused(raw, avatar.binding, self.sparse_weights, posed.rest_vertices,
+                                             transforms, avatar.gaussian_config)
         return decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
 
     def __call__(self, pose, transl=None) -> Gaussians:
