@@ -17,14 +17,16 @@ def _smplx_reference(body, pose, betas):
                      posedirs, body.J_regressor, body.parents, body.weights)
 
 
+@pytest.mark.parametrize("shape", ["betas", "mean"])
 @pytest.mark.parametrize("which", ["bundled", "smplx_like"])
-def test_pose_matches_smplx_lbs(which, smplx_like_path):
+def test_pose_matches_smplx_lbs(which, shape, smplx_like_path):
+    """With betas, and for the mean shape (betas None: the rest joints regressed once per body)."""
     body = load_body(None if which == "bundled" else smplx_like_path)
     gen = torch.Generator().manual_seed(1)
     pose = torch.randn(3, 55, 3, generator=gen) * 0.4
-    betas = torch.randn(3, 10, generator=gen)
+    betas = torch.randn(3, 10, generator=gen) if shape == "betas" else torch.zeros(3, 10)
     verts, joints = _smplx_reference(body, pose, betas)
-    out = pose_body(body, pose, betas=betas)
+    out = pose_body(body, pose, betas=betas if shape == "betas" else None)
     assert torch.allclose(out.vertices, verts, atol=1e-5)
     assert torch.allclose(out.joints, joints, atol=1e-5)
 

@@ -67,13 +67,15 @@ class BodyModel:
         return self.shapedirs.shape[-1]
 
     def rest_joints(self) -> torch.Tensor:
-        """[55,3] joint positions of the mean shape in the rest pose (computed once: the per-frame
-        global transform needs the rest pelvis)."""
+        """[55,3] joint positions of the mean shape in the rest pose (computed once: posing the mean
+        shape and the per-frame global transform need them)."""
         return self._rest_joints
 
     @functools.cached_property
     def _rest_joints(self) -> torch.Tensor:
-        return self.J_regressor @ self.v_template
+        # A normal tensor even when first asked for under inference_mode: autograd may use it later.
+        with torch.inference_mode(False), torch.no_grad():
+            return self.J_regressor @ self.v_template
 
 
 def resolve_body_path(config_path: str | os.PathLike | None = None) -> Path:
