@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +57,31 @@ def test_sparse_vertex_normals_equal_the_scatter_add_ones(body):
     torch.testing.assert_close(fast, vertex_normals(vertices[None], body.faces)[0], atol=1e-5, rtol=0)
 
 
+def assert_maps_close(maps, ref_maps):
+    """Positions (metres) to 1e-5; unit normals to 2e-4 (0.01°): a vertex sums its faces' normals in
+    another order than the twin's scatter-adds, and where they nearly cancel (fingers, ears)
+    normalising magnifies float32 rounding (5e-5 seen)."""
+    torch.testing.assert_close(maps[:, 3:], ref_maps[:, 3:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps[:, :3], ref_maps[:, :3], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
 @torch.inference_mode()
-def test_float32_fast_path_gives_the_reference_maps_and_gaussians(body):
+def test_float32_fast_path_gives_the_reference_maps_and_gaussians(body, path):
+    """Through the CPU's numba kernels and through the PyTorch fast path (CUDA's, and the CPU's
+    without numba), maps and Gaussians are the float32 twin's."""
     avatar = load_avatar(REFERENCES[0], body).eval()
     fast = RealtimeAvatar(avatar, "float32")
+    if path == "numba":
+        assert fast.kernels is not None or realtime.frame_kernels(avatar) is None
+    else:
+        fast.kernels = None
     gen = torch.Generator().manual_seed(1)
     pose, transl = 0.3 * torch.randn(1, 55, 3, generator=gen), torch.tensor([[0.1, -0.2, 0.3]])
     maps, _ = fast.pose_inputs(pose)
     ref_maps, _ = avatar.pose_inputs(pose)
     assert maps.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(maps, ref_maps, atol=1e-5, rtol=0)
+    assert_maps_close(maps, ref_maps)
     for mine, ref in zip(fast(pose, transl), avatar(pose, transl).index(0)):
         torch.testing.assert_close(mine, ref, atol=2e-5, rtol=1e-4)
 
@@ -90,7 +106,10 @@ def test_bf16_fast_path_renders_trained_avatars_within_the_floor(body, sampled, 
     assert PSNR_FLOOR_DB < worst < 150.0, worst
 
 
-@pytest.mark.skipif(realtime._fused_decoder() is None, reason="numba missing")
+NUMBA = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba missing")
+
+
+@NUMBA
 @pytest.mark.parametrize("skin_rotations,sh_degree", [(True, 3), (True, 1), (False, 0)])
 @torch.inference_mode()
 def test_fused_decoder_is_decode(body, skin_rotations, sh_degree):
@@ -98,28 +117,50 @@ def test_fused_decoder_is_decode(body, skin_rotations, sh_degree):
     template and a global motion; and its sparse skinning weights hold every dense one."""
     from dataclasses import replace
 
-    from hda_backend.avatar import _decode_numba
     from hda_backend.avatar.gaussians import decode
     from hda_backend.uvmap import global_transform
 
     avatar = load_avatar(REFERENCES[0], body).eval()
+    kernels = realtime.frame_kernels(avatar)
     config = replace(avatar.gaussian_config, skin_rotations=skin_rotations, sh_degree=sh_degree)
     gen = torch.Generator().manual_seed(11)
     pose = 0.4 * torch.randn(1, 55, 3, generator=gen)
     posed = realtime.pose_body(body, realtime.local_pose(pose))
     transforms = global_transform(body, pose, torch.tensor([[0.3, -0.1, 0.2]]))[:, None] @ posed.transforms
     raw = 0.5 * torch.randn(1, avatar.binding.texels.shape[0], 59, generator=gen)
-    ids, weights = _decode_numba.sparse_weights(avatar.binding.weights)
-    dense = torch.zeros_like(avatar.binding.weights).scatter_add_(1, torch.from_numpy(ids), torch.from_numpy(weights))
-    torch.testing.assert_close(dense, avatar.binding.weights.float(), atol=0, rtol=0)
-    assert ids.shape[1] < 55 // 2  # sparse: a texel blends a few joints
-    fused = _decode_numba.decode_fused(raw, avatar.binding, (ids, weights), posed.rest_vertices, transforms, config)
+    for dense, (ids, weights) in ((avatar.binding.weights, kernels.texel_weights), (body.weights, kernels.vertex_weights)):
+        rebuilt = torch.zeros_like(dense).scatter_add_(1, torch.from_numpy(ids), torch.from_numpy(weights))
+        torch.testing.assert_close(rebuilt, dense.float(), atol=0, rtol=0)
+        assert ids.shape[1] < 55 // 2  # sparse: a few joints each
+    fused = kernels.decode(raw, posed.rest_vertices, transforms, config)
     twin = decode(raw, avatar.binding, posed.rest_vertices, transforms, config).index(0)
     for name, mine, ref in zip(twin._fields, fused, twin):
         assert mine.shape == ref.shape, name
         torch.testing.assert_close(mine, ref, atol=2e-6, rtol=1e-5, msg=name)
     assert (twin.sh[:, (sh_degree + 1) ** 2:] == 0).all() and (twin.sh[:, :(sh_degree + 1) ** 2] != 0).any()
-    assert RealtimeAvatar(avatar, "float32").decoder is _decode_numba  # the fast path decodes with it
+
+
+@NUMBA
+@torch.inference_mode()
+def test_fused_pose_maps_are_the_twins(body):
+    """The numba maps kernel against uvmap.pose_maps (its twin: skin_points, vertex_normals, the texel
+    interpolation and scatter), on a strong pose: vertices, normals and positions, zeros off the atlas."""
+    from hda_backend.body import pose_transforms
+    from hda_backend.uvmap import pose_maps
+
+    avatar = load_avatar(REFERENCES[0], body).eval()
+    kernels = realtime.frame_kernels(avatar)
+    pose = 0.6 * torch.randn(1, 55, 3, generator=torch.Generator().manual_seed(12))
+    ref_maps, posed = pose_maps(body, avatar.layout, pose)
+    joints, transforms, v_rest = pose_transforms(body, realtime.local_pose(pose))
+    vertices, maps = kernels.pose_maps(v_rest[0], transforms[0], joints[0, 0])
+    torch.testing.assert_close(vertices, posed.vertices[0], atol=2e-6, rtol=1e-5)
+    assert maps.is_contiguous(memory_format=torch.channels_last)
+    assert_maps_close(maps, ref_maps)
+    covered = torch.zeros(avatar.uv_res ** 2, dtype=torch.bool)
+    covered[avatar.layout.texels] = True
+    assert (maps.flatten(2)[0][:, ~covered] == 0).all()
+    assert torch.allclose(maps.flatten(2)[0][:3, covered].norm(dim=0), torch.tensor(1.0), atol=1e-5)
 
 
 FUSED = pytest.mark.skipif(not realtime.fused_conv_available("cpu"), reason="this torch lacks oneDNN's fused convolution")

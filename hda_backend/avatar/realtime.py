@@ -18,9 +18,12 @@ measured by ``scripts/bench_frame.py`` (README, Speed):
   convs keep a bf16 copy in oneDNN's layout only while the conv's weights are still its source, so a
   weight edit (identity mix, a loaded file) is seen at once.
 
-Skinning is the reference's own (``pose_body``, ``global_transform``); decoding runs as one numba kernel
-(``_decode_numba.decode_fused``, float32, tested against its twin ``gaussians.decode``) where numba is
-installed and on the CPU, else through ``decode`` itself.
+On the CPU, where numba is installed, the UV maps (skinning the template's vertices, their normals,
+the texels) and the decoding run as numba kernels (``_realtime_numba``: a few passes over vertices,
+faces and texels instead of dozens of small PyTorch operations; sparse skinning weights), in float32
+and tested against their twins (``uvmap.pose_maps`` and ``gaussians.decode``). Elsewhere (CUDA) the
+PyTorch code below does it. The joint transforms are the reference's own (``pose_transforms``,
+``global_transform``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import warnings
 
 import torch
 
-from ..body import pose_body
+from ..body import PosedBody, pose_body, pose_transforms
 from ..precision import autocast, resolve
 from ..uvmap import global_transform, local_pose
 from .gaussians import Gaussians, decode
@@ -67,7 +70,7 @@ class FusedBf16Convs:
     def __call__(self, conv: torch.nn.Conv2d, h: torch.Tensor, silu: bool) -> torch.Tensor:
         weight, bias = conv.weight.detach(), conv.bias.detach()
         # As bytes (any dtype): a copy and a memcmp, several times faster than torch.equal here.
-        source = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (weight, bias))
+        source = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in (weight, bias))
         entry = self._packed.get(conv)
         if entry is None or entry[1] != h.shape[1:] or entry[0] != source:
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -102,13 +105,14 @@ def vertex_normals_sparse(vertices: torch.Tensor, faces: torch.Tensor, incidence
     return torch.nn.functional.normalize(incidence @ face_n, dim=-1, eps=1e-12)
 
 
-def _fused_decoder():
-    """The fused numba decoder module (hda_backend.avatar._decode_numba), or None without numba."""
+def frame_kernels(avatar: Avatar):
+    """The numba kernels of the fast path prepared for ``avatar`` (``_realtime_numba.FrameKernels``), or
+    None where numba is missing."""
     try:
-        from . import _decode_numba
+        from ._realtime_numba import FrameKernels
     except ImportError:
         return None
-    return _decode_numba
+    return FrameKernels(avatar.body, avatar.layout, avatar.binding)
 
 
 class RealtimeAvatar:
@@ -131,14 +135,17 @@ class RealtimeAvatar:
         self.device = device
         self.fused = self.precision == "bfloat16" and fused_conv_available(device)
         self.convs = FusedBf16Convs() if self.fused else None
-        self.decoder = _fused_decoder() if device.type == "cpu" else None
-        # The skinning weights as (joint ids, weights) per texel, for the fused decoder.
-        self.sparse_weights = None if self.decoder is None else self.decoder.sparse_weights(avatar.binding.weights)
+        # On the CPU, UV maps and decoding run as numba kernels; elsewhere (CUDA) as the PyTorch below.
+        self.kernels = frame_kernels(avatar) if device.type == "cpu" else None
 
     def pose_inputs(self, pose: torch.Tensor):
         """pose [1,55,3] -> (maps [1,6,R,R] in channels-last memory, the posed template), the values of
         ``Avatar.pose_inputs`` (global orientation ignored)."""
         avatar = self.avatar
+        if self.kernels is not None:
+            joints, transforms, v_rest = pose_transforms(avatar.body, local_pose(pose))
+            vertices, maps = self.kernels.pose_maps(v_rest[0], transforms[0], joints[0, 0])
+            return maps, PosedBody(vertices[None], joints, transforms, v_rest)
         posed = pose_body(avatar.body, local_pose(pose))
         positions = posed.vertices - posed.joints[:, :1]
         normals = vertex_normals_sparse(posed.vertices[0], self.faces, self.incidence)
@@ -186,9 +193,8 @@ class RealtimeAvatar:
         if posed is None:
             posed = pose_body(avatar.body, local_pose(pose))
         transforms = global_transform(avatar.body, pose, transl)[:, None] @ posed.transforms
-        if self.decoder is not None and not raw.requires_grad:
-            return self.decoder.decode_fused(raw, avatar.binding, self.sparse_weights, posed.rest_vertices,
-                                             transforms, avatar.gaussian_config)
+        if self.kernels is not None and not raw.requires_grad:
+            return self.kernels.decode(raw, posed.rest_vertices, transforms, avatar.gaussian_config)
         return decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
 
     def __call__(self, pose, transl=None) -> Gaussians:

@@ -56,6 +56,15 @@ def pose_body(body: BodyModel, pose: torch.Tensor, betas: torch.Tensor | None = 
     pose: [B,55,3] axis-angle (see :func:`check_pose`); betas: [B,nb] shape coefficients, nb ≤ body's
     (None: the mean shape); transl: [B,3] global translation (None: zero).
     """
+    joints, transforms, v_rest = pose_transforms(body, pose, betas, transl)
+    vertices = skin_points(v_rest, body.weights.to(v_rest.device), transforms)
+    return PosedBody(vertices, joints, transforms, v_rest)
+
+
+def pose_transforms(body: BodyModel, pose: torch.Tensor, betas: torch.Tensor | None = None,
+                    transl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pose_body` without skinning the vertices: (joints [B,55,3], transforms [B,55,4,4], rest
+    vertices [B,V,3]), for a caller that skins them itself (the per-frame fast path)."""
     pose = check_pose(pose)
     batch, device = pose.shape[0], pose.device
     v_template = body.v_template.to(device)
@@ -83,8 +92,7 @@ def pose_body(body: BodyModel, pose: torch.Tensor, betas: torch.Tensor | None = 
         joints = joints + transl[:, None]
         transforms = transforms.clone()
         transforms[:, :, :3, 3] += transl[:, None]
-    vertices = skin_points(v_rest, body.weights.to(device), transforms)
-    return PosedBody(vertices, joints, transforms, v_rest)
+    return joints, transforms, v_rest
 
 
 def skin_points(points: torch.Tensor, weights: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
