@@ -60,9 +60,10 @@ def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray,
     For float32 input, bit for bit the twin's float32 values (rounded once to half for float16): the same float32
     operations in the same order, arranged for speed. The box is worked on channel-first, so every
     operation runs over whole rows (the twin's [...,3] layout broadcasts alpha over an axis of 3);
-    the division reads the rasterizer's strided RGB in torch, which vectorises it where numpy does not;
-    numpy's vectorised power does the sRGB curve; and torch writes the result into the layer, which makes
-    the float16 rounding a vectorised conversion (numpy's float32 -> float16 cast is scalar)."""
+    torch divides (reading the rasterizer's strided RGB, which numpy does not vectorise) and clamps
+    (numpy's clip is several times slower); numpy's vectorised power does the sRGB curve (torch's is
+    slower); and torch writes the result into the layer, which makes the float16 rounding a vectorised
+    conversion (numpy's float32 -> float16 cast is scalar)."""
     import torch  # here, not at the top: Blender-side code imports this module where torch may be missing
 
     h, w = alpha.shape
@@ -73,16 +74,16 @@ def to_layer(rgb: np.ndarray, alpha: np.ndarray, depth: np.ndarray,
     z = np.full((h, w), DEPTH_FAR, dtype=np.float32)
     box = covered_box(alpha)
     if box is not None:
-        a = np.clip(alpha[box], np.float32(0.0), np.float32(1.0)).astype(np.float32, copy=False)
-        straight = np.empty((3,) + a.shape, dtype=np.float32)  # [3,h,w]: channel planes of the box
-        torch.div(torch.from_numpy(np.asarray(rgb[box], dtype=np.float32)).permute(2, 0, 1),
-                  torch.from_numpy(np.maximum(a, np.float32(1e-6))), out=torch.from_numpy(straight))
-        np.clip(straight, np.float32(0.0), np.float32(1.0), out=straight)
-        linear = _srgb_to_linear_into(straight)
+        ta = torch.from_numpy(np.asarray(alpha[box], dtype=np.float32)).clamp(0.0, 1.0)
+        a = ta.numpy()
+        straight = torch.empty((3,) + a.shape)  # [3,h,w]: channel planes of the box
+        torch.div(torch.from_numpy(np.asarray(rgb[box], dtype=np.float32)).permute(2, 0, 1), ta.clamp_min(1e-6),
+                  out=straight)
+        linear = _srgb_to_linear_into(straight.clamp_(0.0, 1.0).numpy())
         linear *= a
         out = torch.from_numpy(rgba[box]).permute(2, 0, 1)  # [4,h,w] view of the layer's box
         out[:3] = torch.from_numpy(linear)
-        out[3] = torch.from_numpy(a)
+        out[3] = ta
         z[box] = np.where(a > ALPHA_EMPTY, depth[box], DEPTH_FAR)
     rgba.flags.writeable = False
     z.flags.writeable = False

@@ -179,6 +179,7 @@ def test_fast_layer_equals_the_reference_layer():
     rgb[30, 41] = np.float32(0.04045) * alpha[30, 41]  # the sRGB curve's knee exactly
     rgb[31, 42] = 0.001 * alpha[31, 42]  # its linear part
     rgb[32, 43] = 3.0  # colour over the alpha: clipped
+    alpha[33, 44], rgb[33, 44] = 5e-7, 2.5e-7  # under the division's floor of 1e-6
     # The box touching every border of the image: rows 0 and h-1, columns 0 and w-1.
     bordered = _layer_frame(rng, h, w, np.s_[0:h, 0:w])
     bordered[1][1:-1, 1:-1] = 0.0
