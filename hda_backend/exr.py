@@ -231,7 +231,7 @@ def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> d
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or np.shape(depth) != rgba.shape[:2]:
         raise HDAError(f"layer: rgba {rgba.shape} and depth {np.shape(depth)}, expected [H,W,4] and [H,W]")
-    planes = np.ascontiguousarray(rgba.transpose(2, 0, 1), dtype=np.float16)  # half, planar: a copy only if not so already
+    planes = np.ascontiguousarray(rgba.transpose(2, 0, 1), dtype=np.float16)  # half, planar: copied if not so yet
     out = {f"{layer}.Combined.{c}": planes[i] for i, c in enumerate("RGBA")}
     out[f"{layer}.Depth.Z"] = np.asarray(depth, dtype=np.float32)
     return out

@@ -85,7 +85,8 @@ def _brute_force_exr(channels, strings, compress):
     window = struct.pack("<4i", 0, 0, width - 1, height - 1)
     header = (attribute("channels", "chlist", chlist + b"\0") + attribute("compression", "compression", b"\3")
               + attribute("dataWindow", "box2i", window) + attribute("displayWindow", "box2i", window)
-              + attribute("lineOrder", "lineOrder", b"\0") + attribute("pixelAspectRatio", "float", struct.pack("<f", 1))
+              + attribute("lineOrder", "lineOrder", b"\0")
+              + attribute("pixelAspectRatio", "float", struct.pack("<f", 1))
               + attribute("screenWindowCenter", "v2f", struct.pack("<ff", 0, 0))
               + attribute("screenWindowWidth", "float", struct.pack("<f", 1)))
     for name in sorted(strings):
