@@ -232,6 +232,8 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
     (rgba [H,W,4] float16 linear premultiplied, depth [H,W] float32 camera z, layer.DEPTH_FAR where empty);
     both read-only and shared with the frame cache. Colour is half precision because the layer file
     stores it so (exr.layer_channels): nothing is lost, and a cached frame costs 12 bytes a pixel, not 20.
+    The RGBA is a view of channel planes [4,H,W] (``to_layer(planar=True)``), the layout the layer file
+    needs, so writing it copies nothing first.
     """
     import torch
 
@@ -262,7 +264,7 @@ def render_pose(obj, pose, transl, viewmat, K, width: int, height: int):
                                       sh_degree=avatar.gaussian_config.sh_degree)
         out, alpha = out.cpu().numpy(), alpha[..., 0].cpu().numpy()
     t2 = time.perf_counter()
-    rgba, depth = to_layer(out[..., :3], alpha, out[..., 3], dtype=np.float16)
+    rgba, depth = to_layer(out[..., :3], alpha, out[..., 3], dtype=np.float16, planar=True)  # the layer file's layout
     t3 = time.perf_counter()
     caches.timings[key] = {"avatar": 1e3 * (t1 - t0), "raster": 1e3 * (t2 - t1), "glue": 1e3 * (t3 - t2)}
     caches.add_frame(frame_key, rgba, depth, budget)

@@ -78,14 +78,15 @@ def _zip_chunks(lines: np.ndarray, workers: int, compress: bool = True) -> list[
 
 
 def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None = None,
-               workers: int | None = None, compress: bool = True) -> bytes:
+               workers: int | None = None, compress: bool = True) -> bytes | bytearray:
     """EXR file bytes of channels {name: [H,W] array, row 0 at the top}; float16 arrays are stored
     as HALF, anything else as FLOAT (32-bit). ``strings``: extra header attributes of type string
     (ASCII; e.g. the layer's bake key), read back by :func:`read_strings`. ``workers``: threads
     compressing the chunks (None: one per CPU); the bytes are the same for any number.
     ``compress=False`` stores every block raw: the same image in the same ZIP-typed file, several
     times larger, written in a fraction of the time (readers take a block whose size is the raw
-    size as stored raw; hda_backend.layer_writer rewrites such files compressed later)."""
+    size as stored raw; hda_backend.layer_writer rewrites such files compressed later); it returns a
+    bytearray (the buffer the file was built in, not copied into a bytes object)."""
     if not channels:
         raise HDAError("EXR: no channels given, expected at least one [H,W] array")
     names = sorted(channels)  # the format stores channels in name order
@@ -115,9 +116,13 @@ def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None =
     ]) + b"\0"
     version = 2 | (0x400 if max(len(n) for n in names) > 31 else 0)  # long-names flag
     prefix = struct.pack("<ii", MAGIC, version) + header
-    # Scanline bytes [H, line]: within a line, channel after channel (little-endian values).
+    # Scanline bytes: within a line, channel after channel (little-endian values).
     little = [np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")) for p in planes]  # copies only if needed
-    lines = np.concatenate([p.view(np.uint8).reshape(height, -1) for p in little], axis=1)
+    line = sum(p.itemsize * width for p in little)
+    if not compress:
+        return _raw_file(prefix, little, line)
+    lines = np.empty((height, line), dtype=np.uint8)
+    _put_planes(little, [(0, lines[:, None])])
     starts = range(0, height, LINES_PER_BLOCK)
     workers = min(len(starts), os.cpu_count() or 1) if workers is None else workers
     packed = _zip_chunks(lines, workers, compress)
@@ -128,6 +133,48 @@ def encode_exr(channels: dict[str, np.ndarray], strings: dict[str, str] | None =
         table += struct.pack("<Q", offset)
         offset += len(chunk)
     return prefix + bytes(table) + b"".join(chunks)
+
+
+def _put_planes(planes: list[np.ndarray], parts: list[tuple[int, np.ndarray]]) -> None:
+    """Copy planes [H,W] (contiguous, little-endian) into scanline bytes, channel after channel within
+    a line. ``parts``: (first line, view [blocks, lines, line bytes] uint8) covering the image's lines in
+    order, lines of a part one block after the other."""
+    column = 0
+    for plane in planes:
+        src = plane.view(np.uint8).reshape(plane.shape[0], -1)
+        for y, view in parts:
+            blocks, rows = view.shape[:2]
+            view[:, :, column:column + src.shape[1]] = src[y:y + blocks * rows].reshape(blocks, rows, -1)
+        column += src.shape[1]
+
+
+def _raw_file(prefix: bytes, planes: list[np.ndarray], line: int) -> bytearray:
+    """The file of ``encode_exr(compress=False)``: prefix (magic, version, header), the chunk offset
+    table, then each block of LINES_PER_BLOCK scanlines (fewer in the last) as ``int32 y, int32 size``
+    and its raw lines. Built in one preallocated buffer: the offsets and block headers are written as
+    arrays, each plane's bytes with one strided copy per run of full blocks, so the image is copied
+    once (no per-block bytes, no join)."""
+    height = planes[0].shape[0]
+    full, rest = divmod(height, LINES_PER_BLOCK)
+    blocks = full + (rest > 0)
+    stride = 8 + LINES_PER_BLOCK * line  # a full chunk: its header and its lines
+    first = len(prefix) + 8 * blocks     # where the first chunk starts
+    out = bytearray(first + 8 * blocks + height * line)
+    buf = np.frombuffer(out, dtype=np.uint8)
+    buf[:len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    buf[len(prefix):first] = (first + stride * np.arange(blocks, dtype=np.int64)).astype("<u8").view(np.uint8)
+    ys = np.arange(blocks, dtype=np.int64) * LINES_PER_BLOCK
+    heads = np.stack([ys, np.minimum(LINES_PER_BLOCK, height - ys) * line], axis=1).astype("<i4")
+    as_strided = np.lib.stride_tricks.as_strided
+    as_strided(buf[first:], shape=(blocks, 8), strides=(stride, 1))[:] = heads.view(np.uint8)
+    parts = []
+    if full:
+        parts.append((0, as_strided(buf[first + 8:], shape=(full, LINES_PER_BLOCK, line), strides=(stride, line, 1))))
+    if rest:
+        last = first + full * stride + 8
+        parts.append((full * LINES_PER_BLOCK, buf[last:last + rest * line].reshape(1, rest, line)))
+    _put_planes(planes, parts)
+    return out
 
 
 def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], strings: dict[str, str] | None = None) -> Path:
@@ -178,11 +225,13 @@ def _read_name(fh, path) -> str:
 
 def layer_channels(rgba: np.ndarray, depth: np.ndarray, layer: str = "HDA") -> dict[str, np.ndarray]:
     """Channels of a compositing layer: rgba [H,W,4] linear premultiplied, depth [H,W] -> EXR channels
-    ``<layer>.Combined.R/G/B/A`` (half) and ``<layer>.Depth.Z`` (float)."""
+    ``<layer>.Combined.R/G/B/A`` (half) and ``<layer>.Depth.Z`` (float). The colour planes are views of
+    ``rgba`` where it already is half channel planes (``layer.to_layer(dtype=float16, planar=True)``),
+    one copy otherwise."""
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or np.shape(depth) != rgba.shape[:2]:
         raise HDAError(f"layer: rgba {rgba.shape} and depth {np.shape(depth)}, expected [H,W,4] and [H,W]")
-    planes = np.ascontiguousarray(rgba.transpose(2, 0, 1), dtype=np.float16)  # one copy: half, planar
+    planes = np.ascontiguousarray(rgba.transpose(2, 0, 1), dtype=np.float16)  # half, planar: copied if not so yet
     out = {f"{layer}.Combined.{c}": planes[i] for i, c in enumerate("RGBA")}
     out[f"{layer}.Depth.Z"] = np.asarray(depth, dtype=np.float32)
     return out

@@ -143,7 +143,7 @@ def _child(args) -> None:
             rgba, depth = layer.to_layer_reference(img[..., :3], alpha, img[..., 3])
             atomic.write_bytes(out, exr.encode_exr(exr.layer_channels(rgba, depth), workers=1))
         else:
-            rgba, depth = layer.to_layer(img[..., :3], alpha, img[..., 3], dtype=np.float16)
+            rgba, depth = layer.to_layer(img[..., :3], alpha, img[..., 3], dtype=np.float16, planar=True)
             writer.write(out, exr.layer_channels(rgba, depth))
         t.append(time.perf_counter())
         return [1e3 * (b - a) for a, b in zip(t, t[1:])]

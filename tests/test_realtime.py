@@ -287,28 +287,51 @@ def test_reskinned_nearby_frames_render_within_the_lod_floor(body, which):
     assert worst >= PSNR_LOD_FLOOR_DB and best < 80.0, (worst, best)
 
 
+def _layer_frame(rng, h, w, box):
+    """A rasterizer-like frame: alpha in ``box`` (0 elsewhere), premultiplied colours, depth where covered."""
+    alpha = np.zeros((h, w), np.float32)
+    alpha[box] = rng.uniform(0.0, 1.0, alpha[box].shape)
+    rgb = (rng.uniform(0, 1, (h, w, 3)) * alpha[..., None]).astype(np.float32)
+    depth = np.where(alpha > 0, rng.uniform(1, 5, (h, w)), 0.0).astype(np.float32)
+    return rgb, alpha, depth
+
+
 def test_fast_layer_equals_the_reference_layer():
     rng = np.random.default_rng(0)
     h, w = 64, 80
-    alpha = np.zeros((h, w), np.float32)
-    alpha[10:40, 20:61] = rng.uniform(0.0, 1.0, (30, 41))
+    rgb, alpha, depth = _layer_frame(rng, h, w, np.s_[10:40, 20:61])
     alpha[12, 25] = 1e-5  # covered, but too faintly for a depth
-    rgb = (rng.uniform(0, 1, (h, w, 3)) * alpha[..., None]).astype(np.float32)
-    depth = np.where(alpha > 0, rng.uniform(1, 5, (h, w)), 0.0).astype(np.float32)
-    rgba, z = to_layer(rgb, alpha, depth)
-    ref_rgba, ref_z = to_layer_reference(rgb, alpha, depth)
-    np.testing.assert_allclose(rgba, ref_rgba, atol=2e-6, rtol=1e-5)
-    np.testing.assert_array_equal(z, ref_z)
-    assert z[12, 25] == DEPTH_FAR and not rgba.flags.writeable and not z.flags.writeable
-    empty_rgba, empty_z = to_layer(rgb * 0, alpha * 0, depth * 0)
-    assert not empty_rgba.any() and (empty_z == DEPTH_FAR).all()
-    # Half colour (the layer file's and the frame cache's): the reference rounded to half, within half's
-    # own rounding step.
-    half, half_z = to_layer(rgb, alpha, depth, dtype=np.float16)
-    assert half.dtype == np.float16 and not half.flags.writeable
-    np.testing.assert_allclose(half.astype(np.float32), ref_rgba.astype(np.float16).astype(np.float32),
-                               atol=2 ** -14, rtol=2 ** -10)
-    np.testing.assert_array_equal(half_z, ref_z)
+    alpha[30, 40] = 1.25  # over 1: clipped
+    rgb[30, 41] = np.float32(0.04045) * alpha[30, 41]  # the sRGB curve's knee exactly
+    rgb[31, 42] = 0.001 * alpha[31, 42]  # its linear part
+    rgb[32, 43] = 3.0  # colour over the alpha: clipped
+    alpha[33, 44], rgb[33, 44] = 5e-7, 2.5e-7  # under the division's floor of 1e-6
+    # The box touching every border of the image: rows 0 and h-1, columns 0 and w-1.
+    bordered = _layer_frame(rng, h, w, np.s_[0:h, 0:w])
+    bordered[1][1:-1, 1:-1] = 0.0
+    bordered[1][5, 0], bordered[1][0, 7], bordered[1][h - 1, 9], bordered[1][11, w - 1] = 0.5, 3e-5, 1.0, 0.2
+    empty = (rgb * 0, alpha * 0, depth * 0)
+    for frame in ((rgb, alpha, depth), bordered, empty):
+        ref_rgba, ref_z = to_layer_reference(*frame)
+        for dtype in (np.float32, np.float16):
+            for planar in (False, True):
+                rgba, z = to_layer(*frame, dtype=dtype, planar=planar)
+                assert rgba.shape == (h, w, 4) and rgba.dtype == dtype and z.dtype == np.float32
+                assert not rgba.flags.writeable and not z.flags.writeable
+                # The same float32 operations as the twin: its values bit for bit, rounded once to half
+                # for float16 (half's own rounding of the twin, so within half's rounding step).
+                np.testing.assert_array_equal(rgba, ref_rgba.astype(dtype))
+                np.testing.assert_array_equal(z, ref_z)
+                if planar:  # channel planes in memory: the EXR layer's layout, taken without a copy
+                    assert rgba.transpose(2, 0, 1).flags.c_contiguous
+                    if dtype == np.float16:
+                        assert np.shares_memory(exr.layer_channels(rgba, z)["HDA.Combined.R"], rgba)
+                else:
+                    assert rgba.flags.c_contiguous  # what the viewport uploads as a texture
+    assert not to_layer(*empty)[0].any() and (to_layer(*empty)[1] == DEPTH_FAR).all()
+    z = to_layer(rgb, alpha, depth)[1]
+    assert z[12, 25] == DEPTH_FAR and z[30, 40] == depth[30, 40]
+    assert to_layer(*bordered)[1][0, 7] == DEPTH_FAR and to_layer(*bordered)[0][0, 7, 3] == np.float32(3e-5)
 
 
 def test_threaded_exr_compression_writes_the_same_bytes():
