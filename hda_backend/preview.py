@@ -23,18 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .avatar.realtime import PSNR_FLOOR_DB
 from .layer import to_layer
 from .render.frames import render_gaussians
 
 # During playback the UNet runs on one pose-stage request in this many; the others re-skin its
-# output. Counting requests (not time) keeps the worker deterministic; 4 bounds how stale the
-# pose-dependent detail gets (3 evaluated frames) while the UNet's cost is shared by 4 frames.
-REFRESH_FRAMES = 4
-# A render re-skinned from the UNet output of up to REFRESH_FRAMES - 1 frames earlier in a 24 fps walk
-# stays within this of the full path on the bundled references (measured worst 32.0 dB at 3 frames,
-# 35.2 at 2, 41.5 at 1; tests/test_realtime.py). Below the 40 dB of the fast paths: it is a preview
-# while moving, and the full path returns when the pose and the view stop.
-PSNR_LOD_FLOOR_DB = 30.0
+# output. Counting requests (not time) keeps the worker deterministic. 2 keeps the pose-dependent
+# detail at most one evaluated frame stale, which renders within the fast paths' 40 dB of the full path
+# (measured worst 41.5 dB on the bundled references at 1 frame of a 24 fps walk, 35.2 at 2, 32.0 at 3;
+# tests/test_realtime.py), and halves the UNet's cost during playback (README, Speed: with 4, the
+# latency was lower but the images drawn while playing fell to 33 dB).
+REFRESH_FRAMES = 2
+# Images drawn while playing stay within this of the full path: the fast paths' own floor.
+PSNR_LOD_FLOOR_DB = PSNR_FLOOR_DB
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,11 @@ def _child(args) -> None:
         t.append(time.perf_counter())
         if reference:
             raw = gaussians.gather_texels(raw_map, avatar.binding)
+            transforms = uvmap.global_transform(avatar.body, pose_t, transl_t)[:, None] @ posed.transforms
+            g = gaussians.decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
         else:
             raw = raw_map.permute(0, 2, 3, 1).reshape(-1, raw_map.shape[1])[fast.texels].float()[None]
-        transforms = uvmap.global_transform(avatar.body, pose_t, transl_t)[:, None] @ posed.transforms
-        g = gaussians.decode(raw, avatar.binding, posed.rest_vertices, transforms, avatar.gaussian_config).index(0)
+            g = fast.skin(raw, pose_t, transl_t, posed)
         t.append(time.perf_counter())
         img, alpha = frames_mod.render_gaussians(g, torch.as_tensor(viewmat, dtype=torch.float32),
                                                  torch.as_tensor(K, dtype=torch.float32), w, h,
