@@ -35,24 +35,23 @@ _OFFSET, _LOG_SCALE, _QUAT, _OPACITY, _SH = (CHANNELS[k].start for k in ("offset
 
 
 @njit(inline="always")
-def _blend(ids, weights, transforms, i):
-    """The top three rows of row i's blended skinning transform, Σ_k w_k T[id_k] (blend_transforms)."""
-    r00 = r01 = r02 = r03 = r10 = r11 = r12 = r13 = r20 = r21 = r22 = r23 = _ZERO
+def _blend_row(ids, weights, transforms, i, row):
+    """Row ``row`` (0-2) of point i's blended skinning transform, Σ_k w_k T[id_k] (blend_transforms)."""
+    a = b = c = d = _ZERO
     for k in range(ids.shape[1]):
-        w, t = weights[i, k], transforms[ids[i, k]]
-        r00 += w * t[0, 0]
-        r01 += w * t[0, 1]
-        r02 += w * t[0, 2]
-        r03 += w * t[0, 3]
-        r10 += w * t[1, 0]
-        r11 += w * t[1, 1]
-        r12 += w * t[1, 2]
-        r13 += w * t[1, 3]
-        r20 += w * t[2, 0]
-        r21 += w * t[2, 1]
-        r22 += w * t[2, 2]
-        r23 += w * t[2, 3]
-    return r00, r01, r02, r03, r10, r11, r12, r13, r20, r21, r22, r23
+        w, t = weights[i, k], transforms[ids[i, k], row]
+        a += w * t[0]
+        b += w * t[1]
+        c += w * t[2]
+        d += w * t[3]
+    return a, b, c, d
+
+
+@njit(inline="always")
+def _blend(ids, weights, transforms, i):
+    """The top three rows of point i's blended skinning transform, flattened (12 values)."""
+    return (_blend_row(ids, weights, transforms, i, 0) + _blend_row(ids, weights, transforms, i, 1)
+            + _blend_row(ids, weights, transforms, i, 2))
 
 
 @njit(parallel=True, cache=True)
