@@ -282,8 +282,9 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
                             t4 = time.perf_counter()
                             lod_avatar.unet(maps)
                             walk_unet.append(1e3 * (time.perf_counter() - t4))
-                    worker_run(draw, label, [preview.PoseStage(), preview.raster_stage], walk_requests,
-                               walk_unet, walk_full)
+                    for name, stages in WORKERS.items():
+                        worker_run(draw, label if name == "two threads" else f"{label} ({name})",
+                                   [stage() for stage in stages], walk_requests, walk_unet, walk_full)
             off.free()
             self.end_result(self.begin_result(0, 0, 4, 4))
 
