@@ -1,12 +1,12 @@
 """Compile the rasterizer's numba kernels in the background when the add-on is enabled.
 
 The first render after installing used to stall for about half a minute while numba compiled the
-raster kernels inside Blender. Now, a moment after register() (a one-shot timer: register itself
+raster kernels inside Blender (and the per-frame path's projection, UV-map and decoding kernels). Now, a moment after register() (a one-shot timer: register itself
 starts nothing), a child process of Blender's own Python, with Blender's module path, runs
 hda_backend.render.warmup.compile_kernels, which compiles every kernel into numba's on-disk cache;
 Blender's first render then loads them from the cache. The child touches no bpy and imports torch
 outside Blender's process, so the interface stays responsive; the panel and the preferences show its
-progress (:func:`status_line`). A stamp in the extension's user folder (the kernels' source file, numba
+progress (:func:`status_line`). A stamp in the extension's user folder (the kernels' source files, numba
 and Python versions) skips the child on later starts once it has succeeded. Timers do not run in
 ``blender -b``: there the first render compiles (or loads what an earlier session cached).
 
@@ -26,21 +26,29 @@ STAMP_NAME = "kernels.json"
 POLL_S = 0.5
 
 
-def source_file(ext_root: str) -> str:
-    return os.path.join(ext_root, "hda_backend", "render", "_raster_numba.py")
+def source_files(ext_root: str) -> list[str]:
+    """The kernels' sources: every ``*_numba.py`` module of hda_backend (the modules the warm-up's
+    KERNELS name), sorted."""
+    found = []
+    for folder, _, files in os.walk(os.path.join(ext_root, "hda_backend")):
+        found += [os.path.join(folder, f) for f in files if f.endswith("_numba.py")]
+    return sorted(found)
 
 
 def stamp(ext_root: str, sys_path: list[str]) -> dict | None:
-    """What the compiled kernels depend on: the kernels' source (size, mtime), numba's and Python's
-    versions; None when numba is not installed on ``sys_path``."""
+    """What the compiled kernels depend on: the kernels' sources (path, size, mtime), numba's and
+    Python's versions; None when numba is not installed on ``sys_path``."""
     from importlib import metadata
 
     try:
         numba_version = next(metadata.distributions(name="numba", path=list(sys_path))).version
     except StopIteration:
         return None
-    st = os.stat(source_file(ext_root))
-    return {"source": [st.st_size, st.st_mtime_ns], "numba": numba_version, "python": sys.version.split()[0]}
+    sources = []
+    for path in source_files(ext_root):
+        st = os.stat(path)
+        sources.append([os.path.relpath(path, ext_root), st.st_size, st.st_mtime_ns])
+    return {"sources": sources, "numba": numba_version, "python": sys.version.split()[0]}
 
 
 def is_warm(stamp_path: str, current: dict | None) -> bool:

@@ -1,5 +1,6 @@
-"""The raster kernels' warm-up (hda_backend/render/warmup.py, blender_addon/kernels.py): after it, a
-fresh process renders and fits without compiling anything (every kernel comes from numba's cache).
+"""The numba kernels' warm-up (hda_backend/render/warmup.py, blender_addon/kernels.py): after it, a
+fresh process renders, fits and runs an avatar's per-frame fast path without compiling anything (every
+kernel comes from numba's cache).
 
 Each step runs in its own interpreter with an empty $NUMBA_CACHE_DIR, as after a fresh install.
 """
@@ -17,6 +18,7 @@ import pytest
 pytest.importorskip("numba")
 
 from blender_addon import kernels  # noqa: E402
+from hda_backend.render import warmup  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +40,15 @@ with torch.no_grad():
 means.requires_grad_(True)
 image, alpha, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 80, 60, sh_degree=3, backend="cpu")
 (image.sum() + alpha.sum()).backward()
+# Another avatar than the warm-up's (UV resolution, UNet, a pose): the kernels' types do not depend on them.
+from hda_backend.avatar.model import Avatar
+from hda_backend.avatar.realtime import RealtimeAvatar
+from hda_backend.avatar.unet import UNetConfig
+from hda_backend.body import load_body
+from hda_backend.config import load_config
+avatar = Avatar.from_init(load_body(), 64, UNetConfig(16, 2), load_config("tiny").gaussians, seed=3)
+with torch.inference_mode():
+    RealtimeAvatar(avatar, "float32")(0.2 * torch.randn(1, 55, 3, generator=g), torch.ones(3))
 print(json.dumps({"before": before, "stats": cache_stats()}))
 """
 
@@ -55,10 +66,13 @@ def test_after_the_warm_up_a_fresh_process_compiles_no_kernel(tmp_path):
     warm = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert warm.returncode == 0, warm.stderr[-3000:]
     progress = [text for text in map(kernels.describe, warm.stdout.splitlines()) if text]
-    assert progress == ["compiling kernels 1/2: forward kernels", "compiling kernels 2/2: backward kernels",
-                        "kernels ready"]
-    # The stamp that lets later starts skip the child names this source, numba and Python.
+    assert progress == ["compiling kernels 1/3: forward kernels", "compiling kernels 2/3: backward kernels",
+                        "compiling kernels 3/3: avatar kernels", "kernels ready"]
+    # The stamp that lets later starts skip the child names the kernels' sources, numba and Python.
     assert json.loads(stamp.read_text()) == kernels.stamp(str(REPO), sys.path)
+    named = {os.path.relpath(path, REPO).replace(os.sep, ".")[:-3] for path in kernels.source_files(str(REPO))}
+    assert named == set(warmup.KERNELS)  # every kernel module is warmed, and only those
+    assert not kernels.is_warm(str(stamp), dict(kernels.stamp(str(REPO), sys.path), sources=[]))
     assert kernels.is_warm(str(stamp), kernels.stamp(str(REPO), sys.path))
     assert not kernels.is_warm(str(stamp), dict(kernels.stamp(str(REPO), sys.path), numba="0.0"))
 
@@ -72,6 +86,6 @@ def test_after_the_warm_up_a_fresh_process_compiles_no_kernel(tmp_path):
 
 
 def test_describe_reads_only_the_progress_lines():
-    assert kernels.describe("HDA_KERNELS 0 2 forward kernels") == "compiling kernels 1/2: forward kernels"
-    assert kernels.describe("HDA_KERNELS 2 2 done") == "kernels ready"
+    assert kernels.describe("HDA_KERNELS 0 3 forward kernels") == "compiling kernels 1/3: forward kernels"
+    assert kernels.describe("HDA_KERNELS 3 3 done") == "kernels ready"
     assert kernels.describe("Traceback (most recent call last):") is None
