@@ -22,15 +22,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ..render._raster_numba import _run_parallel
+from ..render._projection_numba import _NORM_EPS, _TWO
+from ..render._raster_numba import _F32, _ONE, _ZERO, _f32, _run_parallel
 from ..body import BodyModel
 from ..rotations import matrix_to_quat
 from ..uvmap import UVLayout
 from .gaussians import CHANNELS, SH_COEFFS, GaussianConfig, Gaussians, TexelBinding
 
-_F32 = np.float32
-_ZERO, _ONE, _TWO = _F32(0.0), _F32(1.0), _F32(2.0)
-_NORM_EPS = _F32(1e-12)  # F.normalize's eps, as decode uses it
 _OFFSET, _LOG_SCALE, _QUAT, _OPACITY, _SH = (CHANNELS[k].start for k in ("offset", "log_scale", "quat", "opacity", "sh"))
 
 
@@ -172,10 +170,6 @@ def _decode(raw, rest, corners, bary, joint_ids, joint_weights, transforms, tbn,
         for c in range(sh.shape[1]):
             for ch in range(3):
                 sh[m, c, ch] = raw[m, _SH + 3 * c + ch] if c < n_sh else _ZERO
-
-
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
 
 
 class FrameKernels:

@@ -127,16 +127,18 @@ class RealtimeAvatar:
         device = next(avatar.unet.parameters()).device
         self.precision = resolve(precision, device)
         body, layout = avatar.body, avatar.layout
-        self.faces = body.faces.to(device)
-        self.incidence = vertex_face_matrix(body.faces, body.v_template.shape[0]).to(device)
-        self.corners = body.faces[layout.texel_faces()].to(device)  # [M,3] vertex ids
-        self.bary = layout.texel_bary().to(device)  # [M,3]
         self.texels = layout.texels.to(device)  # [M] flat texel ids
         self.device = device
         self.fused = self.precision == "bfloat16" and fused_conv_available(device)
         self.convs = FusedBf16Convs() if self.fused else None
-        # On the CPU, UV maps and decoding run as numba kernels; elsewhere (CUDA) as the PyTorch below.
+        # On the CPU, UV maps and decoding run as numba kernels; elsewhere (CUDA) as the PyTorch below,
+        # whose per-body arrays are made only then.
         self.kernels = frame_kernels(avatar) if device.type == "cpu" else None
+        if self.kernels is None:
+            self.faces = body.faces.to(device)
+            self.incidence = vertex_face_matrix(body.faces, body.v_template.shape[0]).to(device)
+            self.corners = body.faces[layout.texel_faces()].to(device)  # [M,3] vertex ids
+            self.bary = layout.texel_bary().to(device)  # [M,3]
 
     def pose_inputs(self, pose: torch.Tensor):
         """pose [1,55,3] -> (maps [1,6,R,R] in channels-last memory, the posed template), the values of

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: fainter fragments are skipped
 MAX_EXTEND = 3.33  # gsplat's fixed bound on the radius, in standard deviations
+FOV_MARGIN = 0.3  # the Jacobian is evaluated at the centre clamped to (1 + this) x the field of view
+DET_MIN = 1e-10  # the 2D covariance's determinant is clamped here before the conic divides by it
 
 
 def quat_scale_to_rs(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -82,10 +84,10 @@ def project_gaussians(
     tx, ty, tz = means_c.unbind(-1)  # [C,N]
     # The Jacobian is evaluated at the centre clamped to 1.3× the field of view, so that Gaussians far
     # off-screen do not blow up into huge splats that cover the image.
-    lim_x_pos = (width - cx) / fx + 0.3 * (0.5 * width / fx)
-    lim_x_neg = cx / fx + 0.3 * (0.5 * width / fx)
-    lim_y_pos = (height - cy) / fy + 0.3 * (0.5 * height / fy)
-    lim_y_neg = cy / fy + 0.3 * (0.5 * height / fy)
+    lim_x_pos = (width - cx) / fx + FOV_MARGIN * (0.5 * width / fx)
+    lim_x_neg = cx / fx + FOV_MARGIN * (0.5 * width / fx)
+    lim_y_pos = (height - cy) / fy + FOV_MARGIN * (0.5 * height / fy)
+    lim_y_neg = cy / fy + FOV_MARGIN * (0.5 * height / fy)
     txc = tz * torch.maximum(torch.minimum(tx / tz, lim_x_pos), -lim_x_neg)
     tyc = tz * torch.maximum(torch.minimum(ty / tz, lim_y_pos), -lim_y_neg)
     # J = [[fx/z, 0, -fx·x/z²], [0, fy/z, -fy·y/z²]]; its zeros are skipped in J·Rv·M.
@@ -94,7 +96,7 @@ def project_gaussians(
     a = (JM0 * JM0).sum(-1) + eps2d  # blurred 2D covariance [[a, b], [b, c]]
     b = (JM0 * JM1).sum(-1)
     c = (JM1 * JM1).sum(-1) + eps2d
-    det = (a * c - b * b).clamp(min=1e-10)
+    det = (a * c - b * b).clamp(min=DET_MIN)
     conics = torch.stack([c / det, -b / det, a / det], dim=-1)
     means2d = torch.stack([fx * tx / tz + cx, fy * ty / tz + cy], dim=-1)
     depths = tz

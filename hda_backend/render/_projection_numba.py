@@ -17,17 +17,16 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._projection import ALPHA_THRESHOLD, MAX_EXTEND, SH_BASIS
-from ._raster_numba import _run_parallel
+from ._projection import DET_MIN, FOV_MARGIN, MAX_EXTEND, SH_BASIS
+from ._raster_numba import _ALPHA_THRESHOLD, _F32, _HALF, _ONE, _ZERO, _f32, _run_parallel
 
-_F32 = np.float32
-_ZERO, _HALF, _ONE, _TWO = _F32(0.0), _F32(0.5), _F32(1.0), _F32(2.0)
-_CLIP = _F32(0.3)                      # the Jacobian's clamp: 1.3x the field of view (_projection)
-_DET_MIN = _F32(1e-10)
+# The twin's constants as float32 (a Python float would promote the kernel's arithmetic to float64).
+_TWO = _F32(2.0)
+_CLIP = _F32(FOV_MARGIN)
+_DET_MIN = _F32(DET_MIN)
 _NORM_EPS = _F32(1e-12)                # F.normalize's eps
-_ALPHA_MIN = _F32(ALPHA_THRESHOLD)
 _EXTEND = _F32(MAX_EXTEND)
-_B = tuple(_F32(c) for c in SH_BASIS)  # the SH basis constants, as float32
+_B = tuple(_F32(c) for c in SH_BASIS)  # the SH basis constants
 
 
 @njit(inline="always")
@@ -95,9 +94,9 @@ def _project(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d
         means2d[f, 0], means2d[f, 1] = mx, my
         depths[f] = tz
         op = opacities[n]
-        extend = min(_EXTEND, np.sqrt(_TWO * np.log(max(op, _ALPHA_MIN) / _ALPHA_MIN)))
+        extend = min(_EXTEND, np.sqrt(_TWO * np.log(max(op, _ALPHA_THRESHOLD) / _ALPHA_THRESHOLD)))
         rx, ry = np.ceil(extend * np.sqrt(a)), np.ceil(extend * np.sqrt(cc))
-        valid = (det_raw > _ZERO and tz > near and tz < far and op >= _ALPHA_MIN
+        valid = (det_raw > _ZERO and tz > near and tz < far and op >= _ALPHA_THRESHOLD
                  and mx + rx > _ZERO and mx - rx < w_f and my + ry > _ZERO and my - ry < h_f)
         radii[f, 0] = np.int32(rx) if valid else 0
         radii[f, 1] = np.int32(ry) if valid else 0
@@ -135,10 +134,6 @@ def _project(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d
                 r, g, bl = _add_band(coeffs, n, 14, tb3 * fc1, r, g, bl)
                 r, g, bl = _add_band(coeffs, n, 15, _B[9] * fc2, r, g, bl)
         rgb[f, 0], rgb[f, 1], rgb[f, 2] = max(r + _HALF, _ZERO), max(g + _HALF, _ZERO), max(bl + _HALF, _ZERO)
-
-
-def _f32(x: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().to(torch.float32).numpy())
 
 
 def project_and_shade(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,

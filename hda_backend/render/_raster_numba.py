@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ._projection import ALPHA_THRESHOLD
+
 TILE_SIZE = 16
 _TILES_PER_CHUNK = 4
 # The kernels compute in float32 (like gsplat): twice the SIMD lanes of float64. Every constant is a
@@ -32,7 +34,7 @@ _F32 = np.float32
 _ZERO = _F32(0.0)
 _HALF = _F32(0.5)
 _ONE = _F32(1.0)
-_ALPHA_THRESHOLD = _F32(1.0 / 255.0)
+_ALPHA_THRESHOLD = _F32(ALPHA_THRESHOLD)
 _T_STOP = _F32(1e-4)
 _ALPHA_MAX = _F32(0.999)
 # exp(-σ) below 1/255 is rejected, so σ can be clamped a little past gsplat's 3.33-standard-deviation bound.
