@@ -8,6 +8,7 @@ Stages, in order (WORK defaults to ``build/default``, OUT to ``assets/default``)
 - ``bundle``     int8 / float16 where renders keep (:mod:`.diffusion.compact`) + reference avatars -> OUT/
 - ``eval``       ``hda eval-gen`` of the bundled model against the held-out fits (the training fits
                  for memorisation), with the copy, PCA and blend baselines
+- ``fit-eval``   ``hda eval-fit``'s splits on every fit (stage 1's quality, for the card) -> WORK/fit_eval/
 - ``card``       OUT/MODEL_CARD.md and OUT/build.json
 
 The studio's subjects 0 .. subjects-1 are the training set; the next ``held_out`` are fitted like them but
@@ -15,7 +16,7 @@ never reach the diffusion stage: they are eval-gen's reference set, as in the pa
 with ``held_out`` 0 (every record made before the split) evaluates against the training fits.
 
 Every stage resumes where it stopped (synth skips finished images, fit-all finished subjects and resumes
-checkpoints, train-diffusion resumes its checkpoint), so an interrupted build is finished by running the
+checkpoints, train-diffusion resumes its checkpoint, fit-eval keeps the subjects it scored), so an interrupted build is finished by running the
 same command again. WORK/build.json records each stage's status, its wall time summed over attempts and
 what it found already done; a stage is skipped when it is done, its outputs exist and nothing before it
 was redone since. ``--redo STAGE`` redoes a stage (and so every later one).
@@ -43,7 +44,9 @@ from .config import Config, load_config
 from .devices import resolve_device
 from .errors import HDAError
 
-STAGES = ("studio", "fits", "diffusion", "bundle", "eval", "card")
+# fit-eval scores stage 1 and depends on the fits only; it comes after eval so that adding or redoing it
+# never redoes the diffusion model.
+STAGES = ("studio", "fits", "diffusion", "bundle", "eval", "fit-eval", "card")
 STATE_FORMAT = "hda-build-default"
 MODEL_FILE = "diffusion.safetensors"
 CARD_FILE = "MODEL_CARD.md"
@@ -51,6 +54,12 @@ LICENCE = "CC0-1.0"
 # eval-gen's contact sheets shipped beside the model: every row's first samples beside their nearest
 # reference (held-out) subject, and all 32 samples of the model beside their nearest training subject.
 SHEETS = ("samples_vs_nearest.png", "default_vs_nearest_training.png")
+# fit-eval: frames per split and motion for every fit (`hda eval-fit --frames`). 2 frames × 8 cameras of the
+# held-out motion is 16 views a subject, 12,000 over the 128 subjects' three splits: enough for the card's
+# mean and spread, and about a second a subject on these 2 cores rather than eval-fit's 8 frames' four.
+FIT_EVAL_FRAMES = 2
+FIT_EVAL_SCORES = "scores.json"  # subject -> eval-fit's result, rewritten after every subject
+FIT_EVAL_SHEET = "worst_novel_pose.png"  # eval-fit's side by side for the subject lowest on the held-out motion
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,10 @@ class BuildPaths:
         return self.work / "eval"
 
     @property
+    def fit_eval(self) -> Path:
+        return self.work / "fit_eval"
+
+    @property
     def model(self) -> Path:
         return self.out / MODEL_FILE
 
@@ -199,6 +212,7 @@ def outputs_exist(stage: str, paths: BuildPaths, build: DefaultBuildConfig) -> b
         "diffusion": lambda: paths.diffusion.is_file(),
         "bundle": lambda: paths.model.is_file() and paths.references.is_dir(),
         "eval": lambda: (paths.eval / "eval_gen.json").is_file(),
+        "fit-eval": lambda: set(names) <= set(_read_fit_scores(paths)) and (paths.fit_eval / FIT_EVAL_SHEET).is_file(),
         "card": lambda: paths.card.is_file(),
     }[stage]()
 
@@ -304,6 +318,61 @@ def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
             "rows": [{k: r[k] for k in keys if k in r} for r in report["rows"]]}
 
 
+def _read_fit_scores(paths: BuildPaths) -> dict:
+    """fit-eval's scores so far (subject -> eval-fit result); {} when none or unreadable (then rescored)."""
+    try:
+        scores = json.loads((paths.fit_eval / FIT_EVAL_SCORES).read_text())
+    except (OSError, ValueError):
+        return {}
+    return scores if isinstance(scores, dict) else {}
+
+
+def _stage_fit_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
+                    device: str = "auto") -> dict:
+    """Every fit scored like `hda eval-fit --frames FIT_EVAL_FRAMES`: box PSNR/SSIM (the stage-1 protocol) and
+    full-frame PSNR per split; resumable per subject. Returns the per-split summary the card shows."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from .avatar.io import load_avatar
+    from .body import load_body
+    from .dataset import load_subject
+    from .fit.evaluate import SPLITS, comparison_sheet, evaluate
+    from .images import save_png
+
+    body = load_body(config.body.path, config.body.num_betas)
+    target = resolve_device(device)
+    backend = config.render.backend
+    names = build.names() + build.names(held_out=True)
+    paths.fit_eval.mkdir(parents=True, exist_ok=True)
+    scores = {n: r for n, r in _read_fit_scores(paths).items() if n in names}
+    found = len(scores)
+    for name in tqdm(names, desc="fit-eval", unit="subject"):
+        if name not in scores:
+            avatar = load_avatar(paths.fits / f"{name}{SUFFIX}", body).to(target)
+            scores[name] = evaluate(load_subject(paths.studio / name).to(target), avatar, FIT_EVAL_FRAMES, backend)
+            _write_json(paths.fit_eval / FIT_EVAL_SCORES, scores)
+    summary = {}
+    for split in SPLITS:
+        rows = {n: r[split] for n, r in scores.items() if split in r}
+        if not rows:
+            continue
+        box = np.array([r["psnr"] for r in rows.values()])
+        worst = min(rows, key=lambda n: rows[n]["psnr"])
+        summary[split] = {"subjects": len(rows), "views": int(sum(r["views"] for r in rows.values())),
+                          "psnr_mean": float(box.mean()), "psnr_median": float(np.median(box)),
+                          "psnr_p10": float(np.percentile(box, 10)), "psnr_worst": float(box.min()),
+                          "worst": worst, "ssim_mean": float(np.mean([r["ssim"] for r in rows.values()])),
+                          "psnr_full_mean": float(np.mean([r["psnr_full"] for r in rows.values()]))}
+    split = "novel pose" if "novel pose" in summary else next(iter(summary))
+    worst = summary[split]["worst"]
+    subject = load_subject(paths.studio / worst).to(target)
+    avatar = load_avatar(paths.fits / f"{worst}{SUFFIX}", body).to(target)
+    save_png(paths.fit_eval / FIT_EVAL_SHEET, np.asarray(comparison_sheet(subject, [(worst, avatar)], backend=backend)))
+    return {"made": len(names) - found, "found": found, "unit": "subjects", "frames": FIT_EVAL_FRAMES,
+            "splits": summary}
+
+
 def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, state: dict,
                 device: str = "auto") -> dict:
     state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -316,7 +385,7 @@ def _stage_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
 
 STAGE_FUNCTIONS: dict[str, Callable] = {"studio": _stage_studio, "fits": _stage_fits,
                                         "diffusion": _stage_diffusion, "bundle": _stage_bundle,
-                                        "eval": _stage_eval, "card": _stage_card}
+                                        "eval": _stage_eval, "fit-eval": _stage_fit_eval, "card": _stage_card}
 
 
 def build_default(out, work, build: DefaultBuildConfig = DefaultBuildConfig(), redo: str | None = None,
@@ -463,6 +532,26 @@ def _eval_lines(build: DefaultBuildConfig, report: dict) -> list[str]:
     return lines
 
 
+def _fit_eval_lines(state: dict) -> list[str]:
+    """The fits' quality section (fit-eval's summary); none for a record made before the stage existed."""
+    entry = state["stages"].get("fit-eval")
+    if not entry or entry.get("status") != "done":
+        return []
+    lines = ["## Avatars: how well the fits reproduce their subjects (stage 1)", "",
+             f"`hda eval-fit` on every fit, {entry['frames']} frames per split and motion: PSNR and SSIM inside the "
+             "ground-truth mask's bounding box (+8 px), the person rather than the white background; full-frame "
+             "PSNR beside it, which flatters a blurry avatar by several dB. *novel pose* is the held-out motion, "
+             "seen by no fit.", "",
+             "| split | subjects | views | box PSNR mean (dB) | median | 10th percentile | worst (subject) | "
+             "box SSIM mean | full-frame PSNR mean (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for split, r in entry["splits"].items():
+        lines.append(f"| {split} | {r['subjects']} | {r['views']} | {r['psnr_mean']:.2f} | {r['psnr_median']:.2f} | "
+                     f"{r['psnr_p10']:.2f} | {r['psnr_worst']:.2f} ({r['worst']}) | {r['ssim_mean']:.3f} | "
+                     f"{r['psnr_full_mean']:.2f} |")
+    return lines + ["", f"The side by side of the subject lowest on the held-out motion (ground truth, render, "
+                        f"error ×4) is `fit_eval/{FIT_EVAL_SHEET}` in the build's work folder.", ""]
+
+
 def _trial_text(trial: dict) -> str:
     """One compact trial of the bundle record: '<group> in <precision>: worst X dB (needs Y)'. Records
     made before int8 existed have no 'precisions' and tried float16 only."""
@@ -525,6 +614,7 @@ def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, sta
         "",
         *_config_lines(build, config, state),
         "",
+        *_fit_eval_lines(state),
         "## Files",
         "",
         *_files_table(paths),

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projections", choices=PROJECTIONS, default=None,
                    help="the denoiser's per-layer projections (default learned; principal: each layer's fixed "
                         "principal directions, README Stage 2)")
-    p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, card)")
+    p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, fit-eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
     return parser

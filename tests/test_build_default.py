@@ -259,3 +259,53 @@ def test_a_record_from_before_int8_keeps_its_float16_wording():
     assert line.startswith("Half precision where it changes nothing measurable")
     assert f"{model['config']['min_psnr_db']:g} dB PSNR" in line
     assert all(f"{'+'.join(t['groups'])} in float16: worst {t['worst_psnr_db']:.1f} dB" in line for t in model["trials"])
+
+
+def test_fit_eval_scores_every_fit_as_eval_fit_does_and_the_card_shows_it(built):
+    from hda_backend.dataset import load_subject
+    from hda_backend.fit.evaluate import evaluate
+
+    work, state = built["work"], built["state"]
+    entry = state["stages"]["fit-eval"]
+    scores = json.loads((work / "fit_eval" / bd.FIT_EVAL_SCORES).read_text())
+    assert sorted(scores) == ["subject_000", "subject_001", "subject_002", "subject_003"]
+    body = load_body()
+    # A subject's record is eval-fit's result for its fit (recomputed here), and the summary is over the records.
+    again = evaluate(load_subject(work / "studio" / "subject_003"), load_avatar(work / "fits" / f"subject_003{SUFFIX}", body),
+                     bd.FIT_EVAL_FRAMES)
+    assert set(scores["subject_003"]) == set(again)
+    for split, values in again.items():
+        assert scores["subject_003"][split] == pytest.approx(values, rel=1e-5)
+    for split, summary in entry["splits"].items():
+        box = [scores[n][split]["psnr"] for n in sorted(scores)]
+        assert summary["subjects"] == 4 and summary["psnr_mean"] == pytest.approx(sum(box) / 4)
+        assert summary["psnr_worst"] == min(box) and scores[summary["worst"]][split]["psnr"] == min(box)
+        assert summary["views"] == sum(scores[n][split]["views"] for n in scores)
+    assert set(entry["splits"]) == {"train", "novel view", "novel pose"}
+    assert (work / "fit_eval" / bd.FIT_EVAL_SHEET).is_file()
+    card = (built["out"] / "MODEL_CARD.md").read_text()
+    r = entry["splits"]["novel pose"]
+    assert f"| novel pose | 4 | {r['views']} | {r['psnr_mean']:.2f} | " in card
+    assert f"{r['psnr_worst']:.2f} ({r['worst']})" in card
+
+
+def test_fit_eval_resumes_per_subject(built, tmp_path):
+    """An interrupted fit-eval keeps the subjects it scored; a damaged record is scored again."""
+    work = built["work"]
+    paths = bd.BuildPaths(work, built["out"])
+    scores_file = work / "fit_eval" / bd.FIT_EVAL_SCORES
+    saved = scores_file.read_text()
+    try:
+        scores = json.loads(saved)
+        marked = json.loads(json.dumps(scores["subject_000"]))
+        marked["train"]["psnr"] = -1.0  # a value no render gives: kept only if the subject is not rescored
+        partial = {"subject_000": marked, "subject_001": scores["subject_001"]}
+        scores_file.write_text(json.dumps(partial))
+        result = bd._stage_fit_eval(paths, TINY, TINY.model_config(), {}, "cpu")
+        assert (result["made"], result["found"]) == (2, 2)
+        assert json.loads(scores_file.read_text())["subject_000"]["train"]["psnr"] == -1.0
+        assert result["splits"]["train"]["psnr_worst"] == -1.0
+        scores_file.write_text("{not json")
+        assert bd._stage_fit_eval(paths, TINY, TINY.model_config(), {}, "cpu")["made"] == 4
+    finally:
+        scores_file.write_text(saved)
