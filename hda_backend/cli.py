@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projections", choices=PROJECTIONS, default=None,
                    help="the denoiser's per-layer projections (default learned; principal: each layer's fixed "
                         "principal directions, README Stage 2)")
+    p.add_argument("--workers", type=int_in("--workers", 1, 1024), default=None,
+                   help="fit-all processes for the fits stage, under torchrun (default: one per CUDA device, "
+                        "else one single-threaded process per CPU core as memory allows; 1: in this process)")
     p.add_argument("--until", help="stop after this stage (studio, fits, diffusion, bundle, eval, fit-eval, card)")
     p.add_argument("--redo", help="redo this stage and every later one")
     add_device_arg(p)
@@ -325,7 +328,7 @@ def cmd_eval_gen(args) -> None:
 
 
 def cmd_build_default(args) -> None:
-    from .build_default import DefaultBuildConfig, build_default
+    from .build_default import Compute, DefaultBuildConfig, build_default
     from .config import DiffusionConfig
 
     start = time.perf_counter()
@@ -342,7 +345,8 @@ def cmd_build_default(args) -> None:
     if diffusion != recipe["diffusion"]:
         given["overrides"] = {**recipe, "diffusion": diffusion}
     build = DefaultBuildConfig(**{k: v for k, v in given.items() if v is not None})
-    build_default(args.out, args.work, build, redo=args.redo, until=args.until, device=args.device)
+    build_default(args.out, args.work, build, redo=args.redo, until=args.until,
+                  compute=Compute(args.device, args.workers or 0))
     print(f"build-default: finished in {time.perf_counter() - start:.0f} s; {Path(args.out) / 'MODEL_CARD.md'}")
 
 

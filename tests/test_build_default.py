@@ -131,6 +131,7 @@ def test_settings_and_record_mismatches_are_one_line_errors(built, tmp_path):
     (["build-default", "--subjects", "1"], "--subjects 1: expected 2..100000"),
     (["build-default", "--subjects", "lots"], "--subjects 'lots': expected a whole number"),
     (["build-default", "--held-out", "1", "--work", "/nonexistent/w"], "--held-out 1: expected 0"),
+    (["build-default", "--workers", "0"], "--workers 0: expected 1..1024"),
 ])
 def test_cli_bad_arguments(argv, message, capsys):
     assert main(argv) == 2
@@ -225,11 +226,13 @@ def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
     24-subject build's settings."""
     record = json.loads((Path(bd.__file__).parents[1] / "assets" / "default" / "build.json").read_text())
     seen = {}
-    monkeypatch.setattr(bd, "build_default", lambda out, work, build, **kw: seen.update(build=build))
+    monkeypatch.setattr(bd, "build_default", lambda out, work, build, **kw: seen.update(build=build, **kw))
     assert main(["build-default", "--subjects", "24", "--held-out", "0", "--init", "first", "--seed-sets", "1",
                  "--width", "24", "--projections", "learned"]) == 0
     assert seen["build"] == bd.DefaultBuildConfig.from_record(record["config"])
     assert main(["build-default"]) == 0 and seen["build"] == bd.DefaultBuildConfig()
+    assert seen["compute"] == bd.Compute("auto", 0)  # auto_workers when the fits stage runs
+    assert main(["build-default", "--workers", "3", "--device", "cpu"]) == 0 and seen["compute"] == bd.Compute("cpu", 3)
     assert main(["build-default", "--projections", "principal", "--width", "96"]) == 0
     assert seen["build"].overrides == {"diffusion": {"width": 96, "heads": 2, "ffn": 384, "epochs": 600,
                                                      "projections": "principal"}}
@@ -301,11 +304,52 @@ def test_fit_eval_resumes_per_subject(built, tmp_path):
         marked["train"]["psnr"] = -1.0  # a value no render gives: kept only if the subject is not rescored
         partial = {"subject_000": marked, "subject_001": scores["subject_001"]}
         scores_file.write_text(json.dumps(partial))
-        result = bd._stage_fit_eval(paths, TINY, TINY.model_config(), {}, "cpu")
+        result = bd._stage_fit_eval(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu"))
         assert (result["made"], result["found"]) == (2, 2)
         assert json.loads(scores_file.read_text())["subject_000"]["train"]["psnr"] == -1.0
         assert result["splits"]["train"]["psnr_worst"] == -1.0
         scores_file.write_text("{not json")
-        assert bd._stage_fit_eval(paths, TINY, TINY.model_config(), {}, "cpu")["made"] == 4
+        assert bd._stage_fit_eval(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu"))["made"] == 4
     finally:
         scores_file.write_text(saved)
+
+
+def test_auto_workers_one_process_per_core_as_memory_allows_or_per_gpu(monkeypatch):
+    gb = 1024 ** 3
+    cpu = torch.device("cpu")
+    assert bd.auto_workers(cpu, cpu_count=2, memory_bytes=24 * gb) == 2  # these CI machines
+    assert bd.auto_workers(cpu, cpu_count=16, memory_bytes=8 * gb) == 8 * gb // bd.FIT_WORKER_BYTES
+    assert bd.auto_workers(cpu, cpu_count=4, memory_bytes=gb) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert bd.auto_workers(torch.device("cuda", 0), cpu_count=64, memory_bytes=gb) == 3
+
+
+def test_fits_in_two_processes_match_the_in_process_fits(built, tmp_path):
+    """The fits stage under torchrun (2 single-threaded ranks, the build's --init mean) fits what the
+    in-process stage of the fixture fitted, resumes nothing it need not, and reports every subject."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "studio").symlink_to(built["work"] / "studio")
+    paths = bd.BuildPaths(work, tmp_path / "out")
+    result = bd._stage_fits(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu", 2))
+    assert (result["made"], result["found"], result["unit"]) == (4, 0, "subjects")
+    names = [f"subject_{i:03d}{SUFFIX}" for i in range(4)]
+    for name in names:
+        a, b = _tensors(built["work"] / "fits" / name), _tensors(work / "fits" / name)
+        assert a.keys() == b.keys()
+        for key in a:  # one thread per rank here, two in the fixture: float sums may round differently
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key)
+    again = bd._stage_fits(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu", 2))
+    assert (again["made"], again["found"]) == (0, 4)
+
+
+def test_failed_fit_processes_are_one_line(tmp_path):
+    paths = bd.BuildPaths(tmp_path / "work", tmp_path / "out")
+    (tmp_path / "work" / "studio").mkdir(parents=True)  # no subjects: fit-all refuses on every rank
+    with pytest.raises(HDAError, match=r"^fits: the 2 fit-all processes ended with exit status \d+ .*resume"):
+        bd._stage_fits(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu", 2))
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
