@@ -60,6 +60,12 @@ SHEETS = ("samples_vs_nearest.png", "default_vs_nearest_training.png")
 # held-out motion is 16 views a subject, 12,000 over the 128 subjects' three splits: enough for the card's
 # mean and spread, and about a second a subject on these 2 cores rather than eval-fit's 8 frames' four.
 FIT_EVAL_FRAMES = 2
+# What the default model is built to reach (the card's "Against its goals" table), against the held-out
+# subjects: samples as colourful and sharp as real people, k-NN precision/recall, coverage, 1-NNA near
+# chance on every seed set, no copies, fast sampling, and a bundle the extension can ship.
+GOALS = {"colourfulness_ratio": 0.85, "sharpness_ratio": 0.85, "precision": 0.70, "recall": 0.50,
+         "cov_psnr": 0.60, "one_nna_band": (0.40, 0.60), "seconds_per_identity": 2.0}
+BUNDLE_LIMIT = 64 * 2 ** 20  # bytes of OUT (model, references, sheets, card, record): the extension's download
 FIT_EVAL_SCORES = "scores.json"  # subject -> eval-fit's result, rewritten after every subject
 FIT_EVAL_SHEET = "worst_novel_pose.png"  # eval-fit's side by side for the subject lowest on the held-out motion
 
@@ -610,6 +616,56 @@ def _fit_eval_lines(state: dict) -> list[str]:
                         f"error ×4) is `fit_eval/{FIT_EVAL_SHEET}` in the build's work folder.", ""]
 
 
+def bundle_bytes(paths: BuildPaths) -> int:
+    """The files of the bundle folder OUT but the card and the record (written after it, ~20 kB)."""
+    skip = {paths.card, paths.out / "build.json"}
+    return sum(p.stat().st_size for p in paths.out.rglob("*") if p.is_file() and p not in skip)
+
+
+def goal_rows(report: dict, bundle: int) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) of the model row "default" against GOALS; [] without a held-out split."""
+    if report["train"]["same_as_reference"]:
+        return []
+    rows = {r["name"]: r for r in report["rows"]}
+    m, pca, blend = rows["default"], rows.get("pca"), rows.get("blend")
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+    low, high = GOALS["one_nna_band"]
+    nna = [s["one_nna_psnr"] for s in m.get("seed_sets") or [m]]
+    out = [(f"colourfulness ratio ≥ {GOALS['colourfulness_ratio']}", f"{m['colourfulness_ratio']:.2f}",
+            m["colourfulness_ratio"] >= GOALS["colourfulness_ratio"]),
+           (f"sharpness ratio ≥ {GOALS['sharpness_ratio']}", f"{m['sharpness_ratio']:.2f}",
+            m["sharpness_ratio"] >= GOALS["sharpness_ratio"]),
+           (f"precision ≥ {pct(GOALS['precision'])}", pct(m["precision"]), m["precision"] >= GOALS["precision"]),
+           (f"recall ≥ {pct(GOALS['recall'])}", pct(m["recall"]), m["recall"] >= GOALS["recall"])]
+    if pca and blend:
+        out += [("colour FD below the PCA and blend baselines'",
+                 f"{m['colour_fd']:.0f} (PCA {pca['colour_fd']:.0f}, blend {blend['colour_fd']:.0f})",
+                 m["colour_fd"] < min(pca["colour_fd"], blend["colour_fd"])),
+                ("precision above the PCA and blend baselines'",
+                 f"{pct(m['precision'])} (PCA {pct(pca['precision'])}, blend {pct(blend['precision'])})",
+                 m["precision"] > max(pca["precision"], blend["precision"]))]
+    out += [(f"COV ≥ {pct(GOALS['cov_psnr'])}", pct(m["cov_psnr"]), m["cov_psnr"] >= GOALS["cov_psnr"]),
+            (f"1-NNA within {pct(low)}–{pct(high)} on each of {len(nna)} seed sets", ", ".join(pct(v) for v in nna),
+             all(low <= v <= high for v in nna)),
+            ("no copies (no sample nearer a training subject than the closest training pair)",
+             f"nearest {m['nearest_train_rms']:.4f} vs pair {m['closest_train_pair_rms']:.4f} RMS", bool(m["no_copies"])),
+            (f"≤ {GOALS['seconds_per_identity']:g} s to sample one identity", f"{m['seconds_per_identity']:.2f} s",
+             m["seconds_per_identity"] <= GOALS["seconds_per_identity"]),
+            (f"model, references and sheets ≤ {BUNDLE_LIMIT / 2 ** 20:.0f} MiB", f"{bundle / 2 ** 20:.1f} MiB",
+             bundle <= BUNDLE_LIMIT)]
+    return out
+
+
+def _goal_lines(paths: BuildPaths, report: dict) -> list[str]:
+    rows = goal_rows(report, bundle_bytes(paths))
+    if not rows:
+        return []
+    met = sum(ok for *_, ok in rows)
+    return ["## Against its goals", "", f"The default model against the held-out subjects: {met} of {len(rows)} met.",
+            "", "| goal | measured | met |", "|---|---|---|",
+            *[f"| {goal} | {value} | {'yes' if ok else '**no**'} |" for goal, value, ok in rows], ""]
+
+
 def _trial_text(trial: dict) -> str:
     """One compact trial of the bundle record: '<group> in <precision>: worst X dB (needs Y)'. Records
     made before int8 existed have no 'precisions' and tried float16 only."""
@@ -685,6 +741,7 @@ def model_card(paths: BuildPaths, build: DefaultBuildConfig, config: Config, sta
         "",
         *([f"Note: {n}" for n in report.get("notes", []) if n]),
         "",
+        *_goal_lines(paths, report),
         "## Build time",
         "",
         *_time_lines(state),

@@ -353,3 +353,40 @@ def test_failed_fit_processes_are_one_line(tmp_path):
 def _tensors(path):
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _report(**model):
+    row = {"name": "default", "colourfulness_ratio": 0.9, "sharpness_ratio": 0.84, "precision": 1.0, "recall": 0.5,
+           "colour_fd": 100.0, "cov_psnr": 0.6, "one_nna_psnr": 0.5, "nearest_train_rms": 0.02,
+           "closest_train_pair_rms": 0.01, "no_copies": True, "seconds_per_identity": 0.3,
+           "seed_sets": [{"one_nna_psnr": v} for v in (0.5, 0.61, 0.4)]}
+    row.update(model)
+    return {"train": {"same_as_reference": False},
+            "rows": [row, {"name": "pca", "colour_fd": 120.0, "precision": 1.0},
+                     {"name": "blend", "colour_fd": 90.0, "precision": 0.8}]}
+
+
+def test_goal_rows_compare_each_measure_with_its_goal():
+    rows = {goal.split(" ")[0] + (" base" if "baselines" in goal else ""): (value, ok)
+            for goal, value, ok in bd.goal_rows(_report(), 64 * 2 ** 20)}
+    assert rows["colourfulness"] == ("0.90", True) and rows["sharpness"] == ("0.84", False)  # 0.84 < 0.85
+    assert rows["precision"] == ("100.0 %", True) and rows["recall"] == ("50.0 %", True)  # at the goal counts
+    assert rows["colour base"] == ("100 (PCA 120, blend 90)", False)  # the blend's is lower
+    assert rows["precision base"][1] is False  # a tie with PCA's 100 % is not better
+    assert rows["COV"] == ("60.0 %", True)
+    assert rows["1-NNA"] == ("50.0 %, 61.0 %, 40.0 %", False)  # 61 % is outside 40-60 %
+    assert rows["no"][1] is True and rows["≤"] == ("0.30 s", True)
+    assert rows["model,"] == ("64.0 MiB", True)
+    assert bd.goal_rows(_report(), 64 * 2 ** 20 + 1)[-1][2] is False
+    better = {g: ok for g, _, ok in bd.goal_rows(_report(colour_fd=80.0, precision=1.0, seed_sets=None), 1)}
+    assert better["colour FD below the PCA and blend baselines'"] and better["1-NNA within 40.0 %–60.0 % on each of 1 seed sets"]
+    assert bd.goal_rows({"train": {"same_as_reference": True}, "rows": []}, 1) == []
+
+
+def test_the_card_says_which_goals_the_model_meets(built):
+    report = json.loads((built["work"] / "eval" / "eval_gen.json").read_text())
+    rows = bd.goal_rows(report, bd.bundle_bytes(bd.BuildPaths(built["work"], built["out"])))
+    card = (built["out"] / "MODEL_CARD.md").read_text()
+    assert f"{sum(ok for *_, ok in rows)} of {len(rows)} met" in card
+    for goal, value, ok in rows:
+        assert f"| {goal} | {value} | {'yes' if ok else '**no**'} |" in card

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from hda_backend.avatar.io import SUFFIX, load_avatar
 from hda_backend.body import load_body
 from hda_backend.diffusion.compact import GROUPS
+from hda_backend.build_default import BUNDLE_LIMIT
 from hda_backend.diffusion.int8 import SCALE_SUFFIX
 from hda_backend.diffusion.gallery import GalleryConfig, gallery_views, mse_matrix, psnr_distance, render_gallery
 from hda_backend.diffusion.plausibility import body_silhouettes, check_plausible
@@ -21,7 +22,6 @@ from hda_backend.diffusion.weights import load_weight_set, write_avatar
 DEFAULT = Path(__file__).resolve().parent.parent / "assets" / "default"
 MODEL = DEFAULT / "diffusion.safetensors"
 SEEDS = list(range(32))
-BUNDLE_LIMIT = 64 * 2 ** 20
 # Two different people (two fits, or a sample and a fit) render about 20-27 dB apart on this gallery;
 # a copy of the same network would be above 60 dB. 35 dB separates the two with a wide margin.
 SAME_PERSON_DB = 35.0
