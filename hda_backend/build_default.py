@@ -56,16 +56,17 @@ LICENCE = "CC0-1.0"
 # eval-gen's contact sheets shipped beside the model: every row's first samples beside their nearest
 # reference (held-out) subject, and all 32 samples of the model beside their nearest training subject.
 SHEETS = ("samples_vs_nearest.png", "default_vs_nearest_training.png")
-# fit-eval: frames per split and motion for every fit (`hda eval-fit --frames`). 2 frames × 8 cameras of the
-# held-out motion is 16 views a subject, 12,000 over the 128 subjects' three splits: enough for the card's
-# mean and spread, and about a second a subject on these 2 cores rather than eval-fit's 8 frames' four.
+# fit-eval: frames per split and motion for every fit (`hda eval-fit --frames`). At the build's studio
+# settings that is 24 views a subject (train 4, novel view 4, novel pose 2 frames x 8 cameras), 3,072 over
+# 128 subjects: enough for the card's mean and spread at a few seconds a subject on these 2 cores
+# (`hda eval-fit --frames 2` of one fit: 11.8 s wall with start-up and its sheet, at load 3).
 FIT_EVAL_FRAMES = 2
 # What the default model is built to reach (the card's "Against its goals" table), against the held-out
 # subjects: samples as colourful and sharp as real people, k-NN precision/recall, coverage, 1-NNA near
 # chance on every seed set, no copies, fast sampling, and a bundle the extension can ship.
 GOALS = {"colourfulness_ratio": 0.85, "sharpness_ratio": 0.85, "precision": 0.70, "recall": 0.50,
          "cov_psnr": 0.60, "one_nna_band": (0.40, 0.60), "seconds_per_identity": 2.0}
-BUNDLE_LIMIT = 64 * 2 ** 20  # bytes of OUT (model, references, sheets, card, record): the extension's download
+BUNDLE_LIMIT = 64 * 2 ** 20  # bytes of OUT's model, references and sheets: the extension's download
 FIT_EVAL_SCORES = "scores.json"  # subject -> eval-fit's result, rewritten after every subject
 FIT_EVAL_SHEET = "worst_novel_pose.png"  # eval-fit's side by side for the subject lowest on the held-out motion
 
