@@ -337,8 +337,13 @@ def test_fits_in_two_processes_match_the_in_process_fits(built, tmp_path):
     for name in names:
         a, b = _tensors(built["work"] / "fits" / name), _tensors(work / "fits" / name)
         assert a.keys() == b.keys()
-        for key in a:  # one thread per rank here, two in the fixture: float sums may round differently
-            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key)
+        # One thread per rank here, two in the fixture: float sums may round differently and 12 steps of
+        # Adam carry that on (a fresh clone's full suite saw single weights differ by more than 1e-4
+        # relative). Each tensor must stay within 1e-3 of its norm: in this build a fit and its init, or two
+        # subjects, differ by at least 0.04 in every tensor.
+        for key in a:
+            error = float((a[key].double() - b[key].double()).norm() / a[key].double().norm().clamp_min(1e-12))
+            assert error < 1e-3, (name, key, error)
     again = bd._stage_fits(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu", 2))
     assert (again["made"], again["found"]) == (0, 4)
 
