@@ -503,19 +503,25 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _files_table(paths: BuildPaths) -> list[str]:
-    lines = ["| file | contents | size |", "|---|---|---|"]
+def _bundle_files(paths: BuildPaths) -> list[tuple[Path, str]]:
+    """(file, what it is) of every bundle file but the card and the record, those that exist."""
     files = [(paths.model, "the diffusion model: EMA denoiser weights, normaliser statistics, metadata")]
     files += [(p, "a fitted reference avatar (tests, comparisons)") for p in sorted(paths.references.glob(f"*{SUFFIX}"))]
     files += [(paths.out / "samples_vs_nearest.png", "samples beside their nearest reference subject (held out where the build has a split)"),
               (paths.out / "default_vs_nearest_training.png", "every sample of the model beside its nearest training subject")]
-    total = 0
-    for path, what in files:
-        if path.is_file():
-            size = path.stat().st_size
-            total += size
-            lines.append(f"| `{path.relative_to(paths.out)}` | {what} | {_mb(size)} |")
-    lines.append(f"| all (with this card and build.json) | | {_mb(total)} |")
+    return [(path, what) for path, what in files if path.is_file()]
+
+
+def bundle_bytes(paths: BuildPaths) -> int:
+    """The bytes of the bundle's model, references and sheets (the card and the record add ~20 kB)."""
+    return sum(path.stat().st_size for path, _ in _bundle_files(paths))
+
+
+def _files_table(paths: BuildPaths) -> list[str]:
+    lines = ["| file | contents | size |", "|---|---|---|"]
+    lines += [f"| `{path.relative_to(paths.out)}` | {what} | {_mb(path.stat().st_size)} |"
+              for path, what in _bundle_files(paths)]
+    lines.append(f"| all (with this card and build.json) | | {_mb(bundle_bytes(paths))} |")
     return lines
 
 
@@ -617,10 +623,8 @@ def _fit_eval_lines(state: dict) -> list[str]:
                         f"error ×4) is `fit_eval/{FIT_EVAL_SHEET}` in the build's work folder.", ""]
 
 
-def bundle_bytes(paths: BuildPaths) -> int:
-    """The files of the bundle folder OUT but the card and the record (written after it, ~20 kB)."""
-    skip = {paths.card, paths.out / "build.json"}
-    return sum(p.stat().st_size for p in paths.out.rglob("*") if p.is_file() and p not in skip)
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f} %"
 
 
 def goal_rows(report: dict, bundle: int) -> list[tuple[str, str, bool]]:
@@ -629,24 +633,23 @@ def goal_rows(report: dict, bundle: int) -> list[tuple[str, str, bool]]:
         return []
     rows = {r["name"]: r for r in report["rows"]}
     m, pca, blend = rows["default"], rows.get("pca"), rows.get("blend")
-    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
     low, high = GOALS["one_nna_band"]
     nna = [s["one_nna_psnr"] for s in m.get("seed_sets") or [m]]
     out = [(f"colourfulness ratio ≥ {GOALS['colourfulness_ratio']}", f"{m['colourfulness_ratio']:.2f}",
             m["colourfulness_ratio"] >= GOALS["colourfulness_ratio"]),
            (f"sharpness ratio ≥ {GOALS['sharpness_ratio']}", f"{m['sharpness_ratio']:.2f}",
             m["sharpness_ratio"] >= GOALS["sharpness_ratio"]),
-           (f"precision ≥ {pct(GOALS['precision'])}", pct(m["precision"]), m["precision"] >= GOALS["precision"]),
-           (f"recall ≥ {pct(GOALS['recall'])}", pct(m["recall"]), m["recall"] >= GOALS["recall"])]
+           (f"precision ≥ {_pct(GOALS['precision'])}", _pct(m["precision"]), m["precision"] >= GOALS["precision"]),
+           (f"recall ≥ {_pct(GOALS['recall'])}", _pct(m["recall"]), m["recall"] >= GOALS["recall"])]
     if pca and blend:
         out += [("colour FD below the PCA and blend baselines'",
                  f"{m['colour_fd']:.0f} (PCA {pca['colour_fd']:.0f}, blend {blend['colour_fd']:.0f})",
                  m["colour_fd"] < min(pca["colour_fd"], blend["colour_fd"])),
                 ("precision above the PCA and blend baselines'",
-                 f"{pct(m['precision'])} (PCA {pct(pca['precision'])}, blend {pct(blend['precision'])})",
+                 f"{_pct(m['precision'])} (PCA {_pct(pca['precision'])}, blend {_pct(blend['precision'])})",
                  m["precision"] > max(pca["precision"], blend["precision"]))]
-    out += [(f"COV ≥ {pct(GOALS['cov_psnr'])}", pct(m["cov_psnr"]), m["cov_psnr"] >= GOALS["cov_psnr"]),
-            (f"1-NNA within {pct(low)}–{pct(high)} on each of {len(nna)} seed sets", ", ".join(pct(v) for v in nna),
+    out += [(f"COV ≥ {_pct(GOALS['cov_psnr'])}", _pct(m["cov_psnr"]), m["cov_psnr"] >= GOALS["cov_psnr"]),
+            (f"1-NNA within {_pct(low)}–{_pct(high)} on each of {len(nna)} seed sets", ", ".join(_pct(v) for v in nna),
              all(low <= v <= high for v in nna)),
             ("no copies (no sample nearer a training subject than the closest training pair)",
              f"nearest {m['nearest_train_rms']:.4f} vs pair {m['closest_train_pair_rms']:.4f} RMS", bool(m["no_copies"])),

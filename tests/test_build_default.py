@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from hda_backend import build_default as bd
 from hda_backend.avatar.io import SUFFIX, load_avatar
@@ -335,7 +336,7 @@ def test_fits_in_two_processes_match_the_in_process_fits(built, tmp_path):
     assert (result["made"], result["found"], result["unit"]) == (4, 0, "subjects")
     names = [f"subject_{i:03d}{SUFFIX}" for i in range(4)]
     for name in names:
-        a, b = _tensors(built["work"] / "fits" / name), _tensors(work / "fits" / name)
+        a, b = load_file(str(built["work"] / "fits" / name)), load_file(str(work / "fits" / name))
         assert a.keys() == b.keys()
         # One thread per rank here, two in the fixture: float sums may round differently and 12 steps of
         # Adam carry that on (a fresh clone's full suite saw single weights differ by more than 1e-4
@@ -354,10 +355,6 @@ def test_failed_fit_processes_are_one_line(tmp_path):
     with pytest.raises(HDAError, match=r"^fits: the 2 fit-all processes ended with exit status \d+ .*resume"):
         bd._stage_fits(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu", 2))
 
-
-def _tensors(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _report(**model):
