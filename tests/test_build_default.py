@@ -363,14 +363,17 @@ def _report(**model):
            "closest_train_pair_rms": 0.01, "no_copies": True, "seconds_per_identity": 0.3,
            "seed_sets": [{"one_nna_psnr": v} for v in (0.5, 0.61, 0.4)]}
     row.update(model)
+    copy = {"name": "copy", "colourfulness_ratio": 0.97, "sharpness_ratio": 0.96, "precision": 0.938, "recall": 0.906,
+            "colour_fd": 1689.1, "cov_psnr": 0.469, "one_nna_psnr": 0.547}
     return {"train": {"same_as_reference": False},
-            "rows": [row, {"name": "pca", "colour_fd": 120.0, "precision": 1.0},
-                     {"name": "blend", "colour_fd": 90.0, "precision": 0.8}]}
+            "rows": [row, copy, {"name": "pca", "colour_fd": 120.0, "precision": 1.0},
+                     {"name": "blend", "colour_fd": 90.0, "precision": 0.8}],
+            "held_out_vs_train": {"nearest_train_rms": 0.0374, "closest_train_pair_rms": 0.0462, "no_copies": False}}
 
 
 def test_goal_rows_compare_each_measure_with_its_goal():
-    rows = {goal.split(" ")[0] + (" base" if "baselines" in goal else ""): (value, ok)
-            for goal, value, ok in bd.goal_rows(_report(), 64 * 2 ** 20)}
+    rows = {r.goal.split(" ")[0] + (" base" if "baselines" in r.goal else ""): (r.measured, r.met)
+            for r in bd.goal_rows(_report(), 64 * 2 ** 20)}
     assert rows["colourfulness"] == ("0.90", True) and rows["sharpness"] == ("0.84", False)  # 0.84 < 0.85
     assert rows["precision"] == ("100.0 %", True) and rows["recall"] == ("50.0 %", True)  # at the goal counts
     assert rows["colour base"] == ("100 (PCA 120, blend 90)", False)  # the blend's is lower
@@ -379,16 +382,28 @@ def test_goal_rows_compare_each_measure_with_its_goal():
     assert rows["1-NNA"] == ("50.0 %, 61.0 %, 40.0 %", False)  # 61 % is outside 40-60 %
     assert rows["no"][1] is True and rows["≤"] == ("0.30 s", True)
     assert rows["model,"] == ("64.0 MiB", True)
-    assert bd.goal_rows(_report(), 64 * 2 ** 20 + 1)[-1][2] is False
-    better = {g: ok for g, _, ok in bd.goal_rows(_report(colour_fd=80.0, precision=1.0, seed_sets=None), 1)}
+    assert bd.goal_rows(_report(), 64 * 2 ** 20 + 1)[-1].met is False
+    better = {r.goal: r.met for r in bd.goal_rows(_report(colour_fd=80.0, precision=1.0, seed_sets=None), 1)}
     assert better["colour FD below the PCA and blend baselines'"] and better["1-NNA within 40.0 %–60.0 % on each of 1 seed sets"]
     assert bd.goal_rows({"train": {"same_as_reference": True}, "rows": []}, 1) == []
+
+
+def test_goal_rows_show_what_real_people_score():
+    """The real-people column: the copy baseline's values against the held-out set, and the held-out
+    subjects' own no-copies check; "—" where a report has neither (or the goal is not about samples)."""
+    real = [r.real for r in bd.goal_rows(_report(), 1)]
+    assert real == ["0.97", "0.96", "93.8 %", "90.6 %", "1689", "93.8 %", "46.9 %", "54.7 %",
+                    "nearest 0.0374 vs pair 0.0462 RMS", "—", "—"]
+    old = _report()
+    old["rows"] = [r for r in old["rows"] if r["name"] != "copy"]
+    del old["held_out_vs_train"]
+    assert {r.real for r in bd.goal_rows(old, 1)} == {"—"}
 
 
 def test_the_card_says_which_goals_the_model_meets(built):
     report = json.loads((built["work"] / "eval" / "eval_gen.json").read_text())
     rows = bd.goal_rows(report, bd.bundle_bytes(bd.BuildPaths(built["work"], built["out"])))
     card = (built["out"] / "MODEL_CARD.md").read_text()
-    assert f"{sum(ok for *_, ok in rows)} of {len(rows)} met" in card
-    for goal, value, ok in rows:
-        assert f"| {goal} | {value} | {'yes' if ok else '**no**'} |" in card
+    assert f"{sum(r.met for r in rows)} of {len(rows)} met" in card
+    for r in rows:
+        assert f"| {r.goal} | {r.measured} | {r.real} | {'yes' if r.met else '**no**'} |" in card

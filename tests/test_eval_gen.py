@@ -728,9 +728,26 @@ def test_eval_gen_held_out_reference_with_injected_lpips_and_features(tmp_path):
                                                        / np.mean([s.colourfulness for s in sr]), rel=1e-6)
     assert row["sharpness_ratio"] == pytest.approx(np.mean([s.sharpness for s in sg])
                                                    / np.mean([s.sharpness for s in sr]), rel=1e-6)
+    # The held-out subjects themselves against the training set (the scale for the memorisation table),
+    # by brute force over independently rendered galleries: RMS over views, pixels and channels.
+    held_gallery, train_gallery = gallery(held), gallery(train)
+    rms_ht = np.array([[math.sqrt(float(((h - t) ** 2).mean())) for t in train_gallery] for h in held_gallery])
+    rms_tt = np.array([[math.sqrt(float(((a - b) ** 2).mean())) if i != j else np.inf
+                        for j, b in enumerate(train_gallery)] for i, a in enumerate(train_gallery)])
+    real = report["held_out_vs_train"]
+    assert real["nearest_train_rms"] == pytest.approx(rms_ht.min(), rel=1e-4)
+    assert real["closest_train_pair_rms"] == pytest.approx(rms_tt.min(), rel=1e-4)
+    assert real["no_copies"] == bool(rms_ht.min() >= rms_tt.min())
+    assert real["novelty_image"]["copy_fraction"] == pytest.approx((rms_ht.min(axis=1) < rms_tt.min()).mean())
+    assert real["novelty_image"]["median_ratio"] == pytest.approx(
+        np.median(rms_ht.min(axis=1)) / np.median(rms_tt.min(axis=1)), rel=1e-4)
+    psnr_ht = -20 * np.log10(np.maximum(rms_ht, 1e-5))
+    assert real["vs_train"]["mmd_psnr_db"] == pytest.approx(psnr_ht.max(axis=0).mean(), abs=1e-3)
+    assert real["vs_train"]["cov_psnr"] == pytest.approx(len(set(psnr_ht.argmax(axis=1))) / 3)
     table = (tmp_path / "out" / "eval_gen.md").read_text()
     assert "MMD-LPIPS" in table and "KID×1000" in table and "held-out" in table
     assert "## Against the training set (memorisation)" in table and "| **no** |" in table
+    assert "| held-out subjects (real people, 3) |" in table
 
 
 def test_eval_gen_seed_sets_match_separately_sampled_and_rendered_sets(evaluated, tmp_path, capsys):

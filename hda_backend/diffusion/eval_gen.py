@@ -332,6 +332,33 @@ def _appearance(stats: _Stats, against: _Stats, k: int) -> dict:
     return out
 
 
+def _against_train(mse_gt: torch.Tensor, d_gg: torch.Tensor, stats: _Stats, sets: _Sets, pr_k: int) -> dict:
+    """MMD/COV/1-NNA and precision/recall of a set of avatars (distances mse_gt [G,T] to the training
+    gallery, d_gg [G,G] among themselves) against the training set: memorisation."""
+    d_gt, d_tt = psnr_distance(mse_gt), psnr_distance(sets.mse_tt)
+    appearance = _appearance(stats, sets.train.stats, pr_k)
+    return {"mmd_psnr_db": -mmd(d_gt), "cov_psnr": coverage(d_gt), "one_nna_psnr": one_nna(d_gg, d_gt, d_tt),
+            **{key: appearance[key] for key in ("precision", "recall", "pr_k")}}
+
+
+def _copies(mse_gt: torch.Tensor, nov_i) -> dict:
+    """The no-copies check: no avatar nearer (RMS over the gallery) a training subject than the closest
+    training pair is to each other."""
+    nearest_train = float(np.sqrt(mse_gt).min())
+    return {"nearest_train_rms": nearest_train, "closest_train_pair_rms": nov_i.train_nn_min,
+            "no_copies": bool(nearest_train >= nov_i.train_nn_min)}
+
+
+def _held_out_vs_train(sets: _Sets, pr_k: int) -> dict:
+    """The held-out subjects themselves scored like a row against the training set: what new real people
+    from the studio's distribution get on the memorisation table and the no-copies check, the scale a
+    model's row is read on (with 96 similar studio subjects a real new person can fail the check)."""
+    mse_rt = mse_matrix(sets.ref.gallery.images, sets.train.gallery.images)
+    nov_i = novelty(np.sqrt(mse_rt), np.sqrt(sets.mse_tt))
+    return {"vs_train": _against_train(mse_rt, psnr_distance(sets.mse_rr), sets.ref.stats, sets, pr_k),
+            "novelty_image": nov_i.summary(), **_copies(mse_rt, nov_i)}
+
+
 def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[Path], sets: _Sets, config,
                  lpips: Callable | None, inception: Callable | None) -> tuple[dict, list, tuple, tuple]:
     """The maths of one row: MMD, COV, 1-NNA (PSNR, LPIPS), FID/KID, colour, sharpness, precision/recall,
@@ -357,18 +384,10 @@ def _row_metrics(gallery: Gallery, gen: WeightSet, verdicts: list, files: list[P
     nov_i = novelty(np.sqrt(mse_gt), np.sqrt(sets.mse_tt))
     row.update(_appearance(stats, ref.stats, config.pr_k))
     if sets.separate_train:
-        d_gt, d_tt = psnr_distance(mse_gt), psnr_distance(sets.mse_tt)
-        appearance = _appearance(stats, sets.train.stats, config.pr_k)
-        row["vs_train"] = {"mmd_psnr_db": -mmd(d_gt), "cov_psnr": coverage(d_gt),
-                           "one_nna_psnr": one_nna(d_gg, d_gt, d_tt),
-                           **{key: appearance[key] for key in ("precision", "recall", "pr_k")}}
+        row["vs_train"] = _against_train(mse_gt, d_gg, stats, sets, config.pr_k)
     nearest, nearest_d = _nearest(d_gr)
     nearest_t, nearest_t_d = _nearest(psnr_distance(mse_gt))
-    # No copies: no sample nearer (RMS over the gallery) a training subject than the closest training pair.
-    nearest_train = float(np.sqrt(mse_gt).min())
-    row.update(novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(),
-               nearest_train_rms=nearest_train, closest_train_pair_rms=nov_i.train_nn_min,
-               no_copies=bool(nearest_train >= nov_i.train_nn_min),
+    row.update(novelty_weight=nov_w.summary(), novelty_image=nov_i.summary(), **_copies(mse_gt, nov_i),
                plausible_fraction=float(np.mean([v.ok for v in verdicts])))
     details = [{"file": str(files[i]), "plausible": verdicts[i].to_dict(),
                 "nearest_reference": ref.names[int(nearest[i])], "nearest_psnr_db": float(-nearest_d[i]),
@@ -487,6 +506,7 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         "n": inputs.n, "config": config.to_dict(), "notes": list(notes),
         "columns": {"lpips": lpips is not None, "fid_kid": inception is not None},
         "rows": results,
+        "held_out_vs_train": _held_out_vs_train(sets, config.pr_k) if train is not None else None,
     }
     _write_report(out_dir, report, sheet_tiles, sheet_labels, config)
     return report
@@ -535,10 +555,14 @@ def format_train_table(report: dict) -> str:
     head = ["row", "MMD-PSNR vs train (dB)", "COV vs train (%)", "1-NNA vs train (%)", "precision vs train (%)",
             "recall vs train (%)", "nearest train RMS (min)", "closest train pair RMS", "no copies"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["rows"]:
+    real = report.get("held_out_vs_train")  # absent in reports written before it existed
+    named = [(f"{r['name']} ({r['kind']}, {r['count']})", r) for r in report["rows"]]
+    if real is not None:
+        named.append((f"held-out subjects (real people, {report['reference']['count']})", real))
+    for name, r in named:
         t = r["vs_train"]
         lines.append("| " + " | ".join([
-            f"{r['name']} ({r['kind']}, {r['count']})", f"{t['mmd_psnr_db']:.2f}", _pct(t["cov_psnr"]),
+            name, f"{t['mmd_psnr_db']:.2f}", _pct(t["cov_psnr"]),
             _pct(t["one_nna_psnr"]), _pct(t["precision"]), _pct(t["recall"]), f"{r['nearest_train_rms']:.4f}",
             f"{r['closest_train_pair_rms']:.4f}", "yes" if r["no_copies"] else "**no**"]) + " |")
     return "\n".join(lines)
@@ -574,7 +598,8 @@ def format_report(report: dict) -> str:
                           "reference). The second table repeats MMD/COV/1-NNA and precision/recall against the "
                           "training avatars (memorisation: copies give 100 dB, 0% 1-NNA) with the no-copies check: "
                           "no sample nearer (RMS over the gallery) a training subject than the closest pair of "
-                          "training subjects is to each other.")
+                          "training subjects is to each other. Its last line scores the held-out subjects "
+                          "themselves the same way: what new real people get, the scale the rows are read on.")
     lpips_note = ("; LPIPS columns: D = 1000 × mean LPIPS-AlexNet over views, same definitions"
                   if report["columns"]["lpips"] else "")
     fid_note = ("Inception-V3 pool features of every gallery image of a row against every reference gallery "
