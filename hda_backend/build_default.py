@@ -518,11 +518,10 @@ def bundle_bytes(paths: BuildPaths) -> int:
 
 
 def _files_table(paths: BuildPaths) -> list[str]:
-    lines = ["| file | contents | size |", "|---|---|---|"]
-    lines += [f"| `{path.relative_to(paths.out)}` | {what} | {_mb(path.stat().st_size)} |"
-              for path, what in _bundle_files(paths)]
-    lines.append(f"| all (with this card and build.json) | | {_mb(bundle_bytes(paths))} |")
-    return lines
+    files = [(path, what, path.stat().st_size) for path, what in _bundle_files(paths)]
+    return ["| file | contents | size |", "|---|---|---|",
+            *[f"| `{path.relative_to(paths.out)}` | {what} | {_mb(size)} |" for path, what, size in files],
+            f"| all (with this card and build.json) | | {_mb(sum(size for *_, size in files))} |"]
 
 
 def _config_lines(build: DefaultBuildConfig, config: Config, state: dict) -> list[str]:

@@ -356,7 +356,6 @@ def test_failed_fit_processes_are_one_line(tmp_path):
         bd._stage_fits(paths, TINY, TINY.model_config(), {}, bd.Compute("cpu", 2))
 
 
-
 def _report(**model):
     row = {"name": "default", "colourfulness_ratio": 0.9, "sharpness_ratio": 0.84, "precision": 1.0, "recall": 0.5,
            "colour_fd": 100.0, "cov_psnr": 0.6, "one_nna_psnr": 0.5, "nearest_train_rms": 0.02,
