@@ -4,7 +4,7 @@ import importlib
 import os
 
 import bpy
-from bpy.props import EnumProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from . import deps, session
 from .paths import addon_id, user_dir
@@ -46,6 +46,12 @@ def frame_cache_line() -> str:
     if budget == 0:
         return f"Frame cache: off ({counts})"
     return f"Frame cache: {counts}, {caches.frame_bytes / 2**20:.0f} of {budget} MB"
+
+
+def playback_lod(context=None) -> bool:
+    """The viewport's level of detail while the pose or view moves (the preference; on by default)."""
+    prefs = get_prefs(context)
+    return prefs.playback_lod if prefs is not None else True
 
 
 def _frame_cache_changed(self, context):
@@ -107,6 +113,13 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
         description="Memory for rendered avatar frames kept for scrubbing back and re-rendering (each frame "
                     "costs 12 bytes a pixel); 0 turns the cache off")
 
+    playback_lod: BoolProperty(
+        name="Fast Playback Preview", default=True,
+        description="While the playhead or the view moves, run the avatar's network on every other frame "
+                    "and re-skin its last output in between (about twice the frame rate on a CPU; the "
+                    "pose-dependent detail is one frame behind and differs visibly in fast motions). Off: "
+                    "every frame at full quality. The image once the playhead stops is full quality either way")
+
     def draw(self, context):
         layout = self.layout
 
@@ -165,6 +178,7 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
         box.label(text="Rendering", icon='RENDER_ANIMATION')
         box.prop(self, "frame_cache_mb")
         box.label(text=frame_cache_line())
+        box.prop(self, "playback_lod")
 
 
 CLASSES = (HDA_AddonPreferences,)

@@ -93,7 +93,7 @@ class Viewport(_Part):
     workers: dict = field(default_factory=dict)      # (region, object key) -> hda_backend.latest.LatestWins
     requested: dict = field(default_factory=dict)    # (region, object key) -> layer key last asked for
     shown: dict = field(default_factory=dict)        # (region, object key) -> seq of the worker's result uploaded
-    drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, textures, terms, shift)
+    drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, viewport.upload(), terms, shift)
     stats: dict = field(default_factory=dict)        # object key -> {"ms": pose -> image ms, "scale": factor}
     last_pose: dict = field(default_factory=dict)    # object key -> (pose digest, time it changed)
 

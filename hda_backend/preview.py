@@ -6,9 +6,12 @@ pose and draws:
    is the one it evaluated last (orbiting a still avatar only re-rasterizes). A request marked
    ``lod`` (the viewport while the pose or view moves: playback, scrubbing) may instead *re-skin* the
    last UNet output: that raw output decoded with the new pose's skinning
-   (``RealtimeAvatar.skin``), which costs the decode only, not the UV maps and the UNet. The UNet
-   runs again on every :data:`REFRESH_FRAMES`-th such request, and always for a request without
-   ``lod`` (the viewport once the playhead and view stop), so the still image is the full path's;
+   (``RealtimeAvatar.skin``), which costs the decode only, not the UV maps and the UNet. That output
+   is first carried along the pose change between the UNet's last two poses (:func:`extrapolate`;
+   as is before the UNet has run on two), which follows the pose-dependent detail to first order.
+   The UNet runs again
+   on every :data:`REFRESH_FRAMES`-th such request, and always for a request without ``lod`` (the
+   viewport once the playhead and view stop), so the still image is the full path's;
 2. :func:`raster_stage`: Gaussians -> the layer the viewport draws (linear premultiplied RGBA and depth,
    hda_backend.layer.to_layer) for the request's camera and size.
 
@@ -29,13 +32,34 @@ from .render.frames import render_gaussians
 
 # During playback the UNet runs on one pose-stage request in this many; the others re-skin its
 # output. Counting requests (not time) keeps the worker deterministic. 2 keeps the pose-dependent
-# detail at most one evaluated frame stale, which renders within the fast paths' 40 dB of the full path
-# (measured worst 41.5 dB on the bundled references at 1 frame of a 24 fps walk, 35.2 at 2, 32.0 at 3;
-# tests/test_realtime.py), and halves the UNet's cost during playback (README, Speed: with 4, the
-# latency was lower but the images drawn while playing fell to 33 dB).
+# detail at most one evaluated frame stale, and halves the UNet's cost during playback. On a 24 fps walk
+# at 128 px that renders within the fast paths' 40 dB of the full path (worst 41.3 dB re-skinned as is,
+# 44.6 carried along the pose change, on the bundled references; 35.2 and 32.0 as is at 2 and 3 frames
+# stale, 36.3-41.2 carried at 3: tests/test_realtime.py, README, Speed).
 REFRESH_FRAMES = 2
-# Images drawn while playing stay within this of the full path: the fast paths' own floor.
+# Images drawn while playing a walk stay within this of the full path: the fast paths' own floor.
+# Faster motions (squats, jumping jacks, arm raises at 24 fps) change the pose-dependent detail more
+# in one frame and fall below it (README, Speed: the level of detail by motion).
 PSNR_LOD_FLOOR_DB = PSNR_FLOOR_DB
+# How far along the last pose change the UNet output is carried: a re-skinned pose at most one
+# refresh interval past the newer UNet pose, or back to the older one (interpolation).
+EXTRAPOLATE_RANGE = (-1.0, 1.0)
+
+
+def extrapolate(older: tuple, newer: tuple, pose: np.ndarray):
+    """The UNet output for ``pose`` [165] to first order along the last pose change: older, newer: (raw
+    [1,M,59], pose [165]) of the UNet's last two runs -> raw_newer + s (raw_newer - raw_older), where s
+    is the projection of pose - pose_newer onto pose_newer - pose_older over the local joints (the UNet
+    does not see the global orientation), clamped to :data:`EXTRAPOLATE_RANGE`. Exact where the output
+    is linear in the pose along that line; the newer output itself where the two poses are equal."""
+    (raw_a, pose_a), (raw_b, pose_b) = older, newer
+    step = np.asarray(pose_b, np.float64)[3:] - np.asarray(pose_a, np.float64)[3:]
+    norm2 = float(step @ step)
+    if norm2 == 0.0:
+        return raw_b
+    s = float((np.asarray(pose, np.float64)[3:] - np.asarray(pose_b, np.float64)[3:]) @ step) / norm2
+    s = min(max(s, EXTRAPOLATE_RANGE[0]), EXTRAPOLATE_RANGE[1])
+    return raw_b if s == 0.0 else torch.lerp(raw_b, raw_a, -s)  # raw_b + s (raw_b - raw_a), one pass
 
 
 @dataclass(frozen=True)
@@ -63,7 +87,8 @@ class PoseStage:
     def __init__(self, refresh_frames: int = REFRESH_FRAMES):
         self.refresh_frames = refresh_frames
         self._last: tuple | None = None   # (RealtimeAvatar, pose key, exact, Gaussians)
-        self._raw: tuple | None = None    # (RealtimeAvatar, pose key, raw UNet output [1,M,59])
+        self._raw: tuple | None = None    # (RealtimeAvatar, pose key, raw UNet output [1,M,59], pose [165])
+        self._older: tuple | None = None  # the same of the UNet run before that one
         self._reskins = 0                 # requests re-skinned since the UNet last ran
         self.unet_runs = 0
 
@@ -72,18 +97,23 @@ class PoseStage:
         last = self._last
         if last is not None and last[0] is fast and last[1] == key and (last[2] or request.lod):
             return request, last[3]
-        raw = self._raw
+        raw, older = self._raw, self._older
         reskin = (request.lod and raw is not None and raw[0] is fast
                   and self._reskins + 1 < self.refresh_frames)
         with torch.inference_mode():
             if reskin:
-                g = fast.skin(raw[2], request.pose, request.transl)
-                self._reskins += 1
                 exact = raw[1] == key
+                # As is until the UNet has run on two poses of this avatar (the first re-skin of a clip).
+                carry = not exact and older is not None and older[0] is fast
+                out = extrapolate(older[2:], raw[2:], request.pose) if carry else raw[2]
+                g = fast.skin(out, request.pose, request.transl)
+                self._reskins += 1
             else:
                 out, posed = fast.raw_output(request.pose)
                 g = fast.skin(out, request.pose, request.transl, posed)
-                self._raw, self._reskins, exact = (fast, key, out), 0, True
+                if raw is not None and not np.array_equal(raw[3], request.pose):  # a pose change to follow
+                    self._older = raw
+                self._raw, self._reskins, exact = (fast, key, out, np.array(request.pose)), 0, True
                 self.unet_runs += 1
         self._last = (fast, key, exact, g)
         return request, g

@@ -29,7 +29,8 @@ a pose submitted to its image drawn. Last, the viewport's level of detail while 
 a 24 fps walk (hda_backend.motion, one cycle per second: the keyed clip's random poses are not a
 motion) through the same worker, for this avatar (``LOD``) and each bundled reference avatar
 (``LOD subject_...``, trained: the PSNR that counts), and each image drawn is compared with the
-full-quality image of its frame (PSNR of the layer's RGBA).
+full-quality image of its frame (PSNR of the layer's RGBA inside the box the person covers). Then the
+level of detail's images on every built-in motion, serially (``LOD by motion``).
 
 Every frame also times the float32 channels-last UNet forward on that frame's maps, and each ratio is
 taken frame by frame against it, so the ratios hold on any machine and under load; medians are
@@ -292,8 +293,7 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
         """Upload + draw a layer on the main thread, waiting for the GPU."""
         import gpu
 
-        color_tex, depth_tex = vp.upload(rgba, depth)
-        vp.draw_layer(color_tex, depth_tex, rig.depth_terms(proj), shift)
+        vp.draw_layer(vp.upload(rgba, depth), rig.depth_terms(proj), shift)
         gpu.state.active_framebuffer_get().read_color(0, 0, 1, 1, 4, 0, 'FLOAT')  # wait for it
 
     def worker_run(draw, name, stages, requests, unet_ms, full=None):
@@ -318,7 +318,7 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
                     out["latency"].append(1e3 * (time.perf_counter() - submitted[done.seq]))
                     out["unet f32"].append(unet_ms[done.key])
                     if full is not None:
-                        out["psnr"].append(float(psnr(torch.tensor(done.value[0]), torch.tensor(full[done.key][0]))))
+                        out["psnr"].append(_box_psnr(torch, np, psnr, done.value[0], full[done.key][0]))
 
         worker.submit(None, dataclasses.replace(requests[0], pose_key=b"warm-up"))  # threads' first calls
         worker.wait(lambda w: w.finished_seq() == 1, 600)
@@ -394,7 +394,55 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
               f"floor): {'met' if min(values) >= floor else 'not met'}; within the issue's 40 dB: "
               f"{'met' if min(values) >= 40 else 'not met'} (median {_median(values):.1f} dB, min "
               f"{min(values):.1f} dB); once stopped: the full path")
+    _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w, h)
 
+
+
+
+def _box_psnr(torch, np, psnr, image, full) -> float:
+    """PSNR of a layer's RGBA [H,W,4] against the full-quality one inside the box the full one covers:
+    the person's pixels (the empty rest of the frame would flatter it, more so the smaller the person)."""
+    rows, cols = np.nonzero(full[..., 3] > 0)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    return float(psnr(torch.tensor(image[box]), torch.tensor(full[box])))
+
+def _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w, h) -> None:
+    """The level of detail's images on every built-in clip (24 frames, one cycle a second at 24 fps,
+    played twice), serially through the add-on's pose stage at the playback size: each re-skinned image
+    but the first (it has no earlier pose change to follow) against its frame's full-quality image
+    (PSNR of the layer's RGBA inside the full image's box), beside the same frames re-skinned from the
+    frame before without carrying the output along the pose change (the code before it). The bench
+    avatar (untrained) is left out: its output hardly depends on the pose."""
+    floor = preview.PSNR_LOD_FLOOR_DB
+    print(f"\nLOD by motion, serially through the pose stage at {w}x{h}: worst / median PSNR dB of the re-skinned "
+          f"images against full quality inside its box; 'as is': the output of the frame before, re-skinned unchanged")
+    print(f"{'avatar':<12} {'motion':<13} {'carried':>13} {'as is':>13}  {floor:.0f} dB")
+    met = 0
+    rows = [(label, clip) for label in lod_avatars if label != "LOD" for clip in motion.BUILTIN]
+    for label, clip in rows:
+        avatar, fast = lod_avatars[label]
+        poses = motion.procedural(clip, PLAYBACK_FPS, float(PLAYBACK_FPS)).poses.reshape(PLAYBACK_FPS, -1).numpy()
+        requests = [preview.PreviewRequest(fast, pose, np.zeros(3, np.float32), pose.tobytes(), viewmat, K, w, h,
+                                           "flat", avatar.gaussian_config.sh_degree, True) for pose in poses]
+        full = [preview.render_preview(dataclasses.replace(r, lod=False))[0] for r in requests]
+        stage, carried, as_is = preview.PoseStage(), [], []
+        with torch.inference_mode():
+            raws = [fast.raw_output(r.pose)[0] for r in requests]
+            for i in range(2 * len(requests)):
+                k = i % len(requests)
+                unet_runs = stage.unet_runs
+                posed = stage(requests[k])
+                if stage.unet_runs == unet_runs and i > 1:  # re-skinned, after the first (as is: no history)
+                    g = fast.skin(raws[k - 1], requests[k].pose, requests[k].transl)
+                    for out, image in ((carried, preview.raster_stage(posed)[0]),
+                                       (as_is, preview.raster_stage((requests[k], g))[0])):
+                        out.append(_box_psnr(torch, np, psnr, image, full[k]))
+        ok = min(carried) >= floor
+        met += ok
+        print(f"{label[4:]:<12} {clip:<13} {min(carried):>6.1f} / {_median(carried):<5.1f} "
+              f"{min(as_is):>6.1f} / {_median(as_is):<5.1f} {'met' if ok else 'not met'}")
+    print(f"quality (LOD by motion): images drawn while playing within {floor:.0f} dB of full quality on {met} "
+          f"of {len(rows)} avatar-motion pairs")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -104,8 +104,7 @@ def main(zip_path: str) -> None:
                 off = gpu.types.GPUOffScreen(WIDTH, HEIGHT, format='RGBA16F')
                 with off.bind():
                     def upload_and_draw():
-                        color_tex, depth_tex = vp.upload(rgba, depth)
-                        vp.draw_layer(color_tex, depth_tex, rig.depth_terms(proj), shift)
+                        vp.draw_layer(vp.upload(rgba, depth), rig.depth_terms(proj), shift)
                         gpu.state.active_framebuffer_get().read_color(0, 0, 1, 1, 4, 0, 'FLOAT')  # wait for it
                     upload_and_draw()
                     print("upload + draw %dx%d (%s): median %.1f ms, min %.1f ms"

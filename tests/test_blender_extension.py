@@ -395,7 +395,8 @@ def _check_report(r: dict, tmp_path: Path, has_torch: bool, torch_version: str =
            "fit_subject", "import_motion", "install_backend", "load_avatar", "sample_identity", "select_avatar"]
     assert r["hda_ops"] == ops
     assert r["new_types"] == sorted([f"HDA_OT_{op}" for op in ops] + ["HDA_PT_main"])
-    assert r["pref_props"] == ["bl_idname", "body_path", "frame_cache_mb", "python_path", "torch_variant", "wheel_dir"]
+    assert r["pref_props"] == ["bl_idname", "body_path", "frame_cache_mb", "playback_lod", "python_path", "torch_variant",
+                               "wheel_dir"]
     assert not r["torch_imported_at_register"]
     assert Path(r["deps_dir"]).is_relative_to(user) and r["deps_on_path_after_numpy"]
     assert Path(r["env_import"]) == tmp_path / "env" / "site-packages" and r["env_removed"]

@@ -501,8 +501,10 @@ class OffscreenProbe(bpy.types.RenderEngine):
             with off.bind():
                 fb = gpu.state.active_framebuffer_get()
                 fb.clear(color=(0.2, 0.3, 0.4, 1.0), depth=clear_depth)
-                color_tex, depth_tex = viewport.upload(rgba, depth)
-                viewport.draw_layer(color_tex, depth_tex, rig.depth_terms(proj), 0.0)
+                uploaded = viewport.upload(rgba, depth)
+                report["vp_rect"] = list(uploaded[2])
+                report["vp_empty"] = viewport.upload(np.zeros_like(rgba), np.full_like(depth, 1e10)) is None
+                viewport.draw_layer(uploaded, rig.depth_terms(proj), 0.0)
                 color = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
                 zbuf = np.array(fb.read_depth(0, 0, 64, 48).to_list(), dtype=np.float32)
             off.free()
@@ -515,6 +517,8 @@ class OffscreenProbe(bpy.types.RenderEngine):
                                                                window_matrix=proj),
                                    evaluated_depsgraph_get=lambda: depsgraph)
             viewport.bpy = SimpleNamespace(context=fake, app=bpy.app)
+            asked, real_request_for = [], viewport.request_for
+            viewport.request_for = lambda *a: (asked.append(a[-1]), real_request_for(*a))[1]  # records lod
             try:
                 off = gpu.types.GPUOffScreen(64, 48, format='RGBA32F')
                 with off.bind():
@@ -527,9 +531,18 @@ class OffscreenProbe(bpy.types.RenderEngine):
                     report["vp_worker_idle"] = all(w.wait(lambda w: w.idle(), 120) for w in workers)
                     viewport._draw()
                     second = np.array(fb.read_color(0, 0, 64, 48, 4, 0, 'FLOAT').to_list(), dtype=np.float32)
+                    # Fast Playback Preview off: a moving pose asks for full quality (no level of detail).
+                    prefs = bpy.context.preferences.addons[ADDON].preferences
+                    prefs.playback_lod = False
+                    for part in (session.viewport.drawn, session.viewport.requested, session.viewport.last_pose):
+                        part.clear()
+                    viewport._draw()
+                    prefs.playback_lod = True
+                    report["vp_lod_asked"] = asked
                 off.free()
             finally:
                 viewport.bpy = bpy
+                viewport.request_for = real_request_for
             report["vp_worker_first"] = float(np.abs(first.reshape(-1, 4) - [0.2, 0.3, 0.4, 1.0]).max())
             report["vp_worker_vs_direct"] = float(np.abs(second - color).max())
             report["vp_worker_errors"] = dict(session.caches.errors)
@@ -700,6 +713,10 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     want = np.where(drawn[..., None], rgba + (1 - rgba[..., 3:]) * clear, clear)
     color, zbuf = np.load(tmp_path / "gpu_color.npy"), np.load(tmp_path / "gpu_depth.npy")
     assert np.abs(color - want).max() < 1e-4
+    # Only the box the avatar covers is uploaded and drawn (a quad over that box); an empty layer: nothing.
+    rows, cols = np.nonzero(rgba[..., 3] > 0)
+    assert r["vp_rect"] == [cols.min() / 64, rows.min() / 48, (cols.max() + 1) / 64, (rows.max() + 1) / 48]
+    assert r["vp_rect"] != [0.0, 0.0, 1.0, 1.0] and r["vp_empty"]
     assert np.abs(zbuf[drawn] - ndc[drawn]).max() < 1e-5 and np.abs(zbuf[~drawn] - r["clear_depth"]).max() < 1e-6
     # The draw handler through its worker: the first draw only asks (the view shows nothing yet), the
     # worker's two threads render off the main thread, and the next draw shows the same pixels as the
@@ -707,6 +724,8 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     assert r["vp_worker_threads"] == ["hda-viewport-0", "hda-viewport-1"] and r["vp_worker_idle"]
     assert r["vp_worker_first"] < 1e-6 and r["vp_worker_errors"] == {}, (r["vp_worker_first"], r["vp_worker_errors"])
     assert r["vp_worker_vs_direct"] < 1e-6 and r["vp_threads_left"] == [], (r["vp_worker_vs_direct"], r["vp_threads_left"])
+    # The first draw's pose had just changed (moving): the level of detail, unless the preference is off.
+    assert r["vp_lod_asked"] == [True, False], r["vp_lod_asked"]
 
     # Unregister: no handlers, window-manager properties or operators left.
     assert r["handlers_left"] == {} and r["wm_props_left"] == [] and r["ops_left"] == []

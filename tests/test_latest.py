@@ -18,7 +18,8 @@ import torch
 
 from hda_backend.errors import HDAError
 from hda_backend.latest import LatestWins
-from hda_backend.preview import REFRESH_FRAMES, PoseStage, PreviewRequest, raster_stage, render_preview
+from hda_backend.preview import (EXTRAPOLATE_RANGE, REFRESH_FRAMES, PoseStage, PreviewRequest, extrapolate,
+                                 raster_stage, render_preview)
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: only a bound for a broken worker; nothing here depends on it
@@ -179,18 +180,19 @@ def test_an_unchanged_pose_is_not_evaluated_again(avatar):
 
 
 class _FakeFast:
-    """A stand-in for RealtimeAvatar that records which pose's UNet output skins which pose."""
+    """A stand-in for RealtimeAvatar whose UNet output is linear in the pose (its first value), so that
+    the extrapolated output of every re-skinned frame is exactly that frame's own; it records which
+    poses the UNet ran on."""
 
     def __init__(self):
         self.log = []
 
     def raw_output(self, pose):
         self.log.append(("unet", int(pose[0])))
-        return f"raw{int(pose[0])}", "posed"
+        return torch.full((1, 1, 1), float(pose[0])), "posed"
 
     def skin(self, raw, pose, transl=None, posed=None):
-        self.log.append(("skin", raw, int(pose[0])))
-        return (raw, int(pose[0]))
+        return (float(raw), int(pose[0]))
 
 
 def _fake(fast, frame: int, lod: bool) -> PreviewRequest:
@@ -199,26 +201,58 @@ def _fake(fast, frame: int, lod: bool) -> PreviewRequest:
                           "flat", 1, lod)
 
 
+def _unet_frames(fast):
+    return [frame for what, frame in fast.log if what == "unet"]
+
+
 def test_the_level_of_detail_reskins_and_refreshes_the_unet_every_nth_frame():
-    """Playback (lod requests): the UNet runs on frames 0, 4, 8; frames between re-skin the last UNet
-    output. A request without lod (the playhead stopped) always gets its own pose's UNet output, even
-    when the lod one of that pose was just re-skinned; an lod request of a pose whose own output is at
-    hand is that output's Gaussians."""
+    """Playback (lod requests): the UNet runs on every REFRESH_FRAMES-th (2nd) frame from 0; frames
+    between re-skin the last output, carried along the pose change between the UNet's last two poses
+    (exact for this linear fake), as is before there are two (frame 1). A request without lod (the
+    playhead stopped) always gets its own pose's UNet output, even when the lod one of that pose was
+    just re-skinned; an lod request of a pose whose own output is at hand is that output's Gaussians."""
+    assert REFRESH_FRAMES == 2
     fast = _FakeFast()
-    stage = PoseStage(refresh_frames=4)
-    got = [stage(_fake(fast, f, True))[1] for f in range(10)]
-    assert got == [("raw0", 0), ("raw0", 1), ("raw0", 2), ("raw0", 3), ("raw4", 4), ("raw4", 5), ("raw4", 6),
-                   ("raw4", 7), ("raw8", 8), ("raw8", 9)]
-    assert [e for e in fast.log if e[0] == "unet"] == [("unet", 0), ("unet", 4), ("unet", 8)]
-    assert stage.unet_runs == 3
-    assert stage(_fake(fast, 9, False))[1] == ("raw9", 9)           # stopped: full quality
-    assert stage(_fake(fast, 9, False))[1] == ("raw9", 9) and stage.unet_runs == 4   # cached now
-    assert stage(_fake(fast, 9, True))[1] == ("raw9", 9) and stage.unet_runs == 4    # exact is fine for lod
-    assert stage(_fake(fast, 10, True))[1] == ("raw9", 10)          # playback resumes from that output
-    other = _FakeFast()                                              # another avatar: its own UNet first
-    assert stage(_fake(other, 11, True))[1] == ("raw11", 11)
-    assert [stage(_fake(fast, f, False))[1] for f in (12, 13)] == [("raw12", 12), ("raw13", 13)]
+    stage = PoseStage()
+    got = [stage(_fake(fast, f, True))[1] for f in range(9)]
+    assert got == [(0.0, 0), (0.0, 1)] + [(float(f), f) for f in range(2, 9)]
+    assert _unet_frames(fast) == [0, 2, 4, 6, 8] and stage.unet_runs == 5
+    assert stage(_fake(fast, 7, False))[1] == (7.0, 7) and stage.unet_runs == 6     # stopped: full quality
+    assert stage(_fake(fast, 7, False))[1] == (7.0, 7) and stage.unet_runs == 6     # cached now
+    assert stage(_fake(fast, 7, True))[1] == (7.0, 7) and stage.unet_runs == 6      # exact is fine for lod
+    assert stage(_fake(fast, 8, True))[1] == (8.0, 8)     # scrubbing on: back towards the older output (8)
+    assert stage(_fake(fast, 9, True))[1] == (9.0, 9) and _unet_frames(fast)[-1] == 9   # refresh
+    other = _FakeFast()                                   # another avatar: its own UNet first, then as is
+    assert [stage(_fake(other, f, True))[1] for f in (11, 12, 13, 14)] == [(11.0, 11), (11.0, 12), (13.0, 13),
+                                                                          (14.0, 14)]
+    assert _unet_frames(other) == [11, 13]
+    assert [stage(_fake(fast, f, False))[1] for f in (12, 13)] == [(12.0, 12), (13.0, 13)]
+    stage = PoseStage(refresh_frames=4)                   # another interval: the UNet on 0 and 4
+    assert [stage(_fake(fast, f, True))[1][1] for f in range(6)] == list(range(6))
+    assert _unet_frames(fast)[-2:] == [0, 4]
     assert PoseStage().refresh_frames == REFRESH_FRAMES
+
+
+def test_extrapolate_carries_the_output_along_the_last_pose_change():
+    """extrapolate against hand-computed cases: the projection onto the last step over the local joints
+    only (the global orientation, pose[:3], is ignored), clamped to EXTRAPOLATE_RANGE; the newer output
+    itself for a zero step or a zero projection."""
+    a, b = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[3.0, 6.0]]])
+    pa, pb = np.zeros(165, np.float32), np.zeros(165, np.float32)
+    pb[3], pb[4] = 2.0, 0.0
+    pose = pb.copy()
+    pose[3], pose[5], pose[0] = 3.0, 7.0, 9.0        # half a step on, plus a move off the line and globally
+    torch.testing.assert_close(extrapolate((a, pa), (b, pb), pose), b + 0.5 * (b - a))
+    pose[3] = 0.0                                      # back to the older pose: its output
+    torch.testing.assert_close(extrapolate((a, pa), (b, pb), pose), a)
+    pose[3] = 10.0                                     # 4 steps on: clamped to the range's end
+    assert EXTRAPOLATE_RANGE[1] == 1.0
+    torch.testing.assert_close(extrapolate((a, pa), (b, pb), pose), b + (b - a))
+    pose[3] = -10.0
+    torch.testing.assert_close(extrapolate((a, pa), (b, pb), pose), b - (b - a))
+    pose[3] = 2.0                                      # only off the line
+    assert extrapolate((a, pa), (b, pb), pose) is b
+    assert extrapolate((a, pb), (b, pb), pose) is b    # no step
 
 
 def test_when_playback_stops_the_shown_image_is_the_full_paths(avatar):
