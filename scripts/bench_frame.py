@@ -406,6 +406,7 @@ def _box_psnr(torch, np, psnr, image, full) -> float:
     box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     return float(psnr(torch.tensor(image[box]), torch.tensor(full[box])))
 
+
 def _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w, h) -> None:
     """The level of detail's images on every built-in clip (24 frames, one cycle a second at 24 fps,
     played twice), serially through the add-on's pose stage at the playback size: each re-skinned image
@@ -443,6 +444,7 @@ def _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w,
               f"{min(as_is):>6.1f} / {_median(as_is):<5.1f} {'met' if ok else 'not met'}")
     print(f"quality (LOD by motion): images drawn while playing within {floor:.0f} dB of full quality on {met} "
           f"of {len(rows)} avatar-motion pairs")
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
