@@ -24,7 +24,7 @@ from .diffusion_model import model_path
 from .identity import busy
 from .objects import all_avatars, avatar_of, object_key
 from .paths import addon_id
-from .preferences import frame_cache_line
+from .preferences import frame_cache_line, get_prefs
 
 
 def status_line() -> str:
@@ -193,6 +193,9 @@ class HDA_PT_main(bpy.types.Panel):
             shown = session.viewport.stats.get(object_key(obj))
             if shown:
                 box.label(text=f"viewport: {shown['ms']:.0f} ms at {100 * shown['scale']:.0f}% size")
+        prefs = get_prefs(context)
+        if prefs is not None:  # where animators look while playing, beside the viewport's timing
+            box.prop(prefs, "playback_lod")
         box.operator("hda.check_backend", icon='FILE_REFRESH')
 
 

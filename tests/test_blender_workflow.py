@@ -65,6 +65,25 @@ class Layout:
         return props
 
 
+class PanelLayout(Layout):
+    """Records what a panel draw puts in its boxes and rows (labels, properties, operators)."""
+
+    def box(self):
+        return self
+
+    def row(self, **_):
+        return self
+
+    def column(self, **_):
+        return self
+
+    def label(self, text="", icon='NONE'):
+        self.entries.append(("label", text, None))
+
+    def prop(self, data, name, **_):
+        self.entries.append(("prop", name, data))
+
+
 def menu_entries(menu):
     layout = Layout()
     for func in getattr(bpy.types, menu)._dyn_ui_initialize():
@@ -97,6 +116,11 @@ scene.render.fps, scene.render.fps_base = 30, 1.0
 report["add_from_menu"] = run_entry(entries["VIEW3D_MT_add"][0])
 arm = bpy.context.active_object
 arm.hda.uv_preset = "tiny"
+# The sidebar's Backend box (no UI in background mode: drawn into a recording layout).
+panel = PanelLayout()
+mod("blender_addon.ui").HDA_PT_main._backend(None, panel, bpy.context, arm)
+prefs = bpy.context.preferences.addons[ADDON].preferences
+report["backend_box_props"] = [[name, data == prefs] for kind, name, data in panel.entries if kind == "prop"]
 layout = runtime.get_layout(runtime.get_body(None))
 npz_entry, bvh_entry = entries["TOPBAR_MT_file_import"]
 
@@ -269,6 +293,9 @@ def _check(r: dict, output: str, tmp_path: Path, model_path: Path) -> None:
     assert r["bvh"] == [["FINISHED"], None] and r["export"] == [["FINISHED"], None]
     assert (tmp_path / "menu.ply").is_file()
     assert r["menus_left"] == {m: [] for m in r["menus_left"]} and r["timer_left"] is False
+    # The sidebar's Backend box: the avatar's device (and render path on 5.3+) and the preference Fast
+    # Playback Preview, where animators look while playing.
+    assert ["playback_lod", True] in r["backend_box_props"] and ["device", False] in r["backend_box_props"]
 
     # AMASS: Blender's own bone heads are the clip's joints in the clip's world (cursor at the origin),
     # and the body posed as Blender holds it stands on the ground (hops 0.2 m at frame 1).
