@@ -318,7 +318,7 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
                     out["latency"].append(1e3 * (time.perf_counter() - submitted[done.seq]))
                     out["unet f32"].append(unet_ms[done.key])
                     if full is not None:
-                        out["psnr"].append(_box_psnr(torch, np, psnr, done.value[0], full[done.key][0]))
+                        out["psnr"].append(_box_psnr(torch, psnr, done.value[0], full[done.key][0]))
 
         worker.submit(None, dataclasses.replace(requests[0], pose_key=b"warm-up"))  # threads' first calls
         worker.wait(lambda w: w.finished_seq() == 1, 600)
@@ -397,13 +397,11 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
     _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w, h)
 
 
-
-
-def _box_psnr(torch, np, psnr, image, full) -> float:
-    """PSNR of a layer's RGBA [H,W,4] against the full-quality one inside the box the full one covers:
-    the person's pixels (the empty rest of the frame would flatter it, more so the smaller the person)."""
-    rows, cols = np.nonzero(full[..., 3] > 0)
-    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+def _box_psnr(torch, psnr, image, full) -> float:
+    """PSNR of a layer's RGBA [H,W,4] against the full-quality one inside the box the full one covers
+    (``layer.covered_box``): the person's pixels (the empty rest of the frame would flatter it, more so
+    the smaller the person)."""
+    box = importlib.import_module(ADDON + ".hda_backend.layer").covered_box(full[..., 3])
     return float(psnr(torch.tensor(image[box]), torch.tensor(full[box])))
 
 
@@ -425,10 +423,12 @@ def _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w,
         poses = motion.procedural(clip, PLAYBACK_FPS, float(PLAYBACK_FPS)).poses.reshape(PLAYBACK_FPS, -1).numpy()
         requests = [preview.PreviewRequest(fast, pose, np.zeros(3, np.float32), pose.tobytes(), viewmat, K, w, h,
                                            "flat", avatar.gaussian_config.sh_degree, True) for pose in poses]
-        full = [preview.render_preview(dataclasses.replace(r, lod=False))[0] for r in requests]
         stage, carried, as_is = preview.PoseStage(), [], []
         with torch.inference_mode():
             raws = [fast.raw_output(r.pose)[0] for r in requests]
+            # The full path's image from the same UNet outputs (skin of a pose's own output is the full
+            # path bit for bit: tests/test_realtime.py), not a second UNet run per frame.
+            full = [preview.raster_stage((r, fast.skin(raw, r.pose, r.transl)))[0] for r, raw in zip(requests, raws)]
             for i in range(2 * len(requests)):
                 k = i % len(requests)
                 unet_runs = stage.unet_runs
@@ -437,7 +437,7 @@ def _lod_by_motion(torch, np, preview, motion, psnr, lod_avatars, viewmat, K, w,
                     g = fast.skin(raws[k - 1], requests[k].pose, requests[k].transl)
                     for out, image in ((carried, preview.raster_stage(posed)[0]),
                                        (as_is, preview.raster_stage((requests[k], g))[0])):
-                        out.append(_box_psnr(torch, np, psnr, image, full[k]))
+                        out.append(_box_psnr(torch, psnr, image, full[k]))
         ok = min(carried) >= floor
         met += ok
         print(f"{label[4:]:<12} {clip:<13} {min(carried):>6.1f} / {_median(carried):<5.1f} "
