@@ -7,7 +7,8 @@ and nothing in blender_addon imports the operators except ``register()`` (tests/
 checks both, and that no module imports in a loop).
 """
 
-from . import compositor, deps, farm, fitjob, identity, layers, native, preferences, probe, proxy, runtime, session
+from . import (compositor, deps, farm, fitjob, identity, layers, native, playback, preferences, probe, proxy, runtime,
+               session)
 from .diffusion_model import ENV_MODEL, load_model, missing_model_text, model_path
 from .messages import error_text
 from .objects import avatar_of, new_uid, object_key, poll_active_avatar, scene_avatars
@@ -15,8 +16,8 @@ from .paths import EXT_ROOT, avatar_output_dir, relative_path, user_dir
 
 __all__ = [
     # modules
-    "compositor", "deps", "farm", "fitjob", "identity", "layers", "native", "preferences", "probe", "proxy",
-    "runtime", "session",
+    "compositor", "deps", "farm", "fitjob", "identity", "layers", "native", "playback", "preferences", "probe",
+    "proxy", "runtime", "session",
     # the diffusion model of Sample Identity
     "ENV_MODEL", "load_model", "missing_model_text", "model_path",
     # error text, avatars among objects, paths

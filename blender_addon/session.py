@@ -96,6 +96,7 @@ class Viewport(_Part):
     drawn: dict = field(default_factory=dict)        # (region, object key) -> (layer key, viewport.upload(), terms, shift)
     stats: dict = field(default_factory=dict)        # object key -> {"ms": pose -> image ms, "scale": factor}
     last_pose: dict = field(default_factory=dict)    # object key -> (pose digest, time it changed)
+    frames: dict = field(default_factory=dict)       # object key -> scene frame of its last playback request
 
     def close_workers(self) -> None:
         """Stop the worker threads (each finishes the stage call it is in)."""
@@ -106,7 +107,7 @@ class Viewport(_Part):
     def forget_images(self) -> None:
         """Stop the workers; forget images and textures (File > Open); the handler and shader stay."""
         self.close_workers()
-        for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.stats):
+        for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.frames, self.stats):
             d.clear()
 
 

@@ -24,7 +24,9 @@ nothing changed (a hover, a click elsewhere) draws the cached textures. While mo
 allow the level of detail of hda_backend.preview.PoseStage (the last UNet output re-skinned to the new
 pose, the UNet on every REFRESH_FRAMES-th frame), unless the preference *Fast Playback Preview* is off;
 the settled redraw asks for full quality, so the image left on screen once the playhead stops is the
-full path's.
+full path's. While the animation plays, each request also names the pose the playhead shows
+REFRESH_FRAMES frames on (:func:`look_ahead`, predicted from the action by blender_addon.playback), on
+which the worker runs the UNet after handing on the frame, so the frames between interpolate.
 
 Orthographic views are drawn through a pinhole camera pulled far back along the view axis (the
 rasterizer is perspective only); its depth is shifted back into the orthographic view's.
@@ -45,7 +47,7 @@ import bpy
 import numpy as np
 
 from ..hda_backend.errors import HDAError
-from . import preferences, runtime, session
+from . import playback, preferences, runtime, session
 from .objects import object_key, scene_avatars
 
 NAV_SCALE = 0.35         # resolution factor while the view or pose is changing
@@ -179,10 +181,11 @@ def read_pose(obj, depsgraph):
     return pose, transl, _digest(pose, transl)
 
 
-def request_for(obj, depsgraph, posed, view, proj, width: int, height: int, lod: bool = False):
+def request_for(obj, depsgraph, posed, view, proj, width: int, height: int, lod: bool = False, ahead=None):
     """(preview.PreviewRequest, depth shift) of the avatar ``obj`` at ``posed`` (from :func:`read_pose`),
     seen by a view (view [4,4], projection [4,4] matrices) at width x height; lod: the worker may
-    re-skin its last UNet output (while moving). Everything is read from Blender here, on the main
+    re-skin its last UNet output (while moving); ahead: the pose [165] playback shows REFRESH_FRAMES
+    frames on (playback.ahead_pose), or None. Everything is read from Blender here, on the main
     thread, so the worker gets arrays only."""
     from ..hda_backend import rig
     from ..hda_backend.preview import PreviewRequest
@@ -193,8 +196,22 @@ def request_for(obj, depsgraph, posed, view, proj, width: int, height: int, lod:
     matrix = np.array(obj.evaluated_get(depsgraph).matrix_world)
     viewmat, K, shift = rig.viewport_camera(view, proj, width, height, matrix)
     request = PreviewRequest(fast, pose, transl, pose_key, viewmat, K, int(width), int(height),
-                             runtime.shading(obj), avatar.gaussian_config.sh_degree, lod)
+                             runtime.shading(obj), avatar.gaussian_config.sh_degree, lod, ahead)
     return request, shift
+
+
+def look_ahead(context, obj, pose, key):
+    """While the animation plays: the pose the playhead shows REFRESH_FRAMES frames on, in the
+    direction it last moved (playback.ahead_pose); None otherwise."""
+    from ..hda_backend.preview import REFRESH_FRAMES
+
+    state, scene = session.viewport, context.scene
+    frame, last = scene.frame_current, state.frames.get(key)
+    state.frames[key] = frame
+    if context.screen is None or not context.screen.is_animation_playing:
+        return None
+    step = REFRESH_FRAMES * (playback.direction(scene, last, frame) if last is not None else 1)
+    return playback.ahead_pose(obj, scene, pose, runtime.get_layout(runtime.get_avatar(obj).body), step)
 
 
 def _worker(slot):
@@ -285,8 +302,9 @@ def _draw():
             drawn = state.drawn.get(slot)
             asked = state.requested.get(slot)
             if (drawn is None or drawn[0] != layer_key) and (asked is None or asked != layer_key):
-                request, shift = request_for(obj, depsgraph, posed, view[0], view[1], width, height,
-                                             moving and preferences.playback_lod())
+                lod = moving and preferences.playback_lod()
+                ahead = look_ahead(context, obj, posed[0], key) if lod else None
+                request, shift = request_for(obj, depsgraph, posed, view[0], view[1], width, height, lod, ahead)
                 meta = (layer_key, rig.depth_terms(view[1]), shift, now, width / max(1, region.width))
                 _worker(slot).submit(meta, request)  # a request still waiting there is dropped
                 state.requested[slot] = layer_key

@@ -13,6 +13,15 @@ numpy arrays, tensors and numbers. A stage that raises ends that request with it
 
 Requests are numbered in the order submitted; a finished result is only ever replaced by a newer one,
 so the image shown never goes back in time.
+
+A stage may have a ``follow_up(wait)`` method: its thread calls it after handing each result on, for
+work that prepares the *next* request (the viewport's UNet on the pose playback shows next) off this
+request's critical path. ``wait()`` blocks until this request has left the last stage: a follow-up
+with work to do calls it first, so it does not take the cores from the later stages, and one with
+nothing to do returns at once, leaving the stage free to overlap the next request with them. The stage
+counts as busy until it returns. Follow-up work only prepares: an
+exception it raises is dropped, and the next request, finding nothing prepared, does the work on its
+own path, where an error reaches the caller with that request.
 """
 
 from __future__ import annotations
@@ -102,6 +111,11 @@ class LatestWins:
                 thread.join(timeout)
 
     # ------------------------------------------------------------------------------------ workers
+    def _wait_finished(self, seq: int) -> None:
+        """Block until request ``seq`` has left the last stage (or the worker closed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or (self._finished is not None and self._finished.seq >= seq))
+
     def _put(self, stage: int, item: tuple) -> None:
         """(Under the lock.) Put an item in a stage's mailbox, dropping an older one still waiting there
         (items reach a mailbox in submission order, so the one waiting is always the older)."""
@@ -112,6 +126,7 @@ class LatestWins:
 
     def _run(self, stage: int) -> None:
         func, last = self._stages[stage], stage == len(self._stages) - 1
+        follow_up = getattr(func, "follow_up", None)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self._slots[stage] is not None)
@@ -127,10 +142,17 @@ class LatestWins:
             except Exception as exc:  # noqa: BLE001 - handed to the caller with its request
                 value, error = None, exc
             with self._cond:
-                self._busy[stage] = False
                 if error is None and not last:
                     self._put(stage + 1, (seq, key, value))
-                    continue
-                if self._finished is None or seq > self._finished.seq:
+                elif self._finished is None or seq > self._finished.seq:
                     self._finished = Finished(seq, key, value, error)
+                self._busy[stage] = follow_up is not None
                 self._cond.notify_all()
+            if follow_up is not None:
+                try:
+                    follow_up(lambda seq=seq: self._wait_finished(seq))
+                except Exception:  # noqa: BLE001 - an optimisation: the next request does the work itself
+                    pass
+                with self._cond:
+                    self._busy[stage] = False
+                    self._cond.notify_all()

@@ -446,15 +446,20 @@ def armature_pose(parents: dict, rest: dict, quats: dict, locations: dict) -> di
     ``M_j = M_parent · rest_parent⁻¹ · rest_j · basis_j`` (``M_root = rest_root · basis_root``).
     Returns {bone: [F,4,4] ``pose_bone.matrix``}.
     """
+    names = parents_first(parents)
+    q = np.stack([np.asarray(quats[n], dtype=np.float64) for n in names], 1)          # [F,B,4]
+    basis = np.tile(np.eye(4), q.shape[:2] + (1, 1))
+    basis[..., :3, :3] = quaternion_to_matrix(q)
+    basis[..., :3, 3] = np.stack([np.asarray(locations[n], dtype=np.float64) for n in names], 1)
+    # rest_parent⁻¹ · rest_j for every bone at once (the identity stands for a root's parent): the
+    # per-frame path (blender_addon.playback) calls this on every playback frame.
+    parent_rest = np.stack([rest[parents[n]] if parents[n] is not None else np.eye(4) for n in names])
+    local = np.linalg.inv(parent_rest) @ np.stack([np.asarray(rest[n], dtype=np.float64) for n in names])
+    chain = local[None] @ basis                                                        # [F,B,4,4]
     posed: dict = {}
-    for name in parents_first(parents):
-        q = np.asarray(quats[name], dtype=np.float64)
-        basis = np.tile(np.eye(4), (q.shape[0], 1, 1))
-        basis[:, :3, :3] = quaternion_to_matrix(q)
-        basis[:, :3, 3] = locations[name]
+    for i, name in enumerate(names):
         parent = parents[name]
-        local = rest[name] if parent is None else np.linalg.inv(rest[parent]) @ rest[name]
-        posed[name] = (local @ basis) if parent is None else posed[parent] @ local @ basis
+        posed[name] = chain[:, i] if parent is None else posed[parent] @ chain[:, i]
     return posed
 
 

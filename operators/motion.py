@@ -26,7 +26,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from ..blender_addon.api import avatar_of, error_text, poll_active_avatar, runtime
+from ..blender_addon.api import avatar_of, error_text, playback, poll_active_avatar, runtime
 from ..hda_backend.errors import HDAError
 
 INTERPOLATIONS = (("LINEAR", "Linear", "Straight lines between keys (dense motion capture)"),
@@ -52,20 +52,6 @@ def new_fcurve(action, obj, data_path: str, index: int, group: str):
     if hasattr(action, "fcurve_ensure_for_datablock"):
         return action.fcurve_ensure_for_datablock(obj, data_path, index=index, group_name=group)
     return action.fcurves.new(data_path, index=index, action_group=group)
-
-
-def object_fcurves(obj) -> list:
-    """The F-curves animating ``obj`` through its action (both action systems)."""
-    ad = obj.animation_data
-    if ad is None or ad.action is None:
-        return []
-    action = ad.action
-    if getattr(action, "is_action_layered", False):
-        from bpy_extras.anim_utils import action_get_channelbag_for_slot
-
-        bag = action_get_channelbag_for_slot(action, ad.action_slot)
-        return list(bag.fcurves) if bag is not None else []
-    return list(action.fcurves)
 
 
 def write_keys(obj, action_name: str, names, frames: np.ndarray, quats: np.ndarray, locations: np.ndarray,
@@ -145,7 +131,7 @@ def read_bvh(path: str) -> tuple[np.ndarray, np.ndarray, float]:
         # Pose-bone channels at every frame, interpolated from the importer's keys.
         quat = {n: np.tile([1.0, 0, 0, 0], (count, 1)) for n in bones.keys()}
         loc = {n: np.zeros((count, 3)) for n in bones.keys()}
-        for fc in object_fcurves(arm):
+        for fc in playback.object_fcurves(arm):
             name = fc.data_path.split('"')[1] if '"' in fc.data_path else None
             if name not in quat:
                 continue

@@ -56,7 +56,8 @@ def main(zip_path: str) -> None:
         t = time.perf_counter()
         bpy.ops.hda.import_motion(filepath=clip, fps_mode=mode, frame_start=1)
         dt = time.perf_counter() - t
-        keys = sum(len(fc.keyframe_points) for fc in motion_op.object_fcurves(obj))
+        playback = importlib.import_module(ADDON + ".blender_addon.playback")
+        keys = sum(len(fc.keyframe_points) for fc in playback.object_fcurves(obj))
         print(f"import_motion {frames} frames at 120 fps, {mode}: {keys} keys in {dt:.2f} s "
               f"({keys / dt / 1e3:.0f}k keys/s, parsing and conversion included)")
     obj.animation_data_clear()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from blender_addon import deps, fitjob
+from hda_backend.preview import AHEAD_MATCH_RAD
 from tests.test_blender_extension import ADDON, BPY42_PYTHON, BPY50_PYTHON, _hermetic_env, _pid_alive, _wait_for
 from tests.test_blender_extension import built_zip  # noqa: F401 - the zip fixture, built once per module
 
@@ -253,6 +254,7 @@ def diffusion_model(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------ real Blender
 _DRIVER = r'''
 import json, os, sys, time
+from types import SimpleNamespace
 args = json.loads(sys.argv[1])
 import bpy
 import numpy as np
@@ -323,7 +325,7 @@ data = np.load(args["npz"])
 pose60, transl60 = data["poses"].reshape(-1, 55, 3), data["trans"]
 scene.frame_set(1)
 report["npz"] = call(bpy.ops.hda.import_motion, filepath=args["npz"], frame_start=1)
-fcurves = motion_op.object_fcurves(obj)
+fcurves = mod("blender_addon.playback").object_fcurves(obj)
 report["fcurves"] = len(fcurves)
 report["keys"] = sorted({len(fc.keyframe_points) for fc in fcurves})
 report["interp"] = sorted({k.interpolation for fc in fcurves for k in fc.keyframe_points})
@@ -342,9 +344,42 @@ for k in (0, 3, 7):  # scene frame 1 + k is motion frame 2k exactly
     pose_errs.append([float(np.abs(r_got - r_ref).max()), float(np.abs(transl - transl60[2 * k]).max())])
 report["key_err"], report["pose_err"] = errs, pose_errs
 
+# --- playback look-ahead: the action's keys through Blender's armature formula, against Blender's own
+# evaluation of the frame; a constraint the keys do not show stops it; direction and looping.
+playback = mod("blender_addon.playback")
+
+
+def evaluated_pose(frame):
+    scene.frame_set(frame)
+    return runtime.read_pose(obj, bpy.context.evaluated_depsgraph_get(), layout)[0]
+
+
+frames = (1, 4, 8, scene.frame_end)
+predicted = playback.predict_poses(obj, frames, layout)
+report["predict_err"] = float(max(np.abs(predicted[i] - evaluated_pose(f)).max() for i, f in enumerate(frames)))
+report["frame_ahead"] = [playback.frame_ahead(scene, f, s) for f, s in ((4, 2), (scene.frame_end, 2), (1, -2))]
+report["direction"] = [playback.direction(scene, a, b) for a, b in ((4, 5), (5, 4), (scene.frame_end, 1), (1, 1))]
+now = evaluated_pose(4)
+report["ahead_err"] = float(np.abs(playback.ahead_pose(obj, scene, now, layout, 2) - evaluated_pose(6)).max())
+scene.frame_set(4)
+limit = obj.pose.bones[layout.names[1]].constraints.new('LIMIT_ROTATION')
+limit.use_limit_x = limit.use_limit_y = limit.use_limit_z = True
+now = evaluated_pose(4)
+report["ahead_constrained"] = playback.ahead_pose(obj, scene, now, layout, 2) is None
+obj.pose.bones[layout.names[1]].constraints.remove(limit)
+playing = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=True))
+session.viewport.frames.clear()
+looked = []
+for frame, expect in ((4, 6), (5, 7), (4, 2)):  # forwards, then one frame back: backwards
+    now = evaluated_pose(frame)
+    looked.append(float(np.abs(viewport.look_ahead(playing, obj, now, "k") - evaluated_pose(expect)).max()))
+report["look_ahead_err"] = looked
+stopped = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=False))
+report["look_ahead_stopped"] = viewport.look_ahead(stopped, obj, evaluated_pose(4), "k") is None
+
 mark('add_avatar_and_npz_import')
 report["npz_fps"] = call(bpy.ops.hda.import_motion, filepath=args["npz"], fps_mode="SCENE_FPS", frame_start=1)
-report["keys_fps"] = sorted({len(fc.keyframe_points) for fc in motion_op.object_fcurves(obj)})
+report["keys_fps"] = sorted({len(fc.keyframe_points) for fc in mod("blender_addon.playback").object_fcurves(obj)})
 report["range_fps"] = [scene.frame_start, scene.frame_end, scene.render.fps, scene.render.fps_base]
 scene.render.fps, scene.render.fps_base = 30, 1.0
 
@@ -513,12 +548,13 @@ class OffscreenProbe(bpy.types.RenderEngine):
             from types import SimpleNamespace
             region = SimpleNamespace(width=64, height=48, as_pointer=lambda: 1)
             fake = SimpleNamespace(region=region, scene=bpy.context.scene, window_manager=None,
+                                   screen=SimpleNamespace(is_animation_playing=False),
                                    region_data=SimpleNamespace(view_matrix=np.linalg.inv(np.array(cam.matrix_world)),
                                                                window_matrix=proj),
                                    evaluated_depsgraph_get=lambda: depsgraph)
             viewport.bpy = SimpleNamespace(context=fake, app=bpy.app)
             asked, real_request_for = [], viewport.request_for
-            viewport.request_for = lambda *a: (asked.append(a[-1]), real_request_for(*a))[1]  # records lod
+            viewport.request_for = lambda *a: (asked.append(a[7]), real_request_for(*a))[1]  # records lod
             try:
                 off = gpu.types.GPUOffScreen(64, 48, format='RGBA32F')
                 with off.bind():
@@ -663,6 +699,11 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     assert max(e[0] for e in r["pose_err"]) < 1e-4      # the evaluated armature reads back the motion's pose
     assert max(e[1] for e in r["pose_err"]) < 1e-5
     assert r["npz_fps"][0] == ["FINISHED"] and r["keys_fps"] == [31] and r["range_fps"] == [1, 31, 60, 1.0]
+    # Playback look-ahead: the keys predict Blender's evaluated pose (float32 vs float64 arithmetic).
+    assert r["predict_err"] < AHEAD_MATCH_RAD / 10 and r["ahead_err"] < AHEAD_MATCH_RAD / 10, r
+    assert r["frame_ahead"] == [6, 2, r["range"][1] - 1] and r["direction"] == [1, -1, 1, 1]
+    assert r["ahead_constrained"] and r["look_ahead_stopped"], r
+    assert max(r["look_ahead_err"]) < AHEAD_MATCH_RAD / 10, r["look_ahead_err"]
     assert r["amass"][0] == ["FINISHED"]
     assert r["amass_up_in_armature"][2] > 0.9 and r["amass_root_err"] < 1e-5  # stands up, as in AMASS's world
     assert r["bvh"][0] == ["FINISHED"] and r["bvh_objects_left"] == 0 and r["bvh_active"]

@@ -18,8 +18,8 @@ import torch
 
 from hda_backend.errors import HDAError
 from hda_backend.latest import LatestWins
-from hda_backend.preview import (EXTRAPOLATE_RANGE, REFRESH_FRAMES, PoseStage, PreviewRequest, extrapolate,
-                                 raster_stage, render_preview)
+from hda_backend.preview import (AHEAD_MATCH_RAD, EXTRAPOLATE_RANGE, REFRESH_FRAMES, PoseStage, PreviewRequest,
+                                 extrapolate, raster_stage, render_preview, same_pose)
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: only a bound for a broken worker; nothing here depends on it
@@ -101,6 +101,63 @@ def test_a_failing_stage_hands_back_its_error_and_the_worker_goes_on():
         worker.submit("good", 4)
         assert worker.wait(lambda w: w.finished_seq() == 2, WAIT)
         assert worker.latest().value == 8 and worker.latest().error is None
+    finally:
+        worker.close()
+
+
+def test_a_stage_follow_up_runs_once_its_request_left_the_last_stage():
+    """follow_up() runs on the stage's thread once the request it handed on has left the last stage (so
+    it never takes the cores from the later stages), the worker is not idle until it returns, and an
+    exception it raises is dropped while the worker goes on."""
+    in_last, release_last, in_follow, release_follow = (threading.Event() for _ in range(4))
+    order = []
+
+    class Stage:
+        skip = False
+
+        def __call__(self, value):
+            order.append(("stage", value))
+            return value
+
+        def follow_up(self, wait):
+            if self.skip:
+                return                                  # nothing to prepare: no wait for the last stage
+            wait()
+            order.append("follow_up")
+            in_follow.set()
+            release_follow.wait(WAIT)
+            raise RuntimeError("only an optimisation")
+
+    def last(value):
+        in_last.set()
+        release_last.wait(WAIT)
+        return value * 2
+
+    stage = Stage()
+    worker = LatestWins([stage, last])
+    try:
+        worker.submit("a", 1)
+        assert in_last.wait(WAIT)
+        assert not in_follow.wait(0.2)                  # the last stage is still working: no follow_up yet
+        release_last.set()
+        assert in_follow.wait(WAIT) and worker.finished_seq() == 1
+        assert worker.latest().value == 2 and not worker.idle()       # follow_up still running
+        release_follow.set()
+        assert worker.wait(lambda w: w.idle(), WAIT)
+        worker.submit("b", 3)
+        assert worker.wait(lambda w: w.finished_seq() == 2 and w.idle(), WAIT)
+        assert worker.latest().value == 6 and worker.latest().error is None
+        assert order == [("stage", 1), "follow_up", ("stage", 3), "follow_up"]
+        # A follow-up with nothing to do returns at once: the stage takes the next request while the
+        # last stage still works on this one (the pipelining of two stages).
+        stage.skip, in_last = True, threading.Event()
+        release_last.clear()
+        worker.submit("c", 5)
+        assert in_last.wait(WAIT)
+        worker.submit("d", 7)
+        assert worker.wait(lambda w: ("stage", 7) in order, WAIT)     # taken while "c" is still in the last stage
+        release_last.set()
+        assert worker.wait(lambda w: w.finished_seq() == 4 and w.idle(), WAIT) and worker.latest().value == 14
     finally:
         worker.close()
 
@@ -195,10 +252,10 @@ class _FakeFast:
         return (float(raw), int(pose[0]))
 
 
-def _fake(fast, frame: int, lod: bool) -> PreviewRequest:
+def _fake(fast, frame: int, lod: bool, ahead: int | None = None) -> PreviewRequest:
     pose = np.full(165, frame, np.float32)
     return PreviewRequest(fast, pose, np.zeros(3, np.float32), pose.tobytes(), np.eye(4), np.eye(3), 8, 8,
-                          "flat", 1, lod)
+                          "flat", 1, lod, None if ahead is None else np.full(165, ahead, np.float32))
 
 
 def _unet_frames(fast):
@@ -231,6 +288,43 @@ def test_the_level_of_detail_reskins_and_refreshes_the_unet_every_nth_frame():
     assert [stage(_fake(fast, f, True))[1][1] for f in range(6)] == list(range(6))
     assert _unet_frames(fast)[-2:] == [0, 4]
     assert PoseStage().refresh_frames == REFRESH_FRAMES
+
+
+def test_with_look_ahead_the_unet_runs_on_the_next_refresh_pose_between_frames():
+    """Playback with look-ahead (lod requests that name the pose REFRESH_FRAMES frames on): the UNet
+    runs on the critical path only for the first frame; after each frame whose output is its own,
+    follow_up runs it on the predicted pose, which the frame reaching that pose skins (its output as
+    is), and the frames in between interpolate (exact for this linear fake, including frame 1, which
+    without look-ahead re-skins as is). A prediction the playhead does not reach is never used for
+    the frame it named: a jump re-skins at most REFRESH_FRAMES - 1 frames before the UNet runs on the
+    critical path again; a request without lod always runs it and prepares nothing."""
+    fast = _FakeFast()
+    stage = PoseStage()
+    got = []
+    for f in range(9):
+        got.append(stage(_fake(fast, f, True, ahead=f + REFRESH_FRAMES))[1])
+        stage.follow_up()
+    assert got == [(float(f), f) for f in range(9)]
+    assert _unet_frames(fast) == [0, 2, 4, 6, 8, 10] and (stage.unet_runs, stage.ahead_runs) == (1, 5)
+    near = np.full(165, 10, np.float32)
+    near[5] += 0.5 * AHEAD_MATCH_RAD                       # within the match: the output made ahead
+    assert stage(dataclasses.replace(_fake(fast, 10, True), pose=near, pose_key=near.tobytes()))[1] == (10.0, 10)
+    assert stage.unet_runs == 1
+    stage.follow_up()                                      # no ahead in that request: nothing prepared
+    assert stage.ahead_runs == 5
+    stage(_fake(fast, 11, True, ahead=13))                 # re-skinned (carried), prepares nothing
+    stage.follow_up()
+    assert stage(_fake(fast, 12, True, ahead=14))[1] == (12.0, 12) and stage.unet_runs == 2   # refresh
+    stage.follow_up()                                      # the UNet on 14
+    assert stage(_fake(fast, 20, True, ahead=22))[1] == (14.0, 20)   # a jump: clamped to the output made ahead
+    stage.follow_up()
+    assert stage(_fake(fast, 21, True))[1] == (21.0, 21) and stage.unet_runs == 3   # then the UNet again
+    assert not same_pose(np.full(165, 14.0), np.full(165, 14.0 + 2 * AHEAD_MATCH_RAD))
+    assert stage(_fake(fast, 22, False, ahead=24))[1] == (22.0, 22) and stage.unet_runs == 4
+    stage.follow_up()
+    assert stage.ahead_runs == 6 and _unet_frames(fast)[-1] == 22   # still: nothing prepared
+    stage.follow_up()                                       # twice in a row: nothing to do
+    assert stage.ahead_runs == 6
 
 
 def test_extrapolate_carries_the_output_along_the_last_pose_change():
