@@ -116,9 +116,11 @@ class HDA_AddonPreferences(bpy.types.AddonPreferences):
     playback_lod: BoolProperty(
         name="Fast Playback Preview", default=True,
         description="While the playhead or the view moves, run the avatar's network on every other frame "
-                    "and re-skin its last output in between (about twice the frame rate on a CPU; the "
-                    "pose-dependent detail is one frame behind and differs visibly in fast motions). Off: "
-                    "every frame at full quality. The image once the playhead stops is full quality either way")
+                    "and re-skin its output in between (about twice the frame rate on a CPU; while an "
+                    "action plays the network runs ahead and the frames between interpolate, otherwise "
+                    "the pose-dependent detail is one frame behind; either may differ visibly in fast "
+                    "motions). Off: every frame at full quality. The image once the playhead stops is "
+                    "full quality either way")
 
     def draw(self, context):
         layout = self.layout

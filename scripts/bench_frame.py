@@ -408,7 +408,7 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
           f"latency")
     print(f"worker (hda_backend.latest, latest pose wins; upload + draw on the main thread), playback at "
           f"{PLAYBACK_FPS} fps for {PLAYBACK_S:.0f} s; latency: pose submitted -> image drawn")
-    print(f"{'worker':<19} {'latency ms':>10} {'min':>6} {'ratio':>6} {'fps':>6} {'drawn':>6} {'dropped':>8} "
+    print(f"{'worker':<32} {'latency ms':>10} {'min':>6} {'ratio':>6} {'fps':>6} {'drawn':>6} {'dropped':>8} "
           f"{'PSNR dB':>8} {'min':>6}")
     results = {}
     for name, out in worker_rows.items():
@@ -416,7 +416,7 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
         fps = 1e3 * len(latency) / out["elapsed"]
         lat_ratio = _median([a / b for a, b in zip(latency, out["unet f32"])])
         quality = f"{_median(out['psnr']):>8.1f} {min(out['psnr']):>6.1f}" if out["psnr"] else f"{'full':>8} {'':>6}"
-        print(f"{name:<19} {_median(latency):>10.1f} {min(latency):>6.1f} {lat_ratio:>6.2f} {fps:>6.1f} "
+        print(f"{name:<32} {_median(latency):>10.1f} {min(latency):>6.1f} {lat_ratio:>6.2f} {fps:>6.1f} "
               f"{len(latency):>6} {out['dropped']:>8} {quality}")
         results[name] = (lat_ratio, fps, _median(latency) / _median(out["unet f32"]), out["psnr"],
                          len(latency) >= out["submitted"])
