@@ -97,6 +97,7 @@ class Viewport(_Part):
     stats: dict = field(default_factory=dict)        # object key -> {"ms": pose -> image ms, "scale": factor}
     last_pose: dict = field(default_factory=dict)    # object key -> (pose digest, time it changed)
     frames: dict = field(default_factory=dict)       # object key -> scene frame of its last playback request
+    ahead: dict = field(default_factory=dict)        # object key -> whether playback's last request looked ahead
 
     def close_workers(self) -> None:
         """Stop the worker threads (each finishes the stage call it is in)."""
@@ -107,7 +108,8 @@ class Viewport(_Part):
     def forget_images(self) -> None:
         """Stop the workers; forget images and textures (File > Open); the handler and shader stay."""
         self.close_workers()
-        for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.frames, self.stats):
+        for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.frames, self.ahead,
+                  self.stats):
             d.clear()
 
 

@@ -24,6 +24,10 @@ from .diffusion_model import model_path
 from .identity import busy
 from .objects import all_avatars, avatar_of, object_key
 from .paths import addon_id
+
+# The viewport's look-ahead while playing (viewport.look_ahead), as the Backend box says it.
+AHEAD_ON = "playback looks ahead in the action"
+AHEAD_OFF = "no look-ahead: the pose is not the action's keys alone (constraints, drivers, NLA)"
 from .preferences import frame_cache_line, get_prefs
 
 
@@ -193,6 +197,9 @@ class HDA_PT_main(bpy.types.Panel):
             shown = session.viewport.stats.get(object_key(obj))
             if shown:
                 box.label(text=f"viewport: {shown['ms']:.0f} ms at {100 * shown['scale']:.0f}% size")
+            ahead = session.viewport.ahead.get(object_key(obj))
+            if ahead is not None:  # while playing: why playback may be less smooth
+                box.label(text=AHEAD_ON if ahead else AHEAD_OFF, icon='CHECKMARK' if ahead else 'INFO')
         prefs = get_prefs(context)
         if prefs is not None:  # where animators look while playing, beside the viewport's timing
             box.prop(prefs, "playback_lod")

@@ -209,9 +209,12 @@ def look_ahead(context, obj, pose, key):
     frame, last = scene.frame_current, state.frames.get(key)
     state.frames[key] = frame
     if context.screen is None or not context.screen.is_animation_playing:
+        state.ahead.pop(key, None)
         return None
     step = REFRESH_FRAMES * (playback.direction(scene, last, frame) if last is not None else 1)
-    return playback.ahead_pose(obj, scene, pose, runtime.get_layout(runtime.get_avatar(obj).body), step)
+    ahead = playback.ahead_pose(obj, scene, pose, runtime.get_layout(runtime.get_avatar(obj).body), step)
+    state.ahead[key] = ahead is not None  # the sidebar says whether playback looks ahead
+    return ahead
 
 
 def _worker(slot):

@@ -365,17 +365,20 @@ scene.frame_set(4)
 limit = obj.pose.bones[layout.names[1]].constraints.new('LIMIT_ROTATION')
 limit.use_limit_x = limit.use_limit_y = limit.use_limit_z = True
 now = evaluated_pose(4)
-report["ahead_constrained"] = playback.ahead_pose(obj, scene, now, layout, 2) is None
-obj.pose.bones[layout.names[1]].constraints.remove(limit)
 playing = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=True))
+report["ahead_constrained"] = [playback.ahead_pose(obj, scene, now, layout, 2) is None,
+                               viewport.look_ahead(playing, obj, now, "c") is None, session.viewport.ahead.get("c")]
+obj.pose.bones[layout.names[1]].constraints.remove(limit)
 session.viewport.frames.clear()
 looked = []
 for frame, expect in ((4, 6), (5, 7), (4, 2)):  # forwards, then one frame back: backwards
     now = evaluated_pose(frame)
     looked.append(float(np.abs(viewport.look_ahead(playing, obj, now, "k") - evaluated_pose(expect)).max()))
 report["look_ahead_err"] = looked
+report["ahead_flag"] = [session.viewport.ahead.get("k")]
 stopped = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=False))
 report["look_ahead_stopped"] = viewport.look_ahead(stopped, obj, evaluated_pose(4), "k") is None
+report["ahead_flag"].append("k" in session.viewport.ahead)
 
 mark('add_avatar_and_npz_import')
 report["npz_fps"] = call(bpy.ops.hda.import_motion, filepath=args["npz"], fps_mode="SCENE_FPS", frame_start=1)
@@ -702,7 +705,8 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     # Playback look-ahead: the keys predict Blender's evaluated pose (float32 vs float64 arithmetic).
     assert r["predict_err"] < AHEAD_MATCH_RAD / 10 and r["ahead_err"] < AHEAD_MATCH_RAD / 10, r
     assert r["frame_ahead"] == [6, 2, r["range"][1] - 1] and r["direction"] == [1, -1, 1, 1]
-    assert r["ahead_constrained"] and r["look_ahead_stopped"], r
+    assert r["ahead_constrained"] == [True, True, False] and r["look_ahead_stopped"], r
+    assert r["ahead_flag"] == [True, False]   # the sidebar's look-ahead line: on while playing, gone once stopped
     assert max(r["look_ahead_err"]) < AHEAD_MATCH_RAD / 10, r["look_ahead_err"]
     assert r["amass"][0] == ["FINISHED"]
     assert r["amass_up_in_armature"][2] > 0.9 and r["amass_root_err"] < 1e-5  # stands up, as in AMASS's world

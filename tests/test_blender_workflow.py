@@ -121,6 +121,18 @@ panel = PanelLayout()
 mod("blender_addon.ui").HDA_PT_main._backend(None, panel, bpy.context, arm)
 prefs = bpy.context.preferences.addons[ADDON].preferences
 report["backend_box_props"] = [[name, data == prefs] for kind, name, data in panel.entries if kind == "prop"]
+ui = mod("blender_addon.ui")
+report["ahead_lines"] = []
+for flag in (True, False, None):  # playing with look-ahead, playing without, stopped
+    if flag is None:
+        session.viewport.ahead.clear()
+    else:
+        session.viewport.ahead[mod("blender_addon.objects").object_key(arm)] = flag
+    panel = PanelLayout()
+    ui.HDA_PT_main._backend(None, panel, bpy.context, arm)
+    report["ahead_lines"].append([text for kind, text, _ in panel.entries
+                                  if kind == "label" and text in (ui.AHEAD_ON, ui.AHEAD_OFF)])
+report["ahead_texts"] = [ui.AHEAD_ON, ui.AHEAD_OFF]
 layout = runtime.get_layout(runtime.get_body(None))
 npz_entry, bvh_entry = entries["TOPBAR_MT_file_import"]
 
@@ -296,6 +308,8 @@ def _check(r: dict, output: str, tmp_path: Path, model_path: Path) -> None:
     # The sidebar's Backend box: the avatar's device (and render path on 5.3+) and the preference Fast
     # Playback Preview, where animators look while playing.
     assert ["playback_lod", True] in r["backend_box_props"] and ["device", False] in r["backend_box_props"]
+    on, off = r["ahead_texts"]
+    assert r["ahead_lines"] == [[on], [off], []], r["ahead_lines"]
 
     # AMASS: Blender's own bone heads are the clip's joints in the clip's world (cursor at the origin),
     # and the body posed as Blender holds it stands on the ground (hops 0.2 m at frame 1).
