@@ -11,12 +11,22 @@ made when the same prediction for the frame on screen equals the pose Blender ev
 (preview.same_pose), and the worker uses the output it made ahead only for the frame whose evaluated
 pose matches it: a wrong prediction costs the speed-up, never a wrong image.
 
+Where the action's keys alone do not give the pose, a loop played once gives it: the poses Blender
+evaluated while playing are kept per frame (:func:`played_ahead`), and once the pose kept for the frame
+on screen equals the one evaluated now, the one kept for the frame ahead is named. An edit since then
+that changes only frames ahead makes that prediction wrong; it is then never used for the frame it
+names (the worker checks), only interpolated towards for the frame between, as the level of detail's
+preview while moving.
+
 Main thread only (bpy); the arithmetic is hda_backend.rig's.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+# At most this many frames' poses are kept per avatar for played_ahead (660 bytes each).
+PLAYED_MAX = 20_000
 
 
 def object_fcurves(obj) -> list:
@@ -109,3 +119,19 @@ def ahead_pose(obj, scene, pose: np.ndarray, layout, step: int):
     if predicted is None or not same_pose(predicted[0], pose):
         return None
     return predicted[1].astype(np.float32)
+
+
+def played_ahead(played: dict, scene, pose: np.ndarray, step: int):
+    """Keep ``pose`` (evaluated by Blender at the frame on screen) in ``played`` ({frame: pose}, the
+    poses seen while playing) and return the pose kept for ``step`` frames on, where the one kept for
+    this frame (a loop before) equals ``pose``; None otherwise."""
+    from ..hda_backend.preview import same_pose
+
+    frame = scene.frame_current
+    seen = played.get(frame)
+    if len(played) >= PLAYED_MAX and seen is None:
+        played.clear()  # a bound on what is kept (a long shot played once): start again
+    played[frame] = np.array(pose, dtype=np.float32)
+    if seen is None or not same_pose(seen, pose):
+        return None
+    return played.get(frame_ahead(scene, frame, step))

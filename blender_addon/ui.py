@@ -27,7 +27,7 @@ from .paths import addon_id
 
 # The viewport's look-ahead while playing (viewport.look_ahead), as the Backend box says it.
 AHEAD_ON = "playback looks ahead in the action"
-AHEAD_OFF = "no look-ahead: the pose is not the action's keys alone (constraints, drivers, NLA)"
+AHEAD_OFF = "no look-ahead yet: constraints, drivers or NLA move the pose (it starts once a loop has played)"
 from .preferences import frame_cache_line, get_prefs
 
 

@@ -202,7 +202,8 @@ def request_for(obj, depsgraph, posed, view, proj, width: int, height: int, lod:
 
 def look_ahead(context, obj, pose, key):
     """While the animation plays: the pose the playhead shows REFRESH_FRAMES frames on, in the
-    direction it last moved (playback.ahead_pose); None otherwise."""
+    direction it last moved, from the action (playback.ahead_pose) or else from a loop played before
+    (playback.played_ahead); None otherwise."""
     from ..hda_backend.preview import REFRESH_FRAMES
 
     state, scene = session.viewport, context.scene
@@ -212,7 +213,9 @@ def look_ahead(context, obj, pose, key):
         state.ahead.pop(key, None)
         return None
     step = REFRESH_FRAMES * (playback.direction(scene, last, frame) if last is not None else 1)
+    from_loop = playback.played_ahead(state.played.setdefault(key, {}), scene, pose, step)
     ahead = playback.ahead_pose(obj, scene, pose, runtime.get_layout(runtime.get_avatar(obj).body), step)
+    ahead = ahead if ahead is not None else from_loop
     state.ahead[key] = ahead is not None  # the sidebar says whether playback looks ahead
     return ahead
 

@@ -368,6 +368,25 @@ now = evaluated_pose(4)
 playing = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=True))
 report["ahead_constrained"] = [playback.ahead_pose(obj, scene, now, layout, 2) is None,
                                viewport.look_ahead(playing, obj, now, "c") is None, session.viewport.ahead.get("c")]
+# A loop played once looks ahead where the keys alone do not (the poses Blender evaluated, kept per frame).
+scene.use_preview_range, scene.frame_preview_start, scene.frame_preview_end = True, 4, 6
+pose6 = evaluated_pose(6)
+report["loop_ahead"] = []
+for frame in (4, 5, 6, 4):  # the preview range played, then looped back to its start
+    got = viewport.look_ahead(playing, obj, evaluated_pose(frame), "c")
+    report["loop_ahead"].append(None if got is None else float(np.abs(got - pose6).max()))
+report["loop_ahead_flag"] = session.viewport.ahead.get("c")
+edited = evaluated_pose(5) + 1e-3                    # the pose on screen moved since the loop kept it
+report["loop_edited"] = [viewport.look_ahead(playing, obj, edited, "c") is None, session.viewport.ahead.get("c"),
+                         bool(np.abs(session.viewport.played["c"][5] - edited).max() < 1e-6)]
+saved_max, playback.PLAYED_MAX = playback.PLAYED_MAX, 2
+bound = {}
+for frame in (1, 2, 3):                             # full at two frames: a new one starts again
+    playback.played_ahead(bound, SimpleNamespace(frame_current=frame, use_preview_range=False, frame_start=1,
+                                                 frame_end=31), np.zeros(165), 2)
+report["played_bound"] = sorted(bound)
+playback.PLAYED_MAX = saved_max
+scene.use_preview_range = False
 obj.pose.bones[layout.names[1]].constraints.remove(limit)
 session.viewport.frames.clear()
 looked = []
@@ -707,6 +726,10 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     assert r["frame_ahead"] == [6, 2, r["range"][1] - 1] and r["direction"] == [1, -1, 1, 1]
     assert r["ahead_constrained"] == [True, True, False] and r["look_ahead_stopped"], r
     assert r["ahead_flag"] == [True, False]   # the sidebar's look-ahead line: on while playing, gone once stopped
+    # The constrained rig once its loop has played: the pose kept for the frame ahead (Blender's, in float32).
+    assert r["loop_ahead"][:3] == [None, None, None] and r["loop_ahead"][3] < 1e-6, r["loop_ahead"]
+    assert r["loop_ahead_flag"] is True
+    assert r["loop_edited"] == [True, False, True] and r["played_bound"] == [3], (r["loop_edited"], r["played_bound"])
     assert max(r["look_ahead_err"]) < AHEAD_MATCH_RAD / 10, r["look_ahead_err"]
     assert r["amass"][0] == ["FINISHED"]
     assert r["amass_up_in_armature"][2] > 0.9 and r["amass_root_err"] < 1e-5  # stands up, as in AMASS's world
