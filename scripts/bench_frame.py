@@ -423,7 +423,7 @@ def _viewport(bpy, torch, np, vp, rig, avatar, fast, arm, frame_poses) -> None:
     print(f"LOD: while playing, {preview.REFRESH_FRAMES - 1} frames in {preview.REFRESH_FRAMES} re-skin a UNet "
           f"output (walk at {PLAYBACK_FPS} fps; PSNR of each image drawn against its frame's full quality); with "
           f"look-ahead (the add-on, where the action predicts the pose) the UNet runs on the pose "
-          f"{preview.REFRESH_FRAMES} frames on after a frame is handed on and the frames between interpolate; "
+          f"{preview.REFRESH_FRAMES} frames on once a frame is rasterized and the frames between interpolate; "
           f"without, they carry the last output along the pose change; the still image is the full path's")
     # The add-on's worker (two threads): at full quality, and with the level of detail on every avatar
     # played (the bench avatar and each trained reference), so a miss on any of them is printed.
