@@ -1,7 +1,7 @@
 """The pose the playhead will show: the viewport's look-ahead during playback.
 
 While the animation plays, the viewport's worker runs the UNet on the pose a few frames on
-(hda_backend.preview.REFRESH_FRAMES) while the frame on screen rasterizes, so the frames in between
+(hda_backend.preview.REFRESH_FRAMES) once the frame on screen is rasterized, so the frames in between
 interpolate between two UNet outputs (hda_backend.preview.PoseStage). That pose is predicted from
 the avatar's action alone: its bones' ``rotation_quaternion`` and ``location`` F-curves evaluated at
 the frame, taken through Blender's armature formula (rig.armature_pose) and read as an SMPL-X pose as
@@ -63,9 +63,10 @@ def direction(scene, last: int, frame: int) -> int:
     """+1 where playback went from ``last`` to ``frame`` forwards (the shorter way round the looping
     range; also for no change), -1 backwards."""
     start, end = _range(scene)
-    span = end - start + 1 if end >= start and start <= last <= end and start <= frame <= end else None
-    forward, backward = ((frame - last) % span, (last - frame) % span) if span else (frame - last, last - frame)
-    return -1 if 0 <= backward < forward or forward < 0 else 1
+    if not (end >= start and start <= last <= end and start <= frame <= end):
+        return -1 if frame < last else 1
+    span = end - start + 1
+    return -1 if (last - frame) % span < (frame - last) % span else 1
 
 
 def predict_poses(obj, frames, layout) -> np.ndarray | None:
@@ -74,8 +75,11 @@ def predict_poses(obj, frames, layout) -> np.ndarray | None:
     the 55 bones has a parent outside them."""
     from ..hda_backend import rig
 
-    frames = [float(f) for f in frames]
     bones, data = obj.pose.bones, obj.data.bones
+    parents = {n: (data[n].parent.name if data[n].parent is not None else None) for n in layout.names}
+    if any(p is not None and p not in parents for p in parents.values()):
+        return None  # a bone outside the 55 moves them: not predicted
+    frames = [float(f) for f in frames]
     index = {b.name: i for i, b in enumerate(bones)}
     # Every bone's own values in one call each (foreach_get), then the keyed channels over them.
     quat = np.empty((len(bones), 4), np.float32)
@@ -92,9 +96,6 @@ def predict_poses(obj, frames, layout) -> np.ndarray | None:
         table = quats if channel == ".rotation_quaternion" else locations if channel == ".location" else None
         if table is not None and name in index and 0 <= fc.array_index < table.shape[2]:
             table[:, index[name], fc.array_index] = [fc.evaluate(f) for f in frames]
-    parents = {n: (data[n].parent.name if data[n].parent is not None else None) for n in layout.names}
-    if any(p is not None and p not in parents for p in parents.values()):
-        return None  # a bone outside the 55 moves them: not predicted
     rest = np.empty(len(data) * 16, np.float32)
     data.foreach_get("matrix_local", rest)
     rest = rest.reshape(-1, 4, 4).transpose(0, 2, 1).astype(np.float64)  # foreach_get: column by column
