@@ -175,6 +175,12 @@ class BuildPaths:
         return self.work / "fit_eval"
 
     @property
+    def gallery_cache(self) -> Path:
+        """eval-gen's renders of the fits (:mod:`.diffusion.gallery_cache`): a redone eval stage, or an
+        eval-gen of another model against the same fits (``--gallery-cache``), renders them once."""
+        return self.work / "gallery_cache"
+
+    @property
     def model(self) -> Path:
         return self.out / MODEL_FILE
 
@@ -375,7 +381,8 @@ def _stage_eval(paths: BuildPaths, build: DefaultBuildConfig, config: Config, st
     report = evaluate_generation(reference, paths.eval, load_body(config.body.path, config.body.num_betas),
                                  models={"default": paths.model}, train=training if build.held_out else None,
                                  config=eval_config, lpips=perceptual,
-                                 notes=(lpips_status, "FID/KID off: no local Inception weights"))
+                                 notes=(lpips_status, "FID/KID off: no local Inception weights"),
+                                 gallery_cache=paths.gallery_cache)
     keys = ("name", "kind", "mmd_psnr_db", "cov_psnr", "one_nna_psnr", "colour_fd", "colourfulness_ratio",
             "sharpness_ratio", "precision", "recall", "no_copies", "vs_train", "seed_sets", "plausible_fraction",
             "seconds_per_identity")

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive("--size", 1024), default=128, help="gallery image size")
     p.add_argument("--inception", help="TorchScript Inception-V3 features file for FID/KID (or $HDA_INCEPTION)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--gallery-cache", metavar="DIR",
+                   help="keep the reference and training galleries in DIR between runs (keyed by file bytes, "
+                        "gallery and code: the same numbers, rendered once)")
     add_device_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     add_config_args(p)
@@ -322,8 +325,11 @@ def cmd_eval_gen(args) -> None:
     report = evaluate_generation(args.reference, args.out, load_body(config.body.path, config.body.num_betas),
                                  models=parse_named(args.model, "--model"), samples=parse_named(args.samples, "--samples"),
                                  train=args.train, config=eval_config, lpips=perceptual, inception=inception,
-                                 notes=(lpips_status, inception_status))
+                                 notes=(lpips_status, inception_status), gallery_cache=args.gallery_cache)
     print(format_table(report))
+    if report["gallery_cache"] is not None:
+        cached = report["gallery_cache"]
+        print(f"gallery cache {cached['folder']}: {cached['hits']} galleries reused, {cached['misses']} rendered")
     print(f"wrote {Path(args.out) / 'eval_gen.md'}, eval_gen.json, samples_vs_nearest.png and samples/")
 
 

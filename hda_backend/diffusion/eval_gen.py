@@ -42,7 +42,8 @@ from ..errors import HDAError
 from ..images import contact_sheet, save_png, to_uint8
 from .baselines import BASELINES, baseline_samples
 from .gallery import (Gallery, GalleryConfig, gallery_views, lpips_matrix, mse_matrix, psnr_distance,
-                      render_avatar_parts, render_gallery, weight_distance_matrix)
+                      render_avatar_parts, weight_distance_matrix)
+from .gallery_cache import GalleryCache, render_files
 from .image_stats import MEAN_COLOUR_COLUMNS, avatar_stats, standardise
 from .metrics import KIDConfig, coverage, fid, kid, mmd, novelty, one_nna, precision_recall
 from .plausibility import PlausibilityConfig, body_silhouettes, check_plausible
@@ -190,9 +191,9 @@ def _same_architecture(ref: WeightSet, other: WeightSet, source: str) -> None:
                            "reference set (one architecture per evaluation)")
 
 
-def _render_side(weights: WeightSet, body: BodyModel, views, backend: str, progress: bool, desc: str) -> _Side:
-    avatars = (load_avatar(p, body) for p in weights.paths)  # one at a time: avatars hold their UV buffers
-    gallery = render_gallery(avatars, views, backend, progress, desc, total=len(weights.paths), parts=True)
+def _render_side(weights: WeightSet, body: BodyModel, views, backend: str, progress: bool, desc: str,
+                 cache: GalleryCache | None) -> _Side:
+    gallery = render_files(weights.paths, body, views, backend, parts=True, cache=cache, progress=progress, desc=desc)
     return _Side(weights, gallery, [p.name.removesuffix(SUFFIX) for p in weights.paths],
                  _gallery_stats(gallery, views.background.numpy()))
 
@@ -422,8 +423,8 @@ def _seed_sets(name: str, source: Path, row: dict, inputs: _Inputs, body: BodyMo
         seed = config.seed + k * inputs.n
         files = _sample_model(source, inputs.n, seed, config.steps, out_dir / "samples" / f"{name}.seeds{seed}",
                               progress, config.gallery.device)
-        gallery = render_gallery((load_avatar(f, body) for f in files), views, config.gallery.backend, progress,
-                                 f"{name} seeds {seed}", total=len(files))
+        gallery = render_files(files, body, views, config.gallery.backend, progress=progress,
+                               desc=f"{name} seeds {seed}")
         out.append({"seed": seed, **_fidelity(gallery, sets)})
     return out
 
@@ -443,7 +444,8 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
                         models: dict[str, Path] | None = None, samples: dict[str, Path] | None = None,
                         train: str | os.PathLike | None = None, config: EvalGenConfig = EvalGenConfig(),
                         lpips: Callable | None = None, inception: Callable | None = None,
-                        notes: tuple[str, ...] = (), progress: bool = True) -> dict:
+                        notes: tuple[str, ...] = (), progress: bool = True,
+                        gallery_cache: str | os.PathLike | None = None) -> dict:
     """Evaluate every row against the reference avatars; write the report files; return the JSON dict.
 
     reference / train: folders (or files) of ``*.hda.safetensors``; ``train`` (what the models and the
@@ -451,7 +453,9 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     diffusion model file; samples: row name -> folder of generated avatar files. lpips(x [V,3,H,W],
     y [V,3,H,W]) -> mean LPIPS; inception(images [N,H,W,3]) -> features [N,F] (see
     :func:`.gallery.load_inception`); either may be None (that column is left out). notes: one-line
-    notes (e.g. why LPIPS is off) copied into the report.
+    notes (e.g. why LPIPS is off) copied into the report. gallery_cache: a folder where the reference
+    and training sets' galleries are kept between runs (:mod:`.gallery_cache`; the numbers are the same
+    with or without it).
     """
     out_dir = Path(out_dir)
     inputs = _check_inputs(reference, train, models or {}, samples or {}, config)
@@ -460,8 +464,9 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
     views = gallery_views(body, config.gallery)
     backend = config.gallery.backend
     masks = body_silhouettes(body, views)
-    ref_side = _render_side(ref, body, views, backend, progress, "reference")
-    train_side = ref_side if train is None else _render_side(train_set, body, views, backend, progress, "train")
+    cache = GalleryCache(gallery_cache) if gallery_cache is not None else None
+    ref_side = _render_side(ref, body, views, backend, progress, "reference", cache)
+    train_side = ref_side if train is None else _render_side(train_set, body, views, backend, progress, "train", cache)
     if inception is not None:
         ref_side.features = inception(ref_side.gallery.images.flatten(0, 1).numpy())
     mse_rr = mse_matrix(ref_side.gallery.images, ref_side.gallery.images)
@@ -507,6 +512,8 @@ def evaluate_generation(reference: str | os.PathLike, out_dir: str | os.PathLike
         "columns": {"lpips": lpips is not None, "fid_kid": inception is not None},
         "rows": results,
         "held_out_vs_train": _held_out_vs_train(sets, config.pr_k) if train is not None else None,
+        "gallery_cache": None if cache is None else {"folder": str(cache.folder), "hits": cache.hits,
+                                                     "misses": cache.misses},
     }
     _write_report(out_dir, report, sheet_tiles, sheet_labels, config)
     return report
