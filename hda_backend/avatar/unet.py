@@ -53,8 +53,12 @@ class AvatarUNet(nn.Module):
         return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.Conv2d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B,6,R,R] (normals, positions in metres) -> [B,59,R,R] raw Gaussian parameters."""
-        return run_unet(self, x, conv_layer)
+        """x: [B,6,R,R] (normals, positions in metres) -> [B,59,R,R] raw Gaussian parameters (channels-last).
+
+        Runs channels-last whatever the input's layout: on the CPU oneDNN's convolutions are faster in it
+        (a bf16 training step, forward + backward + Adam, 1.7x at UV 128, one thread), with bf16 results
+        equal bit for bit and float32 within 1e-5 of the contiguous layout's (README, Fitting)."""
+        return run_unet(self, x.contiguous(memory_format=torch.channels_last), conv_layer)
 
 
 def conv_layer(conv: nn.Conv2d, h: torch.Tensor, silu: bool) -> torch.Tensor:
