@@ -44,23 +44,34 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_ssim_matches_a_direct_windowed_computation():
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.rand(1, 1, 15, 15, generator=gen), torch.rand(1, 1, 15, 15, generator=gen)
-    assert float(ssim(a, a)) == pytest.approx(1.0, abs=1e-6)
+def _ssim_by_hand(a, b):
+    """Mean SSIM of two single-channel 2-D images by explicit 11 x 11 windows (zero padding)."""
     x = torch.arange(11) - 5.0
     w = torch.outer(torch.exp(-x ** 2 / 4.5), torch.exp(-x ** 2 / 4.5))
     w /= w.sum()
-    pa, pb = torch.nn.functional.pad(a, (5,) * 4)[0, 0], torch.nn.functional.pad(b, (5,) * 4)[0, 0]
+    pa, pb = torch.nn.functional.pad(a, (5,) * 4), torch.nn.functional.pad(b, (5,) * 4)
     total = 0.0
-    for i in range(15):
-        for j in range(15):
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
             wa, wb = pa[i:i + 11, j:j + 11], pb[i:i + 11, j:j + 11]
             ma, mb = (w * wa).sum(), (w * wb).sum()
             va, vb = (w * wa * wa).sum() - ma ** 2, (w * wb * wb).sum() - mb ** 2
             cov = (w * wa * wb).sum() - ma * mb
             total += ((2 * ma * mb + 1e-4) * (2 * cov + 9e-4)) / ((ma ** 2 + mb ** 2 + 1e-4) * (va + vb + 9e-4))
-    assert float(ssim(a, b)) == pytest.approx(float(total) / 225, abs=1e-5)
+    return float(total) / a.numel()
+
+
+def test_ssim_matches_a_direct_windowed_computation():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 1, 15, 15, generator=gen), torch.rand(1, 1, 15, 15, generator=gen)
+    assert float(ssim(a, a)) == pytest.approx(1.0, abs=1e-6)
+    assert float(ssim(a, b)) == pytest.approx(_ssim_by_hand(a[0, 0], b[0, 0]), abs=1e-5)
+    # Several images and channels (the fit's 3 cameras x RGB): the mean over every image's own SSIM,
+    # so no channel's window reaches into another's.
+    a, b = torch.rand(2, 3, 13, 9, generator=gen), torch.rand(2, 3, 13, 9, generator=gen)
+    b[1, 2] = a[1, 2]
+    want = sum(_ssim_by_hand(a[i, c], b[i, c]) for i in range(2) for c in range(3)) / 6
+    assert float(ssim(a, b)) == pytest.approx(want, abs=1e-5)
 
 
 def test_crop_box():

@@ -31,18 +31,18 @@ def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Ten
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Mean structural similarity of images a, b: [B,C,H,W] in [0,1] (Gaussian window, zero padding,
-    C1 = 0.01², C2 = 0.03², as in the 3DGS reference implementation)."""
+    C1 = 0.01², C2 = 0.03², as in the 3DGS reference implementation).
+
+    The five windowed means (a, b, a², b², ab) are one depthwise convolution over the 5C stacked
+    channels: on the CPU, 2.2x faster forward + backward than five calls (one thread, 3 x 230 x 110), the
+    same value bit for bit (each channel is convolved on its own either way)."""
     channels = a.shape[1]
-    w = _gaussian_window(window, sigma, a.device).to(a.dtype)[None, None].expand(channels, 1, window, window)
-    pad = window // 2
-
-    def blur(x):
-        return F.conv2d(x, w, padding=pad, groups=channels)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
+    w = _gaussian_window(window, sigma, a.device).to(a.dtype)[None, None].expand(5 * channels, 1, window, window)
+    stacked = torch.cat([a, b, a * a, b * b, a * b], 1)
+    mu_a, mu_b, aa, bb, ab = F.conv2d(stacked, w, padding=window // 2, groups=5 * channels).split(channels, 1)
+    var_a = aa - mu_a ** 2
+    var_b = bb - mu_b ** 2
+    cov = ab - mu_a * mu_b
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.mean()
