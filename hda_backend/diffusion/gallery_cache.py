@@ -2,7 +2,7 @@
 
 Comparing models means running ``eval-gen`` again and again against the same reference and training
 fits, and rendering their galleries is most of what each run costs once there are hundreds of them
-(0.46 s an avatar at the default gallery on 2 cores: about 2 minutes for 256 fits, every run). The
+(0.40-0.66 s an avatar at the default gallery on 2 cores: 1.7-2.8 minutes for 256 fits, every run). The
 cache keeps each avatar's gallery in ``DIR/<key>.safetensors`` (images float32 [V,H,W,3], alpha
 [V,H,W], with parts labels int8 [V,H,W]), where the key is the SHA-256 of:
 
