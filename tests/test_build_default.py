@@ -108,6 +108,9 @@ def test_redo_repeats_that_stage_and_every_later_one_only(built):
     for s in ("bundle", "eval", "card"):
         assert after[s]["attempts"] == before[s]["attempts"] + 1
         assert after[s]["order"] > before["diffusion"]["order"]
+    # The redone eval reused the fits' galleries (2 held out, 2 training) from the build's gallery cache.
+    report = json.loads((built["work"] / "eval" / "eval_gen.json").read_text())
+    assert report["gallery_cache"] == {"folder": str(built["work"] / "gallery_cache"), "hits": 4, "misses": 0}
 
 
 def test_a_deleted_output_is_rebuilt(built):
@@ -220,6 +223,10 @@ def test_eval_references_the_held_out_fits_and_checks_memorisation_against_train
     # The copy row returns training avatars: memorisation against the training set, not the held-out one.
     assert rows["copy"]["vs_train"]["mmd_psnr_db"] == 100.0 and rows["copy"]["mmd_psnr_db"] < 100.0
     assert [s["seed"] for s in rows["default"]["seed_sets"]] == [0, 2, 4]
+    # The fits' galleries are kept for a later eval-gen against them: one entry a fit.
+    cache = report["gallery_cache"]
+    assert cache["folder"] == str(built["work"] / "gallery_cache") and cache["hits"] + cache["misses"] == 4
+    assert len(list((built["work"] / "gallery_cache").glob("*.safetensors"))) == 4
 
 
 def test_the_cli_builds_the_old_settings_from_flags(monkeypatch):
