@@ -306,8 +306,66 @@ def test_fused_projection_matches_torch_twins(sh_degree):
         torch.testing.assert_close(rgb, ref_rgb, rtol=2e-6, atol=1e-6)  # float32 rounding
 
 
+def projection_outputs_with_grads(project, scene, sh_degree):
+    """The projection's differentiable outputs (means2d, depths, conics, rgb) for ``scene`` with means, quats,
+    scales and colours requiring grad, and their gradients for a fixed random weighting of every output."""
+    inputs = {k: scene[k].clone().requires_grad_(True) for k in ("means", "quats", "scales", "colors")}
+    outputs = project(inputs)
+    g = torch.Generator().manual_seed(5)
+    sum(((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outputs if o is not None)).backward()
+    return outputs, {k: v.grad for k, v in inputs.items()}
+
+
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
-def test_cpu_backend_without_gradients_projects_with_the_fused_kernel(monkeypatch):
+@pytest.mark.parametrize("sh_degree", [None, 0, 1, 2, 3])
+def test_fused_projection_gradients_match_autograd_of_the_twins(sh_degree):
+    fused = importlib.import_module("hda_backend.render._projection_numba")
+    scene = make_scene(seed=40 + (sh_degree or 0), sh_degree=sh_degree, n=400, width=64, height=48, n_cams=3)
+    scene["means"][30:40] *= torch.tensor([6.0, 6.0, 1.0])  # far outside the field of view: the Jacobian's clamp
+    if sh_degree is not None:
+        scene["colors"] = scene["colors"] * 4  # some colours below 0: the clamp cuts their gradient
+
+    def fast(x):
+        torch.set_num_threads(2)  # the backward splits the Gaussians over threads
+        out = fused.project_and_shade(x["means"], x["quats"], x["scales"], scene["opacities"], x["colors"],
+                                      scene["viewmats"], scene["Ks"], 64, 48, sh_degree, raster_module.EPS2D,
+                                      0.01, 1e10)
+        torch.set_num_threads(1)
+        return out[1:]
+
+    def twin(x):
+        _, means2d, depths, conics = projection.project_gaussians(
+            x["means"], x["quats"], x["scales"], scene["viewmats"], scene["Ks"], 64, 48,
+            opacities=scene["opacities"], eps2d=raster_module.EPS2D)
+        rgb = None
+        if sh_degree is not None:
+            campos = torch.linalg.inv(scene["viewmats"])[:, :3, 3]
+            dirs = x["means"][None] - campos[:, None]
+            rgb = torch.clamp_min(projection.spherical_harmonics(sh_degree, dirs, x["colors"]) + 0.5, 0.0)
+        return means2d, depths, conics, rgb
+
+    outputs, grads = projection_outputs_with_grads(fast, scene, sh_degree)
+    ref_outputs, ref_grads = projection_outputs_with_grads(twin, scene, sh_degree)
+    for out, ref in zip(outputs, ref_outputs):
+        assert (out is None) == (ref is None)
+    # The clamps are exercised: Jacobians at the edge of the widened field of view, colours cut at 0.
+    means_c = scene["means"] @ scene["viewmats"][:, :3, :3].transpose(1, 2) + scene["viewmats"][:, None, :3, 3]
+    fov_x = (scene["Ks"][:, 0, 2] + 0.3 * 32) / scene["Ks"][:, 0, 0]
+    assert ((means_c[..., 0] / means_c[..., 2]).abs() > 1.5 * fov_x[:, None]).sum() >= 10
+    if sh_degree is not None:
+        assert (ref_outputs[3] == 0).any()
+        assert (grads["colors"][:, (sh_degree + 1) ** 2:] == 0).all()
+    else:
+        assert grads["colors"] is None and ref_grads["colors"] is None
+    for name in ("means", "quats", "scales") + (("colors",) if sh_degree is not None else ()):
+        ref = ref_grads[name]
+        assert ref.abs().max() > 0, name
+        # float32 in both, summed in other orders: equal to a few ulps of the largest gradient.
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba missing")
+def test_cpu_backend_projects_with_the_fused_kernel_unless_cameras_need_gradients(monkeypatch):
     fused = raster_module._numba_projection()
     real, calls = fused.project_and_shade, []
     monkeypatch.setattr(fused, "project_and_shade", lambda *a: calls.append(1) or real(*a))
@@ -320,11 +378,17 @@ def test_cpu_backend_without_gradients_projects_with_the_fused_kernel(monkeypatc
     assert (alpha.double() - ref_alpha).abs().max() <= 1e-3
     covered = ref_alpha[..., 0] > 0.5
     assert (out[..., 3].double()[covered] - ref[..., 3][covered]).abs().max() <= 1e-3
-    # The twins run where autograd needs them, and for inputs that are not float32.
+    # With gradients for the Gaussians (a fit) too; test_matches_reference checks those gradients.
     render_with_grads(rasterize, scene, backend="cpu")
+    assert calls == [1, 1]
+    # The twins run where the cameras need a gradient, and for inputs that are not float32.
+    viewmats = scene["viewmats"].clone().requires_grad_(True)
+    out, _, _ = rasterize(**{**scene, "viewmats": viewmats}, backend="cpu")
+    out.sum().backward()
+    assert viewmats.grad is not None and viewmats.grad.abs().sum() > 0
     with torch.no_grad():
         rasterize(**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in scene.items()}, backend="cpu")
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_twin_in_float64_matches_reference_tightly():

@@ -1,11 +1,11 @@
 """`rasterize`: 3D Gaussian splatting with gsplat's conventions, on CUDA (gsplat) or on the CPU (our own).
 
-The CPU backend splits the work like gsplat: projection and SH colours in plain PyTorch (autograd
-differentiates them), then a raster step with its own backward. When no input needs a gradient, the
-projection and SH colours run as one numba kernel instead (`_projection_numba`, tested against the PyTorch
-twins). The raster step runs as numba kernels over
-16×16 tiles (`_raster_numba`), or, when numba is missing or backend="torch", as the dense PyTorch twin
-(`_raster_torch`) the kernels are tested against.
+The CPU backend splits the work like gsplat: projection and SH colours, then a raster step, each with its
+own backward. The projection and SH colours run as one numba kernel with an analytic backward
+(`_projection_numba`), tested against their PyTorch twins in `_projection` (which autograd differentiates;
+they run where the cameras need a gradient, for inputs that are not float32, and without numba). The raster
+step runs as numba kernels over 16×16 tiles (`_raster_numba`), or, when numba is missing or
+backend="torch", as the dense PyTorch twin (`_raster_torch`) the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def _numba_projection():
 
 
 def _fused_projection(inputs) -> bool:
-    """Whether the CPU backend may project and shade with the fused numba kernel: it has no backward,
-    so only when no input needs a gradient, and it computes in float32, the dtype of every input."""
-    return all(t.dtype == torch.float32 and not (t.requires_grad and torch.is_grad_enabled()) for t in inputs)
+    """Whether the CPU backend may project and shade with the fused numba kernel: it computes in float32,
+    the dtype of every input, and its backward gives no gradient to the cameras (viewmats, Ks)."""
+    cameras = inputs[-2:]
+    return (all(t.dtype == torch.float32 for t in inputs)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in cameras)))
 
 
 def numba_available() -> bool:

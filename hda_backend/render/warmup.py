@@ -4,11 +4,11 @@ numba compiles a kernel the first time it is called with new argument types and 
 code in its on-disk cache (``cache=True``: ``__pycache__`` beside each kernel's module, or
 ``$NUMBA_CACHE_DIR``); a later process loads it in a fraction of a second instead of compiling again.
 :func:`compile_kernels` calls each kernel once with the argument types real calls use: the rasterizer
-forward with depth and the fused projection (what a frame render calls), the rasterizer backward
-(what fitting calls), and the per-frame fast path's UV-map and decoding kernels on a tiny avatar
-(what the add-on's frames call), so that every kernel is compiled and cached. The Blender add-on runs
-it in a child process when it is enabled (blender_addon/kernels.py), so the first render after
-installing does not wait for the compiler.
+forward with depth and the fused projection (what a frame render calls), the rasterizer's and the
+projection's backward (what fitting calls), and the per-frame fast path's UV-map and decoding kernels
+on a tiny avatar (what the add-on's frames call), so that every kernel is compiled and cached. The
+Blender add-on runs it in a child process when it is enabled (blender_addon/kernels.py), so the first
+render after installing does not wait for the compiler.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import importlib
 # their callers).
 KERNELS = {
     "hda_backend.render._raster_numba": ("_bin_tiles", "_forward", "_backward", "_scatter_add"),
-    "hda_backend.render._projection_numba": ("_project",),
+    "hda_backend.render._projection_numba": ("_project", "_project_backward"),
     "hda_backend.avatar._realtime_numba": ("_pose_maps", "_decode"),
 }
 STAGES = ("forward kernels", "backward kernels", "avatar kernels")
