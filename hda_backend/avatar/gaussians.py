@@ -31,6 +31,9 @@ SH_DEGREE = 3
 SH_COEFFS = (SH_DEGREE + 1) ** 2
 CHANNELS = {"offset": slice(0, 3), "log_scale": slice(3, 6), "quat": slice(6, 10), "opacity": slice(10, 11),
             "sh": slice(11, 11 + 3 * SH_COEFFS)}
+# The groups above tile the channels in order, so one split gives them all: its backward is one
+# concatenation, where a slice per group would each fill a zero tensor the size of the whole map.
+CHANNEL_SIZES = [s.stop - s.start for s in CHANNELS.values()]
 
 
 @dataclass(frozen=True)
@@ -125,20 +128,21 @@ def decode(raw: torch.Tensor, binding: TexelBinding, rest_vertices: torch.Tensor
     dev = raw.device
     bary = binding.bary.to(dev)
     surface = torch.einsum("bmkc,mk->bmc", rest_vertices[:, binding.corners.to(dev)], bary)
-    canonical = surface + config.offset_scale * raw[..., CHANNELS["offset"]]
+    offset, log_scale, quat, opacity, sh = raw.split(CHANNEL_SIZES, -1)
+    canonical = surface + config.offset_scale * offset
     skin = blend_transforms(binding.weights.to(dev), transforms)  # [B,M,4,4]
     means = torch.einsum("bmij,bmj->bmi", skin[..., :3, :3], canonical) + skin[..., :3, 3]
-    scales = torch.exp(raw[..., CHANNELS["log_scale"]] + binding.base_log_scale.to(dev))
+    scales = torch.exp(log_scale + binding.base_log_scale.to(dev))
     identity = raw.new_tensor([1.0, 0.0, 0.0, 0.0])
-    local = torch.nn.functional.normalize(raw[..., CHANNELS["quat"]] + identity, dim=-1, eps=1e-12)
+    local = torch.nn.functional.normalize(quat + identity, dim=-1, eps=1e-12)
     if config.skin_rotations:
         outer = matrix_to_quat(skin[..., :3, :3])
     else:
         outer = matrix_to_quat(transforms[:, :1, :3, :3]).expand(-1, local.shape[1], -1)
     quats = quat_multiply(outer, quat_multiply(binding.tbn.to(dev).expand_as(local), local))
     logit = math.log(config.init_opacity / (1.0 - config.init_opacity))
-    opacities = torch.sigmoid(raw[..., CHANNELS["opacity"]][..., 0] + logit)
-    sh = raw[..., CHANNELS["sh"]].reshape(*raw.shape[:2], SH_COEFFS, 3)
+    opacities = torch.sigmoid(opacity[..., 0] + logit)
+    sh = sh.reshape(*raw.shape[:2], SH_COEFFS, 3)
     if config.sh_degree < SH_DEGREE:
         sh = torch.cat([sh[:, :, :(config.sh_degree + 1) ** 2],
                         sh.new_zeros(*sh.shape[:2], SH_COEFFS - (config.sh_degree + 1) ** 2, 3)], 2)

@@ -40,11 +40,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: flo
     w = _gaussian_window(window, sigma, a.device).to(a.dtype)[None, None].expand(5 * channels, 1, window, window)
     stacked = torch.cat([a, b, a * a, b * b, a * b], 1)
     mu_a, mu_b, aa, bb, ab = F.conv2d(stacked, w, padding=window // 2, groups=5 * channels).split(channels, 1)
-    var_a = aa - mu_a ** 2
-    var_b = bb - mu_b ** 2
-    cov = ab - mu_a * mu_b
+    # Squares as products: the same values, and a cheaper backward than pow's.
+    mu_aa, mu_bb, mu_ab = mu_a * mu_a, mu_b * mu_b, mu_a * mu_b
+    var_a = aa - mu_aa
+    var_b = bb - mu_bb
+    cov = ab - mu_ab
     c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    s = ((2 * mu_ab + c1) * (2 * cov + c2)) / ((mu_aa + mu_bb + c1) * (var_a + var_b + c2))
     return s.mean()
 
 
