@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("numba")
 
@@ -89,3 +90,41 @@ def test_describe_reads_only_the_progress_lines():
     assert kernels.describe("HDA_KERNELS 0 3 forward kernels") == "compiling kernels 1/3: forward kernels"
     assert kernels.describe("HDA_KERNELS 3 3 done") == "kernels ready"
     assert kernels.describe("Traceback (most recent call last):") is None
+
+
+_FIT = """
+import json, sys
+from hda_backend.cli import main
+from hda_backend.render.warmup import cache_stats
+main(["fit", sys.argv[1], "--out", sys.argv[2], "--config", sys.argv[3]])
+print(json.dumps(cache_stats()))
+"""
+
+
+def test_a_fit_runs_numba_cached_kernels_whether_or_not_the_cache_was_warm(tmp_path):
+    """A process that compiles the rasterizer's kernels runs other machine code than one that loads them
+    (fastmath reassoc), so a fit compiles them in a child when the cache is cold: its first run on a
+    fresh install and every later run (a resume included) then give the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from tests.teacher import write_teacher_subject
+
+    subject = write_teacher_subject(tmp_path / "data" / "teacher")
+    config = tmp_path / "fit.yaml"
+    config.write_text('preset: tiny\nfit: {"steps": 6, "map_steps": 6, "regress_steps": 2}\n')
+    env = _env(tmp_path / "numba")
+    runs = []
+    for name in ("cold", "warm"):
+        out = tmp_path / f"{name}.hda.safetensors"
+        done = subprocess.run([sys.executable, "-c", _FIT, str(subject), str(out), str(config)], env=env,
+                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append((done.stdout + done.stderr, json.loads(done.stdout.strip().splitlines()[-1]),
+                     load_file(str(out))))
+    (cold_log, cold_stats, cold), (warm_log, warm_stats, warm) = runs
+    assert "compiling 8 numba kernels in a child process" in cold_log
+    assert "numba kernels in a child" not in warm_log
+    for stats in (cold_stats, warm_stats):  # both fits loaded every kernel they ran from the cache
+        assert stats["_backward"][0] >= 1 and all(misses == 0 for _, misses in stats.values()), stats
+    assert cold.keys() == warm.keys()
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)

@@ -37,6 +37,7 @@ from ..images import contact_sheet, error_heat, line_plot, to_uint8
 from ..outputs import CHECKPOINT, beside, output_stem
 from ..precision import resolve as resolve_precision
 from ..render.frames import render_gaussians
+from ..render.warmup import load_from_cache
 from ..steplog import append_step_log, read_step_log, write_step_log
 from ..steps import run_steps
 from .appearance import fit_maps, initial_map, regress_unet, views_by_frame
@@ -114,6 +115,13 @@ def render_posed(g, subject: Subject, cam: int, box=None, backend: str = "auto",
     rgb, alpha = render_gaussians(g, subject.viewmats[cam], K, x1 - x0, y1 - y0,
                                   background=subject.background, backend=backend, sh_degree=sh_degree)
     return rgb, alpha[..., 0]
+
+
+def cached_kernels(device: torch.device, backend: str, log: Callable[[str], None]) -> None:
+    """A fit on the CPU rasterizer runs numba's cached kernels, never ones its own process compiled, so
+    that its result does not depend on whether the cache was warm (``render.warmup.load_from_cache``)."""
+    if device.type == "cpu" and backend in ("auto", "cpu"):
+        load_from_cache(log)
 
 
 class _Views:
@@ -197,6 +205,7 @@ def fit_subject(subject_dir, out, config: Config, init_from=None, resume: bool =
     views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
     data = _Views(subject)
     backend = backend or config.render.backend
+    cached_kernels(device, backend, log)
     view_loss = view_scorer(subject, data, fit, backend, perceptual)
     clock = time.perf_counter()
 
@@ -334,6 +343,7 @@ def fit_map_only(subject_dir, config: Config, init_from=None, progress: bool = F
     avatar = initial_avatar(config, load_body(config.body.path, config.body.num_betas), init_from).to(device)
     views = [(c, f) for c in subject.train_cameras for f in subject.train_frames]
     data = _Views(subject)
+    cached_kernels(device, config.render.backend, log)
     view_loss = view_scorer(subject, data, fit, config.render.backend)
     generator = torch.Generator().manual_seed(fit.seed)
     return avatar, fitted_map(avatar, subject, config, init_from, views, data, view_loss, generator, progress, log)
