@@ -20,6 +20,7 @@ every fit process, an interrupted one and its resume included, runs the cached c
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -97,9 +98,7 @@ def cold_kernels() -> list[str] | None:
     sources changed since); [] when numba is missing. None when this process holds compiled kernels
     already (nothing can change what it runs) or numba's cache index cannot be read (numba internals:
     another numba version may lay it out otherwise)."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("numba") is None:
         return []
     cold = []
     for module, names in KERNELS.items():
