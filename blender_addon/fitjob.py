@@ -48,6 +48,9 @@ _BAR = re.compile(r"\|\s*(\d+)/(\d+)\s*\[")
 STAGES = (("maps", "colour maps"), ("regress", "UNet regression"), ("fit", "end to end"))
 _STAGE = re.compile(r"^\s*(" + "|".join(word for word, _ in STAGES) + r") ")
 _RESUMING = re.compile(r"^resuming .* at step (\d+)/(\d+)$")
+# hda_backend.render.warmup.load_from_cache's line: the fit's first run on a machine compiles the
+# rasterizer's kernels in a child before its first step (about 40 s).
+_COMPILING = re.compile(r"^compiling \d+ numba kernels")
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class FitJob:
     step: int = 0
     total: int = 0
     stage: str = ""            # which of STAGES the progress bar counts
+    compiling: bool = False    # the kernels are being compiled before the first step
     outcome: str = ""          # the CLI's final line (wrote ... / hda: error: ...)
     lines: list = field(default_factory=list)
 
@@ -193,7 +197,7 @@ class FitJob:
         if not self.running:
             return self.message
         if not self.total:
-            return "starting the fit..."
+            return "compiling the rasterizer's kernels (once)..." if self.compiling else "starting the fit..."
         text = f"{self.stage}: step {self.step}/{self.total}" if self.stage else f"step {self.step}/{self.total}"
         if self.psnr is not None:
             text += f", PSNR {self.psnr:.1f} dB"
@@ -214,6 +218,7 @@ class FitJob:
 
     # deps.Job callbacks ------------------------------------------------------------------------
     def _describe(self, line: str):
+        self.compiling = self.compiling or bool(_COMPILING.match(line.strip()))
         m = _BAR.search(line) or _RESUMING.match(line.strip())
         if m:
             self.step, self.total = int(m.group(1)), int(m.group(2))

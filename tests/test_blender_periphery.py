@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,12 @@ def test_fit_in_a_subprocess_reports_progress_and_writes_a_loadable_avatar(tmp_p
 
 def test_fit_status_names_the_stage_of_the_progress_bar(tmp_path):
     """The trainer's three bars (fit/trainer.py: 'maps', 'regress', 'fit') read back as stages."""
-    job = fitjob.FitJob(None, fitjob.FitFiles.for_output(tmp_path / "a.hda.safetensors"),
+    running = types.SimpleNamespace(running=True)  # the child process, as the status sees it
+    job = fitjob.FitJob(running, fitjob.FitFiles.for_output(tmp_path / "a.hda.safetensors"),
                         fitjob.MetricsReader(tmp_path / "a.metrics.jsonl"))
+    assert job.status() == "starting the fit..."
+    job._describe("compiling 8 numba kernels in a child process, once, so that every fit runs numba's cached code")
+    assert job.status() == "compiling the rasterizer's kernels (once)..."
     for line, stage, step, total in (
             ("maps teacher:  53%|█████▎    | 530/1000 [00:10<00:09, 50.0step/s, psnr=22.09]", "colour maps", 530, 1000),
             ("regress teacher:  20%|██        | 120/600 [00:30<01:30, 4.0step/s]", "UNet regression", 120, 600),
