@@ -21,6 +21,8 @@ Importing this module needs numba; ``rasterize`` falls back to the twins when it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -184,35 +186,44 @@ def project_and_shade(means, quats, scales, opacities, colors, viewmats, Ks, wid
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, eps2d,
             near_plane, far_plane)
         return radii, means2d, depths, conics, rgb if sh_degree is not None else None
-    return _forward(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, eps2d,
-                    near_plane, far_plane)
+    arrays = _KernelInputs.of(means, quats, scales, colors, viewmats, Ks, sh_degree)
+    return _forward(arrays, opacities, width, height, sh_degree, eps2d, near_plane, far_plane)
 
 
-def _forward(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, eps2d,
-             near_plane, far_plane):
-    C, N = viewmats.shape[0], means.shape[0]
+@dataclass(frozen=True)
+class _KernelInputs:
+    """The float32 arrays both kernels read, made once per projection: the backward reuses the forward's."""
+
+    means: np.ndarray      # [N,3]
+    quats: np.ndarray      # [N,4]
+    scales: np.ndarray     # [N,3]
+    viewmats: np.ndarray   # [C,4,4]
+    Ks: np.ndarray         # [C,3,3]
+    campos: np.ndarray     # [C,3] the cameras' centres in world space, as the twin computes them
+    coeffs: np.ndarray     # [N,K,3] SH coefficients; [0,1,3] without sh_degree
+
+    @classmethod
+    def of(cls, means, quats, scales, colors, viewmats, Ks, sh_degree) -> "_KernelInputs":
+        coeffs = _f32(colors) if sh_degree is not None else np.zeros((0, 1, 3), dtype=np.float32)
+        return cls(_f32(means), _f32(quats), _f32(scales), _f32(viewmats), _f32(Ks),
+                   _f32(torch.linalg.inv(viewmats.detach())[:, :3, 3]), coeffs)
+
+
+def _forward(arrays: _KernelInputs, opacities, width, height, sh_degree, eps2d, near_plane, far_plane):
+    C, N = arrays.viewmats.shape[0], arrays.means.shape[0]
     radii = np.empty((C * N, 2), dtype=np.int32)
     means2d = np.empty((C * N, 2), dtype=np.float32)
     depths = np.empty(C * N, dtype=np.float32)
     conics = np.empty((C * N, 3), dtype=np.float32)
     shaded = sh_degree is not None
     rgb = np.empty((C * N if shaded else 0, 3), dtype=np.float32)
-    _run_parallel(_project, _f32(means), _f32(quats), _f32(scales), _f32(opacities), _f32(viewmats),
-                  _f32(Ks), width, height, _F32(eps2d), _F32(near_plane), _F32(far_plane), _campos(viewmats),
-                  _coefficients(colors, sh_degree), -1 if sh_degree is None else sh_degree, radii, means2d,
-                  depths, conics, rgb, tiles_per_chunk=0)
+    _run_parallel(_project, arrays.means, arrays.quats, arrays.scales, _f32(opacities), arrays.viewmats,
+                  arrays.Ks, width, height, _F32(eps2d), _F32(near_plane), _F32(far_plane), arrays.campos,
+                  arrays.coeffs, -1 if sh_degree is None else sh_degree, radii, means2d, depths, conics, rgb,
+                  tiles_per_chunk=0)
     out = [torch.from_numpy(radii).reshape(C, N, 2), torch.from_numpy(means2d).reshape(C, N, 2),
            torch.from_numpy(depths).reshape(C, N), torch.from_numpy(conics).reshape(C, N, 3)]
     return (*out, torch.from_numpy(rgb).reshape(C, N, 3) if shaded else None)
-
-
-def _campos(viewmats) -> np.ndarray:
-    """[C,3] the cameras' centres in world space, as the twin computes them."""
-    return _f32(torch.linalg.inv(viewmats.detach())[:, :3, 3])
-
-
-def _coefficients(colors, sh_degree) -> np.ndarray:
-    return _f32(colors) if sh_degree is not None else np.zeros((0, 1, 3), dtype=np.float32)
 
 
 class _ProjectAndShade(torch.autograd.Function):
@@ -222,35 +233,36 @@ class _ProjectAndShade(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, eps2d,
                 near_plane, far_plane):
-        radii, means2d, depths, conics, rgb = _forward(
-            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, eps2d,
-            near_plane, far_plane)
+        arrays = _KernelInputs.of(means, quats, scales, colors, viewmats, Ks, sh_degree)
+        radii, means2d, depths, conics, rgb = _forward(arrays, opacities, width, height, sh_degree, eps2d,
+                                                       near_plane, far_plane)
         if rgb is None:
             rgb = means2d.new_zeros(means2d.shape[:2] + (0,))
-        ctx.save_for_backward(means, quats, scales, colors, viewmats, Ks)
-        ctx.config = (width, height, sh_degree, eps2d)
+        # The tensors are saved too, so that autograd refuses a backward after one was changed in place.
+        ctx.save_for_backward(means, quats, scales, colors)
+        ctx.arrays, ctx.config = arrays, (width, height, sh_degree, eps2d)
         ctx.mark_non_differentiable(radii)
         return radii, means2d, depths, conics, rgb
 
     @staticmethod
     def backward(ctx, v_radii, v_means2d, v_depths, v_conics, v_rgb):
-        means, quats, scales, colors, viewmats, Ks = ctx.saved_tensors
-        width, height, sh_degree, eps2d = ctx.config
-        C, N = viewmats.shape[0], means.shape[0]
-        coeffs = _coefficients(colors, sh_degree)
+        colors = ctx.saved_tensors[3]
+        arrays, (width, height, sh_degree, eps2d) = ctx.arrays, ctx.config
+        C, N = arrays.viewmats.shape[0], arrays.means.shape[0]
         g_means = np.zeros((N, 3), dtype=np.float32)
         g_quats = np.zeros((N, 4), dtype=np.float32)
         g_scales = np.zeros((N, 3), dtype=np.float32)
-        g_coeffs = np.zeros(coeffs.shape if sh_degree is not None else (0, 1, 3), dtype=np.float32)
-        v_rgb = _f32(v_rgb).reshape(C * N, 3) if sh_degree is not None else np.zeros((0, 3), dtype=np.float32)
-        _run_parallel(_project_backward, _f32(means), _f32(quats), _f32(scales), _f32(viewmats), _f32(Ks),
-                      width, height, _F32(eps2d), _campos(viewmats), coeffs,
+        g_coeffs = np.zeros_like(arrays.coeffs)
+        v_rgb = _f32(v_rgb).reshape(-1, 3)  # [C*N,3], or [0,3] without sh_degree
+        _run_parallel(_project_backward, arrays.means, arrays.quats, arrays.scales, arrays.viewmats, arrays.Ks,
+                      width, height, _F32(eps2d), arrays.campos, arrays.coeffs,
                       -1 if sh_degree is None else sh_degree, _f32(v_means2d).reshape(C * N, 2),
                       _f32(v_depths).reshape(C * N), _f32(v_conics).reshape(C * N, 3), v_rgb,
                       g_means, g_quats, g_scales, g_coeffs, tiles_per_chunk=0)
         g_colors = torch.from_numpy(g_coeffs).reshape(colors.shape) if sh_degree is not None else None
         return (torch.from_numpy(g_means), torch.from_numpy(g_quats), torch.from_numpy(g_scales), None, g_colors,
                 None, None, None, None, None, None, None, None)
+
 
 @njit(inline="always")
 def _normalize_backward(gx, gy, gz, x, y, z, norm):
