@@ -187,9 +187,14 @@ def test_truncated_and_missing_files(body, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(HDAError, match="not a readable safetensors file"):
         load_avatar(path, body)
-    path.write_bytes(b"\x00" * 4)
-    with pytest.raises(HDAError, match="not a readable safetensors file"):
-        load_avatar(path, body)
+    for broken in (b"\x00" * 4, (10 ** 6).to_bytes(8, "little") + b"{}", (2).to_bytes(8, "little") + b"[]"):
+        path.write_bytes(broken)  # too short; a header longer than the file; a header that is not a map
+        with pytest.raises(HDAError, match="not a readable safetensors file"):
+            load_avatar(path, body)
+    # Bytes read by the caller are what is loaded (the file is not read again).
+    path.unlink()
+    saved = Avatar.from_init(body, 32, TINY, GaussianConfig())
+    assert torch.equal(load_avatar(path, body, data).unet.outc.bias, saved.unet.outc.bias)
     with pytest.raises(HDAError, match="avatar file not found"):
         load_avatar(tmp_path / "none.hda.safetensors", body)
 

@@ -114,6 +114,34 @@ def test_sources_digest_follows_every_python_source(tmp_path):
     assert len(gallery_cache.code_fingerprint()) == 64
 
 
+def test_an_entry_holds_the_render_of_the_bytes_its_key_was_made_of(tmp_path, body, monkeypatch):
+    """A fit that rewrites its file while an evaluation reads it: the entry (and the gallery returned)
+    are the render of the bytes that were hashed, never the newer file under the older key."""
+    views = gallery_views(body, GALLERY)
+    path = files(tmp_path / "ref", 1)[0]
+    before = path.read_bytes()
+    key = gallery_cache.render_key
+
+    def refit_after_hashing(data, *args):
+        save_avatar(tiny_avatar(0, colour_seed=7), path, origin="test:refit")  # lands after the read
+        return key(data, *args)
+
+    monkeypatch.setattr(gallery_cache, "render_key", refit_after_hashing)
+    got = render_files([path], body, views, parts=True, cache=GalleryCache(tmp_path / "galleries"))
+    monkeypatch.undo()
+    assert path.read_bytes() != before
+    (tmp_path / "old").mkdir()
+    old = tmp_path / "old" / path.name
+    old.write_bytes(before)
+    want = direct([old], body, views)
+    assert_same(got, want)
+    assert not torch.equal(want.images, direct([path], body, views).images)  # the refit renders otherwise
+    # Read back under the old bytes' key, the entry is the old render too.
+    cache = GalleryCache(tmp_path / "galleries")
+    assert_same(render_files([old], body, views, parts=True, cache=cache), want)
+    assert (cache.hits, cache.misses) == (1, 0)
+
+
 def test_broken_entries_are_rendered_again_and_replaced(tmp_path, body):
     views = gallery_views(body, GALLERY)
     paths = files(tmp_path / "ref", 2)

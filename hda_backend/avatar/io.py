@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ..atomic import atomic_save_safetensors
 from ..body import BodyModel
@@ -55,17 +55,38 @@ def save_avatar(avatar: Avatar, path: str | os.PathLike, origin: str = "") -> Pa
     return path
 
 
-def read_avatar_file(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(metadata, tensors) of an avatar file, with the format fields checked; no body needed."""
-    path = Path(path)
-    if not path.is_file():
-        raise HDAError(f"avatar file not found: {path}")
+def _parse(path: Path, data: bytes) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file's bytes. The metadata is the header's ``__metadata__``
+    (the format: an 8-byte little-endian header length, then the JSON header); safetensors' Python API
+    reads metadata from files only, and parsing the bytes once is what keeps a file's render and its
+    digest (gallery_cache) of the same bytes."""
+    from safetensors.torch import load
+
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError(f"the header says {size} bytes, the file holds {max(0, len(data) - 8)}")
+        metadata = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
         raise HDAError(f"avatar {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(metadata, dict):
+        raise HDAError(f"avatar {path}: not a readable safetensors file (__metadata__ is not a map)")
+    return dict(metadata), tensors
+
+
+def read_avatar_file(path: str | os.PathLike, data: bytes | None = None) -> tuple[dict, dict]:
+    """(metadata, tensors) of an avatar file, with the format fields checked; no body needed. data:
+    the file's bytes where the caller has read them already (so that both see the same bytes)."""
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise HDAError(f"avatar file not found: {path}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise HDAError(f"avatar {path}: cannot read the file ({exc.strerror or exc})") from None
+    metadata, tensors = _parse(path, data)
     if metadata.get("format") != FORMAT:
         raise HDAError(f"avatar {path}: field 'format' is {metadata.get('format')!r}, expected '{FORMAT}'")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -85,10 +106,11 @@ def _config_field(path, metadata, name, cls):
         raise HDAError(f"avatar {path}: field '{name}' is not valid ({exc}), expected JSON with {names}") from None
 
 
-def load_avatar(path: str | os.PathLike, body: BodyModel) -> Avatar:
-    """Load an avatar and check it against ``body`` (the body it was made for)."""
+def load_avatar(path: str | os.PathLike, body: BodyModel, data: bytes | None = None) -> Avatar:
+    """Load an avatar and check it against ``body`` (the body it was made for). data: the file's
+    bytes where the caller has read them already."""
     path = Path(path)
-    metadata, tensors = read_avatar_file(path)
+    metadata, tensors = read_avatar_file(path, data)
     unet_config = _config_field(path, metadata, "unet", UNetConfig)
     gaussian_config = _config_field(path, metadata, "gaussians", GaussianConfig)
     try:

@@ -130,7 +130,7 @@ class GalleryCache:
             self.hits += 1
             return cached
         self.misses += 1
-        avatar = load_avatar(path, body)
+        avatar = load_avatar(path, body, data)  # the bytes the key was made of, read once
         if parts:
             images, alpha, labels = render_avatar_parts(avatar, views, backend)
         else:
