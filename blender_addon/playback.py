@@ -108,18 +108,26 @@ def predict_poses(obj, frames, layout) -> np.ndarray | None:
 
 
 def ahead_pose(obj, scene, pose: np.ndarray, layout, step: int):
-    """The pose [165] the playhead shows ``step`` frames on, or None where the action does not predict
-    the pose on screen (``pose``, evaluated by Blender) or the frame is the one on screen."""
+    """(the pose [165] the playhead shows ``step`` frames on or None, whether the action predicts the
+    pose on screen). None where there is no action, the frame is the one on screen, or the action does
+    not give the pose on screen (``pose``, evaluated by Blender: constraints, drivers, NLA); only the last
+    case says False, and it lasts while the rig does (viewport.look_ahead stops asking)."""
     from ..hda_backend.preview import same_pose
 
     frame = scene.frame_current
     target = frame_ahead(scene, frame, step)
     if target == frame or obj.animation_data is None or obj.animation_data.action is None:
-        return None
+        return None, True
     predicted = predict_poses(obj, (frame, target), layout)
     if predicted is None or not same_pose(predicted[0], pose):
-        return None
-    return predicted[1].astype(np.float32)
+        return None, False
+    return predicted[1].astype(np.float32), True
+
+
+def action_id(obj) -> int | None:
+    """The pointer of ``obj``'s action, or None: what a verdict of :func:`ahead_pose` is kept under."""
+    data = obj.animation_data
+    return None if data is None or data.action is None else data.action.as_pointer()
 
 
 def played_ahead(played: dict, scene, pose: np.ndarray, step: int):

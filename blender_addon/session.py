@@ -99,6 +99,7 @@ class Viewport(_Part):
     frames: dict = field(default_factory=dict)       # object key -> scene frame of its last playback request
     ahead: dict = field(default_factory=dict)        # object key -> whether playback's last request looked ahead
     played: dict = field(default_factory=dict)       # object key -> {frame: pose evaluated while playing}
+    unpredicted: dict = field(default_factory=dict)  # object key -> action whose keys missed the pose this play
 
     def close_workers(self) -> None:
         """Stop the worker threads (each finishes the stage call it is in)."""
@@ -110,7 +111,7 @@ class Viewport(_Part):
         """Stop the workers; forget images and textures (File > Open); the handler and shader stay."""
         self.close_workers()
         for d in (self.views, self.requested, self.shown, self.drawn, self.last_pose, self.frames, self.ahead,
-                  self.played, self.stats):
+                  self.played, self.unpredicted, self.stats):
             d.clear()
 
 

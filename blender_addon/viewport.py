@@ -211,10 +211,16 @@ def look_ahead(context, obj, pose, key):
     state.frames[key] = frame
     if context.screen is None or not context.screen.is_animation_playing:
         state.ahead.pop(key, None)
+        state.unpredicted.pop(key, None)  # the rig may have changed by the next play: ask again
         return None
     step = REFRESH_FRAMES * (playback.direction(scene, last, frame) if last is not None else 1)
     from_loop = playback.played_ahead(state.played.setdefault(key, {}), scene, pose, step)
-    ahead = playback.ahead_pose(obj, scene, pose, runtime.get_layout(runtime.get_avatar(obj).body), step)
+    ahead, action = None, playback.action_id(obj)
+    if action is not None and state.unpredicted.get(key) != action:  # its keys evaluated only while they may predict
+        layout = runtime.get_layout(runtime.get_avatar(obj).body)
+        ahead, predicts = playback.ahead_pose(obj, scene, pose, layout, step)
+        if not predicts:
+            state.unpredicted[key] = action
     ahead = ahead if ahead is not None else from_loop
     state.ahead[key] = ahead is not None  # the sidebar says whether playback looks ahead
     return ahead

@@ -365,14 +365,17 @@ report["predict_err"] = float(max(np.abs(predicted[i] - evaluated_pose(f)).max()
 report["frame_ahead"] = [playback.frame_ahead(scene, f, s) for f, s in ((4, 2), (scene.frame_end, 2), (1, -2))]
 report["direction"] = [playback.direction(scene, a, b) for a, b in ((4, 5), (5, 4), (scene.frame_end, 1), (1, 1))]
 now = evaluated_pose(4)
-report["ahead_err"] = float(np.abs(playback.ahead_pose(obj, scene, now, layout, 2) - evaluated_pose(6)).max())
+ahead, predicts = playback.ahead_pose(obj, scene, now, layout, 2)
+report["ahead_err"] = [float(np.abs(ahead - evaluated_pose(6)).max()), predicts]
 scene.frame_set(4)
 limit = obj.pose.bones[layout.names[1]].constraints.new('LIMIT_ROTATION')
 limit.use_limit_x = limit.use_limit_y = limit.use_limit_z = True
 now = evaluated_pose(4)
 playing = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=True))
-report["ahead_constrained"] = [playback.ahead_pose(obj, scene, now, layout, 2) is None,
+report["ahead_constrained"] = [playback.ahead_pose(obj, scene, now, layout, 2) == (None, False),
                                viewport.look_ahead(playing, obj, now, "c") is None, session.viewport.ahead.get("c")]
+predict_calls, predict = [], playback.predict_poses
+playback.predict_poses = lambda *a: predict_calls.append(a[1]) or predict(*a)
 # A loop played once looks ahead where the keys alone do not (the poses Blender evaluated, kept per frame).
 scene.use_preview_range, scene.frame_preview_start, scene.frame_preview_end = True, 4, 6
 pose6 = evaluated_pose(6)
@@ -381,6 +384,13 @@ for frame in (4, 5, 6, 4):  # the preview range played, then looped back to its 
     got = viewport.look_ahead(playing, obj, evaluated_pose(frame), "c")
     report["loop_ahead"].append(None if got is None else float(np.abs(got - pose6).max()))
 report["loop_ahead_flag"] = session.viewport.ahead.get("c")
+# The keys found not to give the pose are not evaluated again while it plays; stopped and played again, they are.
+report["predict_calls"] = [len(predict_calls)]
+stopped = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=False))
+viewport.look_ahead(stopped, obj, evaluated_pose(5), "c")
+viewport.look_ahead(playing, obj, evaluated_pose(5), "c")
+report["predict_calls"].append(len(predict_calls))
+playback.predict_poses = predict
 edited = evaluated_pose(5) + 1e-3                    # the pose on screen moved since the loop kept it
 report["loop_edited"] = [viewport.look_ahead(playing, obj, edited, "c") is None, session.viewport.ahead.get("c"),
                          bool(np.abs(session.viewport.played["c"][5] - edited).max() < 1e-6)]
@@ -400,7 +410,6 @@ for frame, expect in ((4, 6), (5, 7), (4, 2)):  # forwards, then one frame back:
     looked.append(float(np.abs(viewport.look_ahead(playing, obj, now, "k") - evaluated_pose(expect)).max()))
 report["look_ahead_err"] = looked
 report["ahead_flag"] = [session.viewport.ahead.get("k")]
-stopped = SimpleNamespace(scene=scene, screen=SimpleNamespace(is_animation_playing=False))
 report["look_ahead_stopped"] = viewport.look_ahead(stopped, obj, evaluated_pose(4), "k") is None
 report["ahead_flag"].append("k" in session.viewport.ahead)
 
@@ -727,13 +736,14 @@ def _check_motion_export_viewport(r: dict, tmp_path: Path) -> None:
     assert max(e[1] for e in r["pose_err"]) < 1e-5
     assert r["npz_fps"][0] == ["FINISHED"] and r["keys_fps"] == [31] and r["range_fps"] == [1, 31, 60, 1.0]
     # Playback look-ahead: the keys predict Blender's evaluated pose (float32 vs float64 arithmetic).
-    assert r["predict_err"] < AHEAD_MATCH_RAD / 10 and r["ahead_err"] < AHEAD_MATCH_RAD / 10, r
+    assert r["predict_err"] < AHEAD_MATCH_RAD / 10 and r["ahead_err"][0] < AHEAD_MATCH_RAD / 10 and r["ahead_err"][1], r
     assert r["frame_ahead"] == [6, 2, r["range"][1] - 1] and r["direction"] == [1, -1, 1, 1]
     assert r["ahead_constrained"] == [True, True, False] and r["look_ahead_stopped"], r
     assert r["ahead_flag"] == [True, False]   # the sidebar's look-ahead line: on while playing, gone once stopped
     # The constrained rig once its loop has played: the pose kept for the frame ahead (Blender's, in float32).
     assert r["loop_ahead"][:3] == [None, None, None] and r["loop_ahead"][3] < 1e-6, r["loop_ahead"]
     assert r["loop_ahead_flag"] is True
+    assert r["predict_calls"] == [0, 1], r["predict_calls"]  # once the keys missed: not again until played anew
     assert r["loop_edited"] == [True, False, True] and r["played_bound"] == [3], (r["loop_edited"], r["played_bound"])
     assert max(r["look_ahead_err"]) < AHEAD_MATCH_RAD / 10, r["look_ahead_err"]
     assert r["amass"][0] == ["FINISHED"]
