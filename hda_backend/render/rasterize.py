@@ -42,11 +42,10 @@ def _numba_projection():
     return _projection_numba
 
 
-def _fused_projection(inputs) -> bool:
+def _fused_projection(inputs, cameras) -> bool:
     """Whether the CPU backend may project and shade with the fused numba kernel: it computes in float32,
-    the dtype of every input, and its backward gives no gradient to the cameras (viewmats, Ks)."""
-    cameras = inputs[-2:]
-    return (all(t.dtype == torch.float32 for t in inputs)
+    the dtype of every input and camera, and its backward gives no gradient to the cameras (viewmats, Ks)."""
+    return (all(t.dtype == torch.float32 for t in (*inputs, *cameras))
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in cameras)))
 
 
@@ -125,10 +124,9 @@ def rasterize(
         raise HDAError(f"rasterize: backend 'cpu' got tensors on {means.device}; expected CPU tensors")
 
     raster = _numba_raster() if backend == "cpu" else None
-    inputs = (means, quats, scales, opacities, colors, viewmats, Ks)
-    if raster is not None and _fused_projection(inputs):
+    if raster is not None and _fused_projection((means, quats, scales, opacities, colors), (viewmats, Ks)):
         radii, means2d, depths, conics, shaded = _numba_projection().project_and_shade(
-            *inputs, width, height, sh_degree, EPS2D, near_plane, far_plane)
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, EPS2D, near_plane, far_plane)
     else:
         radii, means2d, depths, conics = project_gaussians(
             means, quats, scales, viewmats, Ks, width, height, opacities=opacities,
