@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load
 
 from ..atomic import atomic_save_safetensors
 from ..body import BodyModel
@@ -60,8 +61,6 @@ def _parse(path: Path, data: bytes) -> tuple[dict, dict]:
     (the format: an 8-byte little-endian header length, then the JSON header); safetensors' Python API
     reads metadata from files only, and parsing the bytes once is what keeps a file's render and its
     digest (gallery_cache) of the same bytes."""
-    from safetensors.torch import load
-
     try:
         size = int.from_bytes(data[:8], "little")
         if len(data) < 8 or size > len(data) - 8:
