@@ -107,6 +107,12 @@ def predict_poses(obj, frames, layout) -> np.ndarray | None:
     return rig.pose_from_bone_matrices(matrices, layout)[0].reshape(len(frames), -1)
 
 
+def action_id(obj) -> int | None:
+    """The pointer of ``obj``'s action, or None: what a verdict of :func:`ahead_pose` is kept under."""
+    data = obj.animation_data
+    return None if data is None or data.action is None else data.action.as_pointer()
+
+
 def ahead_pose(obj, scene, pose: np.ndarray, layout, step: int):
     """(the pose [165] the playhead shows ``step`` frames on or None, whether the action predicts the
     pose on screen). None where there is no action, the frame is the one on screen, or the action does
@@ -116,18 +122,12 @@ def ahead_pose(obj, scene, pose: np.ndarray, layout, step: int):
 
     frame = scene.frame_current
     target = frame_ahead(scene, frame, step)
-    if target == frame or obj.animation_data is None or obj.animation_data.action is None:
+    if target == frame or action_id(obj) is None:
         return None, True
     predicted = predict_poses(obj, (frame, target), layout)
     if predicted is None or not same_pose(predicted[0], pose):
         return None, False
     return predicted[1].astype(np.float32), True
-
-
-def action_id(obj) -> int | None:
-    """The pointer of ``obj``'s action, or None: what a verdict of :func:`ahead_pose` is kept under."""
-    data = obj.animation_data
-    return None if data is None or data.action is None else data.action.as_pointer()
 
 
 def played_ahead(played: dict, scene, pose: np.ndarray, step: int):

@@ -71,7 +71,7 @@ def _parse(path: Path, data: bytes) -> tuple[dict, dict]:
         raise HDAError(f"avatar {path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     if not isinstance(metadata, dict):
         raise HDAError(f"avatar {path}: not a readable safetensors file (__metadata__ is not a map)")
-    return dict(metadata), tensors
+    return metadata, tensors
 
 
 def read_avatar_file(path: str | os.PathLike, data: bytes | None = None) -> tuple[dict, dict]:
