@@ -4,6 +4,8 @@
         --out DIR
     python scripts/diffusion_study.py evaluate --fits DIR --model NAME=DIFF.safetensors [...] [--samples 64]
         [--steps K] [--eta η]
+    python scripts/diffusion_study.py span-ceiling --train DIR --held-out DIR --sizes 24,96,224 --out DIR
+        [--gallery-cache DIR]
 
 ``make-set`` writes a synthetic training set of known structure: base + sum_k c_ik d_k, with c ~ N(0, 1) and
 ``rank`` directions d_k whose entries are Gaussian with a per-layer scale (``--scale`` times the layer's std in
@@ -11,6 +13,12 @@ the base) times a per-coordinate log-normal factor, so coordinates within a laye
 as fitted deltas do. The base is the given avatar, or with ``--unet-width``/``--unet-levels`` a freshly
 initialised avatar UNet of that size (the same layer structure at a fraction of the weights, so a study
 trains in minutes). The base, directions and coefficients are written to ``DIR/basis.safetensors``.
+``span-ceiling`` asks what any layer-token model with linear per-layer decoders can reach on real fits: each
+held-out fit is projected, layer by layer in the diffusion model's normalised coordinates, onto the affine span
+of the first N training fits (:func:`hda_backend.diffusion.metrics.layer_span_projection`), and its gallery is
+compared with the fit's own: PSNR to itself, PSNR of its nearest training subject among those N, and the
+projections' colourfulness over the held-out fits'. Projections no nearer to a person than their nearest
+training subject, and greyer, say that such a model's samples can only be copies or blends at that N.
 ``evaluate`` prints one markdown row per model, all in weight space (comparable across normalisations),
 after rows that calibrate them (for a set with a basis): new people drawn from the set's own law, blends of
 two training avatars, the mean avatar.
@@ -47,11 +55,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hda_backend.atomic import atomic_save_safetensors  # noqa: E402
 from hda_backend.avatar.unet import AvatarUNet, UNetConfig  # noqa: E402
-from hda_backend.diffusion.metrics import basis_measures, span_measures  # noqa: E402
+from hda_backend.body import load_body  # noqa: E402
+from hda_backend.config import load_config  # noqa: E402
+from hda_backend.diffusion.gallery import GalleryConfig, gallery_views, mse_matrix  # noqa: E402
+from hda_backend.diffusion.gallery_cache import GalleryCache, render_files  # noqa: E402
+from hda_backend.diffusion.image_stats import avatar_stats  # noqa: E402
+from hda_backend.diffusion.metrics import basis_measures, layer_span_projection, span_measures  # noqa: E402
 from hda_backend.diffusion.model_io import load_diffusion  # noqa: E402
 from hda_backend.diffusion.sample import sample_vectors  # noqa: E402
 from hda_backend.diffusion.schedule import add_noise, alphas_cumprod, predicted_x0  # noqa: E402
-from hda_backend.diffusion.weights import LayerSpec, load_weight_set, state_dict_to_vector, write_avatar  # noqa: E402
+from hda_backend.diffusion.weights import (LayerSpec, Normalizer, load_weight_set, state_dict_to_vector,  # noqa: E402
+                                           write_avatar)
+from hda_backend.errors import HDAError  # noqa: E402
 
 BASIS = "basis.safetensors"
 
@@ -169,6 +184,56 @@ def evaluate(fits: Path, models: list[tuple[str, Path]], samples: int, steps: in
               f"{per_identity:.2f} |", flush=True)
 
 
+def _colourfulness(gallery, background: np.ndarray) -> np.ndarray:
+    """[N]: each avatar's colourfulness over its gallery views (eval-gen's measure)."""
+    return np.array([avatar_stats(gallery.images[i].numpy(), gallery.alpha[i].numpy(), gallery.labels[i].numpy(),
+                                  background).colourfulness for i in range(len(gallery.images))])
+
+
+def _psnr(mse: np.ndarray) -> np.ndarray:
+    return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-20))
+
+
+@torch.no_grad()
+def span_ceiling(train_dir: Path, held_dir: Path, sizes: list[int], out: Path, gallery_cache: Path | None,
+                 preset: str) -> None:
+    train, held = load_weight_set(train_dir), load_weight_set(held_dir)
+    if train.spec.dim != held.spec.dim:
+        raise HDAError(f"{held_dir}: avatars of {held.spec.dim} weights, expected {train.spec.dim} like {train_dir}")
+    if not sizes or min(sizes) < 2 or max(sizes) > len(train.paths):
+        raise HDAError(f"--sizes {sizes}: expected values from 2 to the {len(train.paths)} fits in {train_dir}")
+    d = load_config(preset).diffusion
+    body = load_body()
+    views = gallery_views(body, GalleryConfig())
+    background = views.background.numpy()
+    cache = GalleryCache(gallery_cache) if gallery_cache is not None else None
+    held_gallery = render_files(held.paths, body, views, parts=True, cache=cache, progress=True, desc="held out")
+    train_gallery = render_files(train.paths[:max(sizes)], body, views, parts=True, cache=cache, progress=True,
+                                 desc="train")
+    held_colour = _colourfulness(held_gallery, background).mean()
+    layers = [slice(layer.offset, layer.offset + layer.length) for layer in train.spec.layers]
+    print(f"{len(held.paths)} held-out fits ({held_dir}), colourfulness {held_colour:.1f}")
+    print("| training fits N | projection: PSNR to itself (mean / median) | nearest of the N: PSNR | gain "
+          "| colourfulness ratio | off the span |")
+    print("|---|---|---|---|---|---|")
+    for n in sizes:
+        norm = Normalizer.fit(train.vectors[:n], train.spec, d.normalization, d.norm_eps)
+        z_held = norm.encode(held.vectors).double().numpy()
+        z = layer_span_projection(z_held, norm.encode(train.vectors[:n]).numpy(), layers)
+        off = ((z_held - z) ** 2).sum() / (z_held ** 2).sum()  # share of their squared distance from the training mean
+        x = norm.decode(torch.from_numpy(z).float())
+        folder = out / f"n{n:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [write_avatar(x[i], held.spec, held.meta, folder / p.name, f"span projection of {p.name}")
+                 for i, p in enumerate(held.paths)]
+        gallery = render_files(paths, body, views, parts=True, cache=cache, progress=True, desc=f"projections, N = {n}")
+        own = _psnr((gallery.images - held_gallery.images).pow(2).flatten(1).mean(1).double().numpy())
+        nearest = _psnr(mse_matrix(held_gallery.images, train_gallery.images[:n]).min(1))
+        ratio = _colourfulness(gallery, background).mean() / held_colour
+        print(f"| {n} | {own.mean():.2f} / {np.median(own):.2f} dB | {nearest.mean():.2f} dB | "
+              f"{np.mean(own - nearest):+.2f} dB | {ratio:.2f} | {100 * off:.0f} % |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,8 +252,24 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--steps", type=int, help="DDIM steps (default: each model's)")
     p.add_argument("--eta", type=float, help="DDIM η (default: each model's)")
+    p = sub.add_parser("span-ceiling")
+    p.add_argument("--train", required=True, type=Path, help="training fits, in the order subsets take them")
+    p.add_argument("--held-out", required=True, type=Path, help="fits of people the training set does not hold")
+    p.add_argument("--sizes", required=True, help="comma-separated N: the first N training fits span")
+    p.add_argument("--out", required=True, type=Path, help="where the projected avatars are written")
+    p.add_argument("--gallery-cache", type=Path, help="eval-gen's gallery cache folder")
+    p.add_argument("--preset", default="cpu", help="its diffusion normalisation is the one used")
     args = parser.parse_args()
-    if args.command == "make-set":
+    if args.command == "span-ceiling":
+        try:
+            sizes = [int(n) for n in args.sizes.split(",")]
+        except ValueError:
+            sys.exit(f"span-ceiling: --sizes {args.sizes!r}: expected comma-separated whole numbers, e.g. 24,96")
+        try:
+            span_ceiling(args.train, args.held_out, sizes, args.out, args.gallery_cache, args.preset)
+        except HDAError as exc:
+            sys.exit(f"span-ceiling: {exc}")
+    elif args.command == "make-set":
         make_set(args.base, args.n, args.rank, args.scale, args.seed, args.out, args.unet_width,
                  args.unet_levels)
     else:

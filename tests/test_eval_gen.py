@@ -782,3 +782,30 @@ def test_eval_gen_seed_sets_match_separately_sampled_and_rendered_sets(evaluated
                  "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--seed-sets 500: expected 1.." in err
+
+
+def test_layer_span_projection_matches_least_squares_per_layer():
+    rng = np.random.default_rng(5)
+    layers = [slice(0, 7), slice(7, 9), slice(9, 20)]
+    train, vectors = rng.normal(size=(5, 20)), rng.normal(size=(3, 20))
+    got = metrics.layer_span_projection(vectors, train, layers)
+    for s in layers:
+        mean = train[:, s].mean(0)
+        for i, v in enumerate(vectors):  # the nearest point of the layer's affine span, by least squares
+            coef = np.linalg.lstsq((train[:, s] - mean).T, v[s] - mean, rcond=None)[0]
+            np.testing.assert_allclose(got[i, s], mean + (train[:, s] - mean).T @ coef, atol=1e-12)
+    # A training avatar is its own projection; so is a mix of two avatars' layers (per layer, not as a
+    # whole: span_measures puts that mix off the whole-vector span).
+    mix = np.concatenate([train[0, :7], train[3, 7:9], train[1, 9:]])
+    np.testing.assert_allclose(metrics.layer_span_projection(np.vstack([train[2], mix]), train, layers),
+                               np.vstack([train[2], mix]), atol=1e-12)
+    assert metrics.span_measures(mix[None], train).off_span[0] > 0.1
+    # By hand: training points (0, 0), (2, 0) span the x axis through (1, 0); (5, 3) lands on (5, 0);
+    # with the coordinates as two layers of one value, the second layer has no spread: its mean, 0.
+    hand = np.array([[0.0, 0.0], [2.0, 0.0]])
+    np.testing.assert_allclose(metrics.layer_span_projection(np.array([[5.0, 3.0]]), hand, [slice(0, 2)]),
+                               [[5.0, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(metrics.layer_span_projection(np.array([[5.0, 3.0]]), hand,
+                                                             [slice(0, 1), slice(1, 2)]), [[5.0, 0.0]], atol=1e-12)
+    with pytest.raises(HDAError, match=r"expected \[M, D\] and \[N >= 2, D\]"):
+        metrics.layer_span_projection(vectors, train[:1], layers)

@@ -326,6 +326,32 @@ def span_measures(samples: np.ndarray, train: np.ndarray) -> SpanMeasures:
                         nn_ratio=_pairwise(s, x).min(1) / train_nn)
 
 
+def layer_span_projection(vectors: np.ndarray, train: np.ndarray, layers: list[slice]) -> np.ndarray:
+    """vectors: [M, D], train: [N >= 2, D] -> [M, D]: each vector's nearest point, layer by layer, of the
+    training set's affine span (each ``layers`` slice projected on its own, so layers may take different
+    training avatars' mixtures, as a layer-token model's per-layer linear decoders can).
+
+    The closest a generator whose every layer decodes linearly into the span of the training weights can
+    come to a vector (README, Default model: the span ceiling). Distances are Euclidean in the given
+    coordinates, so pass normalised weights for the diffusion model's metric.
+    """
+    v = np.atleast_2d(np.asarray(vectors, np.float64))
+    x = np.atleast_2d(np.asarray(train, np.float64))
+    if x.shape[0] < 2 or v.shape[1] != x.shape[1]:
+        raise HDAError(f"layer span projection: vectors {v.shape} and training set {x.shape}, expected [M, D] "
+                       "and [N >= 2, D]")
+    if not (np.isfinite(v).all() and np.isfinite(x).all()):
+        raise HDAError("layer span projection: NaN or inf in the weight vectors")
+    out = np.empty_like(v)
+    for s in layers:
+        mean = x[:, s].mean(0)
+        centred = x[:, s] - mean
+        _, sv, vt = np.linalg.svd(centred, full_matrices=False)  # vt: [N, n], the span's directions as rows
+        basis = vt[sv > sv.max(initial=0.0) * max(centred.shape) * np.finfo(np.float64).eps]
+        out[:, s] = mean + ((v[:, s] - mean) @ basis.T) @ basis
+    return out
+
+
 @dataclass(frozen=True)
 class BasisMeasures:
     """Samples of a weight set of known structure, x = base + c·B with c ~ N(0, I_r) (scripts/diffusion_study.py).
