@@ -717,9 +717,15 @@ def _trial_text(trial: dict) -> str:
 def _precision_line(model: dict, trials: str, refs: str) -> str:
     seeds = model["config"]["seeds"]
 
+    judged = model.get("judged_seeds", seeds)  # records from before the plausibility filter judged every seed
+    left_out = [s for s in seeds if s not in judged]
+    judged_text = (f"; judged on the plausible ones, seeds {', '.join(map(str, judged))}: seed(s) "
+                   f"{', '.join(map(str, left_out))} sampled an implausible avatar in float32, whose renders "
+                   f"magnify any change" if left_out else "")
+
     def kept_if(threshold: str) -> str:
-        return (f"{len(seeds)} samples (seeds {seeds[0]}..{seeds[-1]}) render within {threshold} of the float32 "
-                f"model's in every gallery view")
+        return (f"{len(seeds)} samples (seeds {seeds[0]}..{seeds[-1]}{judged_text}) render within {threshold} of "
+                f"the float32 model's in every gallery view")
 
     if "precisions" not in model:  # a record from before int8
         return (f"Half precision where it changes nothing measurable: each tensor group is kept in float16 only "

@@ -272,6 +272,14 @@ def test_a_record_from_before_int8_keeps_its_float16_wording():
     assert all(f"{'+'.join(t['groups'])} in float16: worst {t['worst_psnr_db']:.1f} dB" in line for t in model["trials"])
 
 
+def test_the_card_names_seeds_left_out_of_the_precision_trials():
+    model = {"config": {"seeds": [0, 1, 2, 3], "min_psnr_db": 50.0, "int8_min_psnr_db": 40.0},
+             "precisions": {"denoiser": "float16"}, "half": ["denoiser"], "trials": []}
+    assert "(seeds 0..3) render within" in bd._precision_line(dict(model, judged_seeds=[0, 1, 2, 3]), "t", "r")
+    line = bd._precision_line(dict(model, judged_seeds=[0, 1, 3]), "t", "r")
+    assert "(seeds 0..3; judged on the plausible ones, seeds 0, 1, 3: seed(s) 2 sampled an implausible" in line
+
+
 def test_fit_eval_scores_every_fit_as_eval_fit_does_and_the_card_shows_it(built):
     from hda_backend.dataset import load_subject
     from hda_backend.fit.evaluate import evaluate

@@ -226,6 +226,44 @@ def test_compact_falls_back_to_float16_where_int8_changes_the_person(trained, bo
         {"denoiser": "int8"}, {"denoiser": "float16"}, {"normalizer": "float16"}]
 
 
+def test_compact_judges_the_seeds_the_float32_model_samples_plausibly(trained, body, tmp_path, monkeypatch):
+    from hda_backend.diffusion import compact
+    from hda_backend.diffusion.plausibility import Plausibility
+
+    seeds = (0, 1, 2)
+    first = compact_model(trained, tmp_path / "a.safetensors", body, CompactConfig(seeds=seeds))
+    per_seed = first["trials"][0]["seed_psnr_db"]
+    assert len(per_seed) == 3
+    assert first["trials"][0]["worst_psnr_db"] == min(per_seed[seeds.index(s)] for s in first["judged_seeds"])
+    order = sorted(range(3), key=lambda i: per_seed[i])
+    worst, runner_up = order[0], order[1]
+    assert per_seed[runner_up] - per_seed[worst] > 0.05
+    # A threshold between the worst seed and the next: int8 passes only with the worst seed left out.
+    config = CompactConfig(seeds=seeds, int8_min_psnr_db=(per_seed[worst] + per_seed[runner_up]) / 2)
+
+    def verdicts(flagged):
+        calls = []
+
+        def fake(avatar, views, plausibility, body_masks=None):
+            calls.append(avatar)
+            return Plausibility(ok=len(calls) - 1 not in flagged)
+        return fake
+
+    monkeypatch.setattr(compact, "check_plausible", verdicts({worst}))
+    left_out = compact_model(trained, tmp_path / "b.safetensors", body, config)
+    assert left_out["judged_seeds"] == [s for i, s in enumerate(seeds) if i != worst]
+    assert left_out["precisions"]["denoiser"] == "int8"
+    assert left_out["trials"][0]["worst_psnr_db"] == per_seed[runner_up]
+    assert left_out["trials"][0]["seed_psnr_db"] == per_seed
+    monkeypatch.setattr(compact, "check_plausible", verdicts(set()))
+    every = compact_model(trained, tmp_path / "c.safetensors", body, config)
+    assert every["judged_seeds"] == list(seeds) and every["precisions"]["denoiser"] == "float16"
+    # No plausible sample at all: every seed is judged rather than none.
+    monkeypatch.setattr(compact, "check_plausible", verdicts({0, 1, 2}))
+    none = compact_model(trained, tmp_path / "d.safetensors", body, config)
+    assert none["judged_seeds"] == list(seeds) and none["precisions"]["denoiser"] == "float16"
+
+
 @pytest.fixture(scope="module")
 def int8_file(trained, tmp_path_factory):
     metadata, tensors = read_model_file(trained)
