@@ -56,7 +56,7 @@ INT8_AXES = {"model.tokenizer.proj_in.": "column", "model.tokenizer.proj_out.": 
 class CompactConfig:
     seeds: tuple = (0, 1, 2, 3, 4, 5, 6, 7)  # identities compared between the float32 and the smaller model
     plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)  # which of them are judged
-    min_psnr_db: float = 50.0  # worst render PSNR (any seed, any view) for a group to stay in float16
+    min_psnr_db: float = 50.0  # worst render PSNR (any judged seed, any view) for a group to stay in float16
     int8_min_psnr_db: float = 40.0  # the same for the denoiser's projections in int8 (module docstring)
     gallery: GalleryConfig = field(default_factory=lambda: GalleryConfig(size=128))
 
