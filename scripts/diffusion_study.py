@@ -211,6 +211,7 @@ def span_ceiling(train_dir: Path, held_dir: Path, sizes: list[int], out: Path, g
     train_gallery = render_files(train.paths[:max(sizes)], body, views, parts=True, cache=cache, progress=True,
                                  desc="train")
     held_colour = _colourfulness(held_gallery, background).mean()
+    to_train = mse_matrix(held_gallery.images, train_gallery.images)  # [held, max N]; each N reads its columns
     layers = [slice(layer.offset, layer.offset + layer.length) for layer in train.spec.layers]
     print(f"{len(held.paths)} held-out fits ({held_dir}), colourfulness {held_colour:.1f}")
     print("| training fits N | projection: PSNR to itself (mean / median) | nearest of the N: PSNR | gain "
@@ -228,7 +229,7 @@ def span_ceiling(train_dir: Path, held_dir: Path, sizes: list[int], out: Path, g
                  for i, p in enumerate(held.paths)]
         gallery = render_files(paths, body, views, parts=True, cache=cache, progress=True, desc=f"projections, N = {n}")
         own = _psnr((gallery.images - held_gallery.images).pow(2).flatten(1).mean(1).double().numpy())
-        nearest = _psnr(mse_matrix(held_gallery.images, train_gallery.images[:n]).min(1))
+        nearest = _psnr(to_train[:, :n].min(1))
         ratio = _colourfulness(gallery, background).mean() / held_colour
         print(f"| {n} | {own.mean():.2f} / {np.median(own):.2f} dB | {nearest.mean():.2f} dB | "
               f"{np.mean(own - nearest):+.2f} dB | {ratio:.2f} | {100 * off:.0f} % |", flush=True)

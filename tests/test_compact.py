@@ -244,7 +244,7 @@ def test_compact_judges_the_seeds_the_float32_model_samples_plausibly(trained, b
     def verdicts(flagged):
         calls = []
 
-        def fake(avatar, views, plausibility, body_masks=None):
+        def fake(avatar, views, plausibility, **inputs):
             calls.append(avatar)
             return Plausibility(ok=len(calls) - 1 not in flagged)
         return fake

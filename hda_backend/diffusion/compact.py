@@ -31,11 +31,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..atomic import atomic_save_safetensors
 from ..avatar.io import SUFFIX, load_avatar, read_avatar_file
 from ..body import BodyModel
 from ..errors import HDAError
-from .gallery import GalleryConfig, gallery_views, mse_matrix, psnr_distance, render_gallery
+from .gallery import GalleryConfig, gallery_views, mse_matrix, psnr_distance, render_avatar, render_gallery
 from .int8 import FIELD as INT8_FIELD
 from .int8 import quantize_tensors
 from .model_io import load_diffusion, read_model_file
@@ -94,20 +96,24 @@ def threshold_db(precisions: dict, config: CompactConfig) -> float:
     return config.int8_min_psnr_db if "int8" in precisions.values() else config.min_psnr_db
 
 
+def _worst_view_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst PSNR (dB) over the views of two renders of one avatar each, a and b [V,H,W,3]."""
+    return min(-float(psnr_distance(mse_matrix(a[None, v:v + 1], b[None, v:v + 1]))[0, 0]) for v in range(a.shape[0]))
+
+
 def _render_psnr(path_a: Path, path_b: Path, body: BodyModel, views) -> float:
     """Worst PSNR (dB) over the gallery views between the renders of two avatar files."""
     images = render_gallery((load_avatar(p, body) for p in (path_a, path_b)), views).images
-    return min(-float(psnr_distance(mse_matrix(images[:1, v:v + 1], images[1:, v:v + 1]))[0, 0])
-               for v in range(images.shape[1]))
+    return _worst_view_psnr(images[0], images[1])
 
 
-def judged_seeds(paths: list[Path], body: BodyModel, views, config: CompactConfig) -> list[int]:
-    """Indices of the float32 samples (avatar files, one per seed) that pass the plausibility checks; every
-    index when none does (module docstring)."""
+def judged_seeds(avatars: list, alpha: torch.Tensor, body: BodyModel, views, config: CompactConfig) -> list[int]:
+    """Indices of the float32 samples (avatars, one per seed, with their gallery alpha [S,V,H,W]) that pass
+    the plausibility checks; every index when none does (module docstring)."""
     masks = body_silhouettes(body, views)
-    plausible = [i for i, p in enumerate(paths)
-                 if check_plausible(load_avatar(p, body), views, config.plausibility, body_masks=masks).ok]
-    return plausible or list(range(len(paths)))
+    plausible = [i for i, avatar in enumerate(avatars)
+                 if check_plausible(avatar, views, config.plausibility, alpha=alpha[i], body_masks=masks).ok]
+    return plausible or list(range(len(avatars)))
 
 
 def compact_model(src, dst, body: BodyModel, config: CompactConfig = CompactConfig()) -> dict:
@@ -125,9 +131,14 @@ def compact_model(src, dst, body: BodyModel, config: CompactConfig = CompactConf
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        wanted = [write_avatar(want[i], reference.spec, reference.meta, tmp / f"want{i}{SUFFIX}")
-                  for i in range(len(config.seeds))]
-        judged = judged_seeds(wanted, body, views, config)
+
+        def as_avatar(vector):  # through a file, as a sample is saved and loaded
+            return load_avatar(write_avatar(vector, reference.spec, reference.meta, tmp / f"sample{SUFFIX}"), body)
+
+        # The float32 samples are rendered once: every trial compares with these renders.
+        wanted = [as_avatar(v) for v in want]
+        wanted_renders = render_gallery(wanted, views)
+        judged = judged_seeds(wanted, wanted_renders.alpha, body, views, config)
         for group, ladder in LADDERS.items():
             for precision in ladder:
                 trial = {**kept, group: precision}
@@ -135,9 +146,8 @@ def compact_model(src, dst, body: BodyModel, config: CompactConfig = CompactConf
                 written, fields = compact_tensors(tensors, trial)
                 atomic_save_safetensors(written, candidate, {**metadata, **fields})
                 got = sample_vectors(load_diffusion(candidate), list(config.seeds))
-                per_seed = [_render_psnr(wanted[i], write_avatar(got[i], reference.spec, reference.meta,
-                                                                 tmp / f"got{SUFFIX}"), body, views)
-                            for i in range(len(config.seeds))]
+                per_seed = [_worst_view_psnr(wanted_renders.images[i], render_avatar(as_avatar(v), views)[0])
+                            for i, v in enumerate(got)]
                 worst = min(per_seed[i] for i in judged)
                 needed = threshold_db(trial, config)
                 trials.append({"groups": list(trial), "precisions": trial, "worst_psnr_db": round(worst, 2),
